@@ -1,0 +1,220 @@
+"""Checkpoint reading: safetensors files, memory-mapped, validated strictly, read one slice at a time.
+
+A model folder holds either one ``model.safetensors`` or several files listed in
+``model.safetensors.index.json``'s ``weight_map``. Headers are checked as strictly as the reference
+safetensors library checks them (size cap, offsets in range, no overlaps or holes, shape x dtype = bytes),
+so a hostile or truncated file raises ``CheckpointError`` before anything is allocated. Reading a slice of
+a tensor touches only the pages of that slice, which is how each rank reads only its own bytes.
+Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary code.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from .errors import CheckpointError
+
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype -> bytes per element. Any of these may appear in a header.
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+# The dtypes a weight may have, and how their bytes are viewed (BF16 is viewed as uint16, then widened).
+_FLOAT_VIEW = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _bf16_to_f32(raw):
+    # bf16 is the top half of an IEEE float32, so widening is exact.
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsFile:
+    """One validated, memory-mapped safetensors file.
+
+    Parameters
+    ----------
+    path : str
+        The file. Its header is read and validated in the constructor; the data is mapped lazily.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            file_size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(self.path, None, f"file is {file_size} bytes, too short for a "
+                                          "safetensors header (at least 8 bytes).")
+                n = int.from_bytes(head, "little")
+                if n > MAX_HEADER_BYTES:
+                    raise CheckpointError(self.path, None, f"header length {n} is above the {MAX_HEADER_BYTES}"
+                                          "-byte cap; the file is not a valid safetensors file.")
+                if 8 + n > file_size:
+                    raise CheckpointError(self.path, None, f"header length {n} runs past the end of the "
+                                          f"{file_size}-byte file; the file is truncated or not safetensors.")
+                raw_header = f.read(n)
+        except OSError as e:
+            raise CheckpointError(self.path, None, f"cannot be read ({e.strerror or e}).") from None
+        self.data_offset = 8 + n
+        self.data_len = file_size - self.data_offset
+        self.metadata, self.entries = self._parse_header(raw_header)
+        self._mmap = None
+
+    def _fail(self, tensor, reason):
+        raise CheckpointError(self.path, tensor, reason)
+
+    def _parse_header(self, raw):
+        def no_duplicates(pairs):
+            keys = [k for k, _ in pairs]
+            if len(keys) != len(set(keys)):
+                self._fail(None, "header repeats a key.")
+            return dict(pairs)
+
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            self._fail(None, f"header is not valid UTF-8 JSON ({type(e).__name__}).")
+        if not isinstance(header, dict):
+            self._fail(None, f"header must be a JSON object, got {type(header).__name__}.")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            self._fail(None, "'__metadata__' must map strings to strings.")
+        entries = {}
+        for name, info in header.items():
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                self._fail(name, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'.")
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in _ITEMSIZE:
+                self._fail(name, f"dtype {dtype!r} is unknown; safetensors dtypes are {', '.join(_ITEMSIZE)}.")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                self._fail(name, f"shape {shape!r} must be a list of non-negative integers.")
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(type(o) is int for o in offsets)):
+                self._fail(name, f"data_offsets {offsets!r} must be two integers [begin, end].")
+            begin, end = offsets
+            if not 0 <= begin <= end <= self.data_len:
+                self._fail(name, f"data_offsets [{begin}, {end}] lie outside the {self.data_len} data bytes.")
+            n_elem = 1
+            for d in shape:
+                n_elem *= d
+            if n_elem * _ITEMSIZE[dtype] != end - begin:
+                self._fail(name, f"shape {shape} of {dtype} needs {n_elem * _ITEMSIZE[dtype]} bytes but "
+                                 f"data_offsets span {end - begin}.")
+            entries[name] = (dtype, tuple(shape), begin, end)
+        # Tensors must tile the data exactly: sorted by offset, each starts where the previous ended.
+        cursor = 0
+        for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != cursor:
+                what = "overlaps the previous tensor" if begin < cursor else "leaves a hole before it"
+                self._fail(name, f"data_offsets start at {begin} where {cursor} was expected: the tensor {what}.")
+            cursor = end
+        if cursor != self.data_len:
+            self._fail(None, f"tensors cover {cursor} of the {self.data_len} data bytes; the rest is "
+                             "unaccounted for.")
+        return metadata, entries
+
+    def _data(self):
+        if self._mmap is None:
+            if self.data_len == 0:
+                self._mmap = np.zeros(0, np.uint8)
+            else:
+                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset,
+                                       shape=(self.data_len,))
+        return self._mmap
+
+    def raw(self, name):
+        """The tensor as a read-only memory-mapped array (BF16 viewed as uint16); nothing is read yet."""
+        dtype, shape, begin, end = self.entries[name]
+        if dtype not in _FLOAT_VIEW:
+            self._fail(name, f"dtype {dtype} is not a floating-point weight dtype; supported: "
+                             f"{', '.join(_FLOAT_VIEW)}.")
+        return self._data()[begin:end].view(_FLOAT_VIEW[dtype]).reshape(shape)
+
+
+class Checkpoint:
+    """The safetensors files of one model folder, with a name -> file map.
+
+    Parameters
+    ----------
+    model_dir : str
+        A Hugging Face model folder with ``model.safetensors`` or ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, model_dir):
+        self.model_dir = str(model_dir)
+        index_path = os.path.join(self.model_dir, INDEX_NAME)
+        single_path = os.path.join(self.model_dir, SINGLE_NAME)
+        if os.path.exists(index_path):
+            weight_map = self._read_index(index_path)
+        elif os.path.exists(single_path):
+            weight_map = None
+        else:
+            pickles = sorted(f for f in os.listdir(self.model_dir) if f.endswith(_PICKLE_SUFFIXES))
+            if pickles:
+                raise CheckpointError(os.path.join(self.model_dir, pickles[0]), None,
+                                      "pickle checkpoints are refused because loading them can run arbitrary "
+                                      "code; convert the model to safetensors (e.g. in transformers: "
+                                      "model.save_pretrained(dir, safe_serialization=True)).")
+            raise CheckpointError(self.model_dir, None, f"no {SINGLE_NAME} or {INDEX_NAME} in this folder.")
+        self._files = {}
+        self._where = {}
+        if weight_map is None:
+            f = self._open(SINGLE_NAME)
+            self._where = {name: f for name in f.entries}
+        else:
+            for name, file_name in weight_map.items():
+                f = self._open(file_name)
+                if name not in f.entries:
+                    raise CheckpointError(f.path, name, f"{INDEX_NAME} places the tensor in this file but it "
+                                                        "is not there.")
+                self._where[name] = f
+
+    def _read_index(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(path, None, f"not readable as JSON ({type(e).__name__}).") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(path, None, "'weight_map' must be an object mapping tensor names to file names.")
+        return weight_map
+
+    def _open(self, file_name):
+        if file_name in self._files:
+            return self._files[file_name]
+        root = os.path.realpath(self.model_dir)
+        path = os.path.realpath(os.path.join(root, file_name))
+        if os.path.isabs(file_name) or os.path.commonpath([root, path]) != root:
+            raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
+                                  f"shard file {file_name!r} lies outside the model folder; shard files must be "
+                                  "plain names inside it.")
+        if not os.path.isfile(path):
+            raise CheckpointError(os.path.join(self.model_dir, file_name), None,
+                                  f"shard file not found (named in {INDEX_NAME}).")
+        f = self._files[file_name] = SafetensorsFile(path)
+        return f
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def names(self):
+        return list(self._where)
+
+    def path_of(self, name):
+        return self._where[name].path
+
+    def shape(self, name):
+        return self._where[name].entries[name][1]
+
+    def read(self, name, dtype, index=()):
+        """Read ``tensor[index]`` (only those bytes) and return it as a new C-contiguous array of ``dtype``."""
+        part = self._where[name].raw(name)[index]
+        if self._where[name].entries[name][0] == "BF16":
+            part = _bf16_to_f32(part)
+        return np.array(part, dtype=dtype, order="C")

@@ -1,0 +1,71 @@
+"""Communication: the only module in mpitp that imports mpi4py.
+
+Everything below the entry points takes the communicator as an explicit argument; this module supplies the
+few collectives the model needs, all buffer-based (upper-case mpi4py methods) on contiguous NumPy arrays.
+``allreduce_sum`` is the one Allreduce of the tensor-parallel data flow: a block calls it twice per forward.
+"""
+
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+# Seconds spent inside allreduce_sum since the last reset, per process (read by timing reports).
+allreduce_seconds = 0.0
+
+
+def world():
+    """The communicator of every process started by mpirun (a 1-rank one without mpirun)."""
+    return MPI.COMM_WORLD
+
+
+def serial():
+    """A 1-rank communicator: runs the very same code path on this process alone."""
+    return MPI.COMM_SELF
+
+
+def allreduce_sum(comm, buf):
+    """Sum ``buf`` over all ranks of ``comm``, in place (``MPI.IN_PLACE``, no temporary)."""
+    global allreduce_seconds
+    t = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    allreduce_seconds += time.perf_counter() - t
+
+
+def bcast_ints(comm, values, root=0):
+    """Broadcast a short list of ints from ``root``; every rank returns the root's values."""
+    buf = np.asarray(values, dtype=np.int64).copy()
+    comm.Bcast(buf, root=root)
+    return [int(v) for v in buf]
+
+
+def all_ok(comm, ok):
+    """True on every rank iff ``ok`` is true on every rank (one small Allreduce)."""
+    return bool(comm.allreduce(1 if ok else 0, op=MPI.MIN))
+
+
+def max_over_ranks(comm, value):
+    """The largest ``value`` over all ranks, on every rank."""
+    return comm.allreduce(value, op=MPI.MAX)
+
+
+def gather_to_root(comm, obj, root=0):
+    """Small Python objects from every rank, as a list on ``root`` (None elsewhere); not for hot paths."""
+    return comm.gather(obj, root=root)
+
+
+def barrier(comm):
+    comm.Barrier()
+
+
+def abort(comm, code):
+    """Kill every rank of the job with exit status ``code``; stdout/stderr are flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    comm.Abort(code)
+
+
+def library_version():
+    """One line naming the MPI library mpi4py is linked against."""
+    return MPI.Get_library_version().strip().splitlines()[0]

@@ -1,0 +1,226 @@
+"""Model configuration: what a Hugging Face ``config.json`` says, in mpitp's names.
+
+``ModelConfig`` describes the whole model and is never changed to per-rank sizes; the per-rank view lives
+in ``mpitp.sharding``. Every key that is read is checked here, so a bad config fails at load with a
+sentence that names the key, not later inside a matmul.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+# model_type values whose math mpitp implements, and the family each maps to.
+_FAMILIES = {"gpt2": "gpt2", "llama": "llama"}
+_ACTIVATIONS = {
+    "gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all the tanh approximation of GELU
+    "llama": ("silu", "swish"),
+}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding settings (Llama family)."""
+
+    theta: float = 10000.0
+    scaling: str = "default"  # "default" or "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and flavour of a transformer, independent of how it is split over ranks."""
+
+    family: str  # "gpt2" or "llama": which layer math to use
+    model_type: str  # as written in config.json
+    n_layer: int
+    n_embd: int
+    n_head: int  # query heads
+    n_kv_head: int  # key/value heads (== n_head without grouped-query attention)
+    d_head: int
+    n_ffn: int  # MLP hidden width
+    n_vocab: int
+    n_ctx: int  # longest sequence the model supports (positions)
+    norm_eps: float
+    activation: str
+    qkv_bias: bool  # biases on W_Q, W_K, W_V
+    out_bias: bool  # bias on W_B
+    mlp_bias: bool  # biases on W_C (and W_up) and W_D
+    tie_word_embeddings: bool  # LM head shares the token embedding
+    rope: RopeConfig = field(default_factory=RopeConfig)  # unused by gpt2
+    bos_token_id: int | None = None
+    eos_token_ids: tuple = ()
+
+    @property
+    def n_params(self):
+        """Parameter count as the checkpoint stores it (tied embeddings counted once)."""
+        d, f = self.n_embd, self.n_ffn
+        qkv = d * (self.n_head + 2 * self.n_kv_head) * self.d_head
+        attn_out = self.n_head * self.d_head * d
+        mlp = (3 if self.family == "llama" else 2) * d * f
+        per_layer = qkv + attn_out + mlp + 4 * d
+        emb = self.n_vocab * d * (1 if self.tie_word_embeddings else 2)
+        pos = self.n_ctx * d if self.family == "gpt2" else 0
+        return self.n_layer * per_layer + emb + pos + 2 * d
+
+
+def _get(cfg, key, kind, path, default=None, required=True):
+    if key not in cfg or cfg[key] is None:
+        if required and default is None:
+            raise ConfigError(f"{path}: required key '{key}' is missing.")
+        return default
+    value = cfg[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"{path}: '{key}' must be a positive integer, got {value!r}.")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                          or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{path}: '{key}' must be a positive number, got {value!r}.")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: '{key}' must be true or false, got {value!r}.")
+    return kind(value)
+
+
+def _token_ids(value, key, path):
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{path}: '{key}' must be a token id or a list of them, got {value!r}.")
+    return tuple(ids)
+
+
+def _rope(cfg, path):
+    # transformers 5 writes {"rope_parameters": {"rope_theta", "rope_type", ...}};
+    # transformers 4 writes a top-level "rope_theta" and an optional "rope_scaling" dict.
+    params = cfg.get("rope_parameters")
+    if params is None:
+        params = dict(cfg.get("rope_scaling") or {})
+        if "rope_theta" in cfg:
+            params.setdefault("rope_theta", cfg["rope_theta"])
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: 'rope_parameters' must be an object, got {params!r}.")
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = _get(params, "rope_theta", float, path, default=10000.0)
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "llama3":
+        rope = RopeConfig(
+            theta=theta,
+            scaling="llama3",
+            factor=_get(params, "factor", float, path),
+            low_freq_factor=_get(params, "low_freq_factor", float, path),
+            high_freq_factor=_get(params, "high_freq_factor", float, path),
+            original_max_positions=_get(params, "original_max_position_embeddings", int, path),
+        )
+        if rope.high_freq_factor <= rope.low_freq_factor:
+            raise ConfigError(f"{path}: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                              f"{rope.high_freq_factor} and {rope.low_freq_factor}.")
+        return rope
+    raise ConfigError(f"{path}: rope type '{kind}' is not supported; supported: default, llama3.")
+
+
+def config_from_dict(cfg, path="config.json", generation=None):
+    """Build a ``ModelConfig`` from the parsed JSON of a Hugging Face config.
+
+    Parameters
+    ----------
+    cfg : dict
+        Parsed ``config.json``.
+    path : str
+        Shown in error messages.
+    generation : dict, optional
+        Parsed ``generation_config.json``; its eos/bos ids take precedence.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
+    model_type = cfg.get("model_type")
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        raise ConfigError(f"{path}: model_type {model_type!r} is not supported; supported: "
+                          f"{', '.join(sorted(_FAMILIES))}.")
+    gen = generation or {}
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
+    eos_ids = () if eos is None else _token_ids(eos, "eos_token_id", path)
+    bos_id = None if bos is None else _token_ids(bos, "bos_token_id", path)[0]
+
+    if family == "gpt2":
+        n_embd = _get(cfg, "n_embd", int, path)
+        n_head = _get(cfg, "n_head", int, path)
+        activation = cfg.get("activation_function", "gelu_new")
+        if n_embd % n_head:
+            raise ConfigError(f"{path}: n_embd={n_embd} is not divisible by n_head={n_head}.")
+        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if cfg.get(key):
+                raise ConfigError(f"{path}: '{key}: true' is not supported; mpitp implements the standard GPT-2.")
+        if cfg.get("scale_attn_weights") is False:
+            raise ConfigError(f"{path}: 'scale_attn_weights: false' is not supported.")
+        conf = ModelConfig(
+            family=family, model_type=model_type,
+            n_layer=_get(cfg, "n_layer", int, path), n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+            d_head=n_embd // n_head,
+            n_ffn=_get(cfg, "n_inner", int, path, default=4 * n_embd),
+            n_vocab=_get(cfg, "vocab_size", int, path),
+            n_ctx=_get(cfg, "n_positions", int, path),
+            norm_eps=_get(cfg, "layer_norm_epsilon", float, path, default=1e-5),
+            activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
+            tie_word_embeddings=True, bos_token_id=bos_id, eos_token_ids=eos_ids,
+        )
+    else:
+        n_embd = _get(cfg, "hidden_size", int, path)
+        n_head = _get(cfg, "num_attention_heads", int, path)
+        n_kv_head = _get(cfg, "num_key_value_heads", int, path, default=n_head)
+        if n_head % n_kv_head:
+            raise ConfigError(f"{path}: num_attention_heads={n_head} is not a multiple of "
+                              f"num_key_value_heads={n_kv_head}.")
+        d_head = _get(cfg, "head_dim", int, path, default=n_embd // n_head)
+        if "head_dim" not in cfg and n_embd % n_head:
+            raise ConfigError(f"{path}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head} "
+                              f"and no head_dim is given.")
+        if d_head % 2:
+            raise ConfigError(f"{path}: head_dim={d_head} must be even for rotary embeddings.")
+        activation = cfg.get("hidden_act", "silu")
+        attn_bias = _get(cfg, "attention_bias", bool, path, default=False, required=False)
+        conf = ModelConfig(
+            family=family, model_type=model_type,
+            n_layer=_get(cfg, "num_hidden_layers", int, path), n_embd=n_embd, n_head=n_head,
+            n_kv_head=n_kv_head, d_head=d_head,
+            n_ffn=_get(cfg, "intermediate_size", int, path),
+            n_vocab=_get(cfg, "vocab_size", int, path),
+            n_ctx=_get(cfg, "max_position_embeddings", int, path),
+            norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
+            activation=activation, qkv_bias=attn_bias, out_bias=attn_bias,
+            mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False, required=False),
+            tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False, required=False),
+            rope=_rope(cfg, path), bos_token_id=bos_id, eos_token_ids=eos_ids,
+        )
+    if conf.activation not in _ACTIVATIONS[family]:
+        raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
+                          f"supported: {', '.join(_ACTIVATIONS[family])}.")
+    return conf
+
+
+def _read_json(path, required):
+    if not os.path.exists(path):
+        if required:
+            raise ConfigError(f"{path}: file not found; a model folder needs a Hugging Face config.json.")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable as JSON ({e}).") from None
+
+
+def load_config(model_dir):
+    """Read ``config.json`` (and ``generation_config.json`` if present) from a model folder."""
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"{model_dir}: model folder not found (or not a folder).")
+    cfg = _read_json(os.path.join(model_dir, "config.json"), required=True)
+    gen = _read_json(os.path.join(model_dir, "generation_config.json"), required=False)
+    if gen is not None and not isinstance(gen, dict):
+        gen = None
+    return config_from_dict(cfg, os.path.join(model_dir, "config.json"), gen)

@@ -1,0 +1,188 @@
+"""The model: one rank's shard of the weights and the forward pass of the seed diagram.
+
+``Model.forward`` runs the new tokens of one sequence through every block against the rank's KV cache.
+Each block makes exactly two Allreduce calls (``comm.allreduce_sum``): after the row-parallel W_B of
+attention and after the row-parallel W_D of the MLP. One rank runs this very same code on a 1-rank
+communicator; there is no separate serial model.
+"""
+
+import numpy as np
+
+from . import comm as mpi
+from .checkpoint import Checkpoint
+from .config import load_config
+from .errors import MpitpError, RequestError
+from .kvcache import KVCache
+from .layers import apply_rope, attention, gelu_tanh, layer_norm, rms_norm, rope_inv_freq, rope_tables, silu
+from .sharding import shard_for
+from .weights import load_weights
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def resolve_dtype(dtype):
+    """``"float32"``/``"float64"`` (or the NumPy type) -> NumPy type; anything else is a ``MpitpError``."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+class Model:
+    """One rank's part of a tensor-parallel transformer.
+
+    Build it with ``Model.load``. Attributes: ``config`` (the whole model), ``shard`` (what this rank owns),
+    ``blocks`` (list of ``BlockWeights``), ``globals`` (``GlobalWeights``), ``comm``, ``dtype``.
+    """
+
+    def __init__(self, config, shard, blocks, global_weights, comm, dtype):
+        self.config, self.shard, self.comm, self.dtype = config, shard, comm, dtype
+        self.blocks, self.globals = blocks, global_weights
+        self._inv_freq = rope_inv_freq(config.rope, config.d_head) if config.family == "llama" else None
+        self._reduce_buf = np.empty((0, config.n_embd), dtype=dtype)
+
+    @classmethod
+    def load(cls, model_dir, comm, dtype="float32"):
+        """Read config.json and this rank's shard of the weights of a Hugging Face model folder.
+
+        Every check that bad input can fail runs here, on every rank, before any communication: the config,
+        the rank count (``ShardingError`` lists the valid ones), and every checkpoint header and shape.
+        Loading itself makes no MPI calls.
+
+        Parameters
+        ----------
+        model_dir : str
+            Folder with config.json and model.safetensors (or model.safetensors.index.json + shards).
+        comm : mpi4py communicator
+            The ranks that share the model. ``mpitp.comm.serial()`` runs it on this process alone.
+        dtype : {"float32", "float64"}
+            Weights are cast to it at load and every computation runs in it.
+        """
+        dtype = resolve_dtype(dtype)
+        config = load_config(model_dir)
+        shard = shard_for(config, comm.Get_rank(), comm.Get_size())
+        ckpt = Checkpoint(model_dir)
+        blocks, global_weights = load_weights(ckpt, config, shard, dtype)
+        return cls(config, shard, blocks, global_weights, comm, dtype)
+
+    @property
+    def weight_bytes(self):
+        """Bytes of weights this rank holds (a tied LM head counted once)."""
+        arrays = [a for b in self.blocks for a in vars(b).values() if a is not None]
+        g = self.globals
+        arrays += [a for a in (g.W_embed, g.W_pos, g.norm_f_weight, g.norm_f_bias) if a is not None]
+        if not self.config.tie_word_embeddings:
+            arrays.append(g.W_vocab)
+        return sum(a.nbytes for a in arrays)
+
+    def new_cache(self, capacity):
+        """A KV cache for one sequence of up to ``capacity`` positions (at most the model's context)."""
+        if not 1 <= capacity <= self.config.n_ctx:
+            raise RequestError(f"a sequence of {capacity} positions does not fit the model's context of "
+                               f"{self.config.n_ctx} positions.")
+        return KVCache(self.config.n_layer, self.shard.n_kv_head_local, self.config.d_head, capacity, self.dtype)
+
+    def check_tokens(self, token_ids):
+        """Raise ``RequestError`` unless ``token_ids`` is a non-empty list of ids in the vocabulary."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise RequestError(f"token ids must be a non-empty list of integers, got {token_ids!r}.")
+        bad = ids[(ids < 0) | (ids >= self.config.n_vocab)]
+        if bad.size:
+            raise RequestError(f"token id {int(bad[0])} is outside the vocabulary 0..{self.config.n_vocab - 1}.")
+        return ids.astype(np.int64)
+
+    def forward(self, token_ids, cache, trace=None, all_logits=False):
+        """Run new tokens through the model, appending their keys and values to ``cache``.
+
+        Parameters
+        ----------
+        token_ids : sequence of int, [n_seq]
+            The prompt (prefill) or the one newly chosen token (decode).
+        cache : KVCache
+            This rank's cache for the sequence; its ``length`` is the position of the first new token.
+        trace : Trace, optional
+            Records this rank's named tensors A, Q, K, V, B, C, D, E for every layer, and the logits.
+        all_logits : bool
+            Return logits for every new position instead of only the last one.
+
+        Returns
+        -------
+        ndarray, [n_seq or 1, n_vocab]
+            Logits, replicated on every rank.
+        """
+        cfg, shard = self.config, self.shard
+        ids = self.check_tokens(token_ids)
+        n_seq, start = len(ids), cache.length
+        if start + n_seq > cfg.n_ctx:
+            raise RequestError(f"positions up to {start + n_seq} exceed the model's context of {cfg.n_ctx}.")
+        cache.check_room(n_seq)
+        positions = np.arange(start, start + n_seq)
+        g = self.globals
+        x = g.W_embed[ids]  # [n_seq, n_embd], a copy: the residual stream, replicated on every rank
+        if g.W_pos is not None:
+            x += g.W_pos[positions]
+        rope = rope_tables(self._inv_freq, positions, self.dtype) if self._inv_freq is not None else None
+        if self._reduce_buf.shape[0] < n_seq:
+            self._reduce_buf = np.empty((n_seq, cfg.n_embd), dtype=self.dtype)
+        buf = self._reduce_buf[:n_seq]  # contiguous rows: the in-place Allreduce buffer
+
+        for layer, w in enumerate(self.blocks):
+            # Attention. A = norm_1(x), replicated.
+            A = self._norm(x, w.norm_1_weight, w.norm_1_bias)
+            # Q, K, V of this rank's heads (column-parallel: no communication).
+            Q = self._linear(A, w.W_Q, w.b_Q).reshape(n_seq, shard.n_head_local, cfg.d_head)
+            K = self._linear(A, w.W_K, w.b_K).reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
+            V = self._linear(A, w.W_V, w.b_V).reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
+            if rope is not None:
+                Q, K = apply_rope(Q, *rope), apply_rope(K, *rope)
+            # Append K, V to this rank's cache; attend over every position so far.
+            K_all, V_all = cache.update(layer, K, V)
+            B = attention(Q, K_all, V_all, start)  # [n_seq, n_head_local * d_head]
+            # Row-parallel W_B gives a partial sum; Allreduce #1 completes it; bias once, after.
+            np.matmul(B, w.W_B, out=buf)
+            mpi.allreduce_sum(self.comm, buf)
+            x = x + buf
+            if w.b_B is not None:
+                x += w.b_B
+            # MLP. C = norm_2(x), replicated.
+            C = self._norm(x, w.norm_2_weight, w.norm_2_bias)
+            if w.W_C is not None:  # GPT-2: gelu(C W_C + b_C)
+                D = gelu_tanh(self._linear(C, w.W_C, w.b_C))
+            else:  # Llama: silu(C W_gate) * (C W_up)
+                D = silu(self._linear(C, w.W_gate, w.b_gate)) * self._linear(C, w.W_up, w.b_up)
+            # Row-parallel W_D, Allreduce #2, bias once. E is the block's output, the new residual stream.
+            np.matmul(D, w.W_D, out=buf)
+            mpi.allreduce_sum(self.comm, buf)
+            E = x + buf
+            if w.b_D is not None:
+                E += w.b_D
+            if trace is not None:
+                trace.record_layer(layer, A=A, Q=Q, K=K, V=V, B=B, C=C, D=D, E=E)
+            x = E
+
+        cache.advance(n_seq)
+        h = x if all_logits else x[-1:]
+        h = self._norm(h, g.norm_f_weight, g.norm_f_bias)
+        logits = h @ g.W_vocab  # [n_seq or 1, n_vocab]
+        if trace is not None:
+            trace.record("logits", logits)
+        return logits
+
+    def _norm(self, x, weight, bias):
+        if self.config.family == "gpt2":
+            return layer_norm(x, weight, bias, self.config.norm_eps)
+        return rms_norm(x, weight, self.config.norm_eps)
+
+    @staticmethod
+    def _linear(x, W, b):
+        # [n_seq, in] -> [n_seq, out]
+        y = x @ W
+        if b is not None:
+            y += b
+        return y
+
+
+def load_model(model_dir, comm=None, dtype="float32"):
+    """Load a Hugging Face model folder onto ``comm`` (default: this process alone). See ``Model.load``."""
+    return Model.load(model_dir, comm if comm is not None else mpi.serial(), dtype)
