@@ -40,23 +40,14 @@ def bcast_ints(comm, values, root=0):
     return [int(v) for v in buf]
 
 
-def all_ok(comm, ok):
-    """True on every rank iff ``ok`` is true on every rank (one small Allreduce)."""
-    return bool(comm.allreduce(1 if ok else 0, op=MPI.MIN))
+def allgather(comm, obj):
+    """Every rank's small Python object, as a list in rank order, on every rank; not for hot paths."""
+    return comm.allgather(obj)
 
 
 def max_over_ranks(comm, value):
     """The largest ``value`` over all ranks, on every rank."""
     return comm.allreduce(value, op=MPI.MAX)
-
-
-def gather_to_root(comm, obj, root=0):
-    """Small Python objects from every rank, as a list on ``root`` (None elsewhere); not for hot paths."""
-    return comm.gather(obj, root=root)
-
-
-def barrier(comm):
-    comm.Barrier()
 
 
 def abort(comm, code):
@@ -68,4 +59,4 @@ def abort(comm, code):
 
 def library_version():
     """One line naming the MPI library mpi4py is linked against."""
-    return MPI.Get_library_version().strip().splitlines()[0]
+    return " ".join(MPI.Get_library_version().split("\n")[0].split())

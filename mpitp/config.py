@@ -60,13 +60,15 @@ class ModelConfig:
     def n_params(self):
         """Parameter count as the checkpoint stores it (tied embeddings counted once)."""
         d, f = self.n_embd, self.n_ffn
-        qkv = d * (self.n_head + 2 * self.n_kv_head) * self.d_head
-        attn_out = self.n_head * self.d_head * d
-        mlp = (3 if self.family == "llama" else 2) * d * f
-        per_layer = qkv + attn_out + mlp + 4 * d
+        qkv_width = (self.n_head + 2 * self.n_kv_head) * self.d_head
+        n_mlp_in = 2 if self.family == "llama" else 1  # gate and up, or W_C
+        norm = 2 * d if self.family == "gpt2" else d  # LayerNorm has a bias, RMSNorm not
+        per_layer = (d * qkv_width + self.n_head * self.d_head * d + (n_mlp_in + 1) * d * f + 2 * norm
+                     + (qkv_width if self.qkv_bias else 0) + (d if self.out_bias else 0)
+                     + ((n_mlp_in * f + d) if self.mlp_bias else 0))
         emb = self.n_vocab * d * (1 if self.tie_word_embeddings else 2)
         pos = self.n_ctx * d if self.family == "gpt2" else 0
-        return self.n_layer * per_layer + emb + pos + 2 * d
+        return self.n_layer * per_layer + emb + pos + norm
 
 
 def _get(cfg, key, kind, path, default=None, required=True):

@@ -70,6 +70,8 @@ def generate(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace
     stop_ids = set(stop_ids)
     is_root = model.comm.Get_rank() == root
     result = Generation(prompt_ids=[int(t) for t in prompt])
+    if trace is not None:
+        trace.record_shard(model.shard)
     if max_new_tokens == 0:
         cache = model.new_cache(len(prompt))
         model.forward(prompt, cache, trace=trace, all_logits=trace is not None)

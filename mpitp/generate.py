@@ -1,0 +1,208 @@
+"""The generate command: ``mpirun -n 2 python -m mpitp.generate [options]``.
+
+Every rank parses the same arguments, loads its shard and validates the request; the first collective
+is a vote on whether every rank succeeded, so bad input exits cleanly (status 2, the message printed once)
+instead of leaving ranks waiting. Anything unexpected aborts the whole job (status 1). Only rank 0 writes
+to stdout: the generated ids, or with ``--json`` one JSON object. Diagnostics and timings go to stderr.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from . import comm as mpi
+from .errors import MpitpError, RequestError
+from .generation import check_request, generate
+from .model import DTYPES, Model
+from .sampling import Sampler
+from .trace import Trace
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "gpt2-tiny")
+# "Hello, world! mpitp says:" in the default model's byte-level vocabulary (id = byte value).
+DEFAULT_PROMPT_IDS = list(b"Hello, world! mpitp says:")
+
+
+def _ids(text):
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 15,7,201, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that prints help and usage errors on rank 0 only (every rank still exits)."""
+
+    rank = 0
+
+    def _print_message(self, message, file=None):
+        if self.rank == 0:
+            super()._print_message(message, file)
+
+
+def build_parser():
+    p = _Parser(prog="python -m mpitp.generate",
+                description="Generate tokens with a tensor-parallel transformer split over the MPI ranks "
+                            "(run under mpirun -n P; without mpirun it runs on one rank).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face model folder (config.json + model.safetensors or an index and shards); "
+                        "default: the tiny random-weight GPT-2 shipped with mpitp")
+    p.add_argument("--prompt-ids", type=_ids, default=None, metavar="IDS",
+                   help="prompt as comma-separated token ids, e.g. 15,7,201 "
+                        "(default: 'Hello, world! mpitp says:' as bytes, for the default model)")
+    p.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 means greedy (the most likely token, lowest id on ties)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only from the K most likely tokens; 0: all")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample only from the most likely tokens whose probabilities sum to P; 1: all")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating after the model's end-of-sequence token")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (ids, ranks, dtype, timing) instead of plain lines")
+    p.add_argument("--trace", metavar="DIR", default=None,
+                   help="every rank writes DIR/rank{r}.npz with its tensors A,Q,K,V,B,C,D,E per step and layer "
+                        "and the logits")
+    p.add_argument("--quiet", action="store_true", help="print nothing on stderr except errors")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
+    return p
+
+
+def _say(args, rank, message):
+    if rank == 0 and not args.quiet:
+        print(f"mpitp: {message}", file=sys.stderr, flush=True)
+
+
+def _injected_fault(rank):
+    """Test-only: ``MPITP_INJECT_FAULT=RANK:PHASE`` (PHASE: load, prefill or decode) makes that rank raise."""
+    spec = os.environ.get("MPITP_INJECT_FAULT", "")
+    fault_rank, _, phase = spec.partition(":")
+    return phase if fault_rank == str(rank) else None
+
+
+def _arm_fault(model, phase):
+    forward, calls = model.forward, []
+
+    def faulty_forward(*a, **kw):
+        calls.append(1)
+        if phase == "prefill" or len(calls) == 3:  # decode: fail on the second decode step
+            raise RuntimeError(f"fault injected by MPITP_INJECT_FAULT during {phase}")
+        return forward(*a, **kw)
+
+    model.forward = faulty_forward
+
+
+def _prepare(args, comm):
+    """Everything that bad input can fail, with no communication: load, validate, ready the trace dir."""
+    fault = _injected_fault(comm.Get_rank())
+    if fault == "load":
+        raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
+    model = Model.load(args.model, comm, args.dtype)
+    if fault in ("prefill", "decode"):
+        _arm_fault(model, fault)
+    prompt = args.prompt_ids if args.prompt_ids is not None else DEFAULT_PROMPT_IDS
+    if args.max_new_tokens < 0:
+        raise RequestError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
+    prompt = check_request(model, prompt, args.max_new_tokens)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.trace:
+        try:
+            os.makedirs(args.trace, exist_ok=True)
+        except OSError as e:
+            raise MpitpError(f"--trace {args.trace}: cannot create the folder ({e.strerror}).") from None
+        if not os.access(args.trace, os.W_OK):
+            raise MpitpError(f"--trace {args.trace}: the folder is not writable.")
+    return model, prompt, sampler
+
+
+def _run(args, comm):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    t_load = time.perf_counter()
+    error = None
+    try:
+        model, prompt, sampler = _prepare(args, comm)
+    except MpitpError as e:
+        error = e
+    # The first collective: did every rank get this far? Each failing rank's message is printed once
+    # (rank 0 speaks for all when it failed too, as deterministic checks fail alike everywhere).
+    failed = mpi.allgather(comm, error is not None)
+    if any(failed):
+        if error is not None and (rank == 0 or not failed[0]):
+            prefix = "" if rank == 0 else f"[rank {rank}] "
+            print(f"{prefix}mpitp: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    load_seconds = time.perf_counter() - t_load
+    cfg = model.config
+    _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {cfg.n_params / 1e6:.2f}M params) on {size} "
+                     f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
+                     f"MPI: {mpi.library_version()}")
+
+    trace = Trace() if args.trace else None
+    stop_ids = () if args.ignore_eos else cfg.eos_token_ids
+    mpi.allreduce_seconds = 0.0
+    result = generate(model, prompt, args.max_new_tokens, sampler, stop_ids, trace)
+    if trace is not None:
+        trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
+    allreduce_s = mpi.max_over_ranks(comm, mpi.allreduce_seconds)
+
+    if rank == 0:
+        timing = {"prefill_tokens_per_s": result.prefill_tokens_per_s,
+                  "decode_tokens_per_s": result.decode_tokens_per_s,
+                  "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
+                  "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
+        if args.json:
+            print(json.dumps({
+                "model": args.model, "model_type": cfg.model_type, "ranks": size, "dtype": args.dtype,
+                "sequences": [{"prompt_ids": result.prompt_ids, "token_ids": result.token_ids,
+                               "finish_reason": result.finish_reason}],
+                "timing": timing}), flush=True)
+        else:
+            print("prompt ids:   ", " ".join(map(str, result.prompt_ids)))
+            print("generated ids:", " ".join(map(str, result.token_ids)), flush=True)
+
+        def rate(x):
+            return f"{x:.1f} tok/s" if x is not None else "n/a"
+        _say(args, rank, f"prompt {len(result.prompt_ids)} tokens in {result.prefill_seconds * 1e3:.1f} ms "
+                         f"({rate(result.prefill_tokens_per_s)}); generated {len(result.token_ids)} tokens, "
+                         f"decode {rate(result.decode_tokens_per_s)}; Allreduce {allreduce_s * 1e3:.1f} ms "
+                         f"(slowest rank); finish: {result.finish_reason}")
+        if args.trace:
+            _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
+    return 0
+
+
+def main(argv=None):
+    """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
+    comm = mpi.world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    parser = build_parser()
+    parser.rank = rank
+    args = parser.parse_args(argv)
+    try:
+        return _run(args, comm)
+    except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"unexpected error: {type(e).__name__}: {e}"
+        print(f"[rank {rank}] mpitp: {what}", file=sys.stderr, flush=True)
+        if args.verbose:
+            traceback.print_exc()
+        elif not isinstance(e, KeyboardInterrupt):
+            print(f"[rank {rank}] mpitp: run with --verbose for the traceback.", file=sys.stderr, flush=True)
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        if size > 1:
+            mpi.abort(comm, code)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared helpers for the tests; the MPI guard hooks come from mpi_guard.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpi_guard import pytest_configure, pytest_sessionfinish  # noqa: F401 -- pytest hooks
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).parent.parent
+MODELS = ("gpt2-tiny", "llama-gqa")
+
+
+def golden(name):
+    """The Hugging Face reference outputs for a test model."""
+    return np.load(DATA / f"{name}.npz", allow_pickle=False)
+
+
+def model_dir(name):
+    return str(DATA / name)
+
+
+# Environment variables by which an MPI launcher tells a process it belongs to a job. A child mpirun
+# started from inside an MPI process must not inherit them, or it joins the parent's job.
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "MPICH_", "I_MPI_")
+
+
+def run_cli(args, n=1, timeout=120):
+    """Run ``python -m mpitp.generate ARGS`` under ``mpirun -n N`` (or plainly for n=1) with a timeout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "mpitp.generate", *args]
+    if n > 1:
+        mpirun = Path(sys.executable).parent / "mpirun"
+        cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(n), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+
+
+serial_only = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1,
+                                 reason="launches its own mpirun; runs in the serial pytest pass")

@@ -1,0 +1,30 @@
+"""pytest hooks that make a failure on any rank fail the whole MPI run, and keep ranks' files apart.
+
+pytest-mpi alone can hang (a rank that failed a test waits in a later collective) or even pass falsely on
+rank 0 (its collectives paired with another test's on rank 1). So when anything failed on a rank of a
+multi-rank run, that rank aborts the job as its session ends: the run exits non-zero at once.
+"""
+
+import os
+import sys
+import tempfile
+
+from mpi4py import MPI
+
+
+def pytest_configure(config):
+    # Under mpirun every rank is a separate pytest process: give each its own temporary folder, so that
+    # pytest's numbered-folder cleanup in one rank cannot remove another rank's files.
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() > 1 and not config.option.basetemp:
+        config.option.basetemp = os.path.join(tempfile.gettempdir(), f"mpitp-pytest-{os.getpid()}-rank{comm.Get_rank()}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() > 1 and session.testsfailed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        print(f"\n[rank {comm.Get_rank()}] {session.testsfailed} test(s) failed: aborting the MPI job.",
+              file=sys.stderr, flush=True)
+        comm.Abort(1)

@@ -1,0 +1,109 @@
+"""``python -m mpitp.generate`` end to end, launched with mpirun in a subprocess under a timeout.
+
+These tests start their own mpirun, so they run in the serial pytest pass and are skipped (on every
+rank alike) when pytest itself runs under mpirun.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import golden, model_dir, run_cli, serial_only
+
+pytestmark = serial_only
+PROMPT = golden("gpt2-tiny")["prompt_L7"].tolist()
+IDS = ",".join(map(str, PROMPT))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_json_contract(n):
+    g = golden("gpt2-tiny")
+    r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt-ids", IDS, "--max-new-tokens", "20",
+                 "--temperature", "0", "--dtype", "float64", "--json"], n=n)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # the only thing on stdout is one JSON object
+    assert out["ranks"] == n and out["dtype"] == "float64" and out["model"] == model_dir("gpt2-tiny")
+    assert out["sequences"] == [{"prompt_ids": PROMPT, "token_ids": g["greedy_x64_L7"].tolist(),
+                                 "finish_reason": "length"}]
+    assert out["timing"]["prefill_tokens_per_s"] > 0 and out["timing"]["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_trace_contract(tmp_path, n):
+    g = golden("gpt2-tiny")
+    r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt-ids", IDS, "--max-new-tokens", "3",
+                 "--dtype", "float64", "--trace", str(tmp_path), "--quiet"], n=n)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"rank{i}.npz" for i in range(n)]
+    for rank in range(n):
+        t = np.load(tmp_path / f"rank{rank}.npz", allow_pickle=False)
+        assert np.abs(t["step0/logits"] - g["logits_x64_L7"]).max() <= 1e-9
+        assert np.abs(t["step1/logits"][0] - g["step_logits_x64_L7"][1]).max() <= 1e-9
+        heads_local = 4 // n
+        for step, n_seq in ((0, 7), (1, 1), (2, 1)):
+            for layer in range(2):
+                shapes = {k: t[f"step{step}/layer{layer}/{k}"].shape for k in "ABCDEQKV"}
+                assert shapes == {"A": (n_seq, 64), "Q": (n_seq, 16 * heads_local), "K": (n_seq, 16 * heads_local),
+                                  "V": (n_seq, 16 * heads_local), "B": (n_seq, 16 * heads_local),
+                                  "C": (n_seq, 64), "D": (n_seq, 256 // n), "E": (n_seq, 64)}
+        # shard metadata says which heads and MLP columns these tensors belong to
+        assert int(t["shard/head_start"]) == rank * heads_local and int(t["shard/n_head_local"]) == heads_local
+
+
+def test_default_run_without_mpirun():
+    r = run_cli([])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:2] == ["prompt", "ids:"] and len(lines[1].split()) == 2 + 20
+
+
+def _one_error_line(r, expected):
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and expected in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_bad_rank_count_is_refused_once_with_valid_values():
+    r = run_cli(["--model", model_dir("llama-gqa")], n=3, timeout=60)
+    assert r.returncode == 2
+    _one_error_line(r, "cannot run this model on 3 ranks (mpirun -n 3): its 8 attention heads cannot be "
+                       "divided evenly over 3 ranks; valid -n values for this model: 1, 2, 4, 8.")
+
+
+def test_request_beyond_context_is_refused():
+    r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt-ids", IDS, "--max-new-tokens", "122"], n=2,
+                timeout=60)
+    assert r.returncode == 2
+    _one_error_line(r, "the prompt (7 tokens) plus max-new-tokens (122) is 129 tokens, more than the model's "
+                       "context of 128.")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "/nonexistent"], "/nonexistent: model folder not found"),
+    (["--prompt-ids", "1,2,999"], "token id 999 is outside the vocabulary 0..255"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+])
+def test_bad_input_is_one_clear_line(args, expected):
+    r = run_cli(args, n=2, timeout=60)
+    assert r.returncode == 2
+    _one_error_line(r, expected)
+
+
+@pytest.mark.parametrize("phase", ["load", "prefill", "decode"])
+def test_exception_on_one_rank_aborts_the_job(phase):
+    import os
+    os.environ["MPITP_INJECT_FAULT"] = f"1:{phase}"
+    try:
+        r = run_cli(["--max-new-tokens", "5"], n=2, timeout=30)
+    finally:
+        del os.environ["MPITP_INJECT_FAULT"]
+    assert r.returncode != 0
+    assert f"[rank 1] mpitp: unexpected error: RuntimeError: fault injected by MPITP_INJECT_FAULT during {phase}" \
+        in r.stderr
+
+
+def test_help():
+    r = run_cli(["--help"])
+    assert r.returncode == 0 and "--prompt-ids" in r.stdout and "--trace" in r.stdout

@@ -1,0 +1,233 @@
+"""Config parsing, the rank-count rule and shard ranges, and the strict safetensors reader."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import model_dir
+from mpitp import CheckpointError, ConfigError, ShardingError, comm, load_model
+from mpitp.checkpoint import Checkpoint, SafetensorsFile
+from mpitp.config import config_from_dict, load_config
+from mpitp.sharding import block_range, check_rank_count, shard_for, valid_rank_counts
+from st_util import header_and_data, write_raw, write_safetensors
+
+
+def gpt2_124m():
+    return config_from_dict({"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12,
+                             "n_positions": 1024, "vocab_size": 50257})
+
+
+def llama(heads, kv, **extra):
+    return config_from_dict({"model_type": "llama", "hidden_size": 64 * heads, "num_attention_heads": heads,
+                             "num_key_value_heads": kv, "num_hidden_layers": 2, "intermediate_size": 300,
+                             "vocab_size": 100, "max_position_embeddings": 64, **extra})
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+def test_gpt2_config_fields():
+    c = gpt2_124m()
+    assert (c.n_embd, c.n_head, c.d_head, c.n_ffn, c.n_kv_head, c.n_ctx) == (768, 12, 64, 3072, 12, 1024)
+    assert c.n_params == 124_439_808  # GPT-2 small as published, tied head counted once
+
+
+def test_llama_config_both_rope_layouts():
+    v5 = load_config(model_dir("llama-gqa"))
+    assert (v5.n_head, v5.n_kv_head, v5.d_head, v5.rope.theta) == (8, 2, 8, 500000.0)
+    v4 = llama(8, 2, rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192})
+    assert (v4.rope.theta, v4.rope.scaling, v4.rope.factor) == (5e5, "llama3", 8.0)
+    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+        llama(8, 2, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"model_type": "bert"}, "model_type 'bert' is not supported"),
+    ({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 10}, "'n_positions' is missing"),
+    ({"model_type": "gpt2", "n_embd": 64, "n_head": 3, "n_layer": 2, "vocab_size": 10, "n_positions": 8},
+     "not divisible by n_head"),
+    ({"model_type": "gpt2", "n_embd": -64, "n_head": 4, "n_layer": 2, "vocab_size": 10, "n_positions": 8},
+     "'n_embd' must be a positive integer"),
+    ({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 10, "n_positions": 8,
+      "activation_function": "relu"}, "activation 'relu' is not supported"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_configs_are_refused_by_name(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(cfg)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="model folder not found"):
+        load_config(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="config.json: file not found"):
+        load_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not readable as JSON"):
+        load_config(str(tmp_path))
+
+
+# --- rank counts and shards ---------------------------------------------------------------------------
+
+def test_valid_rank_counts():
+    assert valid_rank_counts(gpt2_124m()) == [1, 2, 3, 4, 6, 12]
+    assert valid_rank_counts(llama(8, 2)) == [1, 2, 4, 8]
+    assert valid_rank_counts(llama(12, 4)) == [1, 2, 4, 12]  # 3 and 6 split the 4 kv heads unevenly
+    with pytest.raises(ShardingError, match=r"3 ranks \(mpirun -n 3\).*valid -n values for this model: 1, 2, 4, 8\."):
+        check_rank_count(llama(8, 2), 3)
+
+
+@pytest.mark.parametrize("heads, kv", [(8, 8), (8, 2), (8, 1), (12, 4), (32, 8)])
+def test_every_query_head_sees_its_own_kv_head(heads, kv):
+    cfg = llama(heads, kv)
+    group = heads // kv
+    for size in valid_rank_counts(cfg):
+        owned = []
+        for rank in range(size):
+            s = shard_for(cfg, rank, size)
+            owned += range(s.head_start, s.head_start + s.n_head_local)
+            needed = {h // group for h in range(s.head_start, s.head_start + s.n_head_local)}
+            assert needed == set(range(s.kv_head_start, s.kv_head_start + s.n_kv_head_local))
+            assert s.n_kv_head_local >= 1 and s.n_head_local % s.n_kv_head_local == 0
+        assert owned == list(range(heads))  # each query head on exactly one rank
+
+
+def test_block_range_tiles_evenly():
+    for n, size in ((10, 3), (176, 8), (5, 5), (3072, 12)):
+        parts = [block_range(n, size, r) for r in range(size)]
+        assert [s for s, _ in parts] == [sum(c for _, c in parts[:r]) for r in range(size)]
+        assert sum(c for _, c in parts) == n and max(c for _, c in parts) - min(c for _, c in parts) <= 1
+
+
+# --- checkpoint reading -------------------------------------------------------------------------------
+
+def valid_file_parts():
+    return header_and_data({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)})
+
+
+def _corrupt(kind):
+    header, data = valid_file_parts()
+    header_len = None
+    if kind == "header beyond file":
+        header_len = 10_000
+    elif kind == "header above cap":
+        header_len = 2**40
+    elif kind == "offsets outside data":
+        header["b"]["data_offsets"] = [24, 48]
+    elif kind == "overlap":
+        header["b"]["data_offsets"] = [20, 36]
+        data = data[:36]
+    elif kind == "hole":
+        header["a"]["data_offsets"] = [4, 28]
+        header["b"]["data_offsets"] = [28, 44]
+        data = b"\0" * 4 + data
+    elif kind == "trailing bytes":
+        data = data + b"\0" * 8
+    elif kind == "shape mismatch":
+        header["a"]["shape"] = [3, 3]
+    elif kind == "unknown dtype":
+        header["a"]["dtype"] = "F99"
+    elif kind == "not json":
+        header = b"{this is not json"
+    elif kind == "not an object":
+        header = b"[1, 2, 3]"
+    elif kind == "negative shape":
+        header["a"]["shape"] = [-2, -3]
+    return header, data, header_len
+
+
+@pytest.mark.parametrize("kind", ["header beyond file", "header above cap", "offsets outside data", "overlap",
+                                  "hole", "trailing bytes", "shape mismatch", "unknown dtype", "not json",
+                                  "not an object", "negative shape"])
+def test_malformed_headers_raise_checkpoint_error(tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    write_raw(path, *_corrupt(kind))
+    with pytest.raises(CheckpointError) as e:
+        SafetensorsFile(path)
+    assert str(path) in str(e.value)
+
+
+def test_valid_file_reads_slices(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_raw(path, *valid_file_parts())
+    f = SafetensorsFile(path)
+    assert np.array_equal(f.raw("a")[:, 1:], [[1, 2], [4, 5]])
+    assert f.metadata == {}
+
+
+def test_truncated_file_is_refused(tmp_path):
+    header, data = valid_file_parts()
+    write_raw(tmp_path / "model.safetensors", header, data[:-5])
+    with pytest.raises(CheckpointError):
+        SafetensorsFile(tmp_path / "model.safetensors")
+
+
+def test_bf16_and_f16_checkpoints_load_as_their_float32_values(tmp_path):
+    import dense_reference
+    src = model_dir("llama-gqa")
+    tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
+    shutil.copy(f"{src}/config.json", tmp_path)
+    ids = [5, 6, 7]
+    for kind in ("bf16", "f16"):
+        if kind == "bf16":
+            write_safetensors(tmp_path / "model.safetensors", tensors, bf16=set(tensors))
+        else:
+            write_safetensors(tmp_path / "model.safetensors", {k: v.astype(np.float16) for k, v in tensors.items()})
+        expected = dense_reference.dense_logits(str(tmp_path), ids)  # the oracle reads the same rounded file
+        model = load_model(str(tmp_path), comm.serial(), "float64")
+        logits = model.forward(ids, model.new_cache(3), all_logits=True)
+        assert np.abs(logits - expected).max() <= 1e-12
+
+
+def test_multi_file_checkpoint_matches_single_file(tmp_path):
+    import dense_reference
+    src = model_dir("llama-gqa")
+    tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file_name, keys in parts.items():
+        write_safetensors(tmp_path / file_name, {k: tensors[k] for k in keys})
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(f"{src}/config.json", tmp_path)
+    ids = [1, 2, 3, 4]
+    single = load_model(src, comm.serial(), "float64")
+    multi = load_model(str(tmp_path), comm.serial(), "float64")
+    assert np.array_equal(single.forward(ids, single.new_cache(4)), multi.forward(ids, multi.new_cache(4)))
+
+
+def test_index_errors(tmp_path):
+    index = {"weight_map": {"x": "../outside.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="lies outside the model folder"):
+        Checkpoint(tmp_path)
+    index["weight_map"]["x"] = "missing.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shard file not found"):
+        Checkpoint(tmp_path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="pickle checkpoints are refused.*safetensors"):
+        Checkpoint(tmp_path)
+
+
+def test_missing_or_misshapen_tensor_is_named(tmp_path):
+    import dense_reference
+    src = model_dir("gpt2-tiny")
+    tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
+    shutil.copy(f"{src}/config.json", tmp_path)
+    broken = dict(tensors)
+    del broken["transformer.h.1.mlp.c_fc.weight"]
+    write_safetensors(tmp_path / "model.safetensors", broken)
+    with pytest.raises(CheckpointError, match=r"transformer.h.1.mlp.c_fc.weight'.*missing"):
+        load_model(str(tmp_path), comm.serial())
+    broken = dict(tensors)
+    broken["transformer.h.0.attn.c_attn.weight"] = np.zeros((64, 100), np.float32)
+    write_safetensors(tmp_path / "model.safetensors", broken)
+    with pytest.raises(CheckpointError, match=r"shape \[64, 100\] does not match config.json.*\[64, 192\]"):
+        load_model(str(tmp_path), comm.serial())

@@ -1,0 +1,227 @@
+"""The model against its oracles, in one process: Hugging Face goldens, the dense reference, the serial path.
+
+Tensor parallelism is exercised here on simulated ranks (threads sharing memory, see threadcomm.py);
+test_mpi.py repeats the key checks over real MPI.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import dense_reference
+from conftest import MODELS, golden, model_dir
+from mpitp import Sampler, Trace, comm, generate, load_model
+from mpitp.config import load_config
+from mpitp.sharding import valid_rank_counts
+from st_util import write_safetensors
+from random_models import write_random_model
+from threadcomm import CountingComm, run_ranks
+
+LENGTHS = (1, 7, 33)
+TOL = {"float64": 1e-9, "float32": 2e-4}
+
+
+def prefill_logits(model, ids):
+    return model.forward(ids, model.new_cache(len(ids)), all_logits=True)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_hugging_face(name, dtype):
+    g = golden(name)
+    model = load_model(model_dir(name), comm.serial(), dtype)
+    for L in LENGTHS:
+        logits = prefill_logits(model, g[f"prompt_L{L}"])
+        assert logits.dtype == np.dtype(dtype)
+        assert np.abs(logits - g[f"logits_x64_L{L}"]).max() <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_matches_hugging_face(name, dtype):
+    g = golden(name)
+    model = load_model(model_dir(name), comm.serial(), dtype)
+    for L in LENGTHS:
+        out = generate(model, g[f"prompt_L{L}"], 20)
+        assert out.token_ids == g[f"greedy_x64_L{L}"].tolist()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_decode_equals_recompute(name):
+    # Logits of every decode step against the cache == logits of a full recompute of the whole sequence,
+    # and both == HF's per-step logits.
+    g = golden(name)
+    model = load_model(model_dir(name), comm.serial(), "float64")
+    prompt, tokens = g["prompt_L7"].tolist(), g["greedy_x64_L7"].tolist()
+    cache = model.new_cache(len(prompt) + len(tokens))
+    step_logits = [model.forward(prompt, cache)[-1]]
+    for t in tokens[:-1]:
+        step_logits.append(model.forward([t], cache)[-1])
+    recomputed = prefill_logits(model, prompt + tokens[:-1])[len(prompt) - 1:]
+    assert np.abs(np.array(step_logits) - recomputed).max() <= 1e-12
+    assert np.abs(np.array(step_logits) - g["step_logits_x64_L7"]).max() <= 1e-9
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_dense_reference(name):
+    ids = golden(name)["prompt_L33"]
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+        model = load_model(model_dir(name), comm.serial(), dtype)
+        expected = dense_reference.dense_logits(model_dir(name), ids, dtype=np.dtype(dtype).type)
+        assert np.abs(prefill_logits(model, ids) - expected).max() <= tol
+
+
+def tp_logits(name, size, dtype, ids):
+    return run_ranks(size, lambda c: prefill_logits(load_model(model_dir(name), c, dtype), ids))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tensor_parallel_equals_serial_on_simulated_ranks(name):
+    g = golden(name)
+    ids = g["prompt_L33"]
+    sizes = valid_rank_counts(load_config(model_dir(name)))
+    assert sizes == ([1, 2, 4] if name == "gpt2-tiny" else [1, 2, 4, 8])
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+        serial = prefill_logits(load_model(model_dir(name), comm.serial(), dtype), ids)
+        for size in sizes[1:]:
+            per_rank = tp_logits(name, size, dtype, ids)
+            for logits in per_rank:
+                assert np.array_equal(logits, per_rank[0])  # replicated exactly
+                assert np.abs(logits - serial).max() <= tol
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tensor_parallel_greedy_on_simulated_ranks(name):
+    g = golden(name)
+    for size in valid_rank_counts(load_config(model_dir(name)))[1:]:
+        outs = run_ranks(size, lambda c: generate(load_model(model_dir(name), c, "float32"),
+                                                  g["prompt_L7"], 20).token_ids)
+        assert all(o == g["greedy_x64_L7"].tolist() for o in outs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_two_allreduce_per_block_per_forward(name):
+    def count(c):
+        counting = CountingComm(c)
+        model = load_model(model_dir(name), counting, "float32")
+        cache = model.new_cache(8)
+        calls = []
+        for ids in ([1, 2, 3, 4], [5], [6]):  # a prefill, then two decode steps
+            before = counting.allreduce_calls
+            model.forward(ids, cache)
+            calls.append(counting.allreduce_calls - before)
+        return calls, model.config.n_layer
+
+    for calls, n_layer in run_ranks(2, count):
+        assert calls == [2 * n_layer] * 3
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shard_shapes_are_one_over_p(name):
+    cfg = load_config(model_dir(name))
+    for size in valid_rank_counts(cfg):
+        models = run_ranks(size, lambda c: load_model(model_dir(name), c, "float32"))
+        q, kv_width = cfg.n_head * cfg.d_head, cfg.n_kv_head * cfg.d_head
+        for m in models:
+            w = m.blocks[0]
+            assert w.W_Q.shape == (cfg.n_embd, q // size)
+            assert w.W_B.shape == (q // size, cfg.n_embd)
+            # key/value heads are split while there are enough of them, then replicated (one per rank)
+            assert w.W_K.shape == w.W_V.shape == (cfg.n_embd, max(kv_width // size, cfg.d_head))
+            mlp_in = w.W_C if w.W_C is not None else w.W_up
+            assert abs(mlp_in.shape[1] - cfg.n_ffn / size) < 1 and w.W_D.shape[0] == mlp_in.shape[1]
+        # The column ranges of the ranks tile the full matrix exactly once.
+        assert sum(m.blocks[0].W_Q.shape[1] for m in models) == q
+        assert sum(m.blocks[0].W_D.shape[0] for m in models) == cfg.n_ffn
+
+
+def test_gpt2_hub_layout(tmp_path):
+    # Hub checkpoints have no "transformer." prefix and carry attn.bias mask buffers to ignore.
+    src = model_dir("gpt2-tiny")
+    tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
+    hub = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    for layer in range(2):
+        hub[f"h.{layer}.attn.bias"] = np.tril(np.ones((128, 128), np.float32))[None, None]
+    write_safetensors(tmp_path / "model.safetensors", hub)
+    shutil.copy(f"{src}/config.json", tmp_path)
+    g = golden("gpt2-tiny")
+    logits = prefill_logits(load_model(str(tmp_path), comm.serial(), "float64"), g["prompt_L7"])
+    assert np.abs(logits - g["logits_x64_L7"]).max() <= 1e-9
+
+
+def test_row_parallel_bias_is_added_once(tmp_path):
+    # Make the row-parallel biases large: counting them P times would move the logits far.
+    src = model_dir("gpt2-tiny")
+    tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
+    for key in tensors:
+        if key.endswith("c_proj.bias"):
+            tensors[key] = tensors[key] + 3.0
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    shutil.copy(f"{src}/config.json", tmp_path)
+    ids = [3, 1, 4, 1, 5]
+    expected = dense_reference.dense_logits(str(tmp_path), ids)
+    for logits in run_ranks(4, lambda c: prefill_logits(load_model(str(tmp_path), c, "float64"), ids)):
+        assert np.abs(logits - expected).max() <= 1e-12
+
+
+def test_trace_records_every_named_tensor():
+    g = golden("llama-gqa")
+    model = load_model(model_dir("llama-gqa"), comm.serial(), "float64")
+    trace = Trace()
+    out = generate(model, g["prompt_L7"], 3, trace=trace)
+    a = trace.arrays
+    assert out.token_ids == g["greedy_x64_L7"][:3].tolist()
+    assert a["step0/logits"].shape == (7, 258) and a["step2/logits"].shape == (1, 258)
+    assert "step3/logits" not in a  # the last token needs no forward
+    assert np.abs(a["step0/logits"] - g["logits_x64_L7"]).max() <= 1e-9
+    assert np.abs(a["step1/logits"][0] - g["step_logits_x64_L7"][1]).max() <= 1e-9
+    for s, n_seq in ((0, 7), (1, 1), (2, 1)):
+        for layer in range(2):
+            shapes = {k: a[f"step{s}/layer{layer}/{k}"].shape for k in "ABCDEQKV"}
+            assert shapes == {"A": (n_seq, 64), "Q": (n_seq, 64), "K": (n_seq, 16), "V": (n_seq, 16),
+                              "B": (n_seq, 64), "C": (n_seq, 64), "D": (n_seq, 176), "E": (n_seq, 64)}
+
+
+def test_sampling_is_reproducible_and_tp_independent():
+    g = golden("gpt2-tiny")
+
+    def sample(c):
+        model = load_model(model_dir("gpt2-tiny"), c, "float64")
+        return generate(model, g["prompt_L7"], 15, Sampler(temperature=0.9, top_k=50, top_p=0.95, seed=7)).token_ids
+
+    serial = sample(comm.serial())
+    assert serial == sample(comm.serial())
+    assert serial != generate(load_model(model_dir("gpt2-tiny"), comm.serial(), "float64"), g["prompt_L7"],
+                              15).token_ids  # really sampling, not greedy
+    for size in (2, 4):
+        assert run_ranks(size, sample) == [serial] * size
+
+
+def test_generation_stops_at_eos(tmp_path):
+    # Declare the golden continuation's 5th token as eos: generation must stop right after emitting it.
+    g = golden("gpt2-tiny")
+    expected = g["greedy_x64_L7"].tolist()
+    eos = expected[4]
+    shutil.copy(f"{model_dir('gpt2-tiny')}/model.safetensors", tmp_path)
+    cfg = json.load(open(f"{model_dir('gpt2-tiny')}/config.json"))
+    cfg["eos_token_id"] = eos
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(str(tmp_path), comm.serial(), "float64")
+    out = generate(model, g["prompt_L7"], 20, stop_ids=model.config.eos_token_ids)
+    assert out.token_ids == expected[:expected.index(eos) + 1] and out.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("name", ["gpt2-6h", "llama-mqa"])
+def test_random_models_at_every_rank_count(tmp_path, name):
+    # Shapes the goldens lack: 6 heads (3 and 6 ranks), multi-query attention, uneven MLP split,
+    # tied Llama head, attention and MLP biases, llama3 rope scaling.
+    path = write_random_model(tmp_path / name, name)
+    ids = [5, 80, 3, 3, 41, 7, 96, 0, 12]
+    expected = dense_reference.dense_logits(path, ids)
+    sizes = valid_rank_counts(load_config(path))
+    assert sizes == [1, 2, 3, 6]
+    for size in sizes:
+        for logits in run_ranks(size, lambda c: prefill_logits(load_model(path, c, "float64"), ids)):
+            assert np.abs(logits - expected).max() <= 1e-12
