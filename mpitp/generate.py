@@ -50,12 +50,12 @@ def build_parser():
                 description="Generate tokens with a tensor-parallel transformer split over the MPI ranks "
                             "(run under mpirun -n P; without mpirun it runs on one rank).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                    help="Hugging Face model folder (config.json + model.safetensors or an index and shards); "
                         "default: the tiny random-weight GPT-2 shipped with mpitp")
-    p.add_argument("--prompt-ids", type=_ids, default=None, metavar="IDS",
+    p.add_argument("--prompt-ids", type=_ids, default=argparse.SUPPRESS, metavar="IDS",
                    help="prompt as comma-separated token ids, e.g. 15,7,201 "
-                        "(default: 'Hello, world! mpitp says:' as bytes, for the default model)")
+                        "(default: the bytes of 'Hello, world! mpitp says:', for the default model)")
     p.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 means greedy (the most likely token, lowest id on ties)")
@@ -109,7 +109,7 @@ def _prepare(args, comm):
     model = Model.load(args.model, comm, args.dtype)
     if fault in ("prefill", "decode"):
         _arm_fault(model, fault)
-    prompt = args.prompt_ids if args.prompt_ids is not None else DEFAULT_PROMPT_IDS
+    prompt = getattr(args, "prompt_ids", DEFAULT_PROMPT_IDS)
     if args.max_new_tokens < 0:
         raise RequestError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
     prompt = check_request(model, prompt, args.max_new_tokens)

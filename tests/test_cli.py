@@ -51,11 +51,15 @@ def test_trace_contract(tmp_path, n):
         assert int(t["shard/head_start"]) == rank * heads_local and int(t["shard/n_head_local"]) == heads_local
 
 
-def test_default_run_without_mpirun():
-    r = run_cli([])
+@pytest.mark.parametrize("n", [1, 2])
+def test_default_run_reproduces_hugging_face(n):
+    # No arguments: the bundled gpt2-tiny on "Hello, world! mpitp says:", greedy, 20 tokens, float32.
+    g = golden("gpt2-tiny")
+    r = run_cli([], n=n)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split()[:2] == ["prompt", "ids:"] and len(lines[1].split()) == 2 + 20
+    assert lines[0].split()[2:] == [str(i) for i in g["text_prompt_ids"]]
+    assert lines[1].split()[2:] == [str(i) for i in g["text_greedy_f64"]]
 
 
 def _one_error_line(r, expected):
