@@ -1,10 +1,11 @@
-"""Checkpoint reading: safetensors files, memory-mapped, validated strictly, read one slice at a time.
+"""Checkpoint reading: safetensors files, validated strictly, read one slice at a time.
 
 A model folder holds either one ``model.safetensors`` or several files listed in
 ``model.safetensors.index.json``'s ``weight_map``. Headers are checked as strictly as the reference
 safetensors library checks them (size cap, offsets in range, no overlaps or holes, shape x dtype = bytes),
-so a hostile or truncated file raises ``CheckpointError`` before anything is allocated. Reading a slice of
-a tensor touches only the pages of that slice, which is how each rank reads only its own bytes.
+so a hostile or truncated file raises ``CheckpointError`` before anything is allocated. A slice of a tensor
+is read with positioned reads of just its bytes, straight into the result: each rank reads only its own
+bytes, and its memory holds only its shard (a memory map would keep every touched page resident as well).
 Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary code.
 """
 
@@ -63,7 +64,6 @@ class SafetensorsFile:
         self.data_offset = 8 + n
         self.data_len = file_size - self.data_offset
         self.metadata, self.entries = self._parse_header(raw_header)
-        self._mmap = None
 
     def _fail(self, tensor, reason):
         raise CheckpointError(self.path, tensor, reason)
@@ -118,22 +118,59 @@ class SafetensorsFile:
                              "unaccounted for.")
         return metadata, entries
 
-    def _data(self):
-        if self._mmap is None:
-            if self.data_len == 0:
-                self._mmap = np.zeros(0, np.uint8)
-            else:
-                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset,
-                                       shape=(self.data_len,))
-        return self._mmap
+    def read(self, name, dtype, index=()):
+        """Read ``tensor[index]`` as a new C-contiguous array of ``dtype``, reading only those bytes.
 
-    def raw(self, name):
-        """The tensor as a read-only memory-mapped array (BF16 viewed as uint16); nothing is read yet."""
-        dtype, shape, begin, end = self.entries[name]
-        if dtype not in _FLOAT_VIEW:
-            self._fail(name, f"dtype {dtype} is not a floating-point weight dtype; supported: "
-                             f"{', '.join(_FLOAT_VIEW)}.")
-        return self._data()[begin:end].view(_FLOAT_VIEW[dtype]).reshape(shape)
+        ``index`` is a tuple of unit-step slices, at most one per axis (missing axes are taken whole).
+        The bytes are read with positioned reads straight into the result (or through a bounded scratch
+        buffer when the dtype changes), so memory use is the slice itself: no file mapping stays resident.
+        """
+        code, shape, begin, _ = self.entries[name]
+        if code not in _FLOAT_VIEW:
+            self._fail(name, f"dtype {code} is not a floating-point weight dtype; supported: {', '.join(_FLOAT_VIEW)}.")
+        raw_dtype = _FLOAT_VIEW[code]
+        if len(shape) > 2 and any(s != slice(None) for s in index):
+            self._fail(name, "only 1-D and 2-D tensors can be read in slices.")
+        # View the tensor as 2-D [n_rows, n_cols] and the request as a block of it.
+        n_cols = shape[-1] if shape else 1
+        n_rows = (int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        rows = index[0].indices(n_rows) if len(shape) == 2 else (0, n_rows, 1)
+        cols = index[-1].indices(n_cols) if shape else (0, 1, 1)
+        if rows[2] != 1 or cols[2] != 1:
+            self._fail(name, "slices with a step are not supported.")
+        (r0, r1), (c0, c1) = (rows[0], max(rows[0], rows[1])), (cols[0], max(cols[0], cols[1]))
+        out_shape = tuple(stop - start for (start, stop) in ((r0, r1), (c0, c1)))
+        out = np.empty(out_shape, dtype=dtype)
+        item = raw_dtype.itemsize
+        direct = np.dtype(dtype) == raw_dtype.newbyteorder("=") and raw_dtype.isnative
+        chunk_rows = max(1, (16 << 20) // max(1, (c1 - c0) * item))  # scratch buffer of at most ~16 MiB
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for r in range(r0, r1, chunk_rows):
+                r_end = min(r1, r + chunk_rows)
+                dest = out[r - r0:r_end - r0] if direct else np.empty((r_end - r, c1 - c0), raw_dtype)
+                if c0 == 0 and c1 == n_cols:  # whole rows: one contiguous range
+                    self._pread(fd, dest, self.data_offset + begin + r * n_cols * item, name)
+                else:
+                    for k in range(r_end - r):
+                        offset = self.data_offset + begin + ((r + k) * n_cols + c0) * item
+                        self._pread(fd, dest[k], offset, name)
+                if not direct:
+                    out[r - r0:r_end - r0] = _bf16_to_f32(dest) if code == "BF16" else dest
+        finally:
+            os.close(fd)
+        if len(shape) == 2:
+            return out
+        return out.reshape(shape if len(shape) > 2 else (c1 - c0,) if shape else ())
+
+    def _pread(self, fd, dest, offset, name):
+        view = memoryview(dest).cast("B")
+        while len(view):
+            n = os.preadv(fd, [view], offset)
+            if n == 0:
+                self._fail(name, "the file ended before the tensor's data; it was truncated or changed while reading.")
+            view, offset = view[n:], offset + n
 
 
 class Checkpoint:
@@ -213,8 +250,5 @@ class Checkpoint:
         return self._where[name].entries[name][1]
 
     def read(self, name, dtype, index=()):
-        """Read ``tensor[index]`` (only those bytes) and return it as a new C-contiguous array of ``dtype``."""
-        part = self._where[name].raw(name)[index]
-        if self._where[name].entries[name][0] == "BF16":
-            part = _bf16_to_f32(part)
-        return np.array(part, dtype=dtype, order="C")
+        """Read ``tensor[index]`` (only those bytes) as a new C-contiguous array of ``dtype``."""
+        return self._where[name].read(name, dtype, index)

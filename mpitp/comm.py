@@ -54,6 +54,9 @@ def abort(comm, code):
     """Kill every rank of the job with exit status ``code``; stdout/stderr are flushed first."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # The launcher forwards our output through pipes; aborting at once sometimes tore the job down before
+    # the last lines were forwarded (seen with MPICH's Hydra: the error message was lost). Give it a moment.
+    time.sleep(0.5)
     comm.Abort(code)
 
 

@@ -8,6 +8,7 @@ multi-rank run, that rank aborts the job as its session ends: the run exits non-
 import os
 import sys
 import tempfile
+import time
 
 from mpi4py import MPI
 
@@ -27,4 +28,5 @@ def pytest_sessionfinish(session, exitstatus):
         sys.stderr.flush()
         print(f"\n[rank {comm.Get_rank()}] {session.testsfailed} test(s) failed: aborting the MPI job.",
               file=sys.stderr, flush=True)
+        time.sleep(0.5)  # let the launcher forward the report before the job is torn down
         comm.Abort(1)

@@ -154,7 +154,12 @@ def test_valid_file_reads_slices(tmp_path):
     path = tmp_path / "model.safetensors"
     write_raw(path, *valid_file_parts())
     f = SafetensorsFile(path)
-    assert np.array_equal(f.raw("a")[:, 1:], [[1, 2], [4, 5]])
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for index in [(), (slice(None), slice(1, 3)), (slice(1, 2),), (slice(0, 2), slice(0, 1))]:
+        for dtype in (np.float32, np.float64):
+            part = f.read("a", dtype, index)
+            assert part.dtype == dtype and part.flags.c_contiguous and np.array_equal(part, a[index])
+    assert np.array_equal(f.read("b", np.float32, (slice(1, 3),)), [1, 1])
     assert f.metadata == {}
 
 
