@@ -171,7 +171,8 @@ def _read(ckpt, ckpt_name, src, name, config, shard, dtype):
     if src.linear:
         index = index[::-1]
     part = ckpt.read(ckpt_name, dtype, tuple(index))
-    return np.ascontiguousarray(part.T) if src.linear else part
+    # A transposed view: numpy hands it to BLAS as a transposed operand, with no copy at load or at run time.
+    return part.T if src.linear else part
 
 
 def _gpt2_prefix(ckpt):

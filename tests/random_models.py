@@ -59,6 +59,8 @@ def _tensors(cfg, rng):
                 t[h + name + ".bias"] = w(out)
             t[h + "input_layernorm.weight"], t[h + "post_attention_layernorm.weight"] = norm(d), norm(d)
         t["model.norm.weight"] = norm(d)
+        if not cfg.get("tie_word_embeddings", False):
+            t["lm_head.weight"] = w(cfg["vocab_size"], d)
     return t
 
 

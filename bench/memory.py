@@ -1,0 +1,59 @@
+"""Per-rank memory of shard loading: ``mpirun -n P python bench/memory.py --model DIR [--json]``.
+
+Each rank loads its shard and reports how much its peak resident memory grew while loading, next to the
+bytes of weights it holds and the size of the whole model. With shard-only reads the growth is about the
+rank's weights, far below the full model.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mpitp import comm as mpi  # noqa: E402
+from mpitp.model import DTYPES, Model  # noqa: E402
+
+
+def _status_kib(field):
+    # Linux: VmRSS is resident memory now, VmHWM its peak so far.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the weights are cast to")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    comm = mpi.world()
+    before = _status_kib("VmRSS")
+    model = Model.load(args.model, comm, args.dtype)
+    peak = _status_kib("VmHWM")
+    itemsize = DTYPES[args.dtype]().itemsize
+    row = {"rank": comm.Get_rank(), "shard_bytes": model.weight_bytes,
+           "peak_growth_bytes": (peak - before) * 1024, "rss_before_bytes": before * 1024}
+    rows = mpi.allgather(comm, row)
+    if comm.Get_rank() == 0:
+        full = model.config.n_params * itemsize
+        if args.json:
+            print(json.dumps({"model": args.model, "ranks": comm.Get_size(), "dtype": args.dtype,
+                              "full_model_bytes": full, "per_rank": rows}))
+        else:
+            print(f"# {args.model}: {model.config.n_params / 1e6:.1f}M params, {full / 2**20:.1f} MiB in "
+                  f"{args.dtype}, {comm.Get_size()} ranks")
+            print(f"# {'rank':>4} {'weights held (MiB)':>19} {'peak RSS growth at load (MiB)':>30} {'growth/held':>12}")
+            for r in rows:
+                print(f"  {r['rank']:>4} {r['shard_bytes'] / 2**20:>19.1f} {r['peak_growth_bytes'] / 2**20:>30.1f} "
+                      f"{r['peak_growth_bytes'] / r['shard_bytes']:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Layer math against independent formulas."""
+
+import math
+
+import numpy as np
+
+import dense_reference
+from mpitp.config import RopeConfig, config_from_dict
+from mpitp.layers import apply_rope, attention, rope_inv_freq, rope_tables
+
+
+def test_rope_is_a_complex_rotation_of_half_pairs():
+    # Rotate-half RoPE: dims i and i + d/2 form the complex number x_i + 1j*x_{i+d/2}, turned by pos * f_i.
+    rng = np.random.default_rng(0)
+    d_head, positions = 16, np.array([0, 1, 5, 1000])
+    x = rng.standard_normal((len(positions), 3, d_head))
+    inv_freq = rope_inv_freq(RopeConfig(theta=10000.0), d_head)
+    assert np.allclose(inv_freq, [10000.0 ** (-2 * i / d_head) for i in range(d_head // 2)], rtol=1e-15)
+    out = apply_rope(x, *rope_tables(inv_freq, positions, np.float64))
+    z = (x[..., :d_head // 2] + 1j * x[..., d_head // 2:]) * np.exp(1j * positions[:, None, None] * inv_freq)
+    assert np.abs(out - np.concatenate([z.real, z.imag], axis=-1)).max() < 1e-12
+
+
+def test_llama3_scaling_in_all_three_wavelength_bands():
+    # Published llama3 rule (factor 8, low 1, high 4, original 8192): wavelengths under 8192/4 = 2048 are
+    # kept, over 8192/1 are slowed 8x, and in between blended with smooth = (8192/wavelen - 1) / (4 - 1).
+    rope = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_positions=8192)
+    d_head = 128
+    plain = 500000.0 ** (-np.arange(0, d_head, 2) / d_head)
+    scaled = rope_inv_freq(rope, d_head)
+    wavelen = 2 * math.pi / plain
+    bands = {"kept": wavelen < 2048, "slowed": wavelen > 8192, "blended": (wavelen >= 2048) & (wavelen <= 8192)}
+    assert all(b.any() for b in bands.values())
+    assert np.array_equal(scaled[bands["kept"]], plain[bands["kept"]])
+    assert np.allclose(scaled[bands["slowed"]], plain[bands["slowed"]] / 8, rtol=1e-15)
+    i = int(np.flatnonzero(bands["blended"])[0])
+    smooth = (8192 / wavelen[i] - 1) / 3
+    assert math.isclose(scaled[i], (1 - smooth) * plain[i] / 8 + smooth * plain[i], rel_tol=1e-14)
+    # and the same as the dense reference, read from a transformers-4 style config
+    cfg = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    assert np.allclose(scaled, dense_reference.rope_inv_freq(cfg, d_head), rtol=1e-14)
+    parsed = config_from_dict({"model_type": "llama", "hidden_size": 1024, "num_attention_heads": 8,
+                               "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 8,
+                               "max_position_embeddings": 8, **cfg})
+    assert parsed.rope == rope
+
+
+def test_attention_against_explicit_loops():
+    # Grouped heads, a cache of earlier positions and a causal mask, against a per-head, per-query loop.
+    rng = np.random.default_rng(1)
+    n_seq, start, n_head, n_kv_head, d = 3, 4, 4, 2, 8
+    Q = rng.standard_normal((n_seq, n_head, d))
+    K = rng.standard_normal((n_kv_head, start + n_seq, d))
+    V = rng.standard_normal((n_kv_head, start + n_seq, d))
+    out = attention(Q, K, V, start).reshape(n_seq, n_head, d)
+    for h in range(n_head):
+        kv = h // (n_head // n_kv_head)
+        for i in range(n_seq):
+            visible = start + i + 1
+            s = K[kv, :visible] @ Q[i, h] / math.sqrt(d)
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            assert np.allclose(out[i, h], p @ V[kv, :visible], atol=1e-14)
