@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-# model_type values whose math mpitp implements, and the family each maps to.
-_FAMILIES = {"gpt2": "gpt2", "llama": "llama"}
+# model_type values whose math mpitp implements, and the family each maps to. Mistral and Qwen2 are
+# Llama's math (Qwen2 with biases on q, k, v only); their sliding window is handled by capping the context.
+_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 _ACTIVATIONS = {
     "gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all the tanh approximation of GELU
     "llama": ("silu", "swish"),
@@ -186,15 +187,22 @@ def config_from_dict(cfg, path="config.json", generation=None):
             raise ConfigError(f"{path}: head_dim={d_head} must be even for rotary embeddings.")
         activation = cfg.get("hidden_act", "silu")
         attn_bias = _get(cfg, "attention_bias", bool, path, default=False, required=False)
+        n_ctx = _get(cfg, "max_position_embeddings", int, path)
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        if window is not None:
+            # Within the window, sliding-window attention is ordinary causal attention: serve only that.
+            n_ctx = min(n_ctx, _get(cfg, "sliding_window", int, path))
         conf = ModelConfig(
             family=family, model_type=model_type,
             n_layer=_get(cfg, "num_hidden_layers", int, path), n_embd=n_embd, n_head=n_head,
             n_kv_head=n_kv_head, d_head=d_head,
             n_ffn=_get(cfg, "intermediate_size", int, path),
             n_vocab=_get(cfg, "vocab_size", int, path),
-            n_ctx=_get(cfg, "max_position_embeddings", int, path),
+            n_ctx=n_ctx,
             norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
-            activation=activation, qkv_bias=attn_bias, out_bias=attn_bias,
+            activation=activation, qkv_bias=attn_bias or model_type == "qwen2", out_bias=attn_bias,
             mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False, required=False),
             tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False, required=False),
             rope=_rope(cfg, path), bos_token_id=bos_id, eos_token_ids=eos_ids,

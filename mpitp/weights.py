@@ -193,7 +193,9 @@ def load_weights(ckpt, config, shard, dtype):
     """
     layer_names, global_names = _NAMES[config.family]
     prefix = _gpt2_prefix(ckpt) if config.family == "gpt2" else ""
-    optional = {"b_Q", "b_K", "b_V", "b_B"} if not config.qkv_bias else set()
+    optional = set() if config.qkv_bias else {"b_Q", "b_K", "b_V"}
+    if not config.out_bias:
+        optional.add("b_B")
     if not config.mlp_bias:
         optional |= {"b_C", "b_gate", "b_up", "b_D"}
 

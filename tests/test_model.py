@@ -225,3 +225,38 @@ def test_random_models_at_every_rank_count(tmp_path, name):
     for size in sizes:
         for logits in run_ranks(size, lambda c: prefill_logits(load_model(path, c, "float64"), ids)):
             assert np.abs(logits - expected).max() <= 1e-12
+
+
+def test_mistral_is_llama_math_with_a_capped_context(tmp_path):
+    src = model_dir("llama-gqa")
+    cfg = json.load(open(f"{src}/config.json"))
+    cfg.update(model_type="mistral", sliding_window=64)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(f"{src}/model.safetensors", tmp_path)
+    mistral = load_model(str(tmp_path), comm.serial(), "float64")
+    assert mistral.config.n_ctx == 64  # beyond the window the math would differ: refused instead
+    g = golden("llama-gqa")
+    assert np.abs(prefill_logits(mistral, g["prompt_L33"]) - g["logits_x64_L33"]).max() <= 1e-9
+
+
+def test_qwen2_has_biases_on_q_k_v_only(tmp_path):
+    # A Qwen2 checkpoint (q/k/v biases, no o_proj bias) equals a Llama with attention_bias and a zero o bias.
+    src = write_random_model(tmp_path / "src", "llama-mqa")
+    tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
+    cfg = json.load(open(f"{src}/config.json"))
+    qwen_dir, ref_dir = tmp_path / "qwen2", tmp_path / "ref"
+    qwen_dir.mkdir()
+    ref_dir.mkdir()
+    qwen = {k: v for k, v in tensors.items() if not (k.endswith("o_proj.bias") or k.endswith("mlp.gate_proj.bias")
+                                                      or k.endswith("mlp.up_proj.bias")
+                                                      or k.endswith("mlp.down_proj.bias"))}
+    write_safetensors(qwen_dir / "model.safetensors", qwen)
+    (qwen_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2", "mlp_bias": False,
+                                                      "attention_bias": None}))
+    ref = dict(qwen, **{k: np.zeros_like(v) for k, v in tensors.items() if k not in qwen})
+    write_safetensors(ref_dir / "model.safetensors", ref)
+    (ref_dir / "config.json").write_text(json.dumps({**cfg, "attention_bias": True, "mlp_bias": True}))
+    ids = [4, 8, 15, 16, 23, 42]
+    for size in (1, 2, 3):
+        for logits in run_ranks(size, lambda c: prefill_logits(load_model(str(qwen_dir), c, "float64"), ids)):
+            assert np.abs(logits - dense_reference.dense_logits(str(ref_dir), ids)).max() <= 1e-12
