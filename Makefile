@@ -36,10 +36,11 @@ test: install
 test-mpi: install
 	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest
 
-# What CI runs: make test, then the suite on 3 and 4 ranks.
+# What CI runs: make test, then the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny).
 ci: test
 	$(MAKE) test-mpi NP=3
 	$(MAKE) test-mpi NP=4
+	$(MAKE) test-mpi NP=8
 
 # Remove the virtual environment and build leftovers.
 clean:
