@@ -11,8 +11,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-# Seconds spent inside allreduce_sum since the last reset, per process (read by timing reports).
+# Time and payload bytes of allreduce_sum since the last reset, per process (read by timing reports).
 allreduce_seconds = 0.0
+allreduce_bytes = 0
 
 
 def world():
@@ -27,10 +28,11 @@ def serial():
 
 def allreduce_sum(comm, buf):
     """Sum ``buf`` over all ranks of ``comm``, in place (``MPI.IN_PLACE``, no temporary)."""
-    global allreduce_seconds
+    global allreduce_seconds, allreduce_bytes
     t = time.perf_counter()
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     allreduce_seconds += time.perf_counter() - t
+    allreduce_bytes += buf.nbytes
 
 
 def bcast_ints(comm, values, root=0):
@@ -43,6 +45,15 @@ def bcast_ints(comm, values, root=0):
 def allgather(comm, obj):
     """Every rank's small Python object, as a list in rank order, on every rank; not for hot paths."""
     return comm.allgather(obj)
+
+
+def ranks_on_node(comm):
+    """How many ranks of ``comm`` share this node's memory (and cores)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
 
 
 def max_over_ranks(comm, value):

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MpitpError, RequestError
 from .kvcache import KVCache
+from .profile import NO_PROFILE
 from .layers import apply_rope, attention, gelu_tanh, layer_norm, rms_norm, rope_inv_freq, rope_tables, silu
 from .sharding import shard_for
 from .weights import load_weights
@@ -92,7 +93,7 @@ class Model:
             raise RequestError(f"token id {int(bad[0])} is outside the vocabulary 0..{self.config.n_vocab - 1}.")
         return ids.astype(np.int64)
 
-    def forward(self, token_ids, cache, trace=None, all_logits=False):
+    def forward(self, token_ids, cache, trace=None, all_logits=False, profile=None):
         """Run new tokens through the model, appending their keys and values to ``cache``.
 
         Parameters
@@ -105,6 +106,8 @@ class Model:
             Records this rank's named tensors A, Q, K, V, B, C, D, E for every layer, and the logits.
         all_logits : bool
             Return logits for every new position instead of only the last one.
+        profile : Profile, optional
+            Accumulates this forward's wall time per category (matmul, attention, allreduce, other).
 
         Returns
         -------
@@ -117,6 +120,8 @@ class Model:
         if start + n_seq > cfg.n_ctx:
             raise RequestError(f"positions up to {start + n_seq} exceed the model's context of {cfg.n_ctx}.")
         cache.check_room(n_seq)
+        mark = (profile or NO_PROFILE).mark  # charges the time since the previous mark to a category
+        (profile or NO_PROFILE).start()
         positions = np.arange(start, start + n_seq)
         g = self.globals
         x = g.W_embed[ids]  # [n_seq, n_embd], a copy: the residual stream, replicated on every rank
@@ -130,30 +135,43 @@ class Model:
         for layer, w in enumerate(self.blocks):
             # Attention. A = norm_1(x), replicated.
             A = self._norm(x, w.norm_1_weight, w.norm_1_bias)
+            mark("other")
             # Q, K, V of this rank's heads (column-parallel: no communication).
             Q = self._linear(A, w.W_Q, w.b_Q).reshape(n_seq, shard.n_head_local, cfg.d_head)
             K = self._linear(A, w.W_K, w.b_K).reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
             V = self._linear(A, w.W_V, w.b_V).reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
+            mark("matmul")
             if rope is not None:
                 Q, K = apply_rope(Q, *rope), apply_rope(K, *rope)
             # Append K, V to this rank's cache; attend over every position so far.
             K_all, V_all = cache.update(layer, K, V)
             B = attention(Q, K_all, V_all, start)  # [n_seq, n_head_local * d_head]
+            mark("attention")
             # Row-parallel W_B gives a partial sum; Allreduce #1 completes it; bias once, after.
             np.matmul(B, w.W_B, out=buf)
+            mark("matmul")
             mpi.allreduce_sum(self.comm, buf)
+            mark("allreduce")
             x = x + buf
             if w.b_B is not None:
                 x += w.b_B
             # MLP. C = norm_2(x), replicated.
             C = self._norm(x, w.norm_2_weight, w.norm_2_bias)
-            if w.W_C is not None:  # GPT-2: gelu(C W_C + b_C)
-                D = gelu_tanh(self._linear(C, w.W_C, w.b_C))
-            else:  # Llama: silu(C W_gate) * (C W_up)
-                D = silu(self._linear(C, w.W_gate, w.b_gate)) * self._linear(C, w.W_up, w.b_up)
+            mark("other")
+            if w.W_C is not None:  # GPT-2: D = gelu(C W_C + b_C)
+                H = self._linear(C, w.W_C, w.b_C)
+                mark("matmul")
+                D = gelu_tanh(H)
+            else:  # Llama: D = silu(C W_gate) * (C W_up)
+                G, U = self._linear(C, w.W_gate, w.b_gate), self._linear(C, w.W_up, w.b_up)
+                mark("matmul")
+                D = silu(G) * U
+            mark("other")
             # Row-parallel W_D, Allreduce #2, bias once. E is the block's output, the new residual stream.
             np.matmul(D, w.W_D, out=buf)
+            mark("matmul")
             mpi.allreduce_sum(self.comm, buf)
+            mark("allreduce")
             E = x + buf
             if w.b_D is not None:
                 E += w.b_D
@@ -164,7 +182,9 @@ class Model:
         cache.advance(n_seq)
         h = x if all_logits else x[-1:]
         h = self._norm(h, g.norm_f_weight, g.norm_f_bias)
+        mark("other")
         logits = h @ g.W_vocab  # [n_seq or 1, n_vocab]
+        mark("matmul")
         if trace is not None:
             trace.record("logits", logits)
         return logits

@@ -1,0 +1,434 @@
+"""The benchmark: ``mpirun -n P python -m mpitp.bench`` (what ``make bench`` runs).
+
+Prompt processing (``pp``) and generation (``tg``) tokens/s in llama-bench's table shape, where a decode
+token's time goes (matmul, attention, Allreduce, the rest), the Allreduce bytes measured against what the
+model's shape predicts, and a roofline measured on this machine in the same run: DRAM read bandwidth per
+rank (decode reads every weight once per token) and the GEMM rate at the model's own prefill shapes.
+Without ``--model`` it builds a random-weight model with the shapes of a preset, each rank only its shard.
+Timings are wall clock between barriers, the slowest rank's.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+from . import comm as mpi
+from .config import config_from_dict
+from .errors import MpitpError
+from .model import DTYPES, Model
+from .profile import CATEGORIES, Profile
+from .sharding import shard_for
+from .threads import apply_blas_threads, blas_description, choose_threads
+from .weights import BlockWeights, GlobalWeights
+
+# Real model shapes, as Hugging Face config.json dicts.
+PRESETS = {
+    "gpt2-124m": {"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+                  "vocab_size": 50257},
+    "gpt2-355m": {"model_type": "gpt2", "n_embd": 1024, "n_head": 16, "n_layer": 24, "n_positions": 1024,
+                  "vocab_size": 50257},
+    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 64, "num_hidden_layers": 16, "intermediate_size": 8192, "vocab_size": 128256,
+                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                 "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}},
+    "tiny": {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
+             "vocab_size": 256},
+}
+
+# Interconnects for the projection: (name, latency alpha in s, bandwidth beta in bytes/s). Typical published
+# figures, not measurements: they only show how the measured compute and message volume would fare.
+INTERCONNECTS = [
+    ("10 GbE TCP", 25e-6, 1.25e9),
+    ("100 Gb/s InfiniBand EDR", 1.5e-6, 12.5e9),
+    ("200 Gb/s InfiniBand HDR", 1.0e-6, 25e9),
+]
+
+
+# --- model construction -------------------------------------------------------------------------------
+
+def random_model(config, comm, dtype, seed=0):
+    """A ``Model`` with random weights of ``config``'s shapes; each rank creates only its own shard."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    shard = shard_for(config, rank, size)
+    rng = np.random.default_rng([seed, rank])
+    d, dh = config.n_embd, config.d_head
+    q, kv, f = shard.n_head_local * dh, shard.n_kv_head_local * dh, shard.n_ffn_local
+
+    def w(n_in, n_out):
+        # Same memory layout as a loaded checkpoint: GPT-2 Conv1D [in, out]; Llama Linear [out, in], viewed .T
+        if config.family == "gpt2":
+            return (rng.standard_normal((n_in, n_out), dtype=np.float32) * 0.02).astype(dtype)
+        return (rng.standard_normal((n_out, n_in), dtype=np.float32) * 0.02).astype(dtype).T
+
+    def vec(n, bias):
+        return (np.zeros(n, dtype) if bias else np.ones(n, dtype))
+
+    gpt2 = config.family == "gpt2"
+    blocks = []
+    for _ in range(config.n_layer):
+        blocks.append(BlockWeights(
+            norm_1_weight=vec(d, False), norm_1_bias=vec(d, True) if gpt2 else None,
+            W_Q=w(d, q), W_K=w(d, kv), W_V=w(d, kv),
+            b_Q=vec(q, True) if config.qkv_bias else None, b_K=vec(kv, True) if config.qkv_bias else None,
+            b_V=vec(kv, True) if config.qkv_bias else None,
+            W_B=w(q, d), b_B=vec(d, True) if config.out_bias else None,
+            norm_2_weight=vec(d, False), norm_2_bias=vec(d, True) if gpt2 else None,
+            W_C=w(d, f) if gpt2 else None, b_C=vec(f, True) if gpt2 else None,
+            W_gate=None if gpt2 else w(d, f), b_gate=None, W_up=None if gpt2 else w(d, f), b_up=None,
+            W_D=w(f, d), b_D=vec(d, True) if config.mlp_bias else None))
+    W_embed = (rng.standard_normal((config.n_vocab, d), dtype=np.float32) * 0.02).astype(dtype)
+    W_pos = (rng.standard_normal((config.n_ctx, d), dtype=np.float32) * 0.01).astype(dtype) if gpt2 else None
+    glob = GlobalWeights(W_embed=W_embed, W_pos=W_pos, norm_f_weight=vec(d, False),
+                         norm_f_bias=vec(d, True) if gpt2 else None,
+                         W_vocab=W_embed.T if config.tie_word_embeddings else w(d, config.n_vocab))
+    return Model(config, shard, blocks, glob, comm, dtype)
+
+
+# --- what the model's shape predicts (pure arithmetic, unit-tested) -----------------------------------
+
+def allreduce_payload_bytes(config, n_seq, itemsize):
+    """Bytes one rank hands to Allreduce in one forward of ``n_seq`` tokens: 2 per block of [n_seq, n_embd]."""
+    return 2 * config.n_layer * n_seq * config.n_embd * itemsize
+
+
+def ring_wire_bytes(payload, size):
+    """Bytes each rank sends (and receives) for a ring Allreduce of ``payload`` bytes over ``size`` ranks."""
+    return 0 if size == 1 else 2 * (size - 1) / size * payload
+
+
+def decode_read_bytes(model, n_kv):
+    """Bytes one rank must read from memory per decode token with ``n_kv`` cached positions: every weight
+    it holds once (of the embedding only one row, unless it doubles as the LM head), plus its KV cache."""
+    arrays = [a for b in model.blocks for a in vars(b).values() if a is not None]
+    g = model.globals
+    arrays += [a for a in (g.norm_f_weight, g.norm_f_bias, g.W_vocab) if a is not None]
+    itemsize = np.dtype(model.dtype).itemsize
+    weights = sum(a.nbytes for a in arrays)
+    cfg = model.config
+    kv = 2 * cfg.n_layer * model.shard.n_kv_head_local * n_kv * cfg.d_head * itemsize
+    return weights + kv
+
+
+def prefill_flops(model, n_seq):
+    """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (LM head for the last)."""
+    cfg, s = model.config, model.shard
+    d, dh = cfg.n_embd, cfg.d_head
+    q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
+    n_mlp_in = 2 if cfg.family == "llama" else 1
+    per_token = 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
+    # causal attention: Q K^T and P V, each 2 * d_head flops per (query, visible key) pair and head
+    attention = 2 * 2 * dh * s.n_head_local * n_seq * (n_seq + 1) / 2
+    return cfg.n_layer * (n_seq * per_token + attention) + 2 * d * cfg.n_vocab
+
+
+def project_tokens_per_s(compute_s, n_messages, message_bytes, size, alpha, beta):
+    """Decode tokens/s if each token took ``compute_s`` plus ``n_messages`` ring Allreduces of ``message_bytes``
+    over a network with latency ``alpha`` and bandwidth ``beta`` (the standard alpha-beta model)."""
+    if size == 1:
+        return 1 / compute_s
+    per_message = 2 * (size - 1) * alpha + ring_wire_bytes(message_bytes, size) / beta
+    return 1 / (compute_s + n_messages * per_message)
+
+
+def mean_sd(values):
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+# --- measurements -------------------------------------------------------------------------------------
+
+def _timed(comm, fn, repeats):
+    """Run ``fn`` ``repeats`` times between barriers; the slowest rank's seconds for each run."""
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        t = time.perf_counter()
+        fn()
+        times.append(mpi.max_over_ranks(comm, time.perf_counter() - t))
+    return times
+
+
+def measure_read_bandwidth(comm, dtype, nbytes=256 << 20, repeats=5):
+    """Bytes/s one rank reads from DRAM with a matrix-vector product (decode's own operation), all ranks
+    of the node reading at once; the slowest rank's figure."""
+    cols = 4096
+    A = np.ones((max(1, nbytes // (cols * np.dtype(dtype).itemsize)), cols), dtype)
+    v = np.ones(cols, dtype)
+    A @ v
+    t = min(_timed(comm, lambda: A @ v, repeats))
+    return A.nbytes / t
+
+
+def measure_gemm_rate(model, n_seq, repeats=5):
+    """Flop/s one rank reaches on the matrix products of one block at ``n_seq`` tokens (all ranks at once)."""
+    w = model.blocks[0]
+    mats = [m for m in (w.W_Q, w.W_K, w.W_V, w.W_B, w.W_C, w.W_gate, w.W_up, w.W_D) if m is not None]
+    inputs = [np.ones((n_seq, m.shape[0]), model.dtype) for m in mats]
+
+    def run():
+        for x, m in zip(inputs, mats):
+            x @ m
+
+    run()
+    t = min(_timed(model.comm, run, repeats))
+    return sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats) / t
+
+
+def run_prefill(model, n_prompt, repeats, rng):
+    prompt = rng.integers(0, model.config.n_vocab, n_prompt)
+    return [n_prompt / t for t in _timed(model.comm, lambda: model.forward(prompt, model.new_cache(n_prompt)),
+                                         repeats)]
+
+
+def decode_run(model, n_gen, profile=None):
+    """Generate ``n_gen`` tokens greedily after one token (rank 0 decides and broadcasts, as in generate);
+    returns the slowest rank's seconds for the ``n_gen`` decode forwards."""
+    comm = model.comm
+    cache = model.new_cache(n_gen + 1)
+    logits = model.forward([0], cache)
+    comm.Barrier()
+    t = time.perf_counter()
+    for _ in range(n_gen):
+        token = int(np.argmax(logits[-1])) if comm.Get_rank() == 0 else 0
+        token = mpi.bcast_ints(comm, [token])[0]
+        logits = model.forward([token], cache, profile=profile)
+    return mpi.max_over_ranks(comm, time.perf_counter() - t)
+
+
+def allreduce_latency(comm, sizes, dtype, iterations=200):
+    """OSU-style: average microseconds of an in-place Allreduce per message size (bytes), slowest rank."""
+    out = []
+    for nbytes in sizes:
+        buf = np.ones(max(1, nbytes // np.dtype(dtype).itemsize), dtype)
+        for _ in range(10):
+            mpi.allreduce_sum(comm, buf)
+        comm.Barrier()
+        t = time.perf_counter()
+        for _ in range(iterations):
+            mpi.allreduce_sum(comm, buf)
+        out.append((buf.nbytes, mpi.max_over_ranks(comm, (time.perf_counter() - t) / iterations) * 1e6))
+    return out
+
+
+# --- environment and output ---------------------------------------------------------------------------
+
+def environment(comm, threads):
+    hosts = sorted(set(mpi.allgather(comm, socket.gethostname())))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    transport = {k: v for k, v in os.environ.items()
+                 if k.startswith(("MPIR_CVAR_", "FI_", "UCX_", "OMPI_MCA_", "I_MPI_"))}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "hosts": hosts, "ranks": comm.Get_size(), "ranks_on_node": mpi.ranks_on_node(comm),
+            "threads_per_rank": threads, "mpi_library": mpi.library_version(), "transport_env": transport,
+            "numpy": np.__version__, "blas": blas_description(), "python": platform.python_version(),
+            "cpu": _cpu_name(), "mpitp": __version__, "git_revision": rev}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(rows):
+    """llama-bench style markdown table from dicts with model, params, dtype, ranks, threads, test, mean, sd."""
+    head = ["model", "params", "dtype", "ranks", "threads", "test", "t/s"]
+    body = [[r["model"], f"{r['params'] / 1e6:.2f} M", r["dtype"], str(r["ranks"]), str(r["threads"]), r["test"],
+             f"{r['mean']:.2f} ± {r['sd']:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    right = {1, 3, 4, 6}
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(head), sep] + [line(b) for b in body])
+
+
+def format_report(rec):
+    """Everything after the table: breakdown, Allreduce bytes, roofline, projections."""
+    out = []
+    b = rec["decode_breakdown_ms"]
+    total = sum(b.values())
+    parts = " | ".join(f"{k} {v:.3f} ms ({100 * v / total:.0f}%)" for k, v in b.items())
+    out.append(f"decode, per token (slowest rank): {parts} | total {total:.3f} ms")
+    ar = rec["allreduce"]
+    out.append(f"Allreduce per decode token: {ar['calls_per_token']} calls, {ar['measured_bytes_per_token']} B "
+               f"payload measured, {ar['predicted_bytes_per_token']} B predicted (2 x n_layer x n_embd x itemsize); "
+               f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
+    rf = rec["roofline"]
+    out.append(f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
+               f"once) / {rf['decode_bytes_per_token'] / 1e6:.1f} MB read per token per rank = "
+               f"{rf['decode_bound_tokens_per_s']:.1f} tok/s; measured {rf['decode_tokens_per_s']:.1f} = "
+               f"{rf['decode_percent']:.0f}%")
+    out.append(f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank at this model's shapes / "
+               f"{rf['prefill_flops_per_token'] / 1e9:.3f} GFLOP per token per rank = "
+               f"{rf['prefill_bound_tokens_per_s']:.1f} tok/s; measured {rf['prefill_tokens_per_s']:.1f} = "
+               f"{rf['prefill_percent']:.0f}%")
+    if rec.get("projection"):
+        proj = ", ".join(f"{p['interconnect']}: {p['decode_tokens_per_s']:.1f}" for p in rec["projection"])
+        out.append(f"projected decode tok/s over a network (alpha-beta model, compute as measured): {proj}")
+    return "\n".join(out)
+
+
+def format_osu(rows, dtype):
+    lines = ["# OSU-style MPI Allreduce Latency Test (mpitp.bench, in place)",
+             f"# Datatype: {np.dtype(dtype).name}", f"# {'Size':<10} {'Avg Latency(us)':>16}"]
+    lines += [f"{size:<12} {lat:>16.2f}" for size, lat in rows]
+    return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m mpitp.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-124m",
+                   help="random-weight model with these real shapes (ignored with --model)")
+    p.add_argument("--model", metavar="DIR", help="benchmark a Hugging Face checkpoint folder instead")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens for the pp test")
+    p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens for the tg test")
+    p.add_argument("-r", "--repeats", type=int, default=5, help="timed repetitions of each test (after a warm-up)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS threads per rank (default: cores on the node / ranks on the node)")
+    p.add_argument("--osu", action="store_true", help="also print an OSU-style Allreduce latency table")
+    p.add_argument("--json-out", metavar="PATH", help="write the full JSON record (results and environment) here")
+    return p
+
+
+def main(argv=None):
+    comm = mpi.world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    args = build_parser().parse_args(argv)
+    error = None
+    try:
+        if args.threads is not None and args.threads < 1:
+            raise MpitpError(f"--threads must be >= 1, got {args.threads}.")
+        if args.n_prompt < 1 or args.n_gen < 1 or args.repeats < 1:
+            raise MpitpError("--n-prompt, --n-gen and --repeats must be >= 1.")
+        if args.model:
+            model = Model.load(args.model, comm, args.dtype)
+            name = os.path.basename(os.path.normpath(args.model))
+        else:
+            config = config_from_dict(PRESETS[args.preset], f"preset {args.preset}")
+            shard_for(config, rank, size)  # refuses a bad rank count before building anything
+            name = f"{args.preset} (random)"
+        cfg_ctx = (model.config if args.model else config).n_ctx
+        if max(args.n_prompt, args.n_gen + 1) > cfg_ctx:
+            raise MpitpError(f"--n-prompt/--n-gen must fit the model's context of {cfg_ctx} positions.")
+    except MpitpError as e:
+        error = e
+    failed = mpi.allgather(comm, error is not None)
+    if any(failed):
+        if error is not None and (rank == 0 or not failed[0]):
+            print(f"{'' if rank == 0 else f'[rank {rank}] '}mpitp.bench: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
+    if not args.model:
+        model = random_model(config, comm, DTYPES[args.dtype])
+    cfg, itemsize = model.config, np.dtype(model.dtype).itemsize
+    rng = np.random.default_rng(0)
+
+    # Warm-up, then the timed tests.
+    run_prefill(model, args.n_prompt, 1, rng)
+    decode_run(model, min(4, args.n_gen))
+    pp = run_prefill(model, args.n_prompt, args.repeats, rng)
+    tg = [args.n_gen / decode_run(model, args.n_gen) for _ in range(args.repeats)]
+
+    # One profiled decode run for the breakdown and the Allreduce byte count.
+    profile = Profile()
+    mpi.allreduce_bytes = 0
+    decode_s = decode_run(model, args.n_gen, profile)
+    measured_bytes = mpi.allreduce_bytes // (args.n_gen + 1)  # decode_run also makes one untimed forward
+    parts = {k: mpi.max_over_ranks(comm, profile.seconds[k]) for k in CATEGORIES if k != "other"}
+    parts["other"] = max(0.0, decode_s - sum(parts.values()))
+    breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
+
+    # The roofline, measured now on the same ranks and threads.
+    bandwidth = measure_read_bandwidth(comm, model.dtype)
+    gemm = measure_gemm_rate(model, args.n_prompt)
+    read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
+    flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
+    pp_mean, pp_sd = mean_sd(pp)
+    tg_mean, tg_sd = mean_sd(tg)
+    roof_decode, roof_prefill = bandwidth / read_bytes, gemm / flops_per_token
+    predicted = allreduce_payload_bytes(cfg, 1, itemsize)
+    compute_s = (decode_s - parts["allreduce"]) / args.n_gen
+    rec = {
+        "model": name, "params": cfg.n_params, "dtype": np.dtype(model.dtype).name, "ranks": size,
+        "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repeats": args.repeats,
+        "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
+                  {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
+        "decode_breakdown_ms": breakdown,
+        "allreduce": {"calls_per_token": 2 * cfg.n_layer, "measured_bytes_per_token": int(measured_bytes),
+                      "predicted_bytes_per_token": predicted,
+                      "ring_wire_bytes_per_token": ring_wire_bytes(predicted, size)},
+        "roofline": {"read_bandwidth_GBps": bandwidth / 1e9, "decode_bytes_per_token": read_bytes,
+                     "decode_bound_tokens_per_s": roof_decode, "decode_tokens_per_s": tg_mean,
+                     "decode_percent": 100 * tg_mean / roof_decode, "gemm_GFps": gemm / 1e9,
+                     "prefill_flops_per_token": flops_per_token, "prefill_bound_tokens_per_s": roof_prefill,
+                     "prefill_tokens_per_s": pp_mean, "prefill_percent": 100 * pp_mean / roof_prefill},
+        "projection": [{"interconnect": n, "alpha_s": a, "beta_Bps": b,
+                        "decode_tokens_per_s": project_tokens_per_s(compute_s, 2 * cfg.n_layer, predicted, size, a, b)}
+                       for n, a, b in INTERCONNECTS] if size > 1 else [],
+        "peak_rss_bytes_per_rank": mpi.allgather(comm, _peak_rss()),
+        "weight_bytes_per_rank": mpi.allgather(comm, model.weight_bytes),
+        "environment": environment(comm, threads),
+    }
+    if args.osu:
+        sizes = sorted({4 << i for i in range(0, 21, 2)} | {cfg.n_embd * itemsize, args.n_prompt * cfg.n_embd * itemsize})
+        rec["allreduce_latency_us"] = allreduce_latency(comm, sizes, model.dtype)
+    if rank == 0:
+        rows = [dict(model=name, params=cfg.n_params, dtype=rec["dtype"], ranks=size,
+                     threads=threads if threads is not None else "?", test=t["test"], mean=t["mean"], sd=t["sd"])
+                for t in rec["tests"]]
+        print(format_table(rows))
+        print()
+        print(format_report(rec))
+        if args.osu:
+            print()
+            print(format_osu(rec["allreduce_latency_us"], model.dtype))
+        if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(rec, f, indent=1)
+            print(f"\nJSON record: {args.json_out}")
+        sys.stdout.flush()
+    return 0
+
+
+def _peak_rss():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
