@@ -65,33 +65,28 @@ def random_model(config, comm, dtype, seed=0):
     d, dh = config.n_embd, config.d_head
     q, kv, f = shard.n_head_local * dh, shard.n_kv_head_local * dh, shard.n_ffn_local
 
-    def w(n_in, n_out):
-        # Same memory layout as a loaded checkpoint: GPT-2 Conv1D [in, out]; Llama Linear [out, in], viewed .T
-        if config.family == "gpt2":
-            return (rng.standard_normal((n_in, n_out), dtype=np.float32) * 0.02).astype(dtype)
-        return (rng.standard_normal((n_out, n_in), dtype=np.float32) * 0.02).astype(dtype).T
+    def w(n_in, n_out):  # the layout of a loaded checkpoint: C-contiguous [in, out]
+        return (rng.standard_normal((n_in, n_out), dtype=np.float32) * 0.02).astype(dtype)
 
     def vec(n, bias):
         return (np.zeros(n, dtype) if bias else np.ones(n, dtype))
 
     gpt2 = config.family == "gpt2"
-    blocks = []
-    for _ in range(config.n_layer):
-        blocks.append(BlockWeights(
-            norm_1_weight=vec(d, False), norm_1_bias=vec(d, True) if gpt2 else None,
-            W_Q=w(d, q), W_K=w(d, kv), W_V=w(d, kv),
-            b_Q=vec(q, True) if config.qkv_bias else None, b_K=vec(kv, True) if config.qkv_bias else None,
-            b_V=vec(kv, True) if config.qkv_bias else None,
-            W_B=w(q, d), b_B=vec(d, True) if config.out_bias else None,
-            norm_2_weight=vec(d, False), norm_2_bias=vec(d, True) if gpt2 else None,
-            W_C=w(d, f) if gpt2 else None, b_C=vec(f, True) if gpt2 else None,
-            W_gate=None if gpt2 else w(d, f), b_gate=None, W_up=None if gpt2 else w(d, f), b_up=None,
-            W_D=w(f, d), b_D=vec(d, True) if config.mlp_bias else None))
-    W_embed = (rng.standard_normal((config.n_vocab, d), dtype=np.float32) * 0.02).astype(dtype)
+    n_c = f if gpt2 else 2 * f  # Llama's W_C is [W_gate | W_up]
+    blocks = [BlockWeights(
+        norm_1_weight=vec(d, False), norm_1_bias=vec(d, True) if gpt2 else None,
+        W_QKV=w(d, q + 2 * kv), b_QKV=vec(q + 2 * kv, True) if config.qkv_bias else None,
+        W_B=w(q, d), b_B=vec(d, True) if config.out_bias else None,
+        norm_2_weight=vec(d, False), norm_2_bias=vec(d, True) if gpt2 else None,
+        W_C=w(d, n_c), b_C=vec(n_c, True) if config.mlp_bias else None,
+        W_D=w(f, d), b_D=vec(d, True) if config.mlp_bias else None,
+        q_width=q, kv_width=kv, gated=not gpt2) for _ in range(config.n_layer)]
+    W_vocab = (rng.standard_normal((d, config.n_vocab), dtype=np.float32) * 0.02).astype(dtype)
+    W_embed = W_vocab.T if config.tie_word_embeddings else (
+        rng.standard_normal((config.n_vocab, d), dtype=np.float32) * 0.02).astype(dtype)
     W_pos = (rng.standard_normal((config.n_ctx, d), dtype=np.float32) * 0.01).astype(dtype) if gpt2 else None
     glob = GlobalWeights(W_embed=W_embed, W_pos=W_pos, norm_f_weight=vec(d, False),
-                         norm_f_bias=vec(d, True) if gpt2 else None,
-                         W_vocab=W_embed.T if config.tie_word_embeddings else w(d, config.n_vocab))
+                         norm_f_bias=vec(d, True) if gpt2 else None, W_vocab=W_vocab)
     return Model(config, shard, blocks, glob, comm, dtype)
 
 
@@ -110,8 +105,8 @@ def ring_wire_bytes(payload, size):
 def decode_read_bytes(model, n_kv):
     """Bytes one rank must read from memory per decode token with ``n_kv`` cached positions: every weight
     it holds once (of the embedding only one row, unless it doubles as the LM head), plus its KV cache."""
-    arrays = [a for b in model.blocks for a in vars(b).values() if a is not None]
     g = model.globals
+    arrays = [a for b in model.blocks for a in b.arrays()]
     arrays += [a for a in (g.norm_f_weight, g.norm_f_bias, g.W_vocab) if a is not None]
     itemsize = np.dtype(model.dtype).itemsize
     weights = sum(a.nbytes for a in arrays)
@@ -173,7 +168,7 @@ def measure_read_bandwidth(comm, dtype, nbytes=256 << 20, repeats=5):
 def measure_gemm_rate(model, n_seq, repeats=5):
     """Flop/s one rank reaches on the matrix products of one block at ``n_seq`` tokens (all ranks at once)."""
     w = model.blocks[0]
-    mats = [m for m in (w.W_Q, w.W_K, w.W_V, w.W_B, w.W_C, w.W_gate, w.W_up, w.W_D) if m is not None]
+    mats = [w.W_QKV, w.W_B, w.W_C, w.W_D]
     inputs = [np.ones((n_seq, m.shape[0]), model.dtype) for m in mats]
 
     def run():

@@ -118,51 +118,74 @@ class SafetensorsFile:
                              "unaccounted for.")
         return metadata, entries
 
-    def read(self, name, dtype, index=()):
-        """Read ``tensor[index]`` as a new C-contiguous array of ``dtype``, reading only those bytes.
+    def block_shape(self, name, index=()):
+        """Shape of ``tensor[index]`` for a tuple of unit-step slices (at most one per axis)."""
+        return tuple(len(range(*s.indices(n))) for s, n in zip(self._full_index(name, index), self.entries[name][1]))
 
-        ``index`` is a tuple of unit-step slices, at most one per axis (missing axes are taken whole).
-        The bytes are read with positioned reads straight into the result (or through a bounded scratch
-        buffer when the dtype changes), so memory use is the slice itself: no file mapping stays resident.
+    def _full_index(self, name, index):
+        shape = self.entries[name][1]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if len(index) != len(shape) or any(not isinstance(s, slice) or s.step not in (None, 1) for s in index):
+            self._fail(name, f"cannot read the block {index} of a tensor of shape {list(shape)}.")
+        if len(shape) > 2 and any(s != slice(None) for s in index):
+            self._fail(name, "only 1-D and 2-D tensors can be read in slices.")
+        return index
+
+    def read(self, name, dtype, index=()):
+        """Read ``tensor[index]`` as a new C-contiguous array of ``dtype``, reading only those bytes."""
+        out = np.empty(self.block_shape(name, index), dtype=dtype)
+        self.read_into(name, out, index)
+        return out
+
+    def read_into(self, name, out, index=(), transpose=False):
+        """Read ``tensor[index]`` (of a 1-D or 2-D tensor), transposed if asked, into the array ``out``.
+
+        Only the block's own bytes are read, with positioned reads: straight into ``out`` when its layout
+        and dtype allow, otherwise through a scratch buffer of at most ~16 MiB. So memory use is ``out``
+        itself, never the whole tensor, and no file mapping stays resident.
         """
         code, shape, begin, _ = self.entries[name]
         if code not in _FLOAT_VIEW:
             self._fail(name, f"dtype {code} is not a floating-point weight dtype; supported: {', '.join(_FLOAT_VIEW)}.")
         raw_dtype = _FLOAT_VIEW[code]
-        if len(shape) > 2 and any(s != slice(None) for s in index):
-            self._fail(name, "only 1-D and 2-D tensors can be read in slices.")
-        # View the tensor as 2-D [n_rows, n_cols] and the request as a block of it.
-        n_cols = shape[-1] if shape else 1
-        n_rows = (int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1)
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        rows = index[0].indices(n_rows) if len(shape) == 2 else (0, n_rows, 1)
-        cols = index[-1].indices(n_cols) if shape else (0, 1, 1)
-        if rows[2] != 1 or cols[2] != 1:
-            self._fail(name, "slices with a step are not supported.")
-        (r0, r1), (c0, c1) = (rows[0], max(rows[0], rows[1])), (cols[0], max(cols[0], cols[1]))
-        out_shape = tuple(stop - start for (start, stop) in ((r0, r1), (c0, c1)))
-        out = np.empty(out_shape, dtype=dtype)
+        index = self._full_index(name, index)
+        block = self.block_shape(name, index)
+        if tuple(out.shape) != (block[::-1] if transpose else block):
+            raise ValueError(f"{name}: destination shape {out.shape} does not match the block {block}")
+        # Work on a 2-D view [n_rows, n_cols] of the tensor and a [rows, cols] block of it.
+        if len(shape) <= 1 or len(shape) > 2:
+            n_rows, n_cols = 1, int(np.prod(shape, dtype=np.int64))
+            (r0, r1), (c0, c1) = (0, 1), ((index[0].indices(shape[0])[:2]) if len(shape) == 1 else (0, n_cols))
+            out2 = out.reshape(1, -1) if out.flags.c_contiguous else out[None, :]
+        else:
+            n_rows, n_cols = shape
+            (r0, r1), (c0, c1) = index[0].indices(n_rows)[:2], index[1].indices(n_cols)[:2]
+            out2 = out
+        n_r, n_c = max(0, r1 - r0), max(0, c1 - c0)
         item = raw_dtype.itemsize
-        direct = np.dtype(dtype) == raw_dtype.newbyteorder("=") and raw_dtype.isnative
-        chunk_rows = max(1, (16 << 20) // max(1, (c1 - c0) * item))  # scratch buffer of at most ~16 MiB
+        direct = (not transpose and out2.dtype == raw_dtype.newbyteorder("=") and raw_dtype.isnative
+                  and out2.flags.c_contiguous)
+        chunk = max(1, (16 << 20) // max(1, n_c * item))  # rows per scratch buffer
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for r in range(r0, r1, chunk_rows):
-                r_end = min(r1, r + chunk_rows)
-                dest = out[r - r0:r_end - r0] if direct else np.empty((r_end - r, c1 - c0), raw_dtype)
+            for r in range(0, n_r, chunk):
+                r_end = min(n_r, r + chunk)
+                dest = out2[r:r_end] if direct else np.empty((r_end - r, n_c), raw_dtype)
                 if c0 == 0 and c1 == n_cols:  # whole rows: one contiguous range
-                    self._pread(fd, dest, self.data_offset + begin + r * n_cols * item, name)
+                    self._pread(fd, dest, self.data_offset + begin + (r0 + r) * n_cols * item, name)
                 else:
                     for k in range(r_end - r):
-                        offset = self.data_offset + begin + ((r + k) * n_cols + c0) * item
+                        offset = self.data_offset + begin + ((r0 + r + k) * n_cols + c0) * item
                         self._pread(fd, dest[k], offset, name)
-                if not direct:
-                    out[r - r0:r_end - r0] = _bf16_to_f32(dest) if code == "BF16" else dest
+                if direct:
+                    continue
+                values = _bf16_to_f32(dest) if code == "BF16" else dest
+                if transpose:
+                    out2[:, r:r_end] = values.T
+                else:
+                    out2[r:r_end] = values
         finally:
             os.close(fd)
-        if len(shape) == 2:
-            return out
-        return out.reshape(shape if len(shape) > 2 else (c1 - c0,) if shape else ())
 
     def _pread(self, fd, dest, offset, name):
         view = memoryview(dest).cast("B")
@@ -252,3 +275,7 @@ class Checkpoint:
     def read(self, name, dtype, index=()):
         """Read ``tensor[index]`` (only those bytes) as a new C-contiguous array of ``dtype``."""
         return self._where[name].read(name, dtype, index)
+
+    def read_into(self, name, out, index=(), transpose=False):
+        """Read ``tensor[index]``, transposed if asked, into ``out`` (see ``SafetensorsFile.read_into``)."""
+        self._where[name].read_into(name, out, index, transpose)

@@ -69,12 +69,8 @@ class Model:
     @property
     def weight_bytes(self):
         """Bytes of weights this rank holds (a tied LM head counted once)."""
-        arrays = [a for b in self.blocks for a in vars(b).values() if a is not None]
-        g = self.globals
-        arrays += [a for a in (g.W_embed, g.W_pos, g.norm_f_weight, g.norm_f_bias) if a is not None]
-        if not self.config.tie_word_embeddings:
-            arrays.append(g.W_vocab)
-        return sum(a.nbytes for a in arrays)
+        arrays = [a for b in self.blocks for a in b.arrays()]
+        return sum(a.nbytes for a in arrays + self.globals.arrays(self.config.tie_word_embeddings))
 
     def new_cache(self, capacity):
         """A KV cache for one sequence of up to ``capacity`` positions (at most the model's context)."""
@@ -136,10 +132,12 @@ class Model:
             # Attention. A = norm_1(x), replicated.
             A = self._norm(x, w.norm_1_weight, w.norm_1_bias)
             mark("other")
-            # Q, K, V of this rank's heads (column-parallel: no communication).
-            Q = self._linear(A, w.W_Q, w.b_Q).reshape(n_seq, shard.n_head_local, cfg.d_head)
-            K = self._linear(A, w.W_K, w.b_K).reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
-            V = self._linear(A, w.W_V, w.b_V).reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
+            # Q, K, V of this rank's heads (column-parallel: no communication), as one product with
+            # W_QKV = [W_Q | W_K | W_V]; Q, K and V are views of its columns.
+            QKV = self._linear(A, w.W_QKV, w.b_QKV)
+            Q = QKV[:, :w.q_width].reshape(n_seq, shard.n_head_local, cfg.d_head)
+            K = QKV[:, w.q_width:w.q_width + w.kv_width].reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
+            V = QKV[:, w.q_width + w.kv_width:].reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
             mark("matmul")
             if rope is not None:
                 Q, K = apply_rope(Q, *rope), apply_rope(K, *rope)
@@ -158,14 +156,12 @@ class Model:
             # MLP. C = norm_2(x), replicated.
             C = self._norm(x, w.norm_2_weight, w.norm_2_bias)
             mark("other")
-            if w.W_C is not None:  # GPT-2: D = gelu(C W_C + b_C)
-                H = self._linear(C, w.W_C, w.b_C)
-                mark("matmul")
+            H = self._linear(C, w.W_C, w.b_C)
+            mark("matmul")
+            if w.gated:  # Llama: D = silu(C W_gate) * (C W_up), with W_C = [W_gate | W_up]
+                D = silu(H[:, :shard.n_ffn_local]) * H[:, shard.n_ffn_local:]
+            else:  # GPT-2: D = gelu(C W_C + b_C)
                 D = gelu_tanh(H)
-            else:  # Llama: D = silu(C W_gate) * (C W_up)
-                G, U = self._linear(C, w.W_gate, w.b_gate), self._linear(C, w.W_up, w.b_up)
-                mark("matmul")
-                D = silu(G) * U
             mark("other")
             # Row-parallel W_D, Allreduce #2, bias once. E is the block's output, the new residual stream.
             np.matmul(D, w.W_D, out=buf)

@@ -10,7 +10,7 @@ this one place. GPT-2 fuses Q, K and V in one ``c_attn`` weight ``[n_embd, 3 * n
 its three parts *before* a rank's head columns are taken (a plain P-way split of the fused matrix is wrong).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,39 +91,64 @@ _NAMES = {"gpt2": (_GPT2_LAYER, _GPT2_GLOBAL), "llama": (_LLAMA_LAYER, _LLAMA_GL
 
 @dataclass
 class BlockWeights:
-    """One transformer block's weights on one rank (None where the architecture has no such weight)."""
+    """One transformer block's weights on one rank (None where the architecture has no such weight).
+
+    Weights that multiply the same activation are stored side by side in one matrix, so a layer is one
+    matrix product (and one pass over memory): W_QKV = [W_Q | W_K | W_V]; for Llama W_C = [W_gate | W_up].
+    W_Q, W_K, W_V, W_gate, W_up (and their biases) are views into them.
+    """
 
     norm_1_weight: np.ndarray  # [n_embd]
     norm_1_bias: np.ndarray | None  # [n_embd] (LayerNorm only)
-    W_Q: np.ndarray  # [n_embd, n_head_local * d_head]   column-parallel
-    W_K: np.ndarray  # [n_embd, n_kv_head_local * d_head]  column-parallel
-    W_V: np.ndarray  # [n_embd, n_kv_head_local * d_head]  column-parallel
-    b_Q: np.ndarray | None  # [n_head_local * d_head]
-    b_K: np.ndarray | None  # [n_kv_head_local * d_head]
-    b_V: np.ndarray | None  # [n_kv_head_local * d_head]
+    W_QKV: np.ndarray  # [n_embd, (n_head_local + 2 * n_kv_head_local) * d_head]  column-parallel
+    b_QKV: np.ndarray | None  # [(n_head_local + 2 * n_kv_head_local) * d_head]
     W_B: np.ndarray  # [n_head_local * d_head, n_embd]  row-parallel
     b_B: np.ndarray | None  # [n_embd] replicated, added once after Allreduce #1
     norm_2_weight: np.ndarray  # [n_embd]
     norm_2_bias: np.ndarray | None  # [n_embd]
-    W_C: np.ndarray | None  # [n_embd, n_ffn_local]  column-parallel (GPT-2)
-    b_C: np.ndarray | None  # [n_ffn_local]
-    W_gate: np.ndarray | None  # [n_embd, n_ffn_local]  column-parallel (Llama)
-    b_gate: np.ndarray | None  # [n_ffn_local]
-    W_up: np.ndarray | None  # [n_embd, n_ffn_local]  column-parallel (Llama)
-    b_up: np.ndarray | None  # [n_ffn_local]
+    W_C: np.ndarray  # [n_embd, n_ffn_local] (GPT-2) or [n_embd, 2 * n_ffn_local] = [W_gate | W_up]  column-parallel
+    b_C: np.ndarray | None  # [n_ffn_local] or [2 * n_ffn_local]
     W_D: np.ndarray  # [n_ffn_local, n_embd]  row-parallel
     b_D: np.ndarray | None  # [n_embd] replicated, added once after Allreduce #2
+    q_width: int  # n_head_local * d_head: where W_K starts in W_QKV
+    kv_width: int  # n_kv_head_local * d_head
+    gated: bool  # W_C holds [W_gate | W_up] (Llama)
+
+    def _qkv(self, a, part):
+        if a is None:
+            return None
+        q, kv = self.q_width, self.kv_width
+        return a[..., (0, q, q + kv)[part]:(q, q + kv, q + 2 * kv)[part]]
+
+    W_Q = property(lambda self: self._qkv(self.W_QKV, 0))  # [n_embd, n_head_local * d_head]
+    W_K = property(lambda self: self._qkv(self.W_QKV, 1))  # [n_embd, n_kv_head_local * d_head]
+    W_V = property(lambda self: self._qkv(self.W_QKV, 2))
+    b_Q = property(lambda self: self._qkv(self.b_QKV, 0))
+    b_K = property(lambda self: self._qkv(self.b_QKV, 1))
+    b_V = property(lambda self: self._qkv(self.b_QKV, 2))
+    W_gate = property(lambda self: self.W_C[:, :self.W_C.shape[1] // 2] if self.gated else None)
+    W_up = property(lambda self: self.W_C[:, self.W_C.shape[1] // 2:] if self.gated else None)
+
+    def arrays(self):
+        """The arrays that hold this block's memory (no views)."""
+        return [a for a in (self.norm_1_weight, self.norm_1_bias, self.W_QKV, self.b_QKV, self.W_B, self.b_B,
+                            self.norm_2_weight, self.norm_2_bias, self.W_C, self.b_C, self.W_D, self.b_D)
+                if a is not None]
 
 
 @dataclass
 class GlobalWeights:
     """The replicated weights outside the blocks."""
 
-    W_embed: np.ndarray  # [n_vocab, n_embd]
+    W_embed: np.ndarray  # [n_vocab, n_embd]; a transposed view of W_vocab when tied
     W_pos: np.ndarray | None  # [n_ctx, n_embd] (GPT-2 learned positions)
     norm_f_weight: np.ndarray  # [n_embd]
     norm_f_bias: np.ndarray | None  # [n_embd]
-    W_vocab: np.ndarray  # [n_embd, n_vocab]; a transposed view of W_embed when tied
+    W_vocab: np.ndarray  # [n_embd, n_vocab], C-contiguous: the LM head streams long rows
+
+    def arrays(self, tied):
+        return [a for a in (None if tied else self.W_embed, self.W_pos, self.norm_f_weight, self.norm_f_bias,
+                            self.W_vocab) if a is not None]
 
 
 def _full_shape(config, name):
@@ -139,8 +164,18 @@ def _full_shape(config, name):
     }[name]
 
 
-def _read(ckpt, ckpt_name, src, name, config, shard, dtype):
-    """Read this rank's slice of one mpitp weight from the checkpoint."""
+def _local_shape(config, shard, name):
+    """The shape of this rank's part of an mpitp weight."""
+    full = list(_full_shape(config, name))
+    kind, attr = SPLIT[name]
+    if kind != "replicate":
+        s = getattr(shard, attr)
+        full[-1 if kind == "column" else 0] = s.stop - s.start
+    return tuple(full)
+
+
+def _read_into(ckpt, ckpt_name, src, name, config, shard, out):
+    """Read this rank's slice of one mpitp weight from the checkpoint into ``out``."""
     full = _full_shape(config, name)
     # The stored shape: fused parts widen the output axis; Linear storage swaps the two axes.
     stored = full[:-1] + (full[-1] * src.n_parts,)
@@ -154,25 +189,14 @@ def _read(ckpt, ckpt_name, src, name, config, shard, dtype):
                               f"implies {list(stored)}.")
     kind, attr = SPLIT[name]
     out_axis = len(full) - 1
-    if kind == "replicate":
-        sl = slice(0, full[-1]) if src.n_parts > 1 else slice(None)
-        index = [slice(None)] * len(full)
-        index[out_axis] = sl
-    else:
-        local = getattr(shard, attr)
-        axis = out_axis if kind == "column" else 0
-        index = [slice(None)] * len(full)
-        index[axis] = local
+    index = [slice(0, n) for n in full]
+    if kind != "replicate":
+        index[out_axis if kind == "column" else 0] = getattr(shard, attr)
     if src.n_parts > 1:  # shift the output-axis range into this part of the fused tensor
-        s = index[out_axis]
-        start, stop = (s.start or 0), (s.stop if s.stop is not None else full[-1])
-        offset = src.part * full[-1]
-        index[out_axis] = slice(start + offset, stop + offset)
-    if src.linear:
-        index = index[::-1]
-    part = ckpt.read(ckpt_name, dtype, tuple(index))
-    # A transposed view: numpy hands it to BLAS as a transposed operand, with no copy at load or at run time.
-    return part.T if src.linear else part
+        s, offset = index[out_axis], src.part * full[-1]
+        index[out_axis] = slice(s.start + offset, s.stop + offset)
+    # Linear storage is [out, in]: read the transposed block and transpose it into out.
+    ckpt.read_into(ckpt_name, out, tuple(index[::-1] if src.linear else index), transpose=src.linear)
 
 
 def _gpt2_prefix(ckpt):
@@ -193,29 +217,47 @@ def load_weights(ckpt, config, shard, dtype):
     """
     layer_names, global_names = _NAMES[config.family]
     prefix = _gpt2_prefix(ckpt) if config.family == "gpt2" else ""
-    optional = set() if config.qkv_bias else {"b_Q", "b_K", "b_V"}
+    absent = set() if config.qkv_bias else {"b_Q", "b_K", "b_V"}
     if not config.out_bias:
-        optional.add("b_B")
+        absent.add("b_B")
     if not config.mlp_bias:
-        optional |= {"b_C", "b_gate", "b_up", "b_D"}
+        absent |= {"b_C", "b_gate", "b_up", "b_D"}
+    gated = config.family == "llama"
 
-    def get(name, src, layer=None):
-        if name in optional:
+    def get(names, table, layer=None):
+        """The named weights side by side in one new array (None if the model has none of them)."""
+        names = [n for n in names if n in table and n not in absent]
+        if not names:
             return None
-        ckpt_name = prefix + src.name.format(l=layer)
-        return _read(ckpt, ckpt_name, src, name, config, shard, dtype)
+        shapes = [_local_shape(config, shard, n) for n in names]
+        out = np.empty(shapes[0][:-1] + (sum(sh[-1] for sh in shapes),), dtype=dtype)
+        col = 0
+        for name, sh in zip(names, shapes):
+            src = table[name]
+            _read_into(ckpt, prefix + src.name.format(l=layer), src, name, config, shard,
+                       out[..., col:col + sh[-1]])
+            col += sh[-1]
+        return out
 
     blocks = []
-    block_fields = [f.name for f in fields(BlockWeights)]
     for layer in range(config.n_layer):
-        values = {name: get(name, layer_names[name], layer) if name in layer_names else None
-                  for name in block_fields}
-        blocks.append(BlockWeights(**values))
-    g = {name: get(name, src) for name, src in global_names.items()
-         if not (name == "W_vocab" and config.tie_word_embeddings)}
-    W_embed = g["W_embed"]
+        def block(*names, table=layer_names, layer=layer):
+            return get(names, table, layer)
+
+        blocks.append(BlockWeights(
+            norm_1_weight=block("norm_1_weight"), norm_1_bias=block("norm_1_bias"),
+            W_QKV=block("W_Q", "W_K", "W_V"), b_QKV=block("b_Q", "b_K", "b_V"),
+            W_B=block("W_B"), b_B=block("b_B"),
+            norm_2_weight=block("norm_2_weight"), norm_2_bias=block("norm_2_bias"),
+            W_C=block("W_gate", "W_up") if gated else block("W_C"),
+            b_C=block("b_gate", "b_up") if gated else block("b_C"),
+            W_D=block("W_D"), b_D=block("b_D"),
+            q_width=shard.n_head_local * config.d_head, kv_width=shard.n_kv_head_local * config.d_head,
+            gated=gated))
+    tied = config.tie_word_embeddings
+    head = {"W_vocab": Source(global_names["W_embed"].name, linear=True)} if tied else global_names
+    W_vocab = get(["W_vocab"], head)  # [n_embd, n_vocab], read transposed from the stored [n_vocab, n_embd]
     return blocks, GlobalWeights(
-        W_embed=W_embed, W_pos=g.get("W_pos"), norm_f_weight=g["norm_f_weight"],
-        norm_f_bias=g.get("norm_f_bias"),
-        W_vocab=W_embed.T if config.tie_word_embeddings else g["W_vocab"],
-    )
+        W_embed=W_vocab.T if tied else get(["W_embed"], global_names),
+        W_pos=get(["W_pos"], global_names), norm_f_weight=get(["norm_f_weight"], global_names),
+        norm_f_bias=get(["norm_f_bias"], global_names), W_vocab=W_vocab)

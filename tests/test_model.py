@@ -130,8 +130,10 @@ def test_shard_shapes_are_one_over_p(name):
             assert w.W_B.shape == (q // size, cfg.n_embd)
             # key/value heads are split while there are enough of them, then replicated (one per rank)
             assert w.W_K.shape == w.W_V.shape == (cfg.n_embd, max(kv_width // size, cfg.d_head))
-            mlp_in = w.W_C if w.W_C is not None else w.W_up
+            mlp_in = w.W_up if cfg.family == "llama" else w.W_C
             assert abs(mlp_in.shape[1] - cfg.n_ffn / size) < 1 and w.W_D.shape[0] == mlp_in.shape[1]
+            if cfg.family == "llama":
+                assert w.W_gate.shape == w.W_up.shape and w.W_C.shape[1] == 2 * w.W_up.shape[1]
         # The column ranges of the ranks tile the full matrix exactly once.
         assert sum(m.blocks[0].W_Q.shape[1] for m in models) == q
         assert sum(m.blocks[0].W_D.shape[0] for m in models) == cfg.n_ffn
