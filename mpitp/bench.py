@@ -23,9 +23,12 @@ import numpy as np
 from . import __version__
 from . import comm as mpi
 from .config import config_from_dict
+from .entry import RankParser, failed_vote, run_guarded
 from .errors import MpitpError
+from .generation import next_token
 from .model import DTYPES, Model
 from .profile import CATEGORIES, Profile
+from .sampling import Sampler
 from .sharding import shard_for
 from .threads import apply_blas_threads, blas_description, choose_threads
 from .weights import BlockWeights, GlobalWeights
@@ -81,9 +84,10 @@ def random_model(config, comm, dtype, seed=0):
         W_C=w(d, n_c), b_C=vec(n_c, True) if config.mlp_bias else None,
         W_D=w(f, d), b_D=vec(d, True) if config.mlp_bias else None,
         q_width=q, kv_width=kv, gated=not gpt2) for _ in range(config.n_layer)]
-    W_vocab = (rng.standard_normal((d, config.n_vocab), dtype=np.float32) * 0.02).astype(dtype)
+    v = shard.n_vocab_local
+    W_vocab = (rng.standard_normal((d, v), dtype=np.float32) * 0.02).astype(dtype)
     W_embed = W_vocab.T if config.tie_word_embeddings else (
-        rng.standard_normal((config.n_vocab, d), dtype=np.float32) * 0.02).astype(dtype)
+        rng.standard_normal((v, d), dtype=np.float32) * 0.02).astype(dtype)
     W_pos = (rng.standard_normal((config.n_ctx, d), dtype=np.float32) * 0.01).astype(dtype) if gpt2 else None
     glob = GlobalWeights(W_embed=W_embed, W_pos=W_pos, norm_f_weight=vec(d, False),
                          norm_f_bias=vec(d, True) if gpt2 else None, W_vocab=W_vocab)
@@ -189,15 +193,14 @@ def run_prefill(model, n_prompt, repeats, rng):
 def decode_run(model, n_gen, profile=None):
     """Generate ``n_gen`` tokens greedily after one token (rank 0 decides and broadcasts, as in generate);
     returns the slowest rank's seconds for the ``n_gen`` decode forwards."""
-    comm = model.comm
+    comm, sampler = model.comm, Sampler()
     cache = model.new_cache(n_gen + 1)
-    logits = model.forward([0], cache)
+    logits = model.forward([0], cache, gather=False)
     comm.Barrier()
     t = time.perf_counter()
-    for _ in range(n_gen):
-        token = int(np.argmax(logits[-1])) if comm.Get_rank() == 0 else 0
-        token = mpi.bcast_ints(comm, [token])[0]
-        logits = model.forward([token], cache, profile=profile)
+    for step in range(n_gen):
+        token, _ = next_token(model, sampler, logits[-1], step, (), n_gen + 1)
+        logits = model.forward([token], cache, profile=profile, gather=False)
     return mpi.max_over_ranks(comm, time.perf_counter() - t)
 
 
@@ -297,7 +300,7 @@ def format_osu(rows, dtype):
 # --- main ---------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m mpitp.bench", description=__doc__.split("\n\n")[0],
+    p = RankParser(prog="python -m mpitp.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-124m",
                    help="random-weight model with these real shapes (ignored with --model)")
@@ -310,13 +313,21 @@ def build_parser():
                    help="BLAS threads per rank (default: cores on the node / ranks on the node)")
     p.add_argument("--osu", action="store_true", help="also print an OSU-style Allreduce latency table")
     p.add_argument("--json-out", metavar="PATH", help="write the full JSON record (results and environment) here")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
 
 
 def main(argv=None):
+    """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
     comm = mpi.world()
+    parser = build_parser()
+    parser.rank = comm.Get_rank()
+    args = parser.parse_args(argv)
+    return run_guarded(comm, lambda: _run(args, comm), args.verbose, "mpitp.bench")
+
+
+def _run(args, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
-    args = build_parser().parse_args(argv)
     error = None
     try:
         if args.threads is not None and args.threads < 1:
@@ -335,10 +346,7 @@ def main(argv=None):
             raise MpitpError(f"--n-prompt/--n-gen must fit the model's context of {cfg_ctx} positions.")
     except MpitpError as e:
         error = e
-    failed = mpi.allgather(comm, error is not None)
-    if any(failed):
-        if error is not None and (rank == 0 or not failed[0]):
-            print(f"{'' if rank == 0 else f'[rank {rank}] '}mpitp.bench: error: {error}", file=sys.stderr, flush=True)
+    if failed_vote(comm, error, "mpitp.bench"):  # the first collective
         return 2
     threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
     if not args.model:

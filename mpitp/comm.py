@@ -35,6 +35,38 @@ def allreduce_sum(comm, buf):
     allreduce_bytes += buf.nbytes
 
 
+def allreduce_scalar(comm, value, op, dtype):
+    """``value`` reduced over all ranks with ``op`` ("max" or "sum"), exactly, on every rank."""
+    buf = np.array([value], dtype=dtype)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX if op == "max" else MPI.SUM)
+    return buf[0]
+
+
+def gather_to_root(comm, array, root=0):
+    """Stack every rank's equally shaped ``array`` on ``root`` as ``[size, *shape]`` (None elsewhere)."""
+    array = np.ascontiguousarray(array)
+    out = np.empty((comm.Get_size(),) + array.shape, array.dtype) if comm.Get_rank() == root else None
+    comm.Gather(array, out, root=root)
+    return out
+
+
+def allgather_columns(comm, local, counts):
+    """Concatenate every rank's ``[rows, counts[r]]`` block along the columns, on every rank."""
+    local = np.ascontiguousarray(local)
+    rows = local.shape[0]
+    sizes = [rows * c for c in counts]
+    flat = np.empty(sum(sizes), local.dtype)
+    comm.Allgatherv(local, [flat, sizes, np.cumsum([0] + sizes[:-1]).tolist(), _MPI_TYPES[local.dtype.char]])
+    blocks, start = [], 0
+    for size, c in zip(sizes, counts):
+        blocks.append(flat[start:start + size].reshape(rows, c))
+        start += size
+    return np.concatenate(blocks, axis=1)
+
+
+_MPI_TYPES = {"f": MPI.FLOAT, "d": MPI.DOUBLE, "q": MPI.INT64_T, "l": MPI.INT64_T}
+
+
 def bcast_ints(comm, values, root=0):
     """Broadcast a short list of ints from ``root``; every rank returns the root's values."""
     buf = np.asarray(values, dtype=np.int64).copy()

@@ -11,9 +11,9 @@ import json
 import os
 import sys
 import time
-import traceback
 
 from . import comm as mpi
+from .entry import RankParser, failed_vote, run_guarded
 from .errors import MpitpError, RequestError
 from .generation import check_request, generate
 from .model import DTYPES, Model
@@ -35,18 +35,8 @@ def _ids(text):
     return ids
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that prints help and usage errors on rank 0 only (every rank still exits)."""
-
-    rank = 0
-
-    def _print_message(self, message, file=None):
-        if self.rank == 0:
-            super()._print_message(message, file)
-
-
 def build_parser():
-    p = _Parser(prog="python -m mpitp.generate",
+    p = RankParser(prog="python -m mpitp.generate",
                 description="Generate tokens with a tensor-parallel transformer split over the MPI ranks "
                             "(run under mpirun -n P; without mpirun it runs on one rank).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -132,13 +122,7 @@ def _run(args, comm):
         model, prompt, sampler = _prepare(args, comm)
     except MpitpError as e:
         error = e
-    # The first collective: did every rank get this far? Each failing rank's message is printed once
-    # (rank 0 speaks for all when it failed too, as deterministic checks fail alike everywhere).
-    failed = mpi.allgather(comm, error is not None)
-    if any(failed):
-        if error is not None and (rank == 0 or not failed[0]):
-            prefix = "" if rank == 0 else f"[rank {rank}] "
-            print(f"{prefix}mpitp: error: {error}", file=sys.stderr, flush=True)
+    if failed_vote(comm, error, "mpitp"):  # the first collective
         return 2
     load_seconds = time.perf_counter() - t_load
     cfg = model.config
@@ -183,25 +167,10 @@ def _run(args, comm):
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
     comm = mpi.world()
-    rank, size = comm.Get_rank(), comm.Get_size()
     parser = build_parser()
-    parser.rank = rank
+    parser.rank = comm.Get_rank()
     args = parser.parse_args(argv)
-    try:
-        return _run(args, comm)
-    except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"unexpected error: {type(e).__name__}: {e}"
-        print(f"[rank {rank}] mpitp: {what}", file=sys.stderr, flush=True)
-        if args.verbose:
-            traceback.print_exc()
-        elif not isinstance(e, KeyboardInterrupt):
-            print(f"[rank {rank}] mpitp: run with --verbose for the traceback.", file=sys.stderr, flush=True)
-        code = 130 if isinstance(e, KeyboardInterrupt) else 1
-        if size > 1:
-            mpi.abort(comm, code)
-        return code
+    return run_guarded(comm, lambda: _run(args, comm), args.verbose, "mpitp")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Generation: prefill the prompt, then decode one token at a time against the KV cache.
 
 Rank 0 chooses each token and broadcasts it with a stop flag, so every rank runs the same number of
-forwards and leaves the loop together.
+forwards and leaves the loop together. With a vocab-parallel head the choice is made from every rank's
+slice of the logits without gathering them (see ``mpitp.sampling``).
 """
 
 import time
@@ -44,6 +45,22 @@ def check_request(model, prompt_ids, max_new_tokens):
     return prompt
 
 
+def next_token(model, sampler, logits, step, stop_ids, max_new_tokens, root=0):
+    """Choose token ``step`` from the last position's logits (this rank's slice of them) and tell every rank.
+
+    Returns ``(token, done)`` on every rank; ``done`` when the token stops generation or is the last one.
+    """
+    is_root = model.comm.Get_rank() == root
+    token = None
+    if model.vocab_parallel:  # every rank takes part; the root learns the token
+        token = sampler.choose(model.comm, logits, model.shard.vocab_start, step, root)
+    elif is_root:  # whole logits on every rank: the root decides alone
+        token = sampler.choose(mpi.serial(), logits, 0, step)
+    done = is_root and (token in stop_ids or step + 1 >= max_new_tokens)
+    token, done = mpi.bcast_ints(model.comm, [token if is_root else 0, done], root=root)
+    return token, bool(done)
+
+
 def generate(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0):
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` on every rank of ``model.comm``.
 
@@ -68,7 +85,6 @@ def generate(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace
     prompt = check_request(model, prompt_ids, max_new_tokens)
     sampler = sampler or Sampler()
     stop_ids = set(stop_ids)
-    is_root = model.comm.Get_rank() == root
     result = Generation(prompt_ids=[int(t) for t in prompt])
     if trace is not None:
         trace.record_shard(model.shard)
@@ -78,13 +94,11 @@ def generate(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace
         return result
     cache = model.new_cache(len(prompt) + max_new_tokens - 1)
     t0 = time.perf_counter()
-    logits = model.forward(prompt, cache, trace=trace, all_logits=trace is not None)
+    # gather=False: a vocab-parallel model keeps each rank's logits to its own vocabulary range.
+    logits = model.forward(prompt, cache, trace=trace, all_logits=trace is not None, gather=False)
     while True:
-        token = done = 0
-        if is_root:
-            token = sampler(logits[-1])
-            done = token in stop_ids or len(result.token_ids) + 1 >= max_new_tokens
-        token, done = mpi.bcast_ints(model.comm, [token, done], root=root)
+        token, done = next_token(model, sampler, logits[-1], len(result.token_ids), stop_ids, max_new_tokens,
+                                 root)
         result.token_ids.append(token)
         if len(result.token_ids) == 1:
             t1 = time.perf_counter()
@@ -94,6 +108,6 @@ def generate(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace
             break
         if trace is not None:
             trace.next_step()
-        logits = model.forward([token], cache, trace=trace, all_logits=trace is not None)
+        logits = model.forward([token], cache, trace=trace, all_logits=trace is not None, gather=False)
     result.decode_seconds = time.perf_counter() - t1
     return result

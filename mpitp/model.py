@@ -15,7 +15,7 @@ from .errors import MpitpError, RequestError
 from .kvcache import KVCache
 from .profile import NO_PROFILE
 from .layers import apply_rope, attention, gelu_tanh, layer_norm, rms_norm, rope_inv_freq, rope_tables, silu
-from .sharding import shard_for
+from .sharding import block_range, shard_for
 from .weights import load_weights
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -39,11 +39,15 @@ class Model:
     def __init__(self, config, shard, blocks, global_weights, comm, dtype):
         self.config, self.shard, self.comm, self.dtype = config, shard, comm, dtype
         self.blocks, self.globals = blocks, global_weights
+        # Embedding and LM head split by vocabulary (the default), or replicated on every rank.
+        self.vocab_parallel = shard.n_vocab_local < config.n_vocab
+        self._vocab_counts = [block_range(config.n_vocab, shard.size, r)[1] if self.vocab_parallel
+                              else config.n_vocab for r in range(shard.size)]
         self._inv_freq = rope_inv_freq(config.rope, config.d_head) if config.family == "llama" else None
         self._reduce_buf = np.empty((0, config.n_embd), dtype=dtype)
 
     @classmethod
-    def load(cls, model_dir, comm, dtype="float32"):
+    def load(cls, model_dir, comm, dtype="float32", vocab_parallel=True):
         """Read config.json and this rank's shard of the weights of a Hugging Face model folder.
 
         Every check that bad input can fail runs here, on every rank, before any communication: the config,
@@ -58,10 +62,12 @@ class Model:
             The ranks that share the model. ``mpitp.comm.serial()`` runs it on this process alone.
         dtype : {"float32", "float64"}
             Weights are cast to it at load and every computation runs in it.
+        vocab_parallel : bool
+            Split the embedding and LM head by vocabulary over the ranks (default), or replicate them.
         """
         dtype = resolve_dtype(dtype)
         config = load_config(model_dir)
-        shard = shard_for(config, comm.Get_rank(), comm.Get_size())
+        shard = shard_for(config, comm.Get_rank(), comm.Get_size(), vocab_parallel)
         ckpt = Checkpoint(model_dir)
         blocks, global_weights = load_weights(ckpt, config, shard, dtype)
         return cls(config, shard, blocks, global_weights, comm, dtype)
@@ -89,7 +95,7 @@ class Model:
             raise RequestError(f"token id {int(bad[0])} is outside the vocabulary 0..{self.config.n_vocab - 1}.")
         return ids.astype(np.int64)
 
-    def forward(self, token_ids, cache, trace=None, all_logits=False, profile=None):
+    def forward(self, token_ids, cache, trace=None, all_logits=False, profile=None, gather=True):
         """Run new tokens through the model, appending their keys and values to ``cache``.
 
         Parameters
@@ -104,11 +110,15 @@ class Model:
             Return logits for every new position instead of only the last one.
         profile : Profile, optional
             Accumulates this forward's wall time per category (matmul, attention, allreduce, other).
+        gather : bool
+            Return the logits of the whole vocabulary on every rank. With ``False`` a vocab-parallel model
+            returns only this rank's columns, ``shard.vocab_cols`` (what generation uses: it decides the
+            next token without gathering the logits).
 
         Returns
         -------
-        ndarray, [n_seq or 1, n_vocab]
-            Logits, replicated on every rank.
+        ndarray, [n_seq or 1, n_vocab] (or [n_seq or 1, n_vocab_local])
+            Logits.
         """
         cfg, shard = self.config, self.shard
         ids = self.check_tokens(token_ids)
@@ -120,7 +130,16 @@ class Model:
         (profile or NO_PROFILE).start()
         positions = np.arange(start, start + n_seq)
         g = self.globals
-        x = g.W_embed[ids]  # [n_seq, n_embd], a copy: the residual stream, replicated on every rank
+        if self.vocab_parallel:
+            # Vocab-parallel embedding: each rank fills the rows of the ids in its range; an Allreduce
+            # combines them into x, the residual stream, [n_seq, n_embd], replicated from here on.
+            local = ids - shard.vocab_start
+            mine = (local >= 0) & (local < shard.n_vocab_local)
+            x = np.zeros((n_seq, cfg.n_embd), dtype=self.dtype)
+            x[mine] = g.W_embed[local[mine]]
+            mpi.allreduce_sum(self.comm, x)
+        else:
+            x = g.W_embed[ids]  # [n_seq, n_embd], a copy: the residual stream, replicated on every rank
         if g.W_pos is not None:
             x += g.W_pos[positions]
         rope = rope_tables(self._inv_freq, positions, self.dtype) if self._inv_freq is not None else None
@@ -179,9 +198,15 @@ class Model:
         h = x if all_logits else x[-1:]
         h = self._norm(h, g.norm_f_weight, g.norm_f_bias)
         mark("other")
-        logits = h @ g.W_vocab  # [n_seq or 1, n_vocab]
+        logits = h @ g.W_vocab  # [n_seq or 1, n_vocab_local]: this rank's vocabulary columns
         mark("matmul")
-        if trace is not None:
+        if self.vocab_parallel and (gather or trace is not None):
+            full = mpi.allgather_columns(self.comm, logits, self._vocab_counts)
+            if trace is not None:
+                trace.record("logits", full)
+            if gather:
+                logits = full
+        elif trace is not None:
             trace.record("logits", logits)
         return logits
 
@@ -199,6 +224,6 @@ class Model:
         return y
 
 
-def load_model(model_dir, comm=None, dtype="float32"):
+def load_model(model_dir, comm=None, dtype="float32", vocab_parallel=True):
     """Load a Hugging Face model folder onto ``comm`` (default: this process alone). See ``Model.load``."""
-    return Model.load(model_dir, comm if comm is not None else mpi.serial(), dtype)
+    return Model.load(model_dir, comm if comm is not None else mpi.serial(), dtype, vocab_parallel)

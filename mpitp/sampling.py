@@ -1,14 +1,64 @@
-"""Sampling: how the next token is chosen from one position's logits.
+"""Sampling: choosing the next token from logits split by vocabulary over the ranks, exactly.
 
-Only one rank (rank 0) calls a ``Sampler``; the generation loop broadcasts its choice, so ranks can never
-disagree about the next token. Greedy picks the lowest id among equal maxima.
+Each rank holds the logits of its own vocabulary range; only O(k x P) numbers ever cross the wire, never
+the whole vocabulary, and the token chosen is the same for any split, 1 rank included:
+
+- greedy: the largest logit, the lowest id among equal ones (a (value, id) pair per rank);
+- temperature: the Gumbel-max trick, argmax of logit / T + g, where the noise g of vocabulary id i at
+  generation step s is drawn from a counter-based generator keyed by (seed, s, i). It does not depend on
+  which rank holds i, so no rank needs the others' logits: again one (value, id) pair per rank;
+- top-k: each rank sends its k best (logit, id); the root merges them into the global top k;
+- top-p: the probability mass is summed exactly (each exp(logit/T - max) as an integer multiple of
+  2**-40, added as int64, so the sum is identical in any order), and candidates are gathered in rounds
+  of growing size until the smallest set holding ``top_p`` of the mass is certain;
+
+then the Gumbel-max among the kept candidates, on the root. Sampling from a set by Gumbel-max is sampling
+in proportion to exp(logit / T) over that set.
 """
 
 import math
 
 import numpy as np
 
+from . import comm as mpi
 from .errors import RequestError
+
+_QUANTUM = 2.0 ** 40  # fixed-point scale of the exact probability mass used by top-p
+_U53 = 2.0 ** -53
+
+
+def _splitmix64(x):
+    # A 64-bit mixing function (Steele, Lea, Flood 2014); uint64 arithmetic wraps by design.
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def gumbel_noise(seed, step, ids):
+    """Gumbel(0, 1) noise for vocabulary ``ids`` at generation ``step``: a pure function of its arguments."""
+    key = _splitmix64(_splitmix64(np.array([seed % 2**64], dtype=np.uint64)) ^ np.uint64(step))
+    h = _splitmix64(key ^ np.asarray(ids, dtype=np.uint64))
+    u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * _U53  # uniform in (0, 1)
+    return -np.log(-np.log(u))
+
+
+def _best(values, ids):
+    """Index of the largest value, the lowest id among equal ones."""
+    top = np.flatnonzero(values == values.max())
+    return int(top[np.argmin(ids[top])])
+
+
+def _top(values, m):
+    """Indices of the ``m`` largest ``values`` in order (largest first, lowest index among equal ones)."""
+    n = len(values)
+    if m >= n:
+        return np.lexsort((np.arange(n), -values))
+    cut = np.partition(values, n - m)[n - m]  # the m-th largest value
+    above = np.flatnonzero(values > cut)
+    tied = np.flatnonzero(values == cut)[:m - len(above)]  # ascending index: lowest ids win the tie
+    chosen = np.concatenate([above, tied])
+    return chosen[np.lexsort((chosen, -values[chosen]))]
 
 
 class Sampler:
@@ -17,13 +67,13 @@ class Sampler:
     Parameters
     ----------
     temperature : float
-        0 for greedy; otherwise logits are divided by it before the softmax.
+        0 for greedy; otherwise logits are divided by it.
     top_k : int
         Keep only the k most likely tokens (0: no limit).
     top_p : float
-        Keep the smallest set of most likely tokens whose probability reaches top_p (1: no limit).
+        Keep the smallest set of most likely tokens holding this share of the probability (1: no limit).
     seed : int
-        Seed of the random generator (same seed, same logits: same tokens).
+        Same seed, same logits: same tokens, at any rank count.
     """
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, seed=0):
@@ -33,21 +83,97 @@ class Sampler:
             raise RequestError(f"top-k must be an integer >= 0 (0 means no limit), got {top_k!r}.")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise RequestError(f"top-p must be in (0, 1] (1 means no limit), got {top_p!r}.")
-        self.temperature, self.top_k, self.top_p = float(temperature), top_k, float(top_p)
-        self.rng = np.random.default_rng(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise RequestError(f"seed must be an integer >= 0, got {seed!r}.")
+        self.temperature, self.top_k, self.top_p, self.seed = float(temperature), top_k, float(top_p), seed
 
-    def __call__(self, logits):
-        """The chosen token id for one position's logits ``[n_vocab]``."""
+    def choose(self, comm, logits, vocab_start, step, root=0):
+        """The next token, from every rank's slice of one position's logits. Collective over ``comm``.
+
+        Parameters
+        ----------
+        comm : communicator
+            The ranks that hold the vocabulary slices (a 1-rank one for whole logits).
+        logits : ndarray, [n_vocab_local]
+            This rank's logits, for ids ``vocab_start .. vocab_start + n_vocab_local - 1``.
+        step : int
+            Generation step (keys the noise).
+
+        Returns
+        -------
+        int on ``root`` (None on the other ranks).
+        """
         logits = np.asarray(logits, dtype=np.float64)
-        if self.temperature == 0:
-            return int(np.argmax(logits))
-        order = np.argsort(-logits, kind="stable")  # most likely first, ties by lowest id
-        scaled = logits[order] / self.temperature
+        ids = vocab_start + np.arange(len(logits))
+        is_root = comm.Get_rank() == root
+        if self.temperature == 0:  # greedy
+            i = int(np.argmax(logits))
+            pairs = mpi.gather_to_root(comm, np.array([logits[i], ids[i]]), root)
+            return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if is_root else None
+        scaled = logits / self.temperature
+        if not self.top_k and self.top_p == 1:  # plain temperature: Gumbel-max over every id
+            perturbed = scaled + gumbel_noise(self.seed, step, ids)
+            i = int(np.argmax(perturbed))
+            pairs = mpi.gather_to_root(comm, np.array([perturbed[i], ids[i]]), root)
+            return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if is_root else None
+        cand_scaled, cand_ids = self._candidates(comm, scaled, ids, root)
+        if not is_root:
+            return None
+        perturbed = cand_scaled + gumbel_noise(self.seed, step, cand_ids.astype(np.int64))
+        return int(cand_ids[_best(perturbed, cand_ids)])
+
+    def _candidates(self, comm, scaled, ids, root):
+        """The kept (scaled logit, id) pairs, on root: the top k, then the top-p share of them."""
         if self.top_k:
-            scaled = scaled[:self.top_k]
-        probs = np.exp(scaled - scaled[0])
-        probs /= probs.sum()
-        if self.top_p < 1:
-            keep = int(np.searchsorted(np.cumsum(probs), self.top_p)) + 1
-            probs = probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(len(probs), p=probs)])
+            merged = self._gather_top(comm, scaled, ids, self.top_k, root)[0]
+            if merged is None:
+                return None, None
+            kept = merged[:self.top_k]
+            if self.top_p < 1:
+                mass = np.floor(np.exp(kept[:, 0] - kept[0, 0]) * _QUANTUM)
+                kept = kept[:self._nucleus_size(mass, mass.sum())]
+            return kept[:, 0], kept[:, 1]
+        # top-p over the whole vocabulary: exact total mass first, then candidates in growing rounds.
+        top = mpi.allreduce_scalar(comm, scaled.max(), "max", np.float64)
+        mass_local = np.floor(np.exp(scaled - top) * _QUANTUM).astype(np.int64)
+        total = mpi.allreduce_scalar(comm, int(mass_local.sum()), "sum", np.int64)
+        m = 64
+        while True:
+            merged, certain = self._gather_top(comm, scaled, ids, m, root)
+            n_keep = 0
+            if merged is not None:
+                mass = np.floor(np.exp(merged[:certain, 0] - top) * _QUANTUM)
+                n_keep = self._nucleus_size(mass, float(total), none_if_short=True) or 0
+            if mpi.bcast_ints(comm, [n_keep], root)[0]:
+                return (merged[:n_keep, 0], merged[:n_keep, 1]) if merged is not None else (None, None)
+            m *= 4
+
+    def _nucleus_size(self, mass, total, none_if_short=False):
+        """How many of the (descending) masses the top-p set needs; None if they do not reach top_p yet."""
+        reached = np.flatnonzero(np.cumsum(mass.astype(np.int64)) >= self.top_p * total)
+        if len(reached):
+            return int(reached[0]) + 1
+        return None if none_if_short else len(mass)
+
+    @staticmethod
+    def _gather_top(comm, scaled, ids, m, root):
+        """Every rank's ``m`` best (scaled, id), merged in order on root, and how many of them are certain
+        to be the global best (every rank that holds more ranks its unsent ones below its last sent one)."""
+        order = _top(scaled, m)
+        mine = np.full((m, 3), -np.inf)  # rows: scaled logit, id, 1 if the rank sent all it has
+        mine[:len(order), 0], mine[:len(order), 1] = scaled[order], ids[order]
+        mine[:, 2] = 1.0 if len(scaled) <= m else 0.0
+        parts = mpi.gather_to_root(comm, mine, root)
+        if parts is None:
+            return None, 0
+        rows = parts.reshape(-1, 3)
+        rows = rows[np.isfinite(rows[:, 0])]
+        rows = rows[np.lexsort((rows[:, 1], -rows[:, 0]))]
+        # The last sent row of each rank that holds more: everything it did not send ranks below it.
+        limits = [p[m - 1] for p in parts if p[0, 2] == 0.0]
+        if not limits:
+            return rows[:, :2], len(rows)
+        # Rows ranked at or above every such last row are certain; the bound is the highest-ranked of them.
+        bound = max(limits, key=lambda r: (r[0], -r[1]))
+        certain = int(np.flatnonzero((rows[:, 0] == bound[0]) & (rows[:, 1] == bound[1]))[0]) + 1
+        return rows[:, :2], certain

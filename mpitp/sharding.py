@@ -10,7 +10,8 @@ activations, as in the seed diagram, and W_X is the weight that multiplies X.)
 Rank-count rule: P must divide the number of query heads, and either P divides the number of key/value
 heads (each rank holds n_kv_head / P of them) or the number of key/value heads divides P (each key/value
 head is replicated on P / n_kv_head ranks, so every rank holds exactly the one its query heads use).
-MLP columns are split as evenly as possible (sizes differ by at most one), so they never restrict P.
+MLP columns and vocabulary ids are split as evenly as possible (sizes differ by at most one), so they
+never restrict P. The embedding and LM head are *vocab-parallel*: rank r owns a contiguous range of ids.
 """
 
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class Shard:
     n_kv_head_local: int
     ffn_start: int  # first MLP hidden column of this rank
     n_ffn_local: int
+    vocab_start: int  # first vocabulary id of this rank's embedding rows and LM-head columns
+    n_vocab_local: int  # the whole vocabulary when the head is replicated
 
     @property
     def q_cols(self):
@@ -82,9 +85,18 @@ class Shard:
         """Columns of the full W_C (and rows of W_D) that belong to this rank."""
         return slice(self.ffn_start, self.ffn_start + self.n_ffn_local)
 
+    @property
+    def vocab_cols(self):
+        """Vocabulary ids of this rank: columns of W_vocab, rows of W_embed."""
+        return slice(self.vocab_start, self.vocab_start + self.n_vocab_local)
 
-def shard_for(config, rank, size):
-    """The ``Shard`` of rank ``rank`` of ``size``; raises ``ShardingError`` for an invalid ``size``."""
+
+def shard_for(config, rank, size, vocab_parallel=True):
+    """The ``Shard`` of rank ``rank`` of ``size``; raises ``ShardingError`` for an invalid ``size``.
+
+    With ``vocab_parallel`` the embedding and LM head are split into contiguous vocabulary ranges (sizes
+    differ by at most one); otherwise every rank holds the whole vocabulary.
+    """
     check_rank_count(config, size)
     if not 0 <= rank < size:
         raise ShardingError(f"rank {rank} is outside 0..{size - 1}.")
@@ -98,6 +110,7 @@ def shard_for(config, rank, size):
         n_kv_head_local = 1
         kv_head_start = head_start // (config.n_head // config.n_kv_head)
     ffn_start, n_ffn_local = block_range(config.n_ffn, size, rank)
+    vocab_start, n_vocab_local = block_range(config.n_vocab, size, rank) if vocab_parallel else (0, config.n_vocab)
     return Shard(rank=rank, size=size, d_head=config.d_head, head_start=head_start, n_head_local=n_head_local,
                  kv_head_start=kv_head_start, n_kv_head_local=n_kv_head_local, ffn_start=ffn_start,
-                 n_ffn_local=n_ffn_local)
+                 n_ffn_local=n_ffn_local, vocab_start=vocab_start, n_vocab_local=n_vocab_local)

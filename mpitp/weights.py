@@ -18,7 +18,8 @@ from .errors import CheckpointError
 
 # How each mpitp weight is split. "column": split the output axis (last); "row": split the input axis
 # (first) -- its product is a partial sum completed by an Allreduce, and its bias is added once, after;
-# "replicate": every rank holds all of it. The second item names the range from the Shard.
+# "replicate": every rank holds all of it. The second item names the range from the Shard. The embedding's
+# rows and the LM head's columns are the rank's vocabulary range (all of it when the head is replicated).
 SPLIT = {
     "W_Q": ("column", "q_cols"), "b_Q": ("column", "q_cols"),
     "W_K": ("column", "kv_cols"), "b_K": ("column", "kv_cols"),
@@ -30,9 +31,9 @@ SPLIT = {
     "W_D": ("row", "ffn_cols"), "b_D": ("replicate", None),
     "norm_1_weight": ("replicate", None), "norm_1_bias": ("replicate", None),
     "norm_2_weight": ("replicate", None), "norm_2_bias": ("replicate", None),
-    "W_embed": ("replicate", None), "W_pos": ("replicate", None),
+    "W_embed": ("row", "vocab_cols"), "W_pos": ("replicate", None),
     "norm_f_weight": ("replicate", None), "norm_f_bias": ("replicate", None),
-    "W_vocab": ("replicate", None),
+    "W_vocab": ("column", "vocab_cols"),
 }
 
 
@@ -140,11 +141,11 @@ class BlockWeights:
 class GlobalWeights:
     """The replicated weights outside the blocks."""
 
-    W_embed: np.ndarray  # [n_vocab, n_embd]; a transposed view of W_vocab when tied
+    W_embed: np.ndarray  # [n_vocab_local, n_embd]  vocab-parallel; a transposed view of W_vocab when tied
     W_pos: np.ndarray | None  # [n_ctx, n_embd] (GPT-2 learned positions)
     norm_f_weight: np.ndarray  # [n_embd]
     norm_f_bias: np.ndarray | None  # [n_embd]
-    W_vocab: np.ndarray  # [n_embd, n_vocab], C-contiguous: the LM head streams long rows
+    W_vocab: np.ndarray  # [n_embd, n_vocab_local]  vocab-parallel; C-contiguous: the head streams long rows
 
     def arrays(self, tied):
         return [a for a in (None if tied else self.W_embed, self.W_pos, self.norm_f_weight, self.norm_f_bias,
@@ -256,7 +257,7 @@ def load_weights(ckpt, config, shard, dtype):
             gated=gated))
     tied = config.tie_word_embeddings
     head = {"W_vocab": Source(global_names["W_embed"].name, linear=True)} if tied else global_names
-    W_vocab = get(["W_vocab"], head)  # [n_embd, n_vocab], read transposed from the stored [n_vocab, n_embd]
+    W_vocab = get(["W_vocab"], head)  # [n_embd, n_vocab_local], read transposed from [n_vocab, n_embd]
     return blocks, GlobalWeights(
         W_embed=W_vocab.T if tied else get(["W_embed"], global_names),
         W_pos=get(["W_pos"], global_names), norm_f_weight=get(["norm_f_weight"], global_names),

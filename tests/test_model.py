@@ -101,21 +101,23 @@ def test_tensor_parallel_greedy_on_simulated_ranks(name):
         assert all(o == g["greedy_x64_L7"].tolist() for o in outs)
 
 
+@pytest.mark.parametrize("vocab_parallel", [True, False])
 @pytest.mark.parametrize("name", MODELS)
-def test_two_allreduce_per_block_per_forward(name):
+def test_two_allreduce_per_block_per_forward(name, vocab_parallel):
+    # Two per block (after W_B and after W_D); a vocab-parallel embedding adds one per forward.
     def count(c):
         counting = CountingComm(c)
-        model = load_model(model_dir(name), counting, "float32")
+        model = load_model(model_dir(name), counting, "float32", vocab_parallel=vocab_parallel)
         cache = model.new_cache(8)
         calls = []
         for ids in ([1, 2, 3, 4], [5], [6]):  # a prefill, then two decode steps
             before = counting.allreduce_calls
-            model.forward(ids, cache)
+            model.forward(ids, cache, gather=False)
             calls.append(counting.allreduce_calls - before)
         return calls, model.config.n_layer
 
     for calls, n_layer in run_ranks(2, count):
-        assert calls == [2 * n_layer] * 3
+        assert calls == [2 * n_layer + vocab_parallel] * 3
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -137,6 +139,12 @@ def test_shard_shapes_are_one_over_p(name):
         # The column ranges of the ranks tile the full matrix exactly once.
         assert sum(m.blocks[0].W_Q.shape[1] for m in models) == q
         assert sum(m.blocks[0].W_D.shape[0] for m in models) == cfg.n_ffn
+        # Embedding and LM head: 1/P of the vocabulary (+-1 row), together all of it, and tied ones shared.
+        vocab = [m.globals.W_vocab.shape[1] for m in models]
+        assert sum(vocab) == cfg.n_vocab and max(vocab) - min(vocab) <= 1
+        for m in models:
+            assert m.globals.W_embed.shape == (m.shard.n_vocab_local, cfg.n_embd)
+            assert np.shares_memory(m.globals.W_embed, m.globals.W_vocab) == cfg.tie_word_embeddings
 
 
 def test_gpt2_hub_layout(tmp_path):

@@ -36,12 +36,25 @@ class ThreadComm:
         return values
 
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
-        assert sendbuf is MPI.IN_PLACE and op == MPI.SUM
+        assert sendbuf is MPI.IN_PLACE and op in (MPI.SUM, MPI.MAX)
         parts = self._exchange(np.array(recvbuf))
-        recvbuf[...] = np.sum(parts, axis=0)  # same order on every rank: identical results
+        # the same order on every rank: identical results
+        recvbuf[...] = np.sum(parts, axis=0) if op == MPI.SUM else np.max(parts, axis=0)
 
     def Bcast(self, buf, root=0):
         buf[...] = self._exchange(np.array(buf))[root]
+
+    def Gather(self, sendbuf, recvbuf, root=0):
+        parts = self._exchange(np.array(sendbuf))
+        if self.rank == root:
+            recvbuf[...] = np.stack(parts)
+
+    def Allgatherv(self, sendbuf, recvspec):
+        recvbuf, counts, displs, _ = recvspec
+        parts = self._exchange(np.array(sendbuf).ravel())
+        for part, count, displ in zip(parts, counts, displs):
+            assert part.size == count
+            recvbuf[displ:displ + count] = part
 
     def allgather(self, obj):
         return self._exchange(obj)

@@ -1,0 +1,60 @@
+"""What every command-line entry point shares: rank-0-only help, the validation vote, abort on surprises.
+
+The rules: bad input is found on every rank before any collective, and the first collective is a vote on
+whether all ranks succeeded, so the job exits cleanly (status 2, the message printed once). Anything
+unexpected on any rank aborts the whole job (status 1; 130 on Ctrl-C) instead of leaving the others
+waiting in a collective.
+"""
+
+import argparse
+import sys
+import traceback
+
+from . import comm as mpi
+
+
+class RankParser(argparse.ArgumentParser):
+    """An ArgumentParser that prints help and usage errors on rank 0 only (every rank still exits)."""
+
+    rank = 0
+
+    def _print_message(self, message, file=None):
+        if self.rank == 0:
+            super()._print_message(message, file)
+
+
+def failed_vote(comm, error, prog):
+    """The first collective: did any rank fail validation? If so print each failure once; return 2.
+
+    Rank 0 speaks for all when it failed too (deterministic checks fail alike everywhere); a rank that
+    failed alone prints its own message with a ``[rank r]`` prefix. Returns None when every rank is fine.
+    """
+    failed = mpi.allgather(comm, error is not None)
+    if not any(failed):
+        return None
+    rank = comm.Get_rank()
+    if error is not None and (rank == 0 or not failed[0]):
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{prefix}{prog}: error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_guarded(comm, fn, verbose, prog):
+    """``fn()``'s exit status; an unexpected exception on this rank aborts every rank of the job."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    try:
+        return fn()
+    except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        interrupted = isinstance(e, KeyboardInterrupt)
+        what = "interrupted" if interrupted else f"unexpected error: {type(e).__name__}: {e}"
+        print(f"[rank {rank}] {prog}: {what}", file=sys.stderr, flush=True)
+        if verbose:
+            traceback.print_exc()
+        elif not interrupted:
+            print(f"[rank {rank}] {prog}: run with --verbose for the traceback.", file=sys.stderr, flush=True)
+        code = 130 if interrupted else 1
+        if size > 1:
+            mpi.abort(comm, code)
+        return code
