@@ -6,13 +6,22 @@ NP ?= 2
 MPIRUN ?= mpirun
 MPIFLAGS ?=
 TIMEOUT ?= 900
-EXTRAS ?= mpich,test
+EXTRAS ?= mpich,threads,test
 ARGS ?=
+PRESET ?= gpt2-124m
+MODEL ?=
+BENCH_ARGS ?=
+BENCH_OUT ?= bench/results
+MAX_NP ?= $(shell nproc 2>/dev/null || echo 2)
+BENCH_MODEL = $(if $(MODEL),--model $(MODEL),--preset $(PRESET))
+BENCH_NAME = $(if $(MODEL),$(notdir $(MODEL)),$(PRESET))
+# MPICH: force TCP sockets between ranks on one machine. Open MPI: make bench-tcp TCP_ENV= MPIFLAGS="--mca pml ob1 --mca btl tcp,self"
+TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi ci clean
+.PHONY: install run test test-mpi ci bench bench-scaling bench-tcp clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -41,6 +50,26 @@ ci: test
 	$(MAKE) test-mpi NP=3
 	$(MAKE) test-mpi NP=4
 	$(MAKE) test-mpi NP=8
+
+# The benchmark on NP ranks: table, per-token breakdown, roofline; JSON in $(BENCH_OUT)/.
+bench: install
+	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.bench $(BENCH_MODEL) \
+		--json-out $(BENCH_OUT)/bench-$(BENCH_NAME)-np$(NP).json $(BENCH_ARGS)
+
+# The benchmark at 1..MAX_NP ranks, 1 BLAS thread each; speedup/efficiency table and a PNG plot.
+bench-scaling: install
+	$(BIN)/python -m pip install --quiet -e ".[plot]"
+	for n in $$(seq 1 $(MAX_NP)); do \
+		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n python -m mpitp.bench $(BENCH_MODEL) --threads 1 \
+			--json-out $(BENCH_OUT)/scaling-$(BENCH_NAME)-np$$n.json $(BENCH_ARGS) || exit 1; done
+	python -m mpitp.bench --summarize $$(seq -f "$(BENCH_OUT)/scaling-$(BENCH_NAME)-np%g.json" 1 $(MAX_NP)) \
+		--plot $(BENCH_OUT)/scaling-$(BENCH_NAME).png
+
+# The benchmark with MPI forced onto TCP on this machine (a stand-in for a network), with an OSU-style
+# Allreduce latency table at the model's message sizes.
+bench-tcp: install
+	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.bench $(BENCH_MODEL) --osu \
+		--json-out $(BENCH_OUT)/bench-tcp-$(BENCH_NAME)-np$(NP).json $(BENCH_ARGS)
 
 # Remove the virtual environment and build leftovers.
 clean:

@@ -68,8 +68,10 @@ def random_model(config, comm, dtype, seed=0):
     d, dh = config.n_embd, config.d_head
     q, kv, f = shard.n_head_local * dh, shard.n_kv_head_local * dh, shard.n_ffn_local
 
-    def w(n_in, n_out):  # the layout of a loaded checkpoint: C-contiguous [in, out]
-        return (rng.standard_normal((n_in, n_out), dtype=np.float32) * 0.02).astype(dtype)
+    def w(n_in, n_out, scale=0.02):  # the layout of a loaded checkpoint: C-contiguous [in, out]
+        a = rng.standard_normal((n_in, n_out), dtype=np.float32)
+        a *= scale  # in place: no second copy of the largest tensors, even for a moment
+        return a if dtype == np.float32 else a.astype(dtype)
 
     def vec(n, bias):
         return (np.zeros(n, dtype) if bias else np.ones(n, dtype))
@@ -85,10 +87,9 @@ def random_model(config, comm, dtype, seed=0):
         W_D=w(f, d), b_D=vec(d, True) if config.mlp_bias else None,
         q_width=q, kv_width=kv, gated=not gpt2) for _ in range(config.n_layer)]
     v = shard.n_vocab_local
-    W_vocab = (rng.standard_normal((d, v), dtype=np.float32) * 0.02).astype(dtype)
-    W_embed = W_vocab.T if config.tie_word_embeddings else (
-        rng.standard_normal((v, d), dtype=np.float32) * 0.02).astype(dtype)
-    W_pos = (rng.standard_normal((config.n_ctx, d), dtype=np.float32) * 0.01).astype(dtype) if gpt2 else None
+    W_vocab = w(d, v)
+    W_embed = W_vocab.T if config.tie_word_embeddings else w(v, d)
+    W_pos = w(config.n_ctx, d, 0.01) if gpt2 else None
     glob = GlobalWeights(W_embed=W_embed, W_pos=W_pos, norm_f_weight=vec(d, False),
                          norm_f_bias=vec(d, True) if gpt2 else None, W_vocab=W_vocab)
     return Model(config, shard, blocks, glob, comm, dtype)
@@ -96,9 +97,10 @@ def random_model(config, comm, dtype, seed=0):
 
 # --- what the model's shape predicts (pure arithmetic, unit-tested) -----------------------------------
 
-def allreduce_payload_bytes(config, n_seq, itemsize):
-    """Bytes one rank hands to Allreduce in one forward of ``n_seq`` tokens: 2 per block of [n_seq, n_embd]."""
-    return 2 * config.n_layer * n_seq * config.n_embd * itemsize
+def allreduce_payload_bytes(config, n_seq, itemsize, vocab_parallel):
+    """Bytes one rank hands to Allreduce in one forward of ``n_seq`` tokens: two [n_seq, n_embd] messages
+    per block, and one more for a vocab-parallel embedding."""
+    return (2 * config.n_layer + (1 if vocab_parallel else 0)) * n_seq * config.n_embd * itemsize
 
 
 def ring_wire_bytes(payload, size):
@@ -273,7 +275,8 @@ def format_report(rec):
     out.append(f"decode, per token (slowest rank): {parts} | total {total:.3f} ms")
     ar = rec["allreduce"]
     out.append(f"Allreduce per decode token: {ar['calls_per_token']} calls, {ar['measured_bytes_per_token']} B "
-               f"payload measured, {ar['predicted_bytes_per_token']} B predicted (2 x n_layer x n_embd x itemsize); "
+               f"payload measured, {ar['predicted_bytes_per_token']} B predicted ((2 x n_layer + 1 if the "
+               f"embedding is vocab-parallel) x n_embd x itemsize); "
                f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
     rf = rec["roofline"]
     out.append(f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
@@ -284,6 +287,13 @@ def format_report(rec):
                f"{rf['prefill_flops_per_token'] / 1e9:.3f} GFLOP per token per rank = "
                f"{rf['prefill_bound_tokens_per_s']:.1f} tok/s; measured {rf['prefill_tokens_per_s']:.1f} = "
                f"{rf['prefill_percent']:.0f}%")
+    mems = rec.get("memory_per_rank") or []
+    if mems and mems[0]["peak_rss_bytes"]:
+        worst = max(mems, key=lambda m: m["peak_growth_over_weights_and_cache"])
+        out.append(f"memory per rank (worst rank): weights {worst['weight_bytes'] / 2**20:.1f} MiB + KV cache "
+                   f"{worst['kv_cache_bytes'] / 2**20:.1f} MiB; peak RSS {worst['peak_rss_bytes'] / 2**20:.1f} MiB, "
+                   f"of which {worst['rss_start_bytes'] / 2**20:.1f} MiB before loading (Python, NumPy, MPI): "
+                   f"growth = {worst['peak_growth_over_weights_and_cache']:.2f} x (weights + cache)")
     if rec.get("projection"):
         proj = ", ".join(f"{p['interconnect']}: {p['decode_tokens_per_s']:.1f}" for p in rec["projection"])
         out.append(f"projected decode tok/s over a network (alpha-beta model, compute as measured): {proj}")
@@ -295,6 +305,62 @@ def format_osu(rows, dtype):
              f"# Datatype: {np.dtype(dtype).name}", f"# {'Size':<10} {'Avg Latency(us)':>16}"]
     lines += [f"{size:<12} {lat:>16.2f}" for size, lat in rows]
     return "\n".join(lines)
+
+
+def scaling_table(records):
+    """Speedup and efficiency of pp and tg against the fewest-ranks record, as a markdown table."""
+    records = sorted(records, key=lambda r: r["ranks"])
+    base = records[0]
+    tests = [t["test"] for t in base["tests"]]
+    head = ["ranks"] + [f"{t} {col}" for t in tests for col in ("t/s", "speedup", "efficiency")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+    for r in records:
+        cells = [str(r["ranks"])]
+        for i, _ in enumerate(tests):
+            speedup = r["tests"][i]["mean"] / base["tests"][i]["mean"]
+            cells += [f"{r['tests'][i]['mean']:.2f}", f"{speedup:.2f}x",
+                      f"{100 * speedup * base['ranks'] / r['ranks']:.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_scaling(records, path):
+    """Save tokens/s against ranks (pp and tg, with the ideal line) as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = sorted(records, key=lambda r: r["ranks"])
+    ranks = [r["ranks"] for r in records]
+    fig, axes = plt.subplots(1, len(records[0]["tests"]), figsize=(10, 4))
+    for i, ax in enumerate(np.atleast_1d(axes)):
+        means = [r["tests"][i]["mean"] for r in records]
+        sds = [r["tests"][i]["sd"] for r in records]
+        ax.errorbar(ranks, means, yerr=sds, marker="o", label="measured")
+        ax.plot(ranks, [means[0] * n / ranks[0] for n in ranks], "--", color="gray", label="ideal")
+        ax.set(title=f"{records[0]['model']}: {records[0]['tests'][i]['test']}", xlabel="ranks",
+               ylabel="tokens/s", xticks=ranks)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def summarize(paths, plot=None):
+    """``--summarize``: print the scaling table of several JSON records (and save the plot)."""
+    records = []
+    for p in paths:
+        with open(p) as f:
+            records.append(json.load(f))
+    print(f"# scaling: {records[0]['model']}, {records[0]['dtype']}, threads per rank "
+          f"{sorted({r['threads'] for r in records}, key=str)}")
+    print(scaling_table(records))
+    if plot:
+        print(f"plot: {plot}" if plot_scaling(records, plot) else
+              "plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
+    return 0
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -312,7 +378,12 @@ def build_parser():
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads per rank (default: cores on the node / ranks on the node)")
     p.add_argument("--osu", action="store_true", help="also print an OSU-style Allreduce latency table")
+    p.add_argument("--roofline-mib", type=int, default=256,
+                   help="size of the array read to measure DRAM bandwidth; keep it well above the caches")
     p.add_argument("--json-out", metavar="PATH", help="write the full JSON record (results and environment) here")
+    p.add_argument("--summarize", nargs="+", metavar="JSON",
+                   help="no benchmark: print speedup and efficiency of these JSON records (e.g. one per rank count)")
+    p.add_argument("--plot", metavar="PNG", help="with --summarize: also save a scaling plot here (needs matplotlib)")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
 
@@ -323,11 +394,14 @@ def main(argv=None):
     parser = build_parser()
     parser.rank = comm.Get_rank()
     args = parser.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, args.plot) if comm.Get_rank() == 0 else 0
     return run_guarded(comm, lambda: _run(args, comm), args.verbose, "mpitp.bench")
 
 
 def _run(args, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
+    rss_start = _rss("VmRSS")  # the interpreter, NumPy and MPI, before any model memory
     error = None
     try:
         if args.threads is not None and args.threads < 1:
@@ -369,15 +443,22 @@ def _run(args, comm):
     parts["other"] = max(0.0, decode_s - sum(parts.values()))
     breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
 
+    # Memory: the peak so far covers loading, the caches and the activations of the tests above.
+    kv_bytes = model.new_cache(max(args.n_prompt, args.n_gen + 1)).nbytes
+    memory = {"rss_start_bytes": rss_start, "peak_rss_bytes": _rss("VmHWM"), "weight_bytes": model.weight_bytes,
+              "kv_cache_bytes": kv_bytes}
+    memory["peak_growth_over_weights_and_cache"] = (
+        (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
     # The roofline, measured now on the same ranks and threads.
-    bandwidth = measure_read_bandwidth(comm, model.dtype)
+    bandwidth = measure_read_bandwidth(comm, model.dtype, args.roofline_mib << 20)
     gemm = measure_gemm_rate(model, args.n_prompt)
     read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
     flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
     roof_decode, roof_prefill = bandwidth / read_bytes, gemm / flops_per_token
-    predicted = allreduce_payload_bytes(cfg, 1, itemsize)
+    predicted = allreduce_payload_bytes(cfg, 1, itemsize, model.vocab_parallel)
+    n_calls = 2 * cfg.n_layer + (1 if model.vocab_parallel else 0)
     compute_s = (decode_s - parts["allreduce"]) / args.n_gen
     rec = {
         "model": name, "params": cfg.n_params, "dtype": np.dtype(model.dtype).name, "ranks": size,
@@ -385,7 +466,7 @@ def _run(args, comm):
         "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
                   {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
         "decode_breakdown_ms": breakdown,
-        "allreduce": {"calls_per_token": 2 * cfg.n_layer, "measured_bytes_per_token": int(measured_bytes),
+        "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,
                       "ring_wire_bytes_per_token": ring_wire_bytes(predicted, size)},
         "roofline": {"read_bandwidth_GBps": bandwidth / 1e9, "decode_bytes_per_token": read_bytes,
@@ -394,10 +475,10 @@ def _run(args, comm):
                      "prefill_flops_per_token": flops_per_token, "prefill_bound_tokens_per_s": roof_prefill,
                      "prefill_tokens_per_s": pp_mean, "prefill_percent": 100 * pp_mean / roof_prefill},
         "projection": [{"interconnect": n, "alpha_s": a, "beta_Bps": b,
-                        "decode_tokens_per_s": project_tokens_per_s(compute_s, 2 * cfg.n_layer, predicted, size, a, b)}
+                        "decode_tokens_per_s": project_tokens_per_s(compute_s, n_calls, predicted / n_calls, size,
+                                                                     a, b)}
                        for n, a, b in INTERCONNECTS] if size > 1 else [],
-        "peak_rss_bytes_per_rank": mpi.allgather(comm, _peak_rss()),
-        "weight_bytes_per_rank": mpi.allgather(comm, model.weight_bytes),
+        "memory_per_rank": mpi.allgather(comm, memory),
         "environment": environment(comm, threads),
     }
     if args.osu:
@@ -422,11 +503,12 @@ def _run(args, comm):
     return 0
 
 
-def _peak_rss():
+def _rss(field):
+    """Resident memory now (VmRSS) or its peak (VmHWM) in bytes, from Linux's /proc; None elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

@@ -18,6 +18,7 @@ from .errors import MpitpError, RequestError
 from .generation import check_request, generate
 from .model import DTYPES, Model
 from .sampling import Sampler
+from .threads import apply_blas_threads, choose_threads
 from .trace import Trace
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "gpt2-tiny")
@@ -62,6 +63,9 @@ def build_parser():
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="every rank writes DIR/rank{r}.npz with its tensors A,Q,K,V,B,C,D,E per step and layer "
                         "and the logits")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="BLAS threads per rank (default: cores on the node / ranks on the node, unless "
+                        "OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
     p.add_argument("--quiet", action="store_true", help="print nothing on stderr except errors")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
@@ -93,6 +97,8 @@ def _arm_fault(model, phase):
 
 def _prepare(args, comm):
     """Everything that bad input can fail, with no communication: load, validate, ready the trace dir."""
+    if args.threads is not None and args.threads < 1:
+        raise RequestError(f"--threads must be >= 1, got {args.threads}.")
     fault = _injected_fault(comm.Get_rank())
     if fault == "load":
         raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
@@ -125,9 +131,11 @@ def _run(args, comm):
     if failed_vote(comm, error, "mpitp"):  # the first collective
         return 2
     load_seconds = time.perf_counter() - t_load
+    threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
     cfg = model.config
     _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {cfg.n_params / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
+                     f"BLAS threads per rank: {threads if threads is not None else 'unknown'}; "
                      f"MPI: {mpi.library_version()}")
 
     trace = Trace() if args.trace else None
