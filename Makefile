@@ -21,7 +21,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi ci bench bench-scaling bench-tcp clean
+.PHONY: install run test test-mpi test-tcp ci bench bench-scaling bench-tcp clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -45,11 +45,21 @@ test: install
 test-mpi: install
 	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest
 
-# What CI runs: make test, then the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny).
+# The suite on NP ranks with MPI forced onto TCP sockets (a stand-in for ranks on different nodes).
+test-tcp: install
+	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest
+
+# What CI runs: make test; the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny) and
+# over TCP; then every bench target once on the tiny preset, to prove they run end to end.
+SMOKE = PRESET=tiny BENCH_OUT=$(BENCH_OUT)/smoke BENCH_ARGS="-r 2 -p 16 -n 8 --roofline-mib 16"
 ci: test
 	$(MAKE) test-mpi NP=3
 	$(MAKE) test-mpi NP=4
 	$(MAKE) test-mpi NP=8
+	$(MAKE) test-tcp NP=2
+	$(MAKE) bench $(SMOKE)
+	$(MAKE) bench-tcp $(SMOKE)
+	$(MAKE) bench-scaling MAX_NP=2 $(SMOKE)
 
 # The benchmark on NP ranks: table, per-token breakdown, roofline; JSON in $(BENCH_OUT)/.
 bench: install
