@@ -192,9 +192,10 @@ def run_prefill(model, n_prompt, repeats, rng):
                                          repeats)]
 
 
-def decode_run(model, n_gen, profile=None):
+def decode_run(model, n_gen, profile=None, slowest=True):
     """Generate ``n_gen`` tokens greedily after one token (rank 0 decides and broadcasts, as in generate);
-    returns the slowest rank's seconds for the ``n_gen`` decode forwards."""
+    returns the seconds of the ``n_gen`` decode forwards: the slowest rank's, or with ``slowest=False``
+    this rank's own."""
     comm, sampler = model.comm, Sampler()
     cache = model.new_cache(n_gen + 1)
     logits = model.forward([0], cache, gather=False)
@@ -203,7 +204,8 @@ def decode_run(model, n_gen, profile=None):
     for step in range(n_gen):
         token, _ = next_token(model, sampler, logits[-1], step, (), n_gen + 1)
         logits = model.forward([token], cache, profile=profile, gather=False)
-    return mpi.max_over_ranks(comm, time.perf_counter() - t)
+    elapsed = time.perf_counter() - t
+    return mpi.max_over_ranks(comm, elapsed) if slowest else elapsed
 
 
 def allreduce_latency(comm, sizes, dtype, iterations=200):
@@ -437,10 +439,12 @@ def _run(args, comm):
     # One profiled decode run for the breakdown and the Allreduce byte count.
     profile = Profile()
     mpi.allreduce_bytes = 0
-    decode_s = decode_run(model, args.n_gen, profile)
+    own_s = decode_run(model, args.n_gen, profile, slowest=False)
     measured_bytes = mpi.allreduce_bytes // (args.n_gen + 1)  # decode_run also makes one untimed forward
-    parts = {k: mpi.max_over_ranks(comm, profile.seconds[k]) for k in CATEGORIES if k != "other"}
-    parts["other"] = max(0.0, decode_s - sum(parts.values()))
+    parts = dict(profile.seconds)
+    parts["other"] = own_s - sum(v for k, v in parts.items() if k != "other")  # the rest, sampling included
+    # The breakdown of the slowest rank (its own categories add up to its own time).
+    decode_s, parts = max(mpi.allgather(comm, (own_s, parts)), key=lambda r: r[0])
     breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
 
     # Memory: the peak so far covers loading, the caches and the activations of the tests above.
