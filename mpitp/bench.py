@@ -368,7 +368,9 @@ def summarize(paths, plot=None):
 # --- main ---------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = RankParser(prog="python -m mpitp.bench", description=__doc__.split("\n\n")[0],
+    p = RankParser(prog="python -m mpitp.bench",
+                   description="Benchmark tensor-parallel prefill (pp) and generation (tg) on the MPI ranks, "
+                               "with a per-token time breakdown and a roofline measured in the same run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-124m",
                    help="random-weight model with these real shapes (ignored with --model)")
