@@ -187,9 +187,27 @@ def measure_gemm_rate(model, n_seq, repeats=5):
 
 
 def run_prefill(model, n_prompt, repeats, rng):
+    """Prefill tokens/s of ``repeats`` runs (the slowest rank's time each)."""
     prompt = rng.integers(0, model.config.n_vocab, n_prompt)
-    return [n_prompt / t for t in _timed(model.comm, lambda: model.forward(prompt, model.new_cache(n_prompt)),
-                                         repeats)]
+    return [n_prompt / t for t in _timed(
+        model.comm, lambda: model.forward(prompt, model.new_cache(n_prompt), gather=False), repeats)]
+
+
+def profiled_prefill(model, n_prompt, profile):
+    """One prefill with ``profile``; returns this rank's seconds."""
+    prompt = np.arange(n_prompt) % model.config.n_vocab
+    cache = model.new_cache(n_prompt)
+    model.comm.Barrier()
+    t = time.perf_counter()
+    model.forward(prompt, cache, profile=profile, gather=False)
+    return time.perf_counter() - t
+
+
+def slowest_breakdown(comm, own_seconds, profile):
+    """``(seconds, {category: seconds})`` of the slowest rank; "other" is the rest of its own time."""
+    parts = dict(profile.seconds)
+    parts["other"] = own_seconds - sum(v for k, v in parts.items() if k != "other")
+    return max(mpi.allgather(comm, (own_seconds, parts)), key=lambda r: r[0])
 
 
 def decode_run(model, n_gen, profile=None, slowest=True):
@@ -271,10 +289,11 @@ def format_table(rows):
 def format_report(rec):
     """Everything after the table: breakdown, Allreduce bytes, roofline, projections."""
     out = []
-    b = rec["decode_breakdown_ms"]
-    total = sum(b.values())
-    parts = " | ".join(f"{k} {v:.3f} ms ({100 * v / total:.0f}%)" for k, v in b.items())
-    out.append(f"decode, per token (slowest rank): {parts} | total {total:.3f} ms")
+    for what, key in (("decode, per token", "decode_breakdown_ms"), ("prefill, per prompt", "prefill_breakdown_ms")):
+        b = rec[key]
+        total = sum(b.values())
+        parts = " | ".join(f"{k} {v:.3f} ms ({100 * v / total:.0f}%)" for k, v in b.items())
+        out.append(f"{what} (slowest rank): {parts} | total {total:.3f} ms")
     ar = rec["allreduce"]
     out.append(f"Allreduce per decode token: {ar['calls_per_token']} calls, {ar['measured_bytes_per_token']} B "
                f"payload measured, {ar['predicted_bytes_per_token']} B predicted ((2 x n_layer + 1 if the "
@@ -443,11 +462,11 @@ def _run(args, comm):
     mpi.allreduce_bytes = 0
     own_s = decode_run(model, args.n_gen, profile, slowest=False)
     measured_bytes = mpi.allreduce_bytes // (args.n_gen + 1)  # decode_run also makes one untimed forward
-    parts = dict(profile.seconds)
-    parts["other"] = own_s - sum(v for k, v in parts.items() if k != "other")  # the rest, sampling included
-    # The breakdown of the slowest rank (its own categories add up to its own time).
-    decode_s, parts = max(mpi.allgather(comm, (own_s, parts)), key=lambda r: r[0])
+    decode_s, parts = slowest_breakdown(comm, own_s, profile)  # "other" includes choosing the token
     breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
+    prefill_profile = Profile()
+    _, prefill_parts = slowest_breakdown(comm, profiled_prefill(model, args.n_prompt, prefill_profile),
+                                         prefill_profile)
 
     # Memory: the peak so far covers loading, the caches and the activations of the tests above.
     kv_bytes = model.new_cache(max(args.n_prompt, args.n_gen + 1)).nbytes
@@ -472,6 +491,7 @@ def _run(args, comm):
         "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
                   {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
         "decode_breakdown_ms": breakdown,
+        "prefill_breakdown_ms": {k: 1e3 * v for k, v in prefill_parts.items()},
         "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,
                       "ring_wire_bytes_per_token": ring_wire_bytes(predicted, size)},

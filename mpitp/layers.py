@@ -72,7 +72,7 @@ def softmax(x):
     # softmax over the last axis; -inf entries get weight 0. [..., n] -> [..., n] (overwrites x)
     x -= x.max(axis=-1, keepdims=True)
     np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
+    x *= 1.0 / x.sum(axis=-1, keepdims=True)  # one division per row, then multiplications
     return x
 
 
@@ -129,9 +129,9 @@ def attention(Q, K, V, start_pos):
     n_kv_head_local, n_kv, _ = K.shape
     group = n_head_local // n_kv_head_local
     # [n_kv_head_local, group * n_seq, d_head]: the query heads that share one key/value head, stacked.
-    Qg = Q.transpose(1, 0, 2).reshape(n_kv_head_local, group * n_seq, d_head)
+    # Scale the queries, not the scores: a pass over n_seq * d_head values instead of n_seq * n_kv.
+    Qg = Q.transpose(1, 0, 2).reshape(n_kv_head_local, group * n_seq, d_head) * Q.dtype.type(1.0 / np.sqrt(d_head))
     scores = Qg @ K.transpose(0, 2, 1)  # [n_kv_head_local, group * n_seq, n_kv]
-    scores *= Q.dtype.type(1.0 / np.sqrt(d_head))
     # Causal mask: the query at position start_pos + i sees keys 0 .. start_pos + i; later keys get -inf.
     if n_seq > 1:
         future = np.triu(np.full((n_seq, n_kv), -np.inf, dtype=scores.dtype), k=start_pos + 1)

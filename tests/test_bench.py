@@ -114,5 +114,6 @@ def test_bench_end_to_end_on_every_rank(tmp_path):
         rec = json.load(open(out))
         assert rec["ranks"] == world.size and [t["test"] for t in rec["tests"]] == ["pp16", "tg8"]
         assert rec["allreduce"]["measured_bytes_per_token"] == rec["allreduce"]["predicted_bytes_per_token"]
-        assert set(rec["decode_breakdown_ms"]) == {"matmul", "attention", "allreduce", "other"}
+        assert set(rec["decode_breakdown_ms"]) == set(rec["prefill_breakdown_ms"]) == \
+            {"matmul", "attention", "allreduce", "other"}
         assert rec["environment"]["mpi_library"] and rec["allreduce_latency_us"]
