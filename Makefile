@@ -21,7 +21,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi test-tcp ci bench bench-scaling bench-tcp clean
+.PHONY: install run test test-mpi test-tcp fuzz ci bench bench-scaling bench-tcp clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -48,6 +48,10 @@ test-mpi: install
 # The suite on NP ranks with MPI forced onto TCP sockets (a stand-in for ranks on different nodes).
 test-tcp: install
 	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest
+
+# The checkpoint-reader fuzz tests with 10,000 generated files and 10,000 generated indexes (CI runs 300).
+fuzz: install
+	MPITP_FUZZ_EXAMPLES=10000 timeout $(TIMEOUT) pytest tests/test_fuzz.py
 
 # What CI runs: make test; the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny) and
 # over TCP; then every bench target once on the tiny preset, to prove they run end to end.

@@ -45,6 +45,10 @@ PRESETS = {
                  "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 8192}},
+    "qwen2-0.5b": {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2,
+                   "num_hidden_layers": 24, "intermediate_size": 4864, "vocab_size": 151936,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "tie_word_embeddings": True},
     "tiny": {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
              "vocab_size": 256},
 }
@@ -226,6 +230,25 @@ def decode_run(model, n_gen, profile=None, slowest=True):
     return mpi.max_over_ranks(comm, elapsed) if slowest else elapsed
 
 
+def long_run(model, n_gen):
+    """Generate ``n_gen`` tokens in one sequence: per-token seconds (the slowest rank's, per tenth of the
+    run) and how much each rank's resident memory grew after its cache was allocated."""
+    comm, sampler = model.comm, Sampler()
+    cache = model.new_cache(n_gen + 1)
+    logits = model.forward([0], cache, gather=False)
+    before, times = _rss("VmRSS"), []
+    comm.Barrier()
+    for step in range(n_gen):
+        t = time.perf_counter()
+        token, _ = next_token(model, sampler, logits[-1], step, (), n_gen + 1)
+        logits = model.forward([token], cache, gather=False)
+        times.append(time.perf_counter() - t)
+    grown = max(mpi.allgather(comm, (_rss("VmRSS") - before) if before else 0))
+    tenths = [float(np.mean(chunk)) for chunk in np.array_split(np.array(times), 10)]
+    return {"n_gen": n_gen, "seconds_per_token_by_tenth": [mpi.max_over_ranks(comm, t) for t in tenths],
+            "rss_growth_bytes_after_cache": grown, "kv_cache_bytes": cache.nbytes}
+
+
 def allreduce_latency(comm, sizes, dtype, iterations=200):
     """OSU-style: average microseconds of an in-place Allreduce per message size (bytes), slowest rank."""
     out = []
@@ -404,6 +427,9 @@ def build_parser():
     p.add_argument("--roofline-mib", type=int, default=256,
                    help="size of the array read to measure DRAM bandwidth; keep it well above the caches")
     p.add_argument("--json-out", metavar="PATH", help="write the full JSON record (results and environment) here")
+    p.add_argument("--long", type=int, default=None, metavar="N",
+                   help="instead of pp/tg: generate N tokens in one sequence and report time per token along the "
+                        "run and memory growth after the KV cache was allocated")
     p.add_argument("--summarize", nargs="+", metavar="JSON",
                    help="no benchmark: print speedup and efficiency of these JSON records (e.g. one per rank count)")
     p.add_argument("--plot", metavar="PNG", help="with --summarize: also save a scaling plot here (needs matplotlib)")
@@ -439,8 +465,8 @@ def _run(args, comm):
             shard_for(config, rank, size)  # refuses a bad rank count before building anything
             name = f"{args.preset} (random)"
         cfg_ctx = (model.config if args.model else config).n_ctx
-        if max(args.n_prompt, args.n_gen + 1) > cfg_ctx:
-            raise MpitpError(f"--n-prompt/--n-gen must fit the model's context of {cfg_ctx} positions.")
+        if max(args.n_prompt, args.n_gen + 1, (args.long or 0) + 1) > cfg_ctx:
+            raise MpitpError(f"--n-prompt/--n-gen/--long must fit the model's context of {cfg_ctx} positions.")
     except MpitpError as e:
         error = e
     if failed_vote(comm, error, "mpitp.bench"):  # the first collective
@@ -450,6 +476,8 @@ def _run(args, comm):
         model = random_model(config, comm, DTYPES[args.dtype])
     cfg, itemsize = model.config, np.dtype(model.dtype).itemsize
     rng = np.random.default_rng(0)
+    if args.long:
+        return _report_long(args, comm, name, model, long_run(model, args.long), threads)
 
     # Warm-up, then the timed tests.
     run_prefill(model, args.n_prompt, 1, rng)
@@ -526,6 +554,24 @@ def _run(args, comm):
                 json.dump(rec, f, indent=1)
             print(f"\nJSON record: {args.json_out}")
         sys.stdout.flush()
+    return 0
+
+
+def _report_long(args, comm, name, model, rec, threads):
+    rec.update(model=name, ranks=comm.Get_size(), threads=threads, dtype=np.dtype(model.dtype).name,
+               environment=environment(comm, threads))
+    if comm.Get_rank() == 0:
+        per = rec["seconds_per_token_by_tenth"]
+        print(f"# long run: {name}, {rec['ranks']} ranks, {rec['n_gen']} tokens in one sequence")
+        print("ms per token, by tenth of the run: " + " ".join(f"{1e3 * t:.2f}" for t in per))
+        print(f"last tenth / first tenth: {per[-1] / per[0]:.2f}x (attention reads a KV cache that grows to "
+              f"{rec['kv_cache_bytes'] / 2**20:.1f} MiB per rank)")
+        print(f"resident memory growth after the cache was allocated (largest rank): "
+              f"{rec['rss_growth_bytes_after_cache'] / 2**20:.2f} MiB")
+        if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(rec, f, indent=1)
     return 0
 
 

@@ -89,7 +89,7 @@ class SafetensorsFile:
             if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
                 self._fail(name, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'.")
             dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in _ITEMSIZE:
+            if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
                 self._fail(name, f"dtype {dtype!r} is unknown; safetensors dtypes are {', '.join(_ITEMSIZE)}.")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 self._fail(name, f"shape {shape!r} must be a list of non-negative integers.")
@@ -249,8 +249,11 @@ class Checkpoint:
         if file_name in self._files:
             return self._files[file_name]
         root = os.path.realpath(self.model_dir)
+        if not file_name or "\0" in file_name:
+            raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
+                                  f"shard file name {file_name!r} is not a valid file name.")
         path = os.path.realpath(os.path.join(root, file_name))
-        if os.path.isabs(file_name) or os.path.commonpath([root, path]) != root:
+        if os.path.isabs(file_name) or os.path.commonpath([root, path]) != root or path == root:
             raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
                                   f"shard file {file_name!r} lies outside the model folder; shard files must be "
                                   "plain names inside it.")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from . import comm as mpi
 from .errors import RequestError
+from .memory import check_fits
 from .sampling import Sampler
 
 
@@ -42,6 +43,8 @@ def check_request(model, prompt_ids, max_new_tokens):
     if len(prompt) + max_new_tokens > n_ctx:
         raise RequestError(f"the prompt ({len(prompt)} tokens) plus max-new-tokens ({max_new_tokens}) is "
                            f"{len(prompt) + max_new_tokens} tokens, more than the model's context of {n_ctx}.")
+    check_fits(model.cache_bytes(len(prompt) + max_new_tokens), f"a KV cache of {len(prompt) + max_new_tokens} "
+               "positions", "ask for fewer tokens, or use more ranks or nodes")
     return prompt
 
 

@@ -16,7 +16,8 @@ from .kvcache import KVCache
 from .profile import NO_PROFILE
 from .layers import apply_rope, attention, gelu_tanh, layer_norm, rms_norm, rope_inv_freq, rope_tables, silu
 from .sharding import block_range, shard_for
-from .weights import load_weights
+from .memory import check_fits
+from .weights import load_weights, shard_bytes
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -69,6 +70,8 @@ class Model:
         config = load_config(model_dir)
         shard = shard_for(config, comm.Get_rank(), comm.Get_size(), vocab_parallel)
         ckpt = Checkpoint(model_dir)
+        check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}",
+                   "use more ranks (spread over nodes) or --dtype float32")
         blocks, global_weights = load_weights(ckpt, config, shard, dtype)
         return cls(config, shard, blocks, global_weights, comm, dtype)
 
@@ -78,11 +81,18 @@ class Model:
         arrays = [a for b in self.blocks for a in b.arrays()]
         return sum(a.nbytes for a in arrays + self.globals.arrays(self.config.tie_word_embeddings))
 
+    def cache_bytes(self, capacity):
+        """Bytes of this rank's KV cache for ``capacity`` positions."""
+        cfg = self.config
+        return 2 * cfg.n_layer * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(self.dtype).itemsize
+
     def new_cache(self, capacity):
         """A KV cache for one sequence of up to ``capacity`` positions (at most the model's context)."""
         if not 1 <= capacity <= self.config.n_ctx:
             raise RequestError(f"a sequence of {capacity} positions does not fit the model's context of "
                                f"{self.config.n_ctx} positions.")
+        check_fits(self.cache_bytes(capacity), f"a KV cache of {capacity} positions",
+                   "ask for fewer tokens, or use more ranks or nodes")
         return KVCache(self.config.n_layer, self.shard.n_kv_head_local, self.config.d_head, capacity, self.dtype)
 
     def check_tokens(self, token_ids):

@@ -175,6 +175,15 @@ def _local_shape(config, shard, name):
     return tuple(full)
 
 
+def shard_bytes(config, shard, dtype):
+    """Bytes of weights one rank will hold (before reading any of them)."""
+    names = [n for n in _NAMES[config.family][0] if not n.startswith("b_")]
+    per_layer = sum(int(np.prod(_local_shape(config, shard, n))) for n in names)
+    heads = 1 if config.tie_word_embeddings else 2
+    vocab = heads * shard.n_vocab_local * config.n_embd
+    return (config.n_layer * per_layer + vocab) * np.dtype(dtype).itemsize
+
+
 def _read_into(ckpt, ckpt_name, src, name, config, shard, out):
     """Read this rank's slice of one mpitp weight from the checkpoint into ``out``."""
     full = _full_shape(config, name)

@@ -1,0 +1,214 @@
+"""The fault catalogue: every class of bad input or failure, through the real command on 2 ranks.
+
+Each case must end the whole job with a non-zero status within 10 seconds, with one line that names the
+cause (and no traceback unless --verbose): never a hang, never a silent success.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dense_reference
+from conftest import REPO, _LAUNCHER_PREFIXES, model_dir, run_cli, serial_only
+from st_util import header_and_data, write_raw, write_safetensors
+from test_loading import _corrupt
+
+pytestmark = serial_only
+LIMIT = 10  # seconds
+
+
+def base_model(path):
+    shutil.copytree(model_dir("gpt2-tiny"), path)
+    return path
+
+
+def tensors():
+    return dense_reference.read_safetensors(f"{model_dir('gpt2-tiny')}/model.safetensors")
+
+
+def fail_fast(args, expected, n=2, code=2):
+    t = time.monotonic()
+    r = run_cli(args, n=n, timeout=LIMIT + 5)
+    assert time.monotonic() - t < LIMIT
+    assert r.returncode == code if code else r.returncode != 0, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and expected in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def case_missing_folder(tmp):
+    return tmp / "nowhere", "nowhere: model folder not found"
+
+
+def case_config_missing(tmp):
+    os.remove(base_model(tmp / "m") / "config.json")
+    return tmp / "m", "config.json: file not found"
+
+
+def case_config_not_json(tmp):
+    (base_model(tmp / "m") / "config.json").write_text("{'model_type': gpt2")
+    return tmp / "m", "config.json: not readable as JSON"
+
+
+def case_unknown_model_type(tmp):
+    path = base_model(tmp / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    return path, "model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2"
+
+
+def case_tensor_missing(tmp):
+    path = base_model(tmp / "m")
+    t = tensors()
+    del t["transformer.h.1.attn.c_proj.weight"]
+    write_safetensors(path / "model.safetensors", t)
+    return path, "tensor 'transformer.h.1.attn.c_proj.weight': tensor is missing"
+
+
+def case_tensor_wrong_shape(tmp):
+    path = base_model(tmp / "m")
+    t = tensors()
+    t["transformer.h.0.mlp.c_fc.weight"] = np.zeros((64, 128), np.float32)
+    write_safetensors(path / "model.safetensors", t)
+    return path, "shape [64, 128] does not match config.json, which implies [64, 256]"
+
+
+def case_tensor_unsupported_dtype(tmp):
+    path = base_model(tmp / "m")
+    header, data = header_and_data(tensors())
+    header["transformer.ln_f.weight"]["dtype"] = "I32"  # same byte length, not a float dtype
+    write_raw(path / "model.safetensors", header, data)
+    return path, "dtype I32 is not a floating-point weight dtype"
+
+
+def _split(path):
+    t = tensors()
+    names = sorted(t)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in files.items():
+        write_safetensors(path / f, {k: t[k] for k in keys})
+    os.remove(path / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in files.items() for k in keys}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return index
+
+
+def case_shard_missing(tmp):
+    path = base_model(tmp / "m")
+    _split(path)
+    os.remove(path / "model-00002-of-00002.safetensors")
+    return path, "model-00002-of-00002.safetensors: shard file not found"
+
+
+def case_shard_truncated(tmp):
+    path = base_model(tmp / "m")
+    _split(path)
+    shard = path / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return path, "model-00001-of-00002.safetensors"
+
+
+def case_shard_escapes_folder(tmp):
+    path = base_model(tmp / "m")
+    index = _split(path)
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../../etc/passwd"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path, "lies outside the model folder"
+
+
+def case_pickle_only(tmp):
+    path = tmp / "m"
+    path.mkdir()
+    shutil.copy(f"{model_dir('gpt2-tiny')}/config.json", path)
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    return path, "pytorch_model.bin: pickle checkpoints are refused"
+
+
+def case_request_exhausts_memory(tmp):
+    # A context of 2**31 positions: the KV cache of the request would need far more memory than exists.
+    path = base_model(tmp / "m")
+    with open(f"{model_dir('llama-gqa')}/config.json") as f:
+        cfg = json.load(f)
+    cfg["max_position_embeddings"] = 2**31
+    shutil.copy(f"{model_dir('llama-gqa')}/model.safetensors", path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path, "needs", ["--max-new-tokens", str(2**31 - 100)]
+
+
+CASES = [case_missing_folder, case_config_missing, case_config_not_json, case_unknown_model_type,
+         case_tensor_missing, case_tensor_wrong_shape, case_tensor_unsupported_dtype, case_shard_missing,
+         case_shard_truncated, case_shard_escapes_folder, case_pickle_only, case_request_exhausts_memory]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
+def test_bad_model_input_fails_fast_with_one_line(tmp_path, case):
+    path, expected, *extra = case(tmp_path)
+    fail_fast(["--model", str(path), *(extra[0] if extra else [])], expected)
+
+
+HEADER_CLASSES = ["header beyond file", "header above cap", "offsets outside data", "overlap", "hole",
+                  "trailing bytes", "shape mismatch", "unknown dtype", "not json", "not an object"]
+
+
+@pytest.mark.parametrize("kind", HEADER_CLASSES)
+def test_malformed_header_fails_fast_with_one_line(tmp_path, kind):
+    path = base_model(tmp_path / "m")
+    write_raw(path / "model.safetensors", *_corrupt(kind))
+    fail_fast(["--model", str(path)], "model.safetensors")
+
+
+@pytest.mark.parametrize("phase", ["load", "prefill", "decode"])
+def test_exception_on_one_rank_aborts_everyone(phase):
+    env = dict(os.environ, MPITP_INJECT_FAULT=f"1:{phase}")
+    t = time.monotonic()
+    r = subprocess.run([*_mpirun(2), sys.executable, "-m", "mpitp.generate", "--max-new-tokens", "5"],
+                       capture_output=True, text=True, timeout=LIMIT + 5, env=_clean(env), cwd=str(REPO))
+    assert time.monotonic() - t < LIMIT and r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("[rank 1] mpitp: unexpected error")]
+    assert len(lines) == 1 and f"during {phase}" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_sigint_to_mpirun_ends_every_rank(tmp_path):
+    # A long generation, interrupted: every rank exits, nothing is left running.
+    from random_models import SHAPES, write_random_model
+    SHAPES["long"] = dict(SHAPES["llama-mqa"], max_position_embeddings=60000, hidden_size=192,
+                          intermediate_size=512)
+    path = write_random_model(tmp_path / "long", "long")
+    marker = str(tmp_path / "long")
+    proc = subprocess.Popen([*_mpirun(2), sys.executable, "-m", "mpitp.generate", "--model", marker,
+                             "--prompt-ids", "1,2,3", "--max-new-tokens", "50000", "--ignore-eos", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_clean(dict(os.environ)),
+                            cwd=str(REPO), start_new_session=True)
+    time.sleep(3)
+    assert proc.poll() is None, f"the generation ended before it could be interrupted: {proc.stderr.read()}"
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=LIMIT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - t < LIMIT and proc.returncode != 0
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes left running: {left}"
+    assert path
+
+
+def _mpirun(n):
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(n)]
+
+
+def _clean(env):
+    env = {k: v for k, v in env.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
