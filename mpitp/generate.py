@@ -77,7 +77,8 @@ def _say(args, rank, message):
 
 
 def _injected_fault(rank):
-    """Test-only: ``MPITP_INJECT_FAULT=RANK:PHASE`` (PHASE: load, prefill or decode) makes that rank raise."""
+    """Test-only: ``MPITP_INJECT_FAULT=RANK:PHASE`` makes that rank raise: an unexpected error during
+    ``load``, ``prefill`` or ``decode``, or a bad-input error (``input``) that only this rank sees."""
     spec = os.environ.get("MPITP_INJECT_FAULT", "")
     fault_rank, _, phase = spec.partition(":")
     return phase if fault_rank == str(rank) else None
@@ -102,6 +103,8 @@ def _prepare(args, comm):
     fault = _injected_fault(comm.Get_rank())
     if fault == "load":
         raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
+    if fault == "input":
+        raise MpitpError("bad input injected by MPITP_INJECT_FAULT on this rank only.")
     model = Model.load(args.model, comm, args.dtype)
     if fault in ("prefill", "decode"):
         _arm_fault(model, fault)

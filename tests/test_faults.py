@@ -176,6 +176,17 @@ def test_exception_on_one_rank_aborts_everyone(phase):
     assert len(lines) == 1 and f"during {phase}" in lines[0] and "Traceback" not in r.stderr
 
 
+def test_bad_input_seen_by_one_rank_only():
+    # e.g. a file missing on one node: that rank speaks for itself, and every rank exits cleanly.
+    env = dict(os.environ, MPITP_INJECT_FAULT="1:input")
+    t = time.monotonic()
+    r = subprocess.run([*_mpirun(2), sys.executable, "-m", "mpitp.generate"], capture_output=True, text=True,
+                       timeout=LIMIT + 5, env=_clean(env), cwd=str(REPO))
+    assert time.monotonic() - t < LIMIT and r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["[rank 1] mpitp: error: bad input injected by MPITP_INJECT_FAULT on "
+                                             "this rank only."]
+
+
 def test_sigint_to_mpirun_ends_every_rank(tmp_path):
     # A long generation, interrupted: every rank exits, nothing is left running.
     from random_models import SHAPES, write_random_model
