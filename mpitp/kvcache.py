@@ -26,8 +26,12 @@ class KVCache:
     def __init__(self, n_layer, n_kv_head_local, d_head, capacity, dtype):
         self.capacity = capacity
         self.length = 0  # positions filled and committed
-        self.K = np.zeros((n_layer, n_kv_head_local, capacity, d_head), dtype=dtype)
-        self.V = np.zeros((n_layer, n_kv_head_local, capacity, d_head), dtype=dtype)
+        # Written once now, so that every page is resident from the start: memory stays flat while
+        # generating, and a cache too large for the machine fails here, not halfway through a run.
+        self.K = np.empty((n_layer, n_kv_head_local, capacity, d_head), dtype=dtype)
+        self.V = np.empty((n_layer, n_kv_head_local, capacity, d_head), dtype=dtype)
+        self.K.fill(0)
+        self.V.fill(0)
 
     @property
     def nbytes(self):
