@@ -2,15 +2,15 @@
 
 Library use::
 
-    from mpitp import comm, load_model, generate
+    from mpitp import comm, load_model, generate_sequence
     model = load_model("path/to/hf-model", comm.world(), dtype="float64")
-    result = generate(model, [15, 7, 201], max_new_tokens=20)
+    result = generate_sequence(model, [15, 7, 201], max_new_tokens=20)
 """
 
 __version__ = "0.1.0"
 
 from .errors import CheckpointError, ConfigError, MpitpError, RequestError, ShardingError  # noqa: F401
-from .generation import Generation, generate  # noqa: F401
+from .generation import Generation, generate_batch, generate_sequence  # noqa: F401
 from .model import Model, load_model  # noqa: F401
 from .sampling import Sampler  # noqa: F401
 from .trace import Trace  # noqa: F401

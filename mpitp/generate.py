@@ -3,7 +3,8 @@
 Every rank parses the same arguments, loads its shard and validates the request; the first collective
 is a vote on whether every rank succeeded, so bad input exits cleanly (status 2, the message printed once)
 instead of leaving ranks waiting. Anything unexpected aborts the whole job (status 1). Only rank 0 writes
-to stdout: the generated ids, or with ``--json`` one JSON object. Diagnostics and timings go to stderr.
+to stdout: the text (streamed as it is generated), the ids, or with ``--json`` one JSON object.
+Diagnostics and timings go to stderr.
 """
 
 import argparse
@@ -15,15 +16,18 @@ import time
 from . import comm as mpi
 from .entry import RankParser, failed_vote, run_guarded
 from .errors import MpitpError, RequestError
-from .generation import check_request, generate
+from .generation import check_batch, generate_batch
 from .model import DTYPES, Model
 from .sampling import Sampler
 from .threads import apply_blas_threads, choose_threads
+from .tokenizer import Tokenizer
 from .trace import Trace
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "gpt2-tiny")
-# "Hello, world! mpitp says:" in the default model's byte-level vocabulary (id = byte value).
-DEFAULT_PROMPT_IDS = list(b"Hello, world! mpitp says:")
+# The bundled model: a tiny GPT-2 trained to sort digits (scripts/train_default_model.py), so that a first
+# run shows answers anyone can check. Without --prompt it answers these.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "digit-sorter")
+DEFAULT_PROMPTS = ["sort:4721=", "sort:90210=", "sort:31415926=", "sort:8675309="]
+MAX_NEW_TOKENS_CAP = 256  # without --max-new-tokens: the rest of the context, at most this many
 
 
 def _ids(text):
@@ -43,11 +47,15 @@ def build_parser():
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                    help="Hugging Face model folder (config.json + model.safetensors or an index and shards); "
-                        "default: the tiny random-weight GPT-2 shipped with mpitp")
-    p.add_argument("--prompt-ids", type=_ids, default=argparse.SUPPRESS, metavar="IDS",
-                   help="prompt as comma-separated token ids, e.g. 15,7,201 "
-                        "(default: the bytes of 'Hello, world! mpitp says:', for the default model)")
-    p.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate at most")
+                        "default: the tiny digit-sorting GPT-2 shipped with mpitp")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a text prompt, encoded with the model's tokenizer.json (needs the 'text' extra); repeat "
+                        "it for a batch. Default for the bundled model: " + ", ".join(DEFAULT_PROMPTS))
+    p.add_argument("--prompt-ids", type=_ids, action="append", metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 15,7,201; repeat it for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"tokens to generate at most per prompt (default: what the context leaves, at most "
+                        f"{MAX_NEW_TOKENS_CAP})")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 means greedy (the most likely token, lowest id on ties)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only from the K most likely tokens; 0: all")
@@ -59,10 +67,12 @@ def build_parser():
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object on stdout (ids, ranks, dtype, timing) instead of plain lines")
+                   help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print a single prompt's text when it is complete instead of token by token")
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="every rank writes DIR/rank{r}.npz with its tensors A,Q,K,V,B,C,D,E per step and layer "
-                        "and the logits")
+                        "and the logits (with several prompts, their rows stacked in order)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="BLAS threads per rank (default: cores on the node / ranks on the node, unless "
                         "OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
@@ -85,7 +95,7 @@ def _injected_fault(rank):
 
 
 def _arm_fault(model, phase):
-    forward, calls = model.forward, []
+    forward, calls = model.forward_batch, []
 
     def faulty_forward(*a, **kw):
         calls.append(1)
@@ -93,13 +103,15 @@ def _arm_fault(model, phase):
             raise RuntimeError(f"fault injected by MPITP_INJECT_FAULT during {phase}")
         return forward(*a, **kw)
 
-    model.forward = faulty_forward
+    model.forward_batch = faulty_forward
 
 
 def _prepare(args, comm):
     """Everything that bad input can fail, with no communication: load, validate, ready the trace dir."""
     if args.threads is not None and args.threads < 1:
         raise RequestError(f"--threads must be >= 1, got {args.threads}.")
+    if args.prompt and args.prompt_ids:
+        raise RequestError("give the prompts either as text (--prompt) or as token ids (--prompt-ids), not both.")
     fault = _injected_fault(comm.Get_rank())
     if fault == "load":
         raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
@@ -108,10 +120,32 @@ def _prepare(args, comm):
     model = Model.load(args.model, comm, args.dtype)
     if fault in ("prefill", "decode"):
         _arm_fault(model, fault)
-    prompt = getattr(args, "prompt_ids", DEFAULT_PROMPT_IDS)
-    if args.max_new_tokens < 0:
-        raise RequestError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
-    prompt = check_request(model, prompt, args.max_new_tokens)
+    texts = args.prompt
+    if not args.prompt_ids and not texts:
+        if os.path.abspath(args.model) != DEFAULT_MODEL:
+            raise RequestError("no prompt: give --prompt TEXT (or --prompt-ids IDS).")
+        texts = DEFAULT_PROMPTS
+    tokenizer = None
+    if texts or (args.json and os.path.exists(os.path.join(args.model, "tokenizer.json"))):
+        try:
+            tokenizer = Tokenizer(args.model, model.config.bos_token_id)
+        except MpitpError:
+            if texts:
+                raise
+    if texts:
+        for text in texts:
+            if not text:
+                raise RequestError("a prompt is empty; give some text to continue.")
+        prompts = [tokenizer.encode(text) for text in texts]
+    else:
+        prompts = args.prompt_ids
+    longest = max(len(p) for p in prompts)
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = max(0, min(MAX_NEW_TOKENS_CAP, model.config.n_ctx - longest))
+    elif max_new < 0:
+        raise RequestError(f"--max-new-tokens must be >= 0, got {max_new}.")
+    prompts = check_batch(model, prompts, max_new)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     if args.trace:
         try:
@@ -120,7 +154,28 @@ def _prepare(args, comm):
             raise MpitpError(f"--trace {args.trace}: cannot create the folder ({e.strerror}).") from None
         if not os.access(args.trace, os.W_OK):
             raise MpitpError(f"--trace {args.trace}: the folder is not writable.")
-    return model, prompt, sampler
+    return model, tokenizer, texts, prompts, max_new, sampler
+
+
+class _Printer:
+    """Rank 0's stdout: a single text prompt streams token by token; batches print each whole line."""
+
+    def __init__(self, args, rank, tokenizer, texts):
+        self.stream = rank == 0 and texts is not None and len(texts) == 1 and not args.json and not args.no_stream
+        if self.stream:
+            print(texts[0], end="", flush=True)
+            self.step, self.printed = tokenizer.stream(), ""
+
+    def on_token(self, index, token):
+        if self.stream:
+            piece = self.step(token)
+            if piece:
+                print(piece, end="", flush=True)
+                self.printed += piece
+
+    def finish(self, text):
+        if self.stream:  # whatever the stream held back (a cut character), then the end of the line
+            print(text[len(self.printed):] if text.startswith(self.printed) else "", flush=True)
 
 
 def _run(args, comm):
@@ -128,7 +183,7 @@ def _run(args, comm):
     t_load = time.perf_counter()
     error = None
     try:
-        model, prompt, sampler = _prepare(args, comm)
+        model, tokenizer, texts, prompts, max_new, sampler = _prepare(args, comm)
     except MpitpError as e:
         error = e
     if failed_vote(comm, error, "mpitp"):  # the first collective
@@ -143,35 +198,49 @@ def _run(args, comm):
 
     trace = Trace() if args.trace else None
     stop_ids = () if args.ignore_eos else cfg.eos_token_ids
+    printer = _Printer(args, rank, tokenizer, texts)
     mpi.allreduce_seconds = 0.0
-    result = generate(model, prompt, args.max_new_tokens, sampler, stop_ids, trace)
+    results = generate_batch(model, prompts, max_new, sampler, stop_ids, trace, on_token=printer.on_token)
     if trace is not None:
         trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
     allreduce_s = mpi.max_over_ranks(comm, mpi.allreduce_seconds)
+    if rank != 0:
+        return 0
+    timing = results[0].timing
+    decoded = [tokenizer.decode(r.token_ids) if tokenizer else None for r in results]
+    if args.json:
+        sequences = []
+        for i, r in enumerate(results):
+            seq = {"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            if tokenizer:
+                seq.update(prompt=texts[i] if texts else tokenizer.decode(r.prompt_ids), text=decoded[i])
+            sequences.append(seq)
+        print(json.dumps({
+            "model": args.model, "model_type": cfg.model_type, "ranks": size, "dtype": args.dtype,
+            "sequences": sequences,
+            "timing": {"prefill_tokens_per_s": timing.prefill_tokens_per_s,
+                       "decode_tokens_per_s": timing.decode_tokens_per_s,
+                       "prefill_seconds": timing.prefill_seconds, "decode_seconds": timing.decode_seconds,
+                       "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}}), flush=True)
+    elif printer.stream:
+        printer.finish(decoded[0])
+    elif texts:
+        for text, continuation in zip(texts, decoded):
+            print(text + continuation, flush=True)
+    else:
+        for r in results:
+            print("prompt ids:   ", " ".join(map(str, r.prompt_ids)))
+            print("generated ids:", " ".join(map(str, r.token_ids)), flush=True)
 
-    if rank == 0:
-        timing = {"prefill_tokens_per_s": result.prefill_tokens_per_s,
-                  "decode_tokens_per_s": result.decode_tokens_per_s,
-                  "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
-                  "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
-        if args.json:
-            print(json.dumps({
-                "model": args.model, "model_type": cfg.model_type, "ranks": size, "dtype": args.dtype,
-                "sequences": [{"prompt_ids": result.prompt_ids, "token_ids": result.token_ids,
-                               "finish_reason": result.finish_reason}],
-                "timing": timing}), flush=True)
-        else:
-            print("prompt ids:   ", " ".join(map(str, result.prompt_ids)))
-            print("generated ids:", " ".join(map(str, result.token_ids)), flush=True)
-
-        def rate(x):
-            return f"{x:.1f} tok/s" if x is not None else "n/a"
-        _say(args, rank, f"prompt {len(result.prompt_ids)} tokens in {result.prefill_seconds * 1e3:.1f} ms "
-                         f"({rate(result.prefill_tokens_per_s)}); generated {len(result.token_ids)} tokens, "
-                         f"decode {rate(result.decode_tokens_per_s)}; Allreduce {allreduce_s * 1e3:.1f} ms "
-                         f"(slowest rank); finish: {result.finish_reason}")
-        if args.trace:
-            _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
+    def rate(x):
+        return f"{x:.1f} tok/s" if x is not None else "n/a"
+    n_new = sum(len(r.token_ids) for r in results)
+    _say(args, rank, f"{len(results)} prompt(s), {timing.prefill_tokens} tokens in {timing.prefill_seconds * 1e3:.1f} "
+                     f"ms ({rate(timing.prefill_tokens_per_s)}); generated {n_new} tokens, decode "
+                     f"{rate(timing.decode_tokens_per_s)}; Allreduce {allreduce_s * 1e3:.1f} ms (slowest rank); "
+                     f"finish: {', '.join(r.finish_reason for r in results)}")
+    if args.trace:
+        _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
     return 0
 
 

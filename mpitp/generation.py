@@ -1,12 +1,15 @@
-"""Generation: prefill the prompt, then decode one token at a time against the KV cache.
+"""Generation: prefill the prompts, then decode one token per sequence per step against the KV caches.
 
-Rank 0 chooses each token and broadcasts it with a stop flag, so every rank runs the same number of
-forwards and leaves the loop together. With a vocab-parallel head the choice is made from every rank's
-slice of the logits without gathering them (see ``mpitp.sampling``).
+Several prompts of different lengths run as one batch: each has its own cache, positions and stop, and the
+weights are read once per step for all of them. Rank 0 chooses every token and broadcasts the tokens with
+their stop flags, so every rank runs the same forwards and leaves the loop together. With a vocab-parallel
+head the choice is made from every rank's slice of the logits without gathering them (``mpitp.sampling``).
 """
 
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from . import comm as mpi
 from .errors import RequestError
@@ -15,102 +18,162 @@ from .sampling import Sampler
 
 
 @dataclass
+class Timing:
+    """Wall-clock time of one generation run (a batch shares one)."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0  # the prefill forward and choosing the first tokens
+    decode_tokens: int = 0  # tokens produced by forwards after the prefill
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self):
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else None
+
+    @property
+    def decode_tokens_per_s(self):
+        return self.decode_tokens / self.decode_seconds if self.decode_tokens and self.decode_seconds > 0 else None
+
+
+@dataclass
 class Generation:
-    """The result of ``generate`` (identical on every rank)."""
+    """One sequence's result (identical on every rank)."""
 
     prompt_ids: list
     token_ids: list = field(default_factory=list)  # newly generated ids only
     finish_reason: str = "length"  # "length" or "eos"
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0  # forwards after the prefill (each yields one more token)
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def prefill_tokens_per_s(self):
-        return len(self.prompt_ids) / self.prefill_seconds if self.prefill_seconds > 0 else None
+        return self.timing.prefill_tokens_per_s
 
     @property
     def decode_tokens_per_s(self):
-        n = len(self.token_ids) - 1  # the first new token comes from the prefill
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else None
+        return self.timing.decode_tokens_per_s
 
 
 def check_request(model, prompt_ids, max_new_tokens):
     """Raise ``RequestError`` if the request cannot be served; return the prompt as int64 ids."""
     prompt = model.check_tokens(prompt_ids)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise RequestError(f"max-new-tokens must be an integer >= 0, got {max_new_tokens!r}.")
     n_ctx = model.config.n_ctx
     if len(prompt) + max_new_tokens > n_ctx:
         raise RequestError(f"the prompt ({len(prompt)} tokens) plus max-new-tokens ({max_new_tokens}) is "
                            f"{len(prompt) + max_new_tokens} tokens, more than the model's context of {n_ctx}.")
-    check_fits(model.cache_bytes(len(prompt) + max_new_tokens), f"a KV cache of {len(prompt) + max_new_tokens} "
-               "positions", "ask for fewer tokens, or use more ranks or nodes")
     return prompt
 
 
-def next_token(model, sampler, logits, step, stop_ids, max_new_tokens, root=0):
-    """Choose token ``step`` from the last position's logits (this rank's slice of them) and tell every rank.
+def check_batch(model, prompts, max_new_tokens):
+    """``check_request`` for every prompt, and all their KV caches together against the memory available."""
+    if not prompts:
+        raise RequestError("there is no prompt to generate from.")
+    prompts = [check_request(model, p, max_new_tokens) for p in prompts]
+    total = sum(model.cache_bytes(len(p) + max_new_tokens) for p in prompts)
+    check_fits(total, f"the KV caches of {len(prompts)} sequence(s)", "ask for fewer tokens or fewer prompts, "
+               "or use more ranks or nodes")
+    return prompts
 
-    Returns ``(token, done)`` on every rank; ``done`` when the token stops generation or is the last one.
-    """
-    is_root = model.comm.Get_rank() == root
-    token = None
+
+def _choose(model, sampler, logits, step, root):
+    """Token ``step`` of one sequence from its last position's logits (this rank's slice); valid on root."""
     if model.vocab_parallel:  # every rank takes part; the root learns the token
-        token = sampler.choose(model.comm, logits, model.shard.vocab_start, step, root)
-    elif is_root:  # whole logits on every rank: the root decides alone
-        token = sampler.choose(mpi.serial(), logits, 0, step)
+        return sampler.choose(model.comm, logits, model.shard.vocab_start, step, root)
+    if model.comm.Get_rank() == root:  # whole logits on every rank: the root decides alone
+        return sampler.choose(mpi.serial(), logits, 0, step)
+    return None
+
+
+def next_token(model, sampler, logits, step, stop_ids, max_new_tokens, root=0):
+    """Choose token ``step`` of one sequence and tell every rank: ``(token, done)`` on every rank."""
+    token = _choose(model, sampler, logits, step, root)
+    is_root = model.comm.Get_rank() == root
     done = is_root and (token in stop_ids or step + 1 >= max_new_tokens)
     token, done = mpi.bcast_ints(model.comm, [token if is_root else 0, done], root=root)
     return token, bool(done)
 
 
-def generate(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0):
-    """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` on every rank of ``model.comm``.
+def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
+                   on_token=None):
+    """Generate up to ``max_new_tokens`` tokens after each of ``prompts``, as one batch, on every rank.
+
+    Each sequence comes out exactly as it would alone (its own positions, cache, stop and sampling steps).
 
     Parameters
     ----------
     model : Model
-    prompt_ids : sequence of int
+    prompts : list of sequences of int
     max_new_tokens : int
     sampler : Sampler, optional
-        Used on ``root`` only. Default: greedy.
+        Default: greedy.
     stop_ids : iterable of int
-        Stop after generating one of these (e.g. the model's eos ids).
+        A sequence stops after generating one of these (e.g. the model's eos ids).
     trace : Trace, optional
-        Records every step; step 0 is the prefill with logits for every prompt position.
+        Records every step; step 0 is the prefill with logits for every prompt position (rows of all
+        sequences stacked in order).
     root : int
         The rank that chooses tokens.
+    on_token : callable(sequence_index, token_id), optional
+        Called on every rank as soon as every rank knows a new token (for streaming).
 
     Returns
     -------
-    Generation
+    list of Generation
     """
-    prompt = check_request(model, prompt_ids, max_new_tokens)
+    prompts = check_batch(model, prompts, max_new_tokens)
     sampler = sampler or Sampler()
     stop_ids = set(stop_ids)
-    result = Generation(prompt_ids=[int(t) for t in prompt])
+    timing = Timing(prefill_tokens=sum(len(p) for p in prompts))
+    results = [Generation(prompt_ids=[int(t) for t in p], timing=timing) for p in prompts]
     if trace is not None:
         trace.record_shard(model.shard)
-    if max_new_tokens == 0:
-        cache = model.new_cache(len(prompt))
-        model.forward(prompt, cache, trace=trace, all_logits=trace is not None)
-        return result
-    cache = model.new_cache(len(prompt) + max_new_tokens - 1)
+    caches = [model.new_cache(len(p) + max(max_new_tokens - 1, 0)) for p in prompts]
     t0 = time.perf_counter()
     # gather=False: a vocab-parallel model keeps each rank's logits to its own vocabulary range.
-    logits = model.forward(prompt, cache, trace=trace, all_logits=trace is not None, gather=False)
+    logits = model.forward_batch(list(zip(prompts, caches)), trace=trace, all_logits=trace is not None,
+                                 gather=False)
+    if max_new_tokens == 0:
+        timing.prefill_seconds = time.perf_counter() - t0
+        return results
+    active = list(range(len(prompts)))
+    is_root = model.comm.Get_rank() == root
     while True:
-        token, done = next_token(model, sampler, logits[-1], len(result.token_ids), stop_ids, max_new_tokens,
-                                 root)
-        result.token_ids.append(token)
-        if len(result.token_ids) == 1:
+        # Every rank runs the same choices (collective when the head is vocab-parallel); root decides.
+        tokens = [_choose(model, sampler, logits[k][-1], len(results[i].token_ids), root)
+                  for k, i in enumerate(active)]
+        dones = [is_root and (t in stop_ids or len(results[i].token_ids) + 1 >= max_new_tokens)
+                 for t, i in zip(tokens, active)]
+        sent = mpi.bcast_ints(model.comm, [t if is_root else 0 for t in tokens] + dones, root=root)
+        tokens, dones = sent[:len(active)], sent[len(active):]
+        for i, token, done in zip(active, tokens, dones):
+            results[i].token_ids.append(token)
+            if on_token is not None:
+                on_token(i, token)
+            if done:
+                results[i].finish_reason = "eos" if token in stop_ids else "length"
+        if timing.prefill_seconds == 0.0:
             t1 = time.perf_counter()
-            result.prefill_seconds = t1 - t0
-        if done:
-            result.finish_reason = "eos" if token in stop_ids else "length"
+            timing.prefill_seconds = t1 - t0
+        next_active = [i for i, done in zip(active, dones) if not done]
+        if not next_active:
             break
         if trace is not None:
             trace.next_step()
-        logits = model.forward([token], cache, trace=trace, all_logits=trace is not None, gather=False)
-    result.decode_seconds = time.perf_counter() - t1
-    return result
+        feed = [([results[i].token_ids[-1]], caches[i]) for i in next_active]
+        logits = model.forward_batch(feed, trace=trace, all_logits=trace is not None, gather=False)
+        timing.decode_tokens += len(next_active)
+        active = next_active
+    timing.decode_seconds = time.perf_counter() - t1
+    return results
+
+
+def generate_sequence(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
+                      on_token=None):
+    """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` on every rank of ``model.comm``.
+
+    See ``generate_batch`` (this is a batch of one; ``on_token`` takes just the token id). Returns a
+    ``Generation``.
+    """
+    callback = None if on_token is None else (lambda i, token: on_token(token))
+    return generate_batch(model, [prompt_ids], max_new_tokens, sampler, stop_ids, trace, root, callback)[0]

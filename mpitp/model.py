@@ -106,7 +106,7 @@ class Model:
         return ids.astype(np.int64)
 
     def forward(self, token_ids, cache, trace=None, all_logits=False, profile=None, gather=True):
-        """Run new tokens through the model, appending their keys and values to ``cache``.
+        """Run new tokens of one sequence through the model, appending their keys and values to ``cache``.
 
         Parameters
         ----------
@@ -130,32 +130,58 @@ class Model:
         ndarray, [n_seq or 1, n_vocab] (or [n_seq or 1, n_vocab_local])
             Logits.
         """
+        return self.forward_batch([(token_ids, cache)], trace, all_logits, profile, gather)[0]
+
+    def forward_batch(self, segments, trace=None, all_logits=False, profile=None, gather=True):
+        """Run new tokens of several sequences through the model in one pass.
+
+        The rows of all sequences are stacked, so every weight is read once for the whole batch; only
+        attention runs per sequence, against that sequence's own cache and positions. Sequences may be at
+        different lengths (a batch of prompts, or one new token each while decoding).
+
+        Parameters
+        ----------
+        segments : list of (token_ids, KVCache)
+            The new tokens of each sequence and its cache.
+        trace, all_logits, profile, gather
+            As in ``forward``; a trace records the stacked rows of all sequences.
+
+        Returns
+        -------
+        list of ndarray
+            Each sequence's logits, as ``forward`` returns them.
+        """
         cfg, shard = self.config, self.shard
-        ids = self.check_tokens(token_ids)
-        n_seq, start = len(ids), cache.length
-        if start + n_seq > cfg.n_ctx:
-            raise RequestError(f"positions up to {start + n_seq} exceed the model's context of {cfg.n_ctx}.")
-        cache.check_room(n_seq)
+        ids_list = [self.check_tokens(ids) for ids, _ in segments]
+        for ids, (_, cache) in zip(ids_list, segments):
+            if cache.length + len(ids) > cfg.n_ctx:
+                raise RequestError(f"positions up to {cache.length + len(ids)} exceed the model's context of "
+                                   f"{cfg.n_ctx}.")
+            cache.check_room(len(ids))
         mark = (profile or NO_PROFILE).mark  # charges the time since the previous mark to a category
         (profile or NO_PROFILE).start()
-        positions = np.arange(start, start + n_seq)
+        ends = np.cumsum([len(ids) for ids in ids_list])  # row ranges of the sequences: [end - n_i, end)
+        starts = [cache.length for _, cache in segments]  # position of each sequence's first new token
+        ids = np.concatenate(ids_list)
+        n_rows = len(ids)
+        positions = np.concatenate([np.arange(p, p + len(i)) for p, i in zip(starts, ids_list)])
         g = self.globals
         if self.vocab_parallel:
             # Vocab-parallel embedding: each rank fills the rows of the ids in its range; an Allreduce
-            # combines them into x, the residual stream, [n_seq, n_embd], replicated from here on.
+            # combines them into x, the residual stream, [n_rows, n_embd], replicated from here on.
             local = ids - shard.vocab_start
             mine = (local >= 0) & (local < shard.n_vocab_local)
-            x = np.zeros((n_seq, cfg.n_embd), dtype=self.dtype)
+            x = np.zeros((n_rows, cfg.n_embd), dtype=self.dtype)
             x[mine] = g.W_embed[local[mine]]
             mpi.allreduce_sum(self.comm, x)
         else:
-            x = g.W_embed[ids]  # [n_seq, n_embd], a copy: the residual stream, replicated on every rank
+            x = g.W_embed[ids]  # [n_rows, n_embd], a copy: the residual stream, replicated on every rank
         if g.W_pos is not None:
             x += g.W_pos[positions]
         rope = rope_tables(self._inv_freq, positions, self.dtype) if self._inv_freq is not None else None
-        if self._reduce_buf.shape[0] < n_seq:
-            self._reduce_buf = np.empty((n_seq, cfg.n_embd), dtype=self.dtype)
-        buf = self._reduce_buf[:n_seq]  # contiguous rows: the in-place Allreduce buffer
+        if self._reduce_buf.shape[0] < n_rows:
+            self._reduce_buf = np.empty((n_rows, cfg.n_embd), dtype=self.dtype)
+        buf = self._reduce_buf[:n_rows]  # contiguous rows: the in-place Allreduce buffer
 
         for layer, w in enumerate(self.blocks):
             # Attention. A = norm_1(x), replicated.
@@ -164,15 +190,17 @@ class Model:
             # Q, K, V of this rank's heads (column-parallel: no communication), as one product with
             # W_QKV = [W_Q | W_K | W_V]; Q, K and V are views of its columns.
             QKV = self._linear(A, w.W_QKV, w.b_QKV)
-            Q = QKV[:, :w.q_width].reshape(n_seq, shard.n_head_local, cfg.d_head)
-            K = QKV[:, w.q_width:w.q_width + w.kv_width].reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
-            V = QKV[:, w.q_width + w.kv_width:].reshape(n_seq, shard.n_kv_head_local, cfg.d_head)
+            Q = QKV[:, :w.q_width].reshape(n_rows, shard.n_head_local, cfg.d_head)
+            K = QKV[:, w.q_width:w.q_width + w.kv_width].reshape(n_rows, shard.n_kv_head_local, cfg.d_head)
+            V = QKV[:, w.q_width + w.kv_width:].reshape(n_rows, shard.n_kv_head_local, cfg.d_head)
             mark("matmul")
             if rope is not None:
                 Q, K = apply_rope(Q, *rope), apply_rope(K, *rope)
-            # Append K, V to this rank's cache; attend over every position so far.
-            K_all, V_all = cache.update(layer, K, V)
-            B = attention(Q, K_all, V_all, start)  # [n_seq, n_head_local * d_head]
+            # Per sequence: append its K, V to its cache and attend over all its positions so far.
+            B = np.empty((n_rows, shard.n_head_local * cfg.d_head), dtype=self.dtype)
+            for (_, cache), start, end, n in zip(segments, starts, ends, map(len, ids_list)):
+                K_all, V_all = cache.update(layer, K[end - n:end], V[end - n:end])
+                B[end - n:end] = attention(Q[end - n:end], K_all, V_all, start)  # [n, n_head_local * d_head]
             mark("attention")
             # Row-parallel W_B gives a partial sum; Allreduce #1 completes it; bias once, after.
             np.matmul(B, w.W_B, out=buf)
@@ -204,11 +232,12 @@ class Model:
                 trace.record_layer(layer, A=A, Q=Q, K=K, V=V, B=B, C=C, D=D, E=E)
             x = E
 
-        cache.advance(n_seq)
-        h = x if all_logits else x[-1:]
-        h = self._norm(h, g.norm_f_weight, g.norm_f_bias)
+        for (_, cache), n in zip(segments, map(len, ids_list)):
+            cache.advance(n)
+        rows = np.arange(n_rows) if all_logits else ends - 1  # every new position, or each sequence's last
+        h = self._norm(x[rows], g.norm_f_weight, g.norm_f_bias)
         mark("other")
-        logits = h @ g.W_vocab  # [n_seq or 1, n_vocab_local]: this rank's vocabulary columns
+        logits = h @ g.W_vocab  # [len(rows), n_vocab_local]: this rank's vocabulary columns
         mark("matmul")
         if self.vocab_parallel and (gather or trace is not None):
             full = mpi.allgather_columns(self.comm, logits, self._vocab_counts)
@@ -218,7 +247,8 @@ class Model:
                 logits = full
         elif trace is not None:
             trace.record("logits", logits)
-        return logits
+        bounds = np.concatenate([[0], ends]) if all_logits else np.arange(len(segments) + 1)
+        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _norm(self, x, weight, bias):
         if self.config.family == "gpt2":

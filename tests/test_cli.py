@@ -51,15 +51,43 @@ def test_trace_contract(tmp_path, n):
         assert int(t["shard/head_start"]) == rank * heads_local and int(t["shard/n_head_local"]) == heads_local
 
 
+GOLDEN_TEXT = str(golden("gpt2-tiny")["text_prompt"])
+
+
 @pytest.mark.parametrize("n", [1, 2])
-def test_default_run_reproduces_hugging_face(n):
-    # No arguments: the bundled gpt2-tiny on "Hello, world! mpitp says:", greedy, 20 tokens, float32.
+def test_text_prompt_through_tokenizer_json_reproduces_hugging_face(n):
+    # "Hello, world! mpitp says:" through tokenizer.json, 20 greedy tokens: HF's ids and text.
     g = golden("gpt2-tiny")
-    r = run_cli([], n=n)
+    args = ["--model", model_dir("gpt2-tiny"), "--prompt", GOLDEN_TEXT, "--max-new-tokens", "20", "--ignore-eos"]
+    r = run_cli(args + ["--json"], n=n)
+    assert r.returncode == 0, r.stderr
+    seq = json.loads(r.stdout)["sequences"][0]
+    assert seq["prompt_ids"] == g["text_prompt_ids"].tolist() and seq["token_ids"] == g["text_greedy_f64"].tolist()
+    assert seq["prompt"] == GOLDEN_TEXT and seq["text"] == str(g["text_continuation_f64"])
+    # Streamed token by token, the text on stdout is the same: the prompt, the continuation, a newline.
+    streamed = run_cli(args, n=n)
+    assert streamed.returncode == 0 and streamed.stdout == GOLDEN_TEXT + str(g["text_continuation_f64"]) + "\n"
+
+
+def test_batch_of_text_prompts_prints_one_line_each():
+    r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt", GOLDEN_TEXT, "--prompt", "abc", "--max-new-tokens",
+                 "5", "--ignore-eos", "--json"], n=2)
+    assert r.returncode == 0, r.stderr
+    seqs = json.loads(r.stdout)["sequences"]
+    plain = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt", GOLDEN_TEXT, "--prompt", "abc",
+                     "--max-new-tokens", "5", "--ignore-eos"], n=2)
+    assert plain.stdout.splitlines() == [s["prompt"] + s["text"] for s in seqs]
+
+
+def test_default_model_sorts_digits():
+    # No arguments at all: the bundled digit sorter answers its sample prompts, at 2 ranks.
+    r = run_cli([], n=2)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split()[2:] == [str(i) for i in g["text_prompt_ids"]]
-    assert lines[1].split()[2:] == [str(i) for i in g["text_greedy_f64"]]
+    assert len(lines) == 4
+    for line in lines:
+        prompt, answer = line.split("=")
+        assert answer == "".join(sorted(prompt.removeprefix("sort:")))
 
 
 def _one_error_line(r, expected):
@@ -86,10 +114,21 @@ def test_request_beyond_context_is_refused():
 @pytest.mark.parametrize("args, expected", [
     (["--model", "/nonexistent"], "/nonexistent: model folder not found"),
     (["--prompt-ids", "1,2,999"], "token id 999 is outside the vocabulary 0..255"),
-    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--prompt", ""], "a prompt is empty"),
+    (["--prompt", "a", "--prompt-ids", "1"], "either as text (--prompt) or as token ids (--prompt-ids), not both"),
+    (["--prompt", "a", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
+    (["--prompt", "a", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--prompt", "a", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--prompt", "a", "--top-k", "-5"], "top-k must be an integer >= 0"),
+    (["--prompt", "a", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--prompt", "a", "--top-p", "0"], "top-p must be in (0, 1]"),
+    (["--prompt", "a", "--seed", "-1"], "seed must be an integer >= 0"),
+    (["--prompt", "a", "--threads", "0"], "--threads must be >= 1"),
+    ([], "no prompt: give --prompt TEXT"),
 ])
 def test_bad_input_is_one_clear_line(args, expected):
+    if "--model" not in args:
+        args = ["--model", model_dir("gpt2-tiny"), *args]
     r = run_cli(args, n=2, timeout=60)
     assert r.returncode == 2
     _one_error_line(r, expected)

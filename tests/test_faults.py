@@ -140,7 +140,7 @@ def case_request_exhausts_memory(tmp):
     cfg["max_position_embeddings"] = 2**31
     shutil.copy(f"{model_dir('llama-gqa')}/model.safetensors", path)
     (path / "config.json").write_text(json.dumps(cfg))
-    return path, "needs", ["--max-new-tokens", str(2**31 - 100)]
+    return path, "needs", ["--prompt-ids", "1,2,3", "--max-new-tokens", str(2**31 - 100)]
 
 
 CASES = [case_missing_folder, case_config_missing, case_config_not_json, case_unknown_model_type,
@@ -151,7 +151,7 @@ CASES = [case_missing_folder, case_config_missing, case_config_not_json, case_un
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
 def test_bad_model_input_fails_fast_with_one_line(tmp_path, case):
     path, expected, *extra = case(tmp_path)
-    fail_fast(["--model", str(path), *(extra[0] if extra else [])], expected)
+    fail_fast(["--model", str(path), *(extra[0] if extra else ["--prompt-ids", "1,2,3"])], expected)
 
 
 HEADER_CLASSES = ["header beyond file", "header above cap", "offsets outside data", "overlap", "hole",
@@ -162,7 +162,7 @@ HEADER_CLASSES = ["header beyond file", "header above cap", "offsets outside dat
 def test_malformed_header_fails_fast_with_one_line(tmp_path, kind):
     path = base_model(tmp_path / "m")
     write_raw(path / "model.safetensors", *_corrupt(kind))
-    fail_fast(["--model", str(path)], "model.safetensors")
+    fail_fast(["--model", str(path), "--prompt-ids", "1,2,3"], "model.safetensors")
 
 
 @pytest.mark.parametrize("phase", ["load", "prefill", "decode"])

@@ -12,7 +12,7 @@ import pytest
 
 import dense_reference
 from conftest import MODELS, golden, model_dir
-from mpitp import Sampler, Trace, comm, generate, load_model
+from mpitp import Sampler, Trace, comm, generate_sequence, load_model
 from mpitp.config import load_config
 from mpitp.sharding import valid_rank_counts
 from st_util import write_safetensors
@@ -44,7 +44,7 @@ def test_greedy_matches_hugging_face(name, dtype):
     g = golden(name)
     model = load_model(model_dir(name), comm.serial(), dtype)
     for L in LENGTHS:
-        out = generate(model, g[f"prompt_L{L}"], 20)
+        out = generate_sequence(model, g[f"prompt_L{L}"], 20)
         assert out.token_ids == g[f"greedy_x64_L{L}"].tolist()
 
 
@@ -96,7 +96,7 @@ def test_tensor_parallel_equals_serial_on_simulated_ranks(name):
 def test_tensor_parallel_greedy_on_simulated_ranks(name):
     g = golden(name)
     for size in valid_rank_counts(load_config(model_dir(name)))[1:]:
-        outs = run_ranks(size, lambda c: generate(load_model(model_dir(name), c, "float32"),
+        outs = run_ranks(size, lambda c: generate_sequence(load_model(model_dir(name), c, "float32"),
                                                   g["prompt_L7"], 20).token_ids)
         assert all(o == g["greedy_x64_L7"].tolist() for o in outs)
 
@@ -180,7 +180,7 @@ def test_trace_records_every_named_tensor():
     g = golden("llama-gqa")
     model = load_model(model_dir("llama-gqa"), comm.serial(), "float64")
     trace = Trace()
-    out = generate(model, g["prompt_L7"], 3, trace=trace)
+    out = generate_sequence(model, g["prompt_L7"], 3, trace=trace)
     a = trace.arrays
     assert out.token_ids == g["greedy_x64_L7"][:3].tolist()
     assert a["step0/logits"].shape == (7, 258) and a["step2/logits"].shape == (1, 258)
@@ -199,11 +199,11 @@ def test_sampling_is_reproducible_and_tp_independent():
 
     def sample(c):
         model = load_model(model_dir("gpt2-tiny"), c, "float64")
-        return generate(model, g["prompt_L7"], 15, Sampler(temperature=0.9, top_k=50, top_p=0.95, seed=7)).token_ids
+        return generate_sequence(model, g["prompt_L7"], 15, Sampler(temperature=0.9, top_k=50, top_p=0.95, seed=7)).token_ids
 
     serial = sample(comm.serial())
     assert serial == sample(comm.serial())
-    assert serial != generate(load_model(model_dir("gpt2-tiny"), comm.serial(), "float64"), g["prompt_L7"],
+    assert serial != generate_sequence(load_model(model_dir("gpt2-tiny"), comm.serial(), "float64"), g["prompt_L7"],
                               15).token_ids  # really sampling, not greedy
     for size in (2, 4):
         assert run_ranks(size, sample) == [serial] * size
@@ -219,7 +219,7 @@ def test_generation_stops_at_eos(tmp_path):
     cfg["eos_token_id"] = eos
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = load_model(str(tmp_path), comm.serial(), "float64")
-    out = generate(model, g["prompt_L7"], 20, stop_ids=model.config.eos_token_ids)
+    out = generate_sequence(model, g["prompt_L7"], 20, stop_ids=model.config.eos_token_ids)
     assert out.token_ids == expected[:expected.index(eos) + 1] and out.finish_reason == "eos"
 
 

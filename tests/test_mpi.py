@@ -10,7 +10,7 @@ import pytest
 from mpi4py import MPI
 
 from conftest import MODELS, golden, model_dir
-from mpitp import ShardingError, comm, generate, load_model
+from mpitp import ShardingError, comm, generate_sequence, load_model
 from mpitp.config import load_config
 from mpitp.sharding import valid_rank_counts
 from threadcomm import CountingComm
@@ -53,7 +53,7 @@ def test_world_greedy_and_cached_decode(name):
     g = golden(name)
     model = world_model(name, "float64")
     for L in (1, 7, 33):
-        out = generate(model, g[f"prompt_L{L}"], 20)
+        out = generate_sequence(model, g[f"prompt_L{L}"], 20)
         assert everywhere(out.token_ids == g[f"greedy_x64_L{L}"].tolist())
     # decode against the cache reproduces HF's per-step logits
     prompt, tokens = g["prompt_L7"].tolist(), g["greedy_x64_L7"].tolist()
@@ -93,8 +93,8 @@ def test_world_sampling_matches_serial():
     g = golden("llama-gqa")
     model = world_model("llama-gqa", "float64")
     serial = load_model(model_dir("llama-gqa"), comm.serial(), "float64")
-    out = generate(model, g["prompt_L7"], 15, Sampler(temperature=0.8, top_p=0.9, seed=3)).token_ids
-    ref = generate(serial, g["prompt_L7"], 15, Sampler(temperature=0.8, top_p=0.9, seed=3)).token_ids
+    out = generate_sequence(model, g["prompt_L7"], 15, Sampler(temperature=0.8, top_p=0.9, seed=3)).token_ids
+    ref = generate_sequence(serial, g["prompt_L7"], 15, Sampler(temperature=0.8, top_p=0.9, seed=3)).token_ids
     assert everywhere(out == ref)
 
 
@@ -111,5 +111,5 @@ def test_world_random_models(tmp_path, name):
     model = load_model(path, WORLD, "float64")
     logits = model.forward(ids, model.new_cache(len(ids)), all_logits=True)
     assert everywhere(np.abs(logits - dense_reference.dense_logits(path, ids)).max() <= 1e-12)
-    out = generate(model, ids, 10).token_ids
+    out = generate_sequence(model, ids, 10).token_ids
     assert everywhere(out == dense_reference.dense_greedy(path, ids, 10))

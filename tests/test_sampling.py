@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import golden, model_dir
-from mpitp import RequestError, Sampler, comm, generate, load_model
+from mpitp import RequestError, Sampler, comm, generate_sequence, load_model
 from mpitp.sampling import gumbel_noise
 from mpitp.sharding import block_range
 from random_models import write_random_model
@@ -100,12 +100,12 @@ def test_generation_vocab_parallel_equals_replicated_head(tmp_path, name, sizes)
         for size in sizes:
             def run(c, vocab_parallel):
                 model = load_model(path, c, "float64", vocab_parallel=vocab_parallel)
-                return generate(model, prompt, 12, Sampler(sampler.temperature, sampler.top_k, sampler.top_p,
+                return generate_sequence(model, prompt, 12, Sampler(sampler.temperature, sampler.top_k, sampler.top_p,
                                                            sampler.seed)).token_ids
             split = run_ranks(size, lambda c: run(c, True))
             replicated = run_ranks(size, lambda c: run(c, False))
             assert split == replicated and all(s == split[0] for s in split)
     g = golden("llama-gqa")
     if name == "llama-gqa":
-        assert run_ranks(4, lambda c: generate(load_model(path, c, "float64"), g["prompt_L7"], 20).token_ids)[0] \
+        assert run_ranks(4, lambda c: generate_sequence(load_model(path, c, "float64"), g["prompt_L7"], 20).token_ids)[0] \
             == g["greedy_x64_L7"].tolist()

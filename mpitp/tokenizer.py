@@ -1,0 +1,73 @@
+"""Text to token ids and back, through a model folder's ``tokenizer.json``.
+
+The Hugging Face ``tokenizers`` library reads tokenizer.json files of every kind (byte-level BPE, SentencePiece
+conversions, ...) with no network access; it is an optional extra (``pip install mpitp[text]``), needed only for
+text prompts. Special tokens are added as the tokenizer says (its post-processor, or ``add_bos_token`` in
+``tokenizer_config.json``). ``Tokenizer.stream`` decodes one token at a time without ever printing half a
+character: a token may end in the middle of a multi-byte UTF-8 sequence.
+"""
+
+import json
+import os
+
+from .errors import ConfigError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """A model folder's tokenizer.
+
+    Parameters
+    ----------
+    model_dir : str
+        Folder with ``tokenizer.json`` (and optionally ``tokenizer_config.json``).
+    bos_token_id : int or None
+        The model's beginning-of-sequence id, added in front when the tokenizer config asks for it.
+    """
+
+    def __init__(self, model_dir, bos_token_id=None):
+        path = os.path.join(model_dir, TOKENIZER_FILE)
+        if not os.path.exists(path):
+            raise ConfigError(f"{model_dir}: there is no {TOKENIZER_FILE} for text prompts; pass token ids with "
+                              "--prompt-ids instead.")
+        try:
+            import tokenizers
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            raise ConfigError(f"{path}: text prompts need the 'tokenizers' library, which is not installed; "
+                              "install it with: pip install 'mpitp[text]' (or pass --prompt-ids).") from None
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the library raises its own exception type for every parse error
+            raise ConfigError(f"{path}: not a valid tokenizer file ({e}).") from None
+        self._decode_stream = DecodeStream
+        self.bos_token_id = bos_token_id
+        self.add_bos = False
+        config_path = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.exists(config_path):
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    self.add_bos = bool(json.load(f).get("add_bos_token", False)) and bos_token_id is not None
+            except (OSError, ValueError, AttributeError):
+                raise ConfigError(f"{config_path}: not readable as a JSON object.") from None
+
+    def encode(self, text):
+        """Token ids of ``text``, with the special tokens the tokenizer adds."""
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        if self.add_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids):
+        """Text of ``ids`` (special tokens left out)."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def stream(self):
+        """A function ``step(token_id) -> str``: the text that token completes ('' while a character is cut)."""
+        stream = self._decode_stream(skip_special_tokens=True)
+
+        def step(token_id):
+            return stream.step(self._tok, int(token_id)) or ""
+
+        return step
