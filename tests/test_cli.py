@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import golden, model_dir, run_cli, serial_only
+from mpitp.tokenizer import Tokenizer
 
 pytestmark = serial_only
 PROMPT = golden("gpt2-tiny")["prompt_L7"].tolist()
@@ -24,8 +25,10 @@ def test_json_contract(n):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # the only thing on stdout is one JSON object
     assert out["ranks"] == n and out["dtype"] == "float64" and out["model"] == model_dir("gpt2-tiny")
-    assert out["sequences"] == [{"prompt_ids": PROMPT, "token_ids": g["greedy_x64_L7"].tolist(),
-                                 "finish_reason": "length"}]
+    (seq,) = out["sequences"]
+    assert (seq["prompt_ids"], seq["token_ids"], seq["finish_reason"]) == (PROMPT, g["greedy_x64_L7"].tolist(),
+                                                                            "length")
+    assert seq["text"] == Tokenizer(model_dir("gpt2-tiny")).decode(seq["token_ids"])  # the folder has a tokenizer
     assert out["timing"]["prefill_tokens_per_s"] > 0 and out["timing"]["decode_tokens_per_s"] > 0
 
 
