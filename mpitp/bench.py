@@ -64,10 +64,10 @@ INTERCONNECTS = [
 
 # --- model construction -------------------------------------------------------------------------------
 
-def random_model(config, comm, dtype, seed=0):
+def random_model(config, comm, dtype, seed=0, vocab_parallel=True):
     """A ``Model`` with random weights of ``config``'s shapes; each rank creates only its own shard."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    shard = shard_for(config, rank, size)
+    shard = shard_for(config, rank, size, vocab_parallel)
     rng = np.random.default_rng([seed, rank])
     d, dh = config.n_embd, config.d_head
     q, kv, f = shard.n_head_local * dh, shard.n_kv_head_local * dh, shard.n_ffn_local
@@ -317,6 +317,10 @@ def format_report(rec):
         total = sum(b.values())
         parts = " | ".join(f"{k} {v:.3f} ms ({100 * v / total:.0f}%)" for k, v in b.items())
         out.append(f"{what} (slowest rank): {parts} | total {total:.3f} ms")
+    hd = rec["lm_head"]
+    out.append(f"LM head: {'vocab-parallel' if hd['vocab_parallel'] else 'replicated'}, {hd['n_vocab_local']} "
+               f"vocabulary columns and {hd['bytes_per_rank'] / 2**20:.1f} MiB per rank, "
+               f"{hd['ms_per_decode_token']:.3f} ms per decode token")
     ar = rec["allreduce"]
     out.append(f"Allreduce per decode token: {ar['calls_per_token']} calls, {ar['measured_bytes_per_token']} B "
                f"payload measured, {ar['predicted_bytes_per_token']} B predicted ((2 x n_layer + 1 if the "
@@ -423,6 +427,9 @@ def build_parser():
     p.add_argument("-r", "--repeats", type=int, default=5, help="timed repetitions of each test (after a warm-up)")
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads per rank (default: cores on the node / ranks on the node)")
+    p.add_argument("--replicated-head", action="store_true",
+                   help="replicate the embedding and LM head on every rank instead of splitting them by vocabulary "
+                        "(to compare)")
     p.add_argument("--osu", action="store_true", help="also print an OSU-style Allreduce latency table")
     p.add_argument("--roofline-mib", type=int, default=256,
                    help="size of the array read to measure DRAM bandwidth; keep it well above the caches")
@@ -458,7 +465,7 @@ def _run(args, comm):
         if args.n_prompt < 1 or args.n_gen < 1 or args.repeats < 1:
             raise MpitpError("--n-prompt, --n-gen and --repeats must be >= 1.")
         if args.model:
-            model = Model.load(args.model, comm, args.dtype)
+            model = Model.load(args.model, comm, args.dtype, vocab_parallel=not args.replicated_head)
             name = os.path.basename(os.path.normpath(args.model))
         else:
             config = config_from_dict(PRESETS[args.preset], f"preset {args.preset}")
@@ -473,7 +480,7 @@ def _run(args, comm):
         return 2
     threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
     if not args.model:
-        model = random_model(config, comm, DTYPES[args.dtype])
+        model = random_model(config, comm, DTYPES[args.dtype], vocab_parallel=not args.replicated_head)
     cfg, itemsize = model.config, np.dtype(model.dtype).itemsize
     rng = np.random.default_rng(0)
     if args.long:
@@ -519,6 +526,8 @@ def _run(args, comm):
         "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
                   {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
         "decode_breakdown_ms": breakdown,
+        "lm_head": {"vocab_parallel": model.vocab_parallel, "n_vocab_local": model.shard.n_vocab_local,
+                    "bytes_per_rank": model.globals.W_vocab.nbytes, "ms_per_decode_token": breakdown["lm_head"]},
         "prefill_breakdown_ms": {k: 1e3 * v for k, v in prefill_parts.items()},
         "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,

@@ -64,6 +64,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    p.add_argument("--replicated-head", action="store_true",
+                   help="replicate the embedding and LM head on every rank instead of splitting them by vocabulary "
+                        "(same tokens; for comparison)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
@@ -117,7 +120,7 @@ def _prepare(args, comm):
         raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
     if fault == "input":
         raise MpitpError("bad input injected by MPITP_INJECT_FAULT on this rank only.")
-    model = Model.load(args.model, comm, args.dtype)
+    model = Model.load(args.model, comm, args.dtype, vocab_parallel=not args.replicated_head)
     if fault in ("prefill", "decode"):
         _arm_fault(model, fault)
     texts = args.prompt

@@ -119,7 +119,7 @@ class Model:
         all_logits : bool
             Return logits for every new position instead of only the last one.
         profile : Profile, optional
-            Accumulates this forward's wall time per category (matmul, attention, allreduce, other).
+            Accumulates this forward's wall time per category (matmul, attention, allreduce, lm_head, other).
         gather : bool
             Return the logits of the whole vocabulary on every rank. With ``False`` a vocab-parallel model
             returns only this rank's columns, ``shard.vocab_cols`` (what generation uses: it decides the
@@ -207,7 +207,7 @@ class Model:
             mark("matmul")
             mpi.allreduce_sum(self.comm, buf)
             mark("allreduce")
-            x = x + buf
+            x += buf  # x is this forward's own array: the residual is added in place
             if w.b_B is not None:
                 x += w.b_B
             # MLP. C = norm_2(x), replicated.
@@ -225,12 +225,12 @@ class Model:
             mark("matmul")
             mpi.allreduce_sum(self.comm, buf)
             mark("allreduce")
-            E = x + buf
+            x += buf
             if w.b_D is not None:
-                E += w.b_D
+                x += w.b_D
+            E = x  # the block's output (the trace copies it)
             if trace is not None:
                 trace.record_layer(layer, A=A, Q=Q, K=K, V=V, B=B, C=C, D=D, E=E)
-            x = E
 
         for (_, cache), n in zip(segments, map(len, ids_list)):
             cache.advance(n)
@@ -238,7 +238,7 @@ class Model:
         h = self._norm(x[rows], g.norm_f_weight, g.norm_f_bias)
         mark("other")
         logits = h @ g.W_vocab  # [len(rows), n_vocab_local]: this rank's vocabulary columns
-        mark("matmul")
+        mark("lm_head")
         if self.vocab_parallel and (gather or trace is not None):
             full = mpi.allgather_columns(self.comm, logits, self._vocab_counts)
             if trace is not None:

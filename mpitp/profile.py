@@ -6,7 +6,7 @@ mark to that category. Without a profile the marks go to ``NO_PROFILE``, whose m
 
 import time
 
-CATEGORIES = ("matmul", "attention", "allreduce", "other")
+CATEGORIES = ("matmul", "attention", "allreduce", "lm_head", "other")
 
 
 class Profile:

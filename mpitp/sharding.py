@@ -37,6 +37,8 @@ def rank_count_problem(config, size):
     if kv % size and size % kv:
         return (f"its {kv} key/value heads can be neither divided over {size} ranks nor replicated evenly "
                 f"onto them")
+    if config.n_vocab < size or config.n_ffn < size:
+        return f"its vocabulary ({config.n_vocab}) or MLP width ({config.n_ffn}) is smaller than {size}"
     return None
 
 

@@ -115,5 +115,6 @@ def test_bench_end_to_end_on_every_rank(tmp_path):
         assert rec["ranks"] == world.size and [t["test"] for t in rec["tests"]] == ["pp16", "tg8"]
         assert rec["allreduce"]["measured_bytes_per_token"] == rec["allreduce"]["predicted_bytes_per_token"]
         assert set(rec["decode_breakdown_ms"]) == set(rec["prefill_breakdown_ms"]) == \
-            {"matmul", "attention", "allreduce", "other"}
+            {"matmul", "attention", "allreduce", "lm_head", "other"}
+        assert rec["lm_head"]["bytes_per_rank"] == 64 * rec["lm_head"]["n_vocab_local"] * 4
         assert rec["environment"]["mpi_library"] and rec["allreduce_latency_us"]

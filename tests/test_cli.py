@@ -72,6 +72,14 @@ def test_text_prompt_through_tokenizer_json_reproduces_hugging_face(n):
     assert streamed.returncode == 0 and streamed.stdout == GOLDEN_TEXT + str(g["text_continuation_f64"]) + "\n"
 
 
+def test_replicated_head_gives_the_same_tokens():
+    args = ["--model", model_dir("llama-gqa"), "--prompt-ids", "5,6,7", "--max-new-tokens", "10", "--temperature",
+            "0.9", "--top-p", "0.9", "--seed", "3", "--json"]
+    split, replicated = run_cli(args, n=2), run_cli(args + ["--replicated-head"], n=2)
+    assert split.returncode == replicated.returncode == 0
+    assert json.loads(split.stdout)["sequences"] == json.loads(replicated.stdout)["sequences"]
+
+
 def test_batch_of_text_prompts_prints_one_line_each():
     r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt", GOLDEN_TEXT, "--prompt", "abc", "--max-new-tokens",
                  "5", "--ignore-eos", "--json"], n=2)
