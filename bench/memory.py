@@ -13,16 +13,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mpitp import comm as mpi  # noqa: E402
+from mpitp.memory import rss_bytes  # noqa: E402
 from mpitp.model import DTYPES, Model  # noqa: E402
-
-
-def _status_kib(field):
-    # Linux: VmRSS is resident memory now, VmHWM its peak so far.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def main(argv=None):
@@ -33,12 +25,12 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     comm = mpi.world()
-    before = _status_kib("VmRSS")
+    before = rss_bytes("VmRSS")
     model = Model.load(args.model, comm, args.dtype)
-    peak = _status_kib("VmHWM")
+    peak = rss_bytes("VmHWM")
     itemsize = DTYPES[args.dtype]().itemsize
     row = {"rank": comm.Get_rank(), "shard_bytes": model.weight_bytes,
-           "peak_growth_bytes": (peak - before) * 1024, "rss_before_bytes": before * 1024}
+           "peak_growth_bytes": peak - before, "rss_before_bytes": before}
     rows = mpi.allgather(comm, row)
     if comm.Get_rank() == 0:
         full = model.config.n_params * itemsize

@@ -8,7 +8,6 @@ Without ``--model`` it builds a random-weight model with the shapes of a preset,
 Timings are wall clock between barriers, the slowest rank's.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -23,14 +22,15 @@ import numpy as np
 from . import __version__
 from . import comm as mpi
 from .config import config_from_dict
-from .entry import RankParser, failed_vote, run_guarded
+from .entry import HelpFormatter, RankParser, failed_vote, run_guarded
 from .errors import MpitpError
-from .generation import next_token
+from .generation import generate_sequence
+from .memory import rss_bytes
 from .model import DTYPES, Model
 from .profile import CATEGORIES, Profile
 from .sampling import Sampler
 from .sharding import shard_for
-from .threads import apply_blas_threads, blas_description, choose_threads
+from .threads import apply_blas_threads, blas_description, choose_threads, missing_threadpoolctl_warning
 from .weights import BlockWeights, GlobalWeights
 
 # Real model shapes, as Hugging Face config.json dicts.
@@ -118,15 +118,12 @@ def decode_read_bytes(model, n_kv):
     g = model.globals
     arrays = [a for b in model.blocks for a in b.arrays()]
     arrays += [a for a in (g.norm_f_weight, g.norm_f_bias, g.W_vocab) if a is not None]
-    itemsize = np.dtype(model.dtype).itemsize
-    weights = sum(a.nbytes for a in arrays)
-    cfg = model.config
-    kv = 2 * cfg.n_layer * model.shard.n_kv_head_local * n_kv * cfg.d_head * itemsize
-    return weights + kv
+    return sum(a.nbytes for a in arrays) + model.cache_bytes(n_kv)
 
 
 def prefill_flops(model, n_seq):
-    """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (LM head for the last)."""
+    """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (its LM-head columns for the
+    last position)."""
     cfg, s = model.config, model.shard
     d, dh = cfg.n_embd, cfg.d_head
     q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
@@ -134,7 +131,7 @@ def prefill_flops(model, n_seq):
     per_token = 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
     # causal attention: Q K^T and P V, each 2 * d_head flops per (query, visible key) pair and head
     attention = 2 * 2 * dh * s.n_head_local * n_seq * (n_seq + 1) / 2
-    return cfg.n_layer * (n_seq * per_token + attention) + 2 * d * cfg.n_vocab
+    return cfg.n_layer * (n_seq * per_token + attention) + 2 * d * s.n_vocab_local
 
 
 def project_tokens_per_s(compute_s, n_messages, message_bytes, size, alpha, beta):
@@ -191,10 +188,11 @@ def measure_gemm_rate(model, n_seq, repeats=5):
 
 
 def run_prefill(model, n_prompt, repeats, rng):
-    """Prefill tokens/s of ``repeats`` runs (the slowest rank's time each)."""
+    """Prefill tokens/s of ``repeats`` runs (the slowest rank's time each; caches allocated beforehand)."""
     prompt = rng.integers(0, model.config.n_vocab, n_prompt)
-    return [n_prompt / t for t in _timed(
-        model.comm, lambda: model.forward(prompt, model.new_cache(n_prompt), gather=False), repeats)]
+    caches = [model.new_cache(n_prompt) for _ in range(repeats)]
+    return [n_prompt / t for t in _timed(model.comm, lambda: model.forward(prompt, caches.pop(), gather=False),
+                                         repeats)]
 
 
 def profiled_prefill(model, n_prompt, profile):
@@ -214,39 +212,29 @@ def slowest_breakdown(comm, own_seconds, profile):
     return max(mpi.allgather(comm, (own_seconds, parts)), key=lambda r: r[0])
 
 
-def decode_run(model, n_gen, profile=None, slowest=True):
-    """Generate ``n_gen`` tokens greedily after one token (rank 0 decides and broadcasts, as in generate);
-    returns the seconds of the ``n_gen`` decode forwards: the slowest rank's, or with ``slowest=False``
-    this rank's own."""
-    comm, sampler = model.comm, Sampler()
-    cache = model.new_cache(n_gen + 1)
-    logits = model.forward([0], cache, gather=False)
-    comm.Barrier()
-    t = time.perf_counter()
-    for step in range(n_gen):
-        token, _ = next_token(model, sampler, logits[-1], step, (), n_gen + 1)
-        logits = model.forward([token], cache, profile=profile, gather=False)
-    elapsed = time.perf_counter() - t
-    return mpi.max_over_ranks(comm, elapsed) if slowest else elapsed
+def decode_run(model, n_gen, profile=None, on_token=None):
+    """Generate ``n_gen`` tokens greedily after a one-token prompt, with mpitp's own generation loop (rank 0
+    decides and broadcasts each token); returns this rank's seconds for the ``n_gen`` decode forwards."""
+    model.comm.Barrier()
+    out = generate_sequence(model, [0], n_gen + 1, Sampler(), on_token=on_token, profile=profile)
+    return out.timing.decode_seconds
 
 
 def long_run(model, n_gen):
     """Generate ``n_gen`` tokens in one sequence: per-token seconds (the slowest rank's, per tenth of the
-    run) and how much each rank's resident memory grew after its cache was allocated."""
-    comm, sampler = model.comm, Sampler()
-    cache = model.new_cache(n_gen + 1)
-    logits = model.forward([0], cache, gather=False)
-    before, times = _rss("VmRSS"), []
-    comm.Barrier()
-    for step in range(n_gen):
-        t = time.perf_counter()
-        token, _ = next_token(model, sampler, logits[-1], step, (), n_gen + 1)
-        logits = model.forward([token], cache, gather=False)
-        times.append(time.perf_counter() - t)
-    grown = max(mpi.allgather(comm, (_rss("VmRSS") - before) if before else 0))
-    tenths = [float(np.mean(chunk)) for chunk in np.array_split(np.array(times), 10)]
-    return {"n_gen": n_gen, "seconds_per_token_by_tenth": [mpi.max_over_ranks(comm, t) for t in tenths],
-            "rss_growth_bytes_after_cache": grown, "kv_cache_bytes": cache.nbytes}
+    run) and how much each rank's resident memory grew after its cache was allocated and the prompt ran."""
+    stamps, rss = [], []
+
+    def on_token(token):
+        stamps.append(time.perf_counter())
+        if len(stamps) == 1:
+            rss.append(rss_bytes())
+
+    decode_run(model, n_gen, on_token=on_token)
+    grown = max(mpi.allgather(model.comm, (rss_bytes() - rss[0]) if rss[0] else 0))
+    tenths = [float(np.mean(chunk)) for chunk in np.array_split(np.diff(stamps), 10)]
+    return {"n_gen": n_gen, "seconds_per_token_by_tenth": [mpi.max_over_ranks(model.comm, t) for t in tenths],
+            "rss_growth_bytes_after_cache": grown, "kv_cache_bytes": model.cache_bytes(n_gen + 1)}
 
 
 def allreduce_latency(comm, sizes, dtype, iterations=200):
@@ -332,16 +320,18 @@ def format_report(rec):
                f"{rf['decode_bound_tokens_per_s']:.1f} tok/s; measured {rf['decode_tokens_per_s']:.1f} = "
                f"{rf['decode_percent']:.0f}%")
     out.append(f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank at this model's shapes / "
-               f"{rf['prefill_flops_per_token'] / 1e9:.3f} GFLOP per token per rank = "
+               f"{rf['prefill_flops_per_token'] / 1e6:.2f} MFLOP per token per rank = "
                f"{rf['prefill_bound_tokens_per_s']:.1f} tok/s; measured {rf['prefill_tokens_per_s']:.1f} = "
                f"{rf['prefill_percent']:.0f}%")
     mems = rec.get("memory_per_rank") or []
     if mems and mems[0]["peak_rss_bytes"]:
         worst = max(mems, key=lambda m: m["peak_growth_over_weights_and_cache"])
+        growth = worst["peak_rss_bytes"] - worst["rss_start_bytes"]
         out.append(f"memory per rank (worst rank): weights {worst['weight_bytes'] / 2**20:.1f} MiB + KV cache "
                    f"{worst['kv_cache_bytes'] / 2**20:.1f} MiB; peak RSS {worst['peak_rss_bytes'] / 2**20:.1f} MiB, "
-                   f"of which {worst['rss_start_bytes'] / 2**20:.1f} MiB before loading (Python, NumPy, MPI): "
-                   f"growth = {worst['peak_growth_over_weights_and_cache']:.2f} x (weights + cache)")
+                   f"of which {worst['rss_start_bytes'] / 2**20:.1f} MiB before loading (Python, NumPy, MPI); "
+                   f"growth {growth / 2**20:.1f} MiB = {worst['peak_growth_over_weights_and_cache']:.2f} x "
+                   f"(weights + cache)")
     if rec.get("projection"):
         proj = ", ".join(f"{p['interconnect']}: {p['decode_tokens_per_s']:.1f}" for p in rec["projection"])
         out.append(f"projected decode tok/s over a network (alpha-beta model, compute as measured): {proj}")
@@ -417,7 +407,7 @@ def build_parser():
     p = RankParser(prog="python -m mpitp.bench",
                    description="Benchmark tensor-parallel prefill (pp) and generation (tg) on the MPI ranks, "
                                "with a per-token time breakdown and a roofline measured in the same run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-124m",
                    help="random-weight model with these real shapes (ignored with --model)")
     p.add_argument("--model", metavar="DIR", help="benchmark a Hugging Face checkpoint folder instead")
@@ -457,7 +447,7 @@ def main(argv=None):
 
 def _run(args, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
-    rss_start = _rss("VmRSS")  # the interpreter, NumPy and MPI, before any model memory
+    rss_start = rss_bytes()  # the interpreter, NumPy and MPI, before any model memory
     error = None
     try:
         if args.threads is not None and args.threads < 1:
@@ -479,6 +469,9 @@ def _run(args, comm):
     if failed_vote(comm, error, "mpitp.bench"):  # the first collective
         return 2
     threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
+    warning = missing_threadpoolctl_warning(args.threads)
+    if warning and rank == 0:
+        print(f"mpitp.bench: {warning}", file=sys.stderr, flush=True)
     if not args.model:
         model = random_model(config, comm, DTYPES[args.dtype], vocab_parallel=not args.replicated_head)
     cfg, itemsize = model.config, np.dtype(model.dtype).itemsize
@@ -490,13 +483,13 @@ def _run(args, comm):
     run_prefill(model, args.n_prompt, 1, rng)
     decode_run(model, min(4, args.n_gen))
     pp = run_prefill(model, args.n_prompt, args.repeats, rng)
-    tg = [args.n_gen / decode_run(model, args.n_gen) for _ in range(args.repeats)]
+    tg = [args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)) for _ in range(args.repeats)]
 
     # One profiled decode run for the breakdown and the Allreduce byte count.
     profile = Profile()
     mpi.allreduce_bytes = 0
-    own_s = decode_run(model, args.n_gen, profile, slowest=False)
-    measured_bytes = mpi.allreduce_bytes // (args.n_gen + 1)  # decode_run also makes one untimed forward
+    own_s = decode_run(model, args.n_gen, profile)
+    measured_bytes = mpi.allreduce_bytes // (args.n_gen + 1)  # decode_run also makes the prompt's forward
     decode_s, parts = slowest_breakdown(comm, own_s, profile)  # "other" includes choosing the token
     breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
     prefill_profile = Profile()
@@ -504,8 +497,8 @@ def _run(args, comm):
                                          prefill_profile)
 
     # Memory: the peak so far covers loading, the caches and the activations of the tests above.
-    kv_bytes = model.new_cache(max(args.n_prompt, args.n_gen + 1)).nbytes
-    memory = {"rss_start_bytes": rss_start, "peak_rss_bytes": _rss("VmHWM"), "weight_bytes": model.weight_bytes,
+    kv_bytes = model.cache_bytes(max(args.n_prompt, args.n_gen + 1))
+    memory = {"rss_start_bytes": rss_start, "peak_rss_bytes": rss_bytes("VmHWM"), "weight_bytes": model.weight_bytes,
               "kv_cache_bytes": kv_bytes}
     memory["peak_growth_over_weights_and_cache"] = (
         (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
@@ -558,9 +551,7 @@ def _run(args, comm):
             print()
             print(format_osu(rec["allreduce_latency_us"], model.dtype))
         if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(rec, f, indent=1)
+            _write_json(args.json_out, rec)
             print(f"\nJSON record: {args.json_out}")
         sys.stdout.flush()
     return 0
@@ -578,22 +569,14 @@ def _report_long(args, comm, name, model, rec, threads):
         print(f"resident memory growth after the cache was allocated (largest rank): "
               f"{rec['rss_growth_bytes_after_cache'] / 2**20:.2f} MiB")
         if args.json_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(rec, f, indent=1)
+            _write_json(args.json_out, rec)
     return 0
 
 
-def _rss(field):
-    """Resident memory now (VmRSS) or its peak (VmHWM) in bytes, from Linux's /proc; None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _write_json(path, rec):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
 
 
 if __name__ == "__main__":

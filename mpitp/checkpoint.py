@@ -34,12 +34,12 @@ def _bf16_to_f32(raw):
 
 
 class SafetensorsFile:
-    """One validated, memory-mapped safetensors file.
+    """One validated safetensors file.
 
     Parameters
     ----------
     path : str
-        The file. Its header is read and validated in the constructor; the data is mapped lazily.
+        The file. Its header is read and validated in the constructor; tensor data is read on request.
     """
 
     def __init__(self, path):
@@ -248,15 +248,17 @@ class Checkpoint:
     def _open(self, file_name):
         if file_name in self._files:
             return self._files[file_name]
-        root = os.path.realpath(self.model_dir)
         if not file_name or "\0" in file_name:
             raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
                                   f"shard file name {file_name!r} is not a valid file name.")
-        path = os.path.realpath(os.path.join(root, file_name))
-        if os.path.isabs(file_name) or os.path.commonpath([root, path]) != root or path == root:
+        # The name must stay inside the folder as written: no absolute path, no "..". (The file itself may
+        # be a symbolic link, as every file of a Hugging Face cache snapshot is.)
+        parts = file_name.replace("\\", "/").split("/")
+        if os.path.isabs(file_name) or ".." in parts or all(p in ("", ".") for p in parts):
             raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
                                   f"shard file {file_name!r} lies outside the model folder; shard files must be "
                                   "plain names inside it.")
+        path = os.path.join(self.model_dir, file_name)
         if not os.path.isfile(path):
             raise CheckpointError(os.path.join(self.model_dir, file_name), None,
                                   f"shard file not found (named in {INDEX_NAME}).")

@@ -80,12 +80,13 @@ def allgather(comm, obj):
 
 
 def ranks_on_node(comm):
-    """How many ranks of ``comm`` share this node's memory (and cores)."""
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.Get_size()
-    finally:
-        node.Free()
+    """How many ranks of ``comm`` run on this node (and share its cores and memory).
+
+    Counted by host name: with MPI forced onto TCP on one machine (MPIR_CVAR_NOLOCAL=1) the shared-memory
+    split would see every rank alone.
+    """
+    names = comm.allgather(MPI.Get_processor_name())
+    return names.count(MPI.Get_processor_name())
 
 
 def max_over_ranks(comm, value):

@@ -13,6 +13,15 @@ import traceback
 from . import comm as mpi
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth showing and the help does not say it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class RankParser(argparse.ArgumentParser):
     """An ArgumentParser that prints help and usage errors on rank 0 only (every rank still exits)."""
 

@@ -14,12 +14,12 @@ import sys
 import time
 
 from . import comm as mpi
-from .entry import RankParser, failed_vote, run_guarded
+from .entry import HelpFormatter, RankParser, failed_vote, run_guarded
 from .errors import MpitpError, RequestError
 from .generation import check_batch, generate_batch
 from .model import DTYPES, Model
 from .sampling import Sampler
-from .threads import apply_blas_threads, choose_threads
+from .threads import apply_blas_threads, choose_threads, missing_threadpoolctl_warning
 from .tokenizer import Tokenizer
 from .trace import Trace
 
@@ -44,7 +44,7 @@ def build_parser():
     p = RankParser(prog="python -m mpitp.generate",
                 description="Generate tokens with a tensor-parallel transformer split over the MPI ranks "
                             "(run under mpirun -n P; without mpirun it runs on one rank).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                    help="Hugging Face model folder (config.json + model.safetensors or an index and shards); "
                         "default: the tiny digit-sorting GPT-2 shipped with mpitp")
@@ -178,7 +178,10 @@ class _Printer:
 
     def finish(self, text):
         if self.stream:  # whatever the stream held back (a cut character), then the end of the line
-            print(text[len(self.printed):] if text.startswith(self.printed) else "", flush=True)
+            if text.startswith(self.printed):
+                print(text[len(self.printed):], flush=True)
+            else:  # never expected; then show the whole decoded text rather than lose any of it
+                print("\n" + text, flush=True)
 
 
 def _run(args, comm):
@@ -193,6 +196,9 @@ def _run(args, comm):
         return 2
     load_seconds = time.perf_counter() - t_load
     threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
+    warning = missing_threadpoolctl_warning(args.threads)
+    if warning and rank == 0:
+        print(f"mpitp: {warning}", file=sys.stderr, flush=True)
     cfg = model.config
     _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {cfg.n_params / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
@@ -203,7 +209,12 @@ def _run(args, comm):
     stop_ids = () if args.ignore_eos else cfg.eos_token_ids
     printer = _Printer(args, rank, tokenizer, texts)
     mpi.allreduce_seconds = 0.0
-    results = generate_batch(model, prompts, max_new, sampler, stop_ids, trace, on_token=printer.on_token)
+    try:
+        results = generate_batch(model, prompts, max_new, sampler, stop_ids, trace, on_token=printer.on_token)
+    except MpitpError as e:  # refused identically on every rank (generate_batch agrees first)
+        if rank == 0:
+            print(f"mpitp: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if trace is not None:
         trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
     allreduce_s = mpi.max_over_ranks(comm, mpi.allreduce_seconds)

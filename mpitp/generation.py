@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import comm as mpi
-from .errors import RequestError
+from .errors import MpitpError, RequestError
 from .memory import check_fits
 from .sampling import Sampler
 
@@ -85,17 +85,8 @@ def _choose(model, sampler, logits, step, root):
     return None
 
 
-def next_token(model, sampler, logits, step, stop_ids, max_new_tokens, root=0):
-    """Choose token ``step`` of one sequence and tell every rank: ``(token, done)`` on every rank."""
-    token = _choose(model, sampler, logits, step, root)
-    is_root = model.comm.Get_rank() == root
-    done = is_root and (token in stop_ids or step + 1 >= max_new_tokens)
-    token, done = mpi.bcast_ints(model.comm, [token if is_root else 0, done], root=root)
-    return token, bool(done)
-
-
 def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
-                   on_token=None):
+                   on_token=None, profile=None):
     """Generate up to ``max_new_tokens`` tokens after each of ``prompts``, as one batch, on every rank.
 
     Each sequence comes out exactly as it would alone (its own positions, cache, stop and sampling steps).
@@ -116,19 +107,30 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
         The rank that chooses tokens.
     on_token : callable(sequence_index, token_id), optional
         Called on every rank as soon as every rank knows a new token (for streaming).
+    profile : Profile, optional
+        Accumulates the time of the decode forwards per category (the benchmark's breakdown).
 
     Returns
     -------
     list of Generation
     """
-    prompts = check_batch(model, prompts, max_new_tokens)
+    # Validate and allocate, then agree: the memory checks depend on each rank's machine, and no rank may
+    # go on to the first collective of the forward while another has failed.
+    error = None
+    try:
+        prompts = check_batch(model, prompts, max_new_tokens)
+        caches = [model.new_cache(len(p) + max(max_new_tokens - 1, 0)) for p in prompts]
+    except MpitpError as e:
+        error = e
+    messages = mpi.allgather(model.comm, None if error is None else str(error))
+    if any(m is not None for m in messages):
+        raise error or RequestError(next(m for m in messages if m is not None))
     sampler = sampler or Sampler()
     stop_ids = set(stop_ids)
     timing = Timing(prefill_tokens=sum(len(p) for p in prompts))
     results = [Generation(prompt_ids=[int(t) for t in p], timing=timing) for p in prompts]
     if trace is not None:
         trace.record_shard(model.shard)
-    caches = [model.new_cache(len(p) + max(max_new_tokens - 1, 0)) for p in prompts]
     t0 = time.perf_counter()
     # gather=False: a vocab-parallel model keeps each rank's logits to its own vocabulary range.
     logits = model.forward_batch(list(zip(prompts, caches)), trace=trace, all_logits=trace is not None,
@@ -161,7 +163,7 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
         if trace is not None:
             trace.next_step()
         feed = [([results[i].token_ids[-1]], caches[i]) for i in next_active]
-        logits = model.forward_batch(feed, trace=trace, all_logits=trace is not None, gather=False)
+        logits = model.forward_batch(feed, trace=trace, all_logits=trace is not None, gather=False, profile=profile)
         timing.decode_tokens += len(next_active)
         active = next_active
     timing.decode_seconds = time.perf_counter() - t1
@@ -169,11 +171,12 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
 
 
 def generate_sequence(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
-                      on_token=None):
+                      on_token=None, profile=None):
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` on every rank of ``model.comm``.
 
     See ``generate_batch`` (this is a batch of one; ``on_token`` takes just the token id). Returns a
     ``Generation``.
     """
     callback = None if on_token is None else (lambda i, token: on_token(token))
-    return generate_batch(model, [prompt_ids], max_new_tokens, sampler, stop_ids, trace, root, callback)[0]
+    return generate_batch(model, [prompt_ids], max_new_tokens, sampler, stop_ids, trace, root, callback,
+                          profile)[0]

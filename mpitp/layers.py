@@ -25,10 +25,10 @@ def _row_mean(x):
 def layer_norm(x, weight, bias, eps):
     # [n_seq, n_embd] -> [n_seq, n_embd] (a new array; x is unchanged)
     y = x - _row_mean(x)[:, None]
-    inv_std = _row_mean(np.square(y))
-    inv_std += eps
-    np.sqrt(inv_std, out=inv_std)
-    y /= inv_std[:, None]
+    std = _row_mean(np.square(y))
+    std += eps
+    np.sqrt(std, out=std)
+    y /= std[:, None]
     y *= weight
     y += bias
     return y

@@ -25,6 +25,18 @@ def available_bytes():
         return None
 
 
+def rss_bytes(field="VmRSS"):
+    """This process's resident memory now (``VmRSS``) or its peak (``VmHWM``) in bytes; None if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check_fits(nbytes, what, hint):
     """Raise ``RequestError`` if ``nbytes`` more bytes cannot fit in the available memory."""
     free = available_bytes()

@@ -173,7 +173,9 @@ class Model:
             mine = (local >= 0) & (local < shard.n_vocab_local)
             x = np.zeros((n_rows, cfg.n_embd), dtype=self.dtype)
             x[mine] = g.W_embed[local[mine]]
+            mark("other")
             mpi.allreduce_sum(self.comm, x)
+            mark("allreduce")
         else:
             x = g.W_embed[ids]  # [n_rows, n_embd], a copy: the residual stream, replicated on every rank
         if g.W_pos is not None:

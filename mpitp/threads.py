@@ -3,7 +3,8 @@
 With P ranks on a node of C cores each rank gets C // P BLAS threads (at least 1), unless the user chose
 (``--threads N``, or ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the
 environment). The limit is applied at run time through threadpoolctl, an optional extra made for exactly
-this (``pip install mpitp[threads]``); without it mpitp says so and leaves BLAS as it is.
+this (``pip install mpitp[threads]``); without it BLAS is left as it is, the commands report the thread count
+as unknown, and an explicit ``--threads`` gets a warning.
 """
 
 import os
@@ -39,6 +40,17 @@ def apply_blas_threads(n):
         threadpoolctl.threadpool_limits(limits=n, user_api="blas")
     counts = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
     return max(counts) if counts else None
+
+
+def missing_threadpoolctl_warning(requested):
+    """A warning line when ``--threads`` was asked for but cannot be applied; None otherwise."""
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        if requested is not None:
+            return (f"warning: --threads {requested} was not applied because threadpoolctl is not installed "
+                    "(pip install 'mpitp[threads]'); set OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) instead.")
+    return None
 
 
 def blas_description():

@@ -2,7 +2,7 @@
 
 Keys are ``step{s}/layer{l}/{A,Q,K,V,B,C,D,E}`` and ``step{s}/logits``; step 0 is the prefill.
 ``shard/*`` records which heads and MLP columns the rank owns. Shapes are
-those of DESIGN.md section 1 on this rank (Q, K, V flattened to ``[n_seq, heads_local * d_head]``, after
+those of the README's trace table on this rank (Q, K, V flattened to ``[n_seq, heads_local * d_head]``, after
 RoPE for Llama). Saved as an uncompressed ``.npz`` of plain arrays: readable with
 ``np.load(path, allow_pickle=False)``.
 """

@@ -30,15 +30,25 @@ def model_dir(name):
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "MPICH_", "I_MPI_")
 
 
-def run_cli(args, n=1, timeout=120):
-    """Run ``python -m mpitp.generate ARGS`` under ``mpirun -n N`` (or plainly for n=1) with a timeout."""
+def mpirun(n):
+    """The start of a command line that launches ``n`` ranks (the venv's mpirun when there is one)."""
+    path = Path(sys.executable).parent / "mpirun"
+    return [str(path) if path.exists() else "mpirun", "-n", str(n)]
+
+
+def child_env(**extra):
+    """This process's environment for a child job: no launcher variables, mpitp importable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(args, n=1, timeout=120, **env):
+    """Run ``python -m mpitp.generate ARGS`` under ``mpirun -n N`` (or plainly for n=1) with a timeout."""
     cmd = [sys.executable, "-m", "mpitp.generate", *args]
-    if n > 1:
-        mpirun = Path(sys.executable).parent / "mpirun"
-        cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(n), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    return subprocess.run((mpirun(n) if n > 1 else []) + cmd, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(**env), cwd=str(REPO))
 
 
 serial_only = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1,

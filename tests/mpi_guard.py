@@ -6,6 +6,7 @@ multi-rank run, that rank aborts the job as its session ends: the run exits non-
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +24,9 @@ def pytest_configure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     comm = MPI.COMM_WORLD
+    basetemp = session.config.option.basetemp
+    if comm.Get_size() > 1 and not session.testsfailed and basetemp and "mpitp-pytest-" in str(basetemp):
+        shutil.rmtree(basetemp, ignore_errors=True)  # this rank's own temporary folder, when all went well
     if comm.Get_size() > 1 and session.testsfailed:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -69,6 +69,21 @@ def test_prefill_flops_against_a_hand_count():
     assert bench.prefill_flops(model, n) == layers * (matmuls + attention) + head
 
 
+def test_prefill_flops_count_only_this_ranks_share():
+    full = bench.prefill_flops(load_model(model_dir("llama-gqa"), comm.serial(), "float32"), 6)
+    shares = run_ranks(2, lambda c: bench.prefill_flops(load_model(model_dir("llama-gqa"), c, "float32"), 6))
+    assert shares[0] == shares[1] == full / 2  # heads, MLP columns and vocabulary all split evenly here
+
+
+def test_threads_warning_without_threadpoolctl(monkeypatch):
+    import sys
+    from mpitp import threads
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    assert threads.apply_blas_threads(1) is None
+    assert "--threads 2 was not applied" in threads.missing_threadpoolctl_warning(2)
+    assert threads.missing_threadpoolctl_warning(None) is None
+
+
 def test_projection_and_mean_sd():
     assert bench.project_tokens_per_s(0.01, 24, 3072, 1, 1e-6, 1e9) == pytest.approx(100)
     # 24 messages of 3 KB over 2 ranks: 2 * alpha + 3072 / beta each

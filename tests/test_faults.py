@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import dense_reference
-from conftest import REPO, _LAUNCHER_PREFIXES, model_dir, run_cli, serial_only
+from conftest import REPO, child_env, model_dir, mpirun, run_cli, serial_only
 from st_util import header_and_data, write_raw, write_safetensors
 from test_loading import _corrupt
 
@@ -167,21 +167,17 @@ def test_malformed_header_fails_fast_with_one_line(tmp_path, kind):
 
 @pytest.mark.parametrize("phase", ["load", "prefill", "decode"])
 def test_exception_on_one_rank_aborts_everyone(phase):
-    env = dict(os.environ, MPITP_INJECT_FAULT=f"1:{phase}")
     t = time.monotonic()
-    r = subprocess.run([*_mpirun(2), sys.executable, "-m", "mpitp.generate", "--max-new-tokens", "5"],
-                       capture_output=True, text=True, timeout=LIMIT + 5, env=_clean(env), cwd=str(REPO))
-    assert time.monotonic() - t < LIMIT and r.returncode != 0
+    r = run_cli(["--max-new-tokens", "5"], n=2, timeout=LIMIT + 5, MPITP_INJECT_FAULT=f"1:{phase}")
+    assert time.monotonic() - t < LIMIT and r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.startswith("[rank 1] mpitp: unexpected error")]
     assert len(lines) == 1 and f"during {phase}" in lines[0] and "Traceback" not in r.stderr
 
 
 def test_bad_input_seen_by_one_rank_only():
     # e.g. a file missing on one node: that rank speaks for itself, and every rank exits cleanly.
-    env = dict(os.environ, MPITP_INJECT_FAULT="1:input")
     t = time.monotonic()
-    r = subprocess.run([*_mpirun(2), sys.executable, "-m", "mpitp.generate"], capture_output=True, text=True,
-                       timeout=LIMIT + 5, env=_clean(env), cwd=str(REPO))
+    r = run_cli([], n=2, timeout=LIMIT + 5, MPITP_INJECT_FAULT="1:input")
     assert time.monotonic() - t < LIMIT and r.returncode == 2
     assert r.stderr.strip().splitlines() == ["[rank 1] mpitp: error: bad input injected by MPITP_INJECT_FAULT on "
                                              "this rank only."]
@@ -194,9 +190,9 @@ def test_sigint_to_mpirun_ends_every_rank(tmp_path):
                           intermediate_size=512)
     path = write_random_model(tmp_path / "long", "long")
     marker = str(tmp_path / "long")
-    proc = subprocess.Popen([*_mpirun(2), sys.executable, "-m", "mpitp.generate", "--model", marker,
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "mpitp.generate", "--model", marker,
                              "--prompt-ids", "1,2,3", "--max-new-tokens", "50000", "--ignore-eos", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_clean(dict(os.environ)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
                             cwd=str(REPO), start_new_session=True)
     time.sleep(3)
     assert proc.poll() is None, f"the generation ended before it could be interrupted: {proc.stderr.read()}"
@@ -207,19 +203,8 @@ def test_sigint_to_mpirun_ends_every_rank(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert time.monotonic() - t < LIMIT and proc.returncode != 0
+    assert time.monotonic() - t < LIMIT and proc.returncode == 130 and "mpitp: interrupted" in err
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"
     assert path
-
-
-def _mpirun(n):
-    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(n)]
-
-
-def _clean(env):
-    env = {k: v for k, v in env.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env

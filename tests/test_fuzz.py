@@ -6,8 +6,10 @@ file or raise ``CheckpointError``; any other exception, a crash or a hang is a b
 (MPITP_FUZZ_EXAMPLES, default 300 per test); ``make fuzz`` runs 10,000.
 """
 
+import atexit
 import json
 import os
+import shutil
 import struct
 import tempfile
 
@@ -22,6 +24,7 @@ EXAMPLES = int(os.environ.get("MPITP_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 1000,
                 suppress_health_check=list(HealthCheck))
 WORKDIR = tempfile.mkdtemp(prefix="mpitp-fuzz-")
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
                       st.text(max_size=6))

@@ -6,7 +6,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from conftest import _LAUNCHER_PREFIXES, serial_only
+from conftest import child_env, mpirun, serial_only
 
 pytestmark = serial_only
 
@@ -29,7 +29,6 @@ def test_collective_after():
 
 
 def test_failure_on_one_rank_fails_the_run(tmp_path):
-    import os
     tests_dir = Path(__file__).parent
     (tmp_path / "conftest.py").write_text(textwrap.dedent(f'''
         import sys
@@ -37,9 +36,8 @@ def test_failure_on_one_rank_fails_the_run(tmp_path):
         from mpi_guard import pytest_configure, pytest_sessionfinish  # the guard under test
     '''))
     (tmp_path / "test_suite.py").write_text(FAILING_SUITE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    mpirun = Path(sys.executable).parent / "mpirun"
-    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", "2", sys.executable, "-m", "pytest",
+    env = child_env()
+    cmd = [*mpirun(2), sys.executable, "-m", "pytest",
            "--with-mpi", "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path), str(tmp_path)]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)

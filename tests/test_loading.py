@@ -236,3 +236,17 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", broken)
     with pytest.raises(CheckpointError, match=r"shape \[64, 100\] does not match config.json.*\[64, 192\]"):
         load_model(str(tmp_path), comm.serial())
+
+
+def test_hugging_face_cache_layout_with_symlinks(tmp_path):
+    # The Hub cache: snapshots/<rev>/ holds symbolic links into ../../blobs/. They must load.
+    import os
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{model_dir('gpt2-tiny')}/{name}", blobs / f"blob-{name}")
+        os.symlink(f"../../blobs/blob-{name}", snap / name)
+    model = load_model(str(snap), comm.serial(), "float64")
+    reference = load_model(model_dir("gpt2-tiny"), comm.serial(), "float64")
+    assert np.array_equal(model.forward([1, 2, 3], model.new_cache(3)), reference.forward([1, 2, 3], reference.new_cache(3)))

@@ -5,16 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from mpitp import comm, load_model
-from mpitp.generation import next_token
-from mpitp.sampling import Sampler
+from mpitp import Sampler, comm, generate_sequence, load_model
 from random_models import SHAPES, write_random_model
 
 SHAPES["llama-long"] = dict(SHAPES["llama-mqa"], max_position_embeddings=2100)
 
 
 def rss():
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status") as f:  # read here, independently of mpitp's own reader
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
@@ -23,17 +21,22 @@ def test_2000_tokens_flat_memory_and_exact_against_recompute(tmp_path):
     path = write_random_model(tmp_path / "m", "llama-long")
     model = load_model(path, comm.serial(), "float64")
     n = 2000
-    cache = model.new_cache(n + 1)
-    logits = model.forward([1], cache, gather=False)
-    tokens, sampler = [1], Sampler(temperature=1.0, seed=5)  # sampled, so the sequence keeps changing
-    for step in range(n):
-        if step == 20:
-            after_warmup = rss()
-        token, _ = next_token(model, sampler, logits[-1], step, (), n + 1)
-        tokens.append(token)
-        logits = model.forward([token], cache, gather=False)
-    grown = rss() - after_warmup
+    samples = []
+
+    def on_token(token):
+        if len(samples) < 1 and token is not None:
+            samples.append(rss())  # after the cache is allocated and the prompt has run
+
+    # sampled, so the sequence keeps changing; eos off
+    out = generate_sequence(model, [1], n, Sampler(temperature=1.0, seed=5), on_token=on_token)
+    grown = rss() - samples[0]
+    assert len(out.token_ids) == n
     assert grown < 2 * 2**20, f"RSS grew by {grown} bytes over {n} tokens"
-    # The last step's logits, decoded against a cache of 2,000 positions, equal a full recompute.
-    full = model.forward(tokens, model.new_cache(n + 1), all_logits=True)
-    assert np.abs(full[-1] - logits[-1]).max() < 1e-9
+    # The last token, chosen against a cache of 2,000 positions, is what a full recompute chooses too.
+    tokens = [1] + out.token_ids
+    cache = model.new_cache(n)
+    cached = model.forward(tokens[:-1], cache, all_logits=True)  # one prefill of the whole sequence
+    decoded = model.new_cache(n)
+    model.forward(tokens[:-2], decoded)
+    last = model.forward([tokens[-2]], decoded)  # the final step against a cache of 1,998 positions
+    assert np.abs(cached[-1] - last[0]).max() < 1e-9

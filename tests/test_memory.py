@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, _LAUNCHER_PREFIXES, serial_only
+from conftest import REPO, child_env, mpirun, serial_only
 from random_models import SHAPES, write_random_model
 
 pytestmark = serial_only
@@ -21,11 +21,8 @@ SHAPES["llama-40mb"] = {"model_type": "llama", "hidden_size": 512, "num_attentio
 @pytest.mark.parametrize("n", [2, 4])
 def test_peak_rss_per_rank_is_its_shard(tmp_path, n):
     path = write_random_model(tmp_path / "m", "llama-40mb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    cmd = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(n), sys.executable,
-           str(REPO / "bench" / "memory.py"), "--model", path, "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    cmd = [*mpirun(n), sys.executable, str(REPO / "bench" / "memory.py"), "--model", path, "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     full = report["full_model_bytes"]

@@ -113,3 +113,11 @@ def test_world_random_models(tmp_path, name):
     assert everywhere(np.abs(logits - dense_reference.dense_logits(path, ids)).max() <= 1e-12)
     out = generate_sequence(model, ids, 10).token_ids
     assert everywhere(out == dense_reference.dense_greedy(path, ids, 10))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_ranks_on_node_counts_every_rank_on_this_machine():
+    # All test ranks run on one machine; this must hold over TCP too (make test-tcp), where a shared-memory
+    # split would see each rank alone and give each one all the cores.
+    from mpitp import comm as mpi
+    assert everywhere(mpi.ranks_on_node(WORLD) == WORLD.size)
