@@ -319,8 +319,9 @@ def format_report(rec):
                f"once) / {rf['decode_bytes_per_token'] / 1e6:.1f} MB read per token per rank = "
                f"{rf['decode_bound_tokens_per_s']:.1f} tok/s; measured {rf['decode_tokens_per_s']:.1f} = "
                f"{rf['decode_percent']:.0f}%")
-    out.append(f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank at this model's shapes / "
-               f"{rf['prefill_flops_per_token'] / 1e6:.2f} MFLOP per token per rank = "
+    out.append(f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank at this model's shapes for "
+               f"{rf['prefill_flops_per_token'] / 1e6:.2f} MFLOP per token per rank, plus "
+               f"{1e3 * rf['prefill_lm_head_read_seconds']:.2f} ms to read the LM head once = "
                f"{rf['prefill_bound_tokens_per_s']:.1f} tok/s; measured {rf['prefill_tokens_per_s']:.1f} = "
                f"{rf['prefill_percent']:.0f}%")
     mems = rec.get("memory_per_rank") or []
@@ -507,9 +508,12 @@ def _run(args, comm):
     gemm = measure_gemm_rate(model, args.n_prompt)
     read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
     flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
+    # A prefill also reads the whole LM head once for the last position: that part is bound by memory.
+    head_seconds = model.globals.W_vocab.nbytes / bandwidth
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
-    roof_decode, roof_prefill = bandwidth / read_bytes, gemm / flops_per_token
+    roof_decode = bandwidth / read_bytes
+    roof_prefill = args.n_prompt / (args.n_prompt * flops_per_token / gemm + head_seconds)
     predicted = allreduce_payload_bytes(cfg, 1, itemsize, model.vocab_parallel)
     n_calls = 2 * cfg.n_layer + (1 if model.vocab_parallel else 0)
     compute_s = (decode_s - parts["allreduce"]) / args.n_gen
@@ -528,7 +532,8 @@ def _run(args, comm):
         "roofline": {"read_bandwidth_GBps": bandwidth / 1e9, "decode_bytes_per_token": read_bytes,
                      "decode_bound_tokens_per_s": roof_decode, "decode_tokens_per_s": tg_mean,
                      "decode_percent": 100 * tg_mean / roof_decode, "gemm_GFps": gemm / 1e9,
-                     "prefill_flops_per_token": flops_per_token, "prefill_bound_tokens_per_s": roof_prefill,
+                     "prefill_flops_per_token": flops_per_token, "prefill_lm_head_read_seconds": head_seconds,
+                     "prefill_bound_tokens_per_s": roof_prefill,
                      "prefill_tokens_per_s": pp_mean, "prefill_percent": 100 * pp_mean / roof_prefill},
         "projection": [{"interconnect": n, "alpha_s": a, "beta_Bps": b,
                         "decode_tokens_per_s": project_tokens_per_s(compute_s, n_calls, predicted / n_calls, size,

@@ -4,6 +4,8 @@ Shape comments use named dims: n_seq (tokens in this call), n_kv (keys visible a
 n_embd, n_head_local, n_kv_head_local, d_head, n_ffn_local. Every function computes in its inputs' dtype.
 """
 
+import functools
+
 import numpy as np
 
 
@@ -107,6 +109,15 @@ def apply_rope(x, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_mask(n_seq, n_kv, start_pos, dtype):
+    # [n_seq, n_kv]: 0 where the query at start_pos + i may see key j (j <= start_pos + i), else -inf.
+    # Cached: every layer of a forward uses the same one. Read-only.
+    mask = np.triu(np.full((n_seq, n_kv), -np.inf, dtype=dtype), k=start_pos + 1)
+    mask.flags.writeable = False
+    return mask
+
+
 def attention(Q, K, V, start_pos):
     """Causal scaled dot-product attention of this rank's heads against its cached keys and values.
 
@@ -134,8 +145,8 @@ def attention(Q, K, V, start_pos):
     scores = Qg @ K.transpose(0, 2, 1)  # [n_kv_head_local, group * n_seq, n_kv]
     # Causal mask: the query at position start_pos + i sees keys 0 .. start_pos + i; later keys get -inf.
     if n_seq > 1:
-        future = np.triu(np.full((n_seq, n_kv), -np.inf, dtype=scores.dtype), k=start_pos + 1)
-        scores.reshape(n_kv_head_local, group, n_seq, n_kv)[...] += future
+        scores.reshape(n_kv_head_local, group, n_seq, n_kv)[...] += _causal_mask(n_seq, n_kv, start_pos,
+                                                                                  scores.dtype.str)
     probs = softmax(scores)
     B = probs @ V  # [n_kv_head_local, group * n_seq, d_head]
     return B.reshape(n_head_local, n_seq, d_head).transpose(1, 0, 2).reshape(n_seq, n_head_local * d_head)
