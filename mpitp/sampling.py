@@ -107,20 +107,22 @@ class Sampler:
         ids = vocab_start + np.arange(len(logits))
         is_root = comm.Get_rank() == root
         if self.temperature == 0:  # greedy
-            i = int(np.argmax(logits))
-            pairs = mpi.gather_to_root(comm, np.array([logits[i], ids[i]]), root)
-            return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if is_root else None
+            return self._argmax_over_ranks(comm, logits, ids, root)
         scaled = logits / self.temperature
         if not self.top_k and self.top_p == 1:  # plain temperature: Gumbel-max over every id
-            perturbed = scaled + gumbel_noise(self.seed, step, ids)
-            i = int(np.argmax(perturbed))
-            pairs = mpi.gather_to_root(comm, np.array([perturbed[i], ids[i]]), root)
-            return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if is_root else None
+            return self._argmax_over_ranks(comm, scaled + gumbel_noise(self.seed, step, ids), ids, root)
         cand_scaled, cand_ids = self._candidates(comm, scaled, ids, root)
         if not is_root:
             return None
         perturbed = cand_scaled + gumbel_noise(self.seed, step, cand_ids.astype(np.int64))
         return int(cand_ids[_best(perturbed, cand_ids)])
+
+    @staticmethod
+    def _argmax_over_ranks(comm, values, ids, root):
+        """The id of the largest value over all ranks (lowest id among equal ones), on root: one pair each."""
+        i = int(np.argmax(values))
+        pairs = mpi.gather_to_root(comm, np.array([values[i], ids[i]]), root)
+        return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if comm.Get_rank() == root else None
 
     def _candidates(self, comm, scaled, ids, root):
         """The kept (scaled logit, id) pairs, on root: the top k, then the top-p share of them."""
