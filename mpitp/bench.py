@@ -31,7 +31,7 @@ from .profile import CATEGORIES, Profile
 from .sampling import Sampler
 from .sharding import shard_for
 from .threads import apply_blas_threads, blas_description, choose_threads, missing_threadpoolctl_warning
-from .weights import BlockWeights, GlobalWeights
+from .weights import allocate_weights
 
 # Real model shapes, as Hugging Face config.json dicts.
 PRESETS = {
@@ -65,37 +65,22 @@ INTERCONNECTS = [
 # --- model construction -------------------------------------------------------------------------------
 
 def random_model(config, comm, dtype, seed=0, vocab_parallel=True):
-    """A ``Model`` with random weights of ``config``'s shapes; each rank creates only its own shard."""
+    """A ``Model`` with random weights of ``config``'s shapes; each rank creates only its own shard, in the
+    same memory layout as a loaded checkpoint."""
     rank, size = comm.Get_rank(), comm.Get_size()
     shard = shard_for(config, rank, size, vocab_parallel)
     rng = np.random.default_rng([seed, rank])
-    d, dh = config.n_embd, config.d_head
-    q, kv, f = shard.n_head_local * dh, shard.n_kv_head_local * dh, shard.n_ffn_local
 
-    def w(n_in, n_out, scale=0.02):  # the layout of a loaded checkpoint: C-contiguous [in, out]
-        a = rng.standard_normal((n_in, n_out), dtype=np.float32)
-        a *= scale  # in place: no second copy of the largest tensors, even for a moment
-        return a if dtype == np.float32 else a.astype(dtype)
+    def fill(field, layer, parts, out):
+        if field.startswith("norm") and field.endswith("weight"):
+            out.fill(1)
+        elif field.startswith(("b_", "norm")):
+            out.fill(0)
+        else:  # matrices: N(0, 0.02^2) as GPT-2 initialises them, the learned positions half that
+            rng.standard_normal(out=out, dtype=out.dtype)
+            out *= 0.01 if field == "W_pos" else 0.02
 
-    def vec(n, bias):
-        return (np.zeros(n, dtype) if bias else np.ones(n, dtype))
-
-    gpt2 = config.family == "gpt2"
-    n_c = f if gpt2 else 2 * f  # Llama's W_C is [W_gate | W_up]
-    blocks = [BlockWeights(
-        norm_1_weight=vec(d, False), norm_1_bias=vec(d, True) if gpt2 else None,
-        W_QKV=w(d, q + 2 * kv), b_QKV=vec(q + 2 * kv, True) if config.qkv_bias else None,
-        W_B=w(q, d), b_B=vec(d, True) if config.out_bias else None,
-        norm_2_weight=vec(d, False), norm_2_bias=vec(d, True) if gpt2 else None,
-        W_C=w(d, n_c), b_C=vec(n_c, True) if config.mlp_bias else None,
-        W_D=w(f, d), b_D=vec(d, True) if config.mlp_bias else None,
-        q_width=q, kv_width=kv, gated=not gpt2) for _ in range(config.n_layer)]
-    v = shard.n_vocab_local
-    W_vocab = w(d, v)
-    W_embed = W_vocab.T if config.tie_word_embeddings else w(v, d)
-    W_pos = w(config.n_ctx, d, 0.01) if gpt2 else None
-    glob = GlobalWeights(W_embed=W_embed, W_pos=W_pos, norm_f_weight=vec(d, False),
-                         norm_f_bias=vec(d, True) if gpt2 else None, W_vocab=W_vocab)
+    blocks, glob = allocate_weights(config, shard, dtype, fill)
     return Model(config, shard, blocks, glob, comm, dtype)
 
 

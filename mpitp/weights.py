@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arena import Arena
 from .errors import CheckpointError
 
 # How each mpitp weight is split. "column": split the output axis (last); "row": split the input axis
@@ -214,6 +215,83 @@ def _gpt2_prefix(ckpt):
     return "transformer." if "transformer.wte.weight" in ckpt else ""
 
 
+def _absent(config):
+    """mpitp weight names this model does not have (biases the config switches off)."""
+    absent = set() if config.qkv_bias else {"b_Q", "b_K", "b_V"}
+    if not config.out_bias:
+        absent.add("b_B")
+    if not config.mlp_bias:
+        absent |= {"b_C", "b_gate", "b_up", "b_D"}
+    return absent
+
+
+def _plan(config, shard):
+    """Every array a rank holds, in the order a forward reads them.
+
+    Returns ``(layer_fields, global_fields, head_table)``: the fields as ``(field, parts)`` with ``parts``
+    a list of ``(mpitp name, local shape)`` stored side by side (empty if the model has none of them),
+    and the table that says where the global weights come from in a checkpoint.
+    """
+    layer_names, global_names = _NAMES[config.family]
+    absent = _absent(config)
+    gated = config.family == "llama"
+    tied = config.tie_word_embeddings
+    head = dict(global_names)
+    if tied:  # the LM head is the embedding, read transposed from [n_vocab, n_embd]
+        head["W_vocab"] = Source(global_names["W_embed"].name, linear=True)
+        del head["W_embed"]
+
+    def parts(names, table):
+        return [(n, _local_shape(config, shard, n)) for n in names if n in table and n not in absent]
+
+    layer = [(field, parts(names, layer_names)) for field, names in (
+        ("norm_1_weight", ["norm_1_weight"]), ("norm_1_bias", ["norm_1_bias"]),
+        ("W_QKV", ["W_Q", "W_K", "W_V"]), ("b_QKV", ["b_Q", "b_K", "b_V"]),
+        ("W_B", ["W_B"]), ("b_B", ["b_B"]),
+        ("norm_2_weight", ["norm_2_weight"]), ("norm_2_bias", ["norm_2_bias"]),
+        ("W_C", ["W_gate", "W_up"] if gated else ["W_C"]), ("b_C", ["b_gate", "b_up"] if gated else ["b_C"]),
+        ("W_D", ["W_D"]), ("b_D", ["b_D"]))]
+    # The final norm and the LM head are read right after the last block; the embedding and the learned
+    # positions (only a few rows per forward) come last.
+    glob = [(field, parts([field], head)) for field in ("norm_f_weight", "norm_f_bias", "W_vocab", "W_embed",
+                                                          "W_pos")]
+    return layer, glob, head
+
+
+def _stacked_shape(parts):
+    return parts[0][1][:-1] + (sum(shape[-1] for _, shape in parts),)
+
+
+def allocate_weights(config, shard, dtype, fill):
+    """This rank's weights in one ``Arena``, in read order, each array filled by ``fill``.
+
+    ``fill(field, layer, parts, out)`` writes the array ``out`` of one field (``layer`` is None for the
+    global weights); ``parts`` lists the ``(mpitp name, local shape)`` stored side by side in it.
+    Returns ``(blocks, global_weights)``.
+    """
+    layer_fields, global_fields, _ = _plan(config, shard)
+    shapes = [_stacked_shape(p) for _, p in layer_fields if p] * config.n_layer
+    shapes += [_stacked_shape(p) for _, p in global_fields if p]
+    arena = Arena(Arena.size_of(shapes, dtype))
+
+    def take(field, parts, layer):
+        if not parts:
+            return None
+        out = arena.take(_stacked_shape(parts), dtype)
+        fill(field, layer, parts, out)
+        return out
+
+    blocks = []
+    for layer in range(config.n_layer):
+        arrays = {field: take(field, parts, layer) for field, parts in layer_fields}
+        blocks.append(BlockWeights(**arrays, q_width=shard.n_head_local * config.d_head,
+                                   kv_width=shard.n_kv_head_local * config.d_head, gated=config.family == "llama"))
+    arrays = {field: take(field, parts, None) for field, parts in global_fields}
+    if config.tie_word_embeddings:
+        arrays["W_embed"] = arrays["W_vocab"].T  # [n_vocab_local, n_embd]: a view, stored once
+    return blocks, GlobalWeights(**arrays)
+
+
 def load_weights(ckpt, config, shard, dtype):
     """Read this rank's shard of every weight. Returns ``(blocks, global_weights)``.
 
@@ -225,49 +303,17 @@ def load_weights(ckpt, config, shard, dtype):
     dtype : numpy dtype
         Every weight is cast to it at load.
     """
-    layer_names, global_names = _NAMES[config.family]
+    layer_names, _ = _NAMES[config.family]
+    _, _, head = _plan(config, shard)
     prefix = _gpt2_prefix(ckpt) if config.family == "gpt2" else ""
-    absent = set() if config.qkv_bias else {"b_Q", "b_K", "b_V"}
-    if not config.out_bias:
-        absent.add("b_B")
-    if not config.mlp_bias:
-        absent |= {"b_C", "b_gate", "b_up", "b_D"}
-    gated = config.family == "llama"
 
-    def get(names, table, layer=None):
-        """The named weights side by side in one new array (None if the model has none of them)."""
-        names = [n for n in names if n in table and n not in absent]
-        if not names:
-            return None
-        shapes = [_local_shape(config, shard, n) for n in names]
-        out = np.empty(shapes[0][:-1] + (sum(sh[-1] for sh in shapes),), dtype=dtype)
+    def read(field, layer, parts, out):
+        table = head if layer is None else layer_names
         col = 0
-        for name, sh in zip(names, shapes):
+        for name, shape in parts:
             src = table[name]
             _read_into(ckpt, prefix + src.name.format(l=layer), src, name, config, shard,
-                       out[..., col:col + sh[-1]])
-            col += sh[-1]
-        return out
+                       out[..., col:col + shape[-1]])
+            col += shape[-1]
 
-    blocks = []
-    for layer in range(config.n_layer):
-        def block(*names, table=layer_names, layer=layer):
-            return get(names, table, layer)
-
-        blocks.append(BlockWeights(
-            norm_1_weight=block("norm_1_weight"), norm_1_bias=block("norm_1_bias"),
-            W_QKV=block("W_Q", "W_K", "W_V"), b_QKV=block("b_Q", "b_K", "b_V"),
-            W_B=block("W_B"), b_B=block("b_B"),
-            norm_2_weight=block("norm_2_weight"), norm_2_bias=block("norm_2_bias"),
-            W_C=block("W_gate", "W_up") if gated else block("W_C"),
-            b_C=block("b_gate", "b_up") if gated else block("b_C"),
-            W_D=block("W_D"), b_D=block("b_D"),
-            q_width=shard.n_head_local * config.d_head, kv_width=shard.n_kv_head_local * config.d_head,
-            gated=gated))
-    tied = config.tie_word_embeddings
-    head = {"W_vocab": Source(global_names["W_embed"].name, linear=True)} if tied else global_names
-    W_vocab = get(["W_vocab"], head)  # [n_embd, n_vocab_local], read transposed from [n_vocab, n_embd]
-    return blocks, GlobalWeights(
-        W_embed=W_vocab.T if tied else get(["W_embed"], global_names),
-        W_pos=get(["W_pos"], global_names), norm_f_weight=get(["norm_f_weight"], global_names),
-        norm_f_bias=get(["norm_f_bias"], global_names), W_vocab=W_vocab)
+    return allocate_weights(config, shard, dtype, read)
