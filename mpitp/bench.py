@@ -128,6 +128,26 @@ def project_tokens_per_s(compute_s, n_messages, message_bytes, size, alpha, beta
     return 1 / (compute_s + n_messages * per_message)
 
 
+def roofline(tg, tg_bw, decode_bytes, pp, pp_bw, n_prompt, flops_per_token, gemm, head_bytes):
+    """Each repeat against the ceiling measured right before it: the record's "roofline" entry.
+
+    ``tg``, ``pp``: tokens/s of each repeat; ``tg_bw``, ``pp_bw``: bytes/s one rank read just before each.
+    Decode is bound by reading ``decode_bytes`` per token; a prefill of ``n_prompt`` tokens by its
+    ``flops_per_token`` at ``gemm`` flop/s plus reading the LM head (``head_bytes``) once.
+    """
+    roof_decode = [bw / decode_bytes for bw in tg_bw]
+    roof_prefill = [n_prompt / (n_prompt * flops_per_token / gemm + head_bytes / bw) for bw in pp_bw]
+    return {"read_bandwidth_GBps": float(np.mean(tg_bw)) / 1e9,
+            "read_bandwidth_GBps_per_repeat": {"pp": [b / 1e9 for b in pp_bw], "tg": [b / 1e9 for b in tg_bw]},
+            "decode_bytes_per_token": decode_bytes,
+            "decode_bound_tokens_per_s": float(np.mean(roof_decode)), "decode_tokens_per_s": float(np.mean(tg)),
+            "decode_percent": 100 * float(np.mean(np.divide(tg, roof_decode))),
+            "gemm_GFps": gemm / 1e9, "prefill_flops_per_token": flops_per_token,
+            "prefill_lm_head_read_seconds": head_bytes / float(np.mean(pp_bw)),
+            "prefill_bound_tokens_per_s": float(np.mean(roof_prefill)), "prefill_tokens_per_s": float(np.mean(pp)),
+            "prefill_percent": 100 * float(np.mean(np.divide(pp, roof_prefill)))}
+
+
 def mean_sd(values):
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -146,15 +166,24 @@ def _timed(comm, fn, repeats):
     return times
 
 
-def measure_read_bandwidth(comm, dtype, nbytes=256 << 20, repeats=5):
-    """Bytes/s one rank reads from DRAM with a matrix-vector product (decode's own operation), all ranks
-    of the node reading at once; the slowest rank's figure."""
-    cols = 4096
-    A = np.ones((max(1, nbytes // (cols * np.dtype(dtype).itemsize)), cols), dtype)
-    v = np.ones(cols, dtype)
-    A @ v
-    t = min(_timed(comm, lambda: A @ v, repeats))
-    return A.nbytes / t
+class BandwidthProbe:
+    """Measures the bytes/s one rank reads from DRAM with a matrix-vector product (decode's own operation),
+    all ranks of the node reading at once; the slowest rank's figure.
+
+    The array (``nbytes``, well above the caches) is allocated once, so the bench can measure again right
+    before every timed repeat: on a shared or virtual machine the memory speed drifts by tens of percent
+    within a minute, and a ceiling measured at another moment says little about the run it is compared with.
+    """
+
+    def __init__(self, comm, dtype, nbytes=256 << 20):
+        cols = 4096
+        self.comm = comm
+        self.A = np.ones((max(1, nbytes // (cols * np.dtype(dtype).itemsize)), cols), dtype)
+        self.v = np.ones(cols, dtype)
+        self.A @ self.v
+
+    def measure(self, repeats=3):
+        return self.A.nbytes / min(_timed(self.comm, lambda: self.A @ self.v, repeats))
 
 
 def measure_gemm_rate(model, n_seq, repeats=5):
@@ -172,12 +201,18 @@ def measure_gemm_rate(model, n_seq, repeats=5):
     return sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats) / t
 
 
-def run_prefill(model, n_prompt, repeats, rng):
-    """Prefill tokens/s of ``repeats`` runs (the slowest rank's time each; caches allocated beforehand)."""
+def run_prefill(model, n_prompt, repeats, rng, before=None):
+    """Prefill tokens/s of ``repeats`` runs (the slowest rank's time each), with ``before()`` (untimed) ahead of
+    each run. One cache serves every run: it is allocated beforehand and reset in between."""
     prompt = rng.integers(0, model.config.n_vocab, n_prompt)
-    caches = [model.new_cache(n_prompt) for _ in range(repeats)]
-    return [n_prompt / t for t in _timed(model.comm, lambda: model.forward(prompt, caches.pop(), gather=False),
-                                         repeats)]
+    cache = model.new_cache(n_prompt)
+    out = []
+    for _ in range(repeats):
+        cache.reset()
+        if before is not None:
+            before()
+        out += [n_prompt / t for t in _timed(model.comm, lambda: model.forward(prompt, cache, gather=False), 1)]
+    return out
 
 
 def profiled_prefill(model, n_prompt, profile):
@@ -299,11 +334,16 @@ def format_report(rec):
                f"payload measured, {ar['predicted_bytes_per_token']} B predicted ((2 x n_layer + 1 if the "
                f"embedding is vocab-parallel) x n_embd x itemsize); "
                f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
+    ov = rec["decode_overhead"]
+    out.append(f"decode overhead (allreduce + other: norms, activations, residual adds, choosing the token, Python): "
+               f"{ov['ms_per_token']:.3f} ms = {ov['percent']:.1f}% of a token")
     rf = rec["roofline"]
+    bws = rf["read_bandwidth_GBps_per_repeat"]["tg"]
     out.append(f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
-               f"once) / {rf['decode_bytes_per_token'] / 1e6:.1f} MB read per token per rank = "
+               f"once; {min(bws):.1f}-{max(bws):.1f} measured before each repeat) / "
+               f"{rf['decode_bytes_per_token'] / 1e6:.1f} MB read per token per rank = "
                f"{rf['decode_bound_tokens_per_s']:.1f} tok/s; measured {rf['decode_tokens_per_s']:.1f} = "
-               f"{rf['decode_percent']:.0f}%")
+               f"{rf['decode_percent']:.0f}% (mean over repeats of each against its own ceiling)")
     out.append(f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank at this model's shapes for "
                f"{rf['prefill_flops_per_token'] / 1e6:.2f} MFLOP per token per rank, plus "
                f"{1e3 * rf['prefill_lm_head_read_seconds']:.2f} ms to read the LM head once = "
@@ -465,13 +505,9 @@ def _run(args, comm):
     if args.long:
         return _report_long(args, comm, name, model, long_run(model, args.long), threads)
 
-    # Warm-up, then the timed tests.
+    # Warm-up, then one profiled decode run (the breakdown and the Allreduce byte count) and one profiled prefill.
     run_prefill(model, args.n_prompt, 1, rng)
     decode_run(model, min(4, args.n_gen))
-    pp = run_prefill(model, args.n_prompt, args.repeats, rng)
-    tg = [args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)) for _ in range(args.repeats)]
-
-    # One profiled decode run for the breakdown and the Allreduce byte count.
     profile = Profile()
     mpi.allreduce_bytes = 0
     own_s = decode_run(model, args.n_gen, profile)
@@ -482,23 +518,29 @@ def _run(args, comm):
     _, prefill_parts = slowest_breakdown(comm, profiled_prefill(model, args.n_prompt, prefill_profile),
                                          prefill_profile)
 
-    # Memory: the peak so far covers loading, the caches and the activations of the tests above.
+    # Memory: the peak so far covers loading, the caches and the activations of both tests (measured before
+    # the bandwidth probe's array exists: that is the bench's instrument, not the model's memory).
     kv_bytes = model.cache_bytes(max(args.n_prompt, args.n_gen + 1))
     memory = {"rss_start_bytes": rss_start, "peak_rss_bytes": rss_bytes("VmHWM"), "weight_bytes": model.weight_bytes,
               "kv_cache_bytes": kv_bytes}
     memory["peak_growth_over_weights_and_cache"] = (
         (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
-    # The roofline, measured now on the same ranks and threads.
-    bandwidth = measure_read_bandwidth(comm, model.dtype, args.roofline_mib << 20)
+
+    # The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same
+    # ranks and threads, and is compared with that ceiling.
+    probe = BandwidthProbe(comm, model.dtype, args.roofline_mib << 20)
+    pp_bw, tg_bw, tg = [], [], []
+    pp = run_prefill(model, args.n_prompt, args.repeats, rng, before=lambda: pp_bw.append(probe.measure()))
+    for _ in range(args.repeats):
+        tg_bw.append(probe.measure())
+        tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
+    del probe
     gemm = measure_gemm_rate(model, args.n_prompt)
     read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
     flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
-    # A prefill also reads the whole LM head once for the last position: that part is bound by memory.
-    head_seconds = model.globals.W_vocab.nbytes / bandwidth
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
-    roof_decode = bandwidth / read_bytes
-    roof_prefill = args.n_prompt / (args.n_prompt * flops_per_token / gemm + head_seconds)
+    overhead_ms = breakdown["allreduce"] + breakdown["other"]
     predicted = allreduce_payload_bytes(cfg, 1, itemsize, model.vocab_parallel)
     n_calls = 2 * cfg.n_layer + (1 if model.vocab_parallel else 0)
     compute_s = (decode_s - parts["allreduce"]) / args.n_gen
@@ -514,12 +556,9 @@ def _run(args, comm):
         "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,
                       "ring_wire_bytes_per_token": ring_wire_bytes(predicted, size)},
-        "roofline": {"read_bandwidth_GBps": bandwidth / 1e9, "decode_bytes_per_token": read_bytes,
-                     "decode_bound_tokens_per_s": roof_decode, "decode_tokens_per_s": tg_mean,
-                     "decode_percent": 100 * tg_mean / roof_decode, "gemm_GFps": gemm / 1e9,
-                     "prefill_flops_per_token": flops_per_token, "prefill_lm_head_read_seconds": head_seconds,
-                     "prefill_bound_tokens_per_s": roof_prefill,
-                     "prefill_tokens_per_s": pp_mean, "prefill_percent": 100 * pp_mean / roof_prefill},
+        "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / sum(breakdown.values())},
+        "roofline": roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm,
+                             model.globals.W_vocab.nbytes),
         "projection": [{"interconnect": n, "alpha_s": a, "beta_Bps": b,
                         "decode_tokens_per_s": project_tokens_per_s(compute_s, n_calls, predicted / n_calls, size,
                                                                      a, b)}

@@ -57,3 +57,7 @@ class KVCache:
 
     def advance(self, n_new):
         self.length += n_new
+
+    def reset(self):
+        """Forget every position (the memory is kept and overwritten by the next forward)."""
+        self.length = 0

@@ -133,3 +133,15 @@ def test_bench_end_to_end_on_every_rank(tmp_path):
             {"matmul", "attention", "allreduce", "lm_head", "other"}
         assert rec["lm_head"]["bytes_per_rank"] == 64 * rec["lm_head"]["n_vocab_local"] * 4
         assert rec["environment"]["mpi_library"] and rec["allreduce_latency_us"]
+
+
+def test_roofline_compares_each_repeat_with_its_own_ceiling():
+    # decode: 100 MB per token; repeats at 50 and 90 tok/s against 10 and 20 GB/s (ceilings 100 and 200 tok/s)
+    rf = bench.roofline([50.0, 90.0], [10e9, 20e9], 100e6, [400.0], [10e9], 100, 1e8, 50e9, 20e6)
+    assert rf["decode_bound_tokens_per_s"] == pytest.approx(150)
+    assert rf["decode_percent"] == pytest.approx(100 * (0.5 + 0.45) / 2)  # not 70 / 150
+    assert rf["read_bandwidth_GBps"] == pytest.approx(15)
+    # prefill: 100 tokens x 1e8 flop at 50 GFLOP/s = 0.2 s, plus 20 MB of head at 10 GB/s = 2 ms
+    assert rf["prefill_bound_tokens_per_s"] == pytest.approx(100 / 0.202)
+    assert rf["prefill_percent"] == pytest.approx(100 * 400 * 0.202 / 100)
+    assert rf["prefill_lm_head_read_seconds"] == pytest.approx(0.002)
