@@ -103,14 +103,14 @@ class Sampler:
         -------
         int on ``root`` (None on the other ranks).
         """
+        if self.temperature == 0:  # greedy: no copy of the logits, no array of ids (this runs every token)
+            return self._argmax_over_ranks(comm, np.asarray(logits), vocab_start, root)
         logits = np.asarray(logits, dtype=np.float64)
         ids = vocab_start + np.arange(len(logits))
         is_root = comm.Get_rank() == root
-        if self.temperature == 0:  # greedy
-            return self._argmax_over_ranks(comm, logits, ids, root)
         scaled = logits / self.temperature
         if not self.top_k and self.top_p == 1:  # plain temperature: Gumbel-max over every id
-            return self._argmax_over_ranks(comm, scaled + gumbel_noise(self.seed, step, ids), ids, root)
+            return self._argmax_over_ranks(comm, scaled + gumbel_noise(self.seed, step, ids), vocab_start, root)
         cand_scaled, cand_ids = self._candidates(comm, scaled, ids, root)
         if not is_root:
             return None
@@ -118,10 +118,11 @@ class Sampler:
         return int(cand_ids[_best(perturbed, cand_ids)])
 
     @staticmethod
-    def _argmax_over_ranks(comm, values, ids, root):
-        """The id of the largest value over all ranks (lowest id among equal ones), on root: one pair each."""
-        i = int(np.argmax(values))
-        pairs = mpi.gather_to_root(comm, np.array([values[i], ids[i]]), root)
+    def _argmax_over_ranks(comm, values, vocab_start, root):
+        """The id of the largest value over all ranks (lowest id among equal ones), on root: one pair each.
+        ``values[j]`` belongs to id ``vocab_start + j``."""
+        i = int(np.argmax(values))  # the first of equal maxima: the lowest id of this rank
+        pairs = mpi.gather_to_root(comm, np.array([values[i], vocab_start + i], dtype=np.float64), root)
         return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if comm.Get_rank() == root else None
 
     def _candidates(self, comm, scaled, ids, root):
