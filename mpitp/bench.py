@@ -8,6 +8,7 @@ Without ``--model`` it builds a random-weight model with the shapes of a preset,
 Timings are wall clock between barriers, the slowest rank's.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import __version__
 from . import comm as mpi
+from .arena import Arena
 from .config import config_from_dict
 from .entry import HelpFormatter, RankParser, failed_vote, run_guarded
 from .errors import MpitpError
@@ -82,6 +84,23 @@ def random_model(config, comm, dtype, seed=0, vocab_parallel=True):
 
     blocks, glob = allocate_weights(config, shard, dtype, fill)
     return Model(config, shard, blocks, glob, comm, dtype)
+
+
+def fixed_cost_config(config, size):
+    """``config`` shrunk until every weight stays in cache (d_head 4, width 4 x heads, a small MLP and
+    vocabulary), with the same family, depth and heads, for ``size`` ranks: its decode makes exactly the same
+    calls as the real model's, so its time per token is the floor that Python, NumPy dispatch and Allreduce
+    latency set."""
+    width = 4 * config.n_head
+    return dataclasses.replace(config, n_embd=width, d_head=4, n_ffn=max(width, size), n_vocab=max(512, size),
+                               n_ctx=min(config.n_ctx, 1024))
+
+
+def measure_fixed_cost(config, comm, dtype, n_gen, repeats=3):
+    """Seconds per decode token of ``fixed_cost_config(config)`` on ``comm`` (best of ``repeats``, slowest rank)."""
+    model = random_model(fixed_cost_config(config, comm.Get_size()), comm, dtype)
+    decode_run(model, min(4, n_gen))
+    return min(mpi.max_over_ranks(comm, decode_run(model, n_gen)) for _ in range(repeats)) / n_gen
 
 
 # --- what the model's shape predicts (pure arithmetic, unit-tested) -----------------------------------
@@ -167,23 +186,26 @@ def _timed(comm, fn, repeats):
 
 
 class BandwidthProbe:
-    """Measures the bytes/s one rank reads from DRAM with a matrix-vector product (decode's own operation),
-    all ranks of the node reading at once; the slowest rank's figure.
+    """Measures the bytes/s one rank reads from DRAM with decode's own operation, a vector times a matrix
+    stored [in, out] (``x @ W``) in a huge-page ``Arena`` like the weights, all ranks of the node reading at
+    once; the slowest rank's figure.
 
-    The array (``nbytes``, well above the caches) is allocated once, so the bench can measure again right
+    The matrix (``nbytes``, well above the caches) is allocated once, so the bench can measure again right
     before every timed repeat: on a shared or virtual machine the memory speed drifts by tens of percent
     within a minute, and a ceiling measured at another moment says little about the run it is compared with.
     """
 
     def __init__(self, comm, dtype, nbytes=256 << 20):
         cols = 4096
+        rows = max(1, nbytes // (cols * np.dtype(dtype).itemsize))
         self.comm = comm
-        self.A = np.ones((max(1, nbytes // (cols * np.dtype(dtype).itemsize)), cols), dtype)
-        self.v = np.ones(cols, dtype)
-        self.A @ self.v
+        self.W = Arena(Arena.size_of([(rows, cols)], dtype)).take((rows, cols), dtype)
+        self.W.fill(1)
+        self.x = np.ones(rows, dtype)
+        self.x @ self.W
 
     def measure(self, repeats=3):
-        return self.A.nbytes / min(_timed(self.comm, lambda: self.A @ self.v, repeats))
+        return self.W.nbytes / min(_timed(self.comm, lambda: self.x @ self.W, repeats))
 
 
 def measure_gemm_rate(model, n_seq, repeats=5):
@@ -336,7 +358,9 @@ def format_report(rec):
                f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
     ov = rec["decode_overhead"]
     out.append(f"decode overhead (allreduce + other: norms, activations, residual adds, choosing the token, Python): "
-               f"{ov['ms_per_token']:.3f} ms = {ov['percent']:.1f}% of a token")
+               f"{ov['ms_per_token']:.3f} ms = {ov['percent']:.1f}% of a token; the same forward at width 4 x heads, "
+               f"every weight in cache, takes {ov['fixed_cost_ms_per_token']:.3f} ms per token = "
+               f"{ov['fixed_cost_percent']:.1f}% (the floor that Python, NumPy calls and Allreduce latency set)")
     rf = rec["roofline"]
     bws = rf["read_bandwidth_GBps_per_repeat"]["tg"]
     out.append(f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
@@ -535,6 +559,7 @@ def _run(args, comm):
         tg_bw.append(probe.measure())
         tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
     del probe
+    fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
     gemm = measure_gemm_rate(model, args.n_prompt)
     read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
     flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
@@ -556,7 +581,9 @@ def _run(args, comm):
         "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,
                       "ring_wire_bytes_per_token": ring_wire_bytes(predicted, size)},
-        "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / sum(breakdown.values())},
+        "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / sum(breakdown.values()),
+                            "fixed_cost_ms_per_token": 1e3 * fixed_s,
+                            "fixed_cost_percent": 100 * 1e3 * fixed_s / sum(breakdown.values())},
         "roofline": roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm,
                              model.globals.W_vocab.nbytes),
         "projection": [{"interconnect": n, "alpha_s": a, "beta_Bps": b,

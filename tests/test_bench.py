@@ -14,7 +14,7 @@ from conftest import model_dir
 from mpitp import comm, load_model
 from mpitp import bench
 from mpitp.config import config_from_dict
-from mpitp.sharding import valid_rank_counts
+from mpitp.sharding import shard_for, valid_rank_counts
 from threadcomm import CountingComm, run_ranks
 
 GPT2 = config_from_dict(bench.PRESETS["gpt2-124m"])
@@ -145,3 +145,21 @@ def test_roofline_compares_each_repeat_with_its_own_ceiling():
     assert rf["prefill_bound_tokens_per_s"] == pytest.approx(100 / 0.202)
     assert rf["prefill_percent"] == pytest.approx(100 * 400 * 0.202 / 100)
     assert rf["prefill_lm_head_read_seconds"] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "qwen2-0.5b"])
+def test_fixed_cost_model_keeps_depth_heads_and_layer_kinds(preset):
+    cfg = config_from_dict(bench.PRESETS[preset])
+    small = bench.fixed_cost_config(cfg, 2)
+    same = ("family", "n_layer", "n_head", "n_kv_head", "qkv_bias", "out_bias", "mlp_bias", "tie_word_embeddings",
+            "rope")
+    assert [getattr(small, k) for k in same] == [getattr(cfg, k) for k in same]
+    assert small.d_head == 4 and small.n_embd == 4 * cfg.n_head
+    assert small.n_params * 4 < 8 << 20  # every weight fits in the last-level cache
+    shard_for(small, 0, 2)  # valid wherever the real model is
+
+
+def test_bandwidth_probe_reads_its_whole_matrix():
+    probe = bench.BandwidthProbe(comm.serial(), np.float32, 4 << 20)
+    assert probe.W.nbytes == 4 << 20 and probe.W.ctypes.data % (2 << 20) == 0
+    assert probe.measure(1) > 0
