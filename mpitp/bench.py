@@ -208,6 +208,25 @@ class BandwidthProbe:
         return self.W.nbytes / min(_timed(self.comm, lambda: self.x @ self.W, repeats))
 
 
+def measure_decode_products(model, repeats=3):
+    """Seconds for decode's matrix products alone: one token through every block's W_QKV, W_B, W_C, W_D and
+    the LM head of this rank's own weights, back to back, with nothing else (all ranks at once; the slowest
+    rank's best). What NumPy and the BLAS reach at this model's shapes: the forward's floor."""
+    ones = {}
+
+    def vec(n):
+        return ones.setdefault(n, np.ones(n, model.dtype))
+
+    mats = [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.globals.W_vocab]
+
+    def run():
+        for m in mats:
+            vec(m.shape[0]) @ m
+
+    run()
+    return min(_timed(model.comm, run, repeats))
+
+
 def measure_gemm_rate(model, n_seq, repeats=5):
     """Flop/s one rank reaches on the matrix products of one block at ``n_seq`` tokens (all ranks at once)."""
     w = model.blocks[0]
@@ -361,6 +380,11 @@ def format_report(rec):
                f"{ov['ms_per_token']:.3f} ms = {ov['percent']:.1f}% of a token; the same forward at width 4 x heads, "
                f"every weight in cache, takes {ov['fixed_cost_ms_per_token']:.3f} ms per token = "
                f"{ov['fixed_cost_percent']:.1f}% (the floor that Python, NumPy calls and Allreduce latency set)")
+    dp = rec["decode_products"]
+    out.append(f"decode products alone (this rank's W_QKV, W_B, W_C, W_D of every block and its LM head, back to "
+               f"back): {dp['ms_per_token']:.3f} ms per token = {dp['GBps']:.1f} GB/s = "
+               f"{dp['percent_of_read_bandwidth']:.0f}% of the DRAM read rate below; the whole generation step "
+               f"runs at {dp['forward_percent_of_products']:.0f}% of their speed")
     rf = rec["roofline"]
     bws = rf["read_bandwidth_GBps_per_repeat"]["tg"]
     out.append(f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
@@ -412,6 +436,25 @@ def scaling_table(records):
     return "\n".join(lines)
 
 
+def ceiling_table(records):
+    """Decode tokens/s per rank count against its two ceilings and the speedup each allows, as markdown:
+    the DRAM read rate (bytes per token / bandwidth) and the matrix products alone (no other work)."""
+    records = sorted(records, key=lambda r: r["ranks"])
+    rows = []
+    for r in records:
+        tg = r["tests"][1]["mean"]
+        dram = r["roofline"]["decode_bound_tokens_per_s"]
+        products = 1e3 / r["decode_products"]["ms_per_token"]
+        rows.append((r["ranks"], tg, dram, products))
+    base = rows[0]
+    lines = ["| ranks | tg t/s | speedup | DRAM-bound t/s | its speedup | products-only t/s | its speedup |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, tg, dram, products in rows:
+        lines.append(f"| {n} | {tg:.2f} | {tg / base[1]:.2f}x | {dram:.2f} | {dram / base[2]:.2f}x | "
+                     f"{products:.2f} | {products / base[3]:.2f}x |")
+    return "\n".join(lines)
+
+
 def plot_scaling(records, path):
     """Save tokens/s against ranks (pp and tg, with the ideal line) as a PNG; False without matplotlib."""
     try:
@@ -445,6 +488,10 @@ def summarize(paths, plot=None):
     print(f"# scaling: {records[0]['model']}, {records[0]['dtype']}, threads per rank "
           f"{sorted({r['threads'] for r in records}, key=str)}")
     print(scaling_table(records))
+    if all("decode_products" in r for r in records):
+        print("\n# decode against its ceilings: DRAM read rate per rank (all ranks reading at once) and the matrix "
+              "products alone")
+        print(ceiling_table(records))
     if plot:
         print(f"plot: {plot}" if plot_scaling(records, plot) else
               "plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
@@ -553,10 +600,11 @@ def _run(args, comm):
     # The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same
     # ranks and threads, and is compared with that ceiling.
     probe = BandwidthProbe(comm, model.dtype, args.roofline_mib << 20)
-    pp_bw, tg_bw, tg = [], [], []
+    pp_bw, tg_bw, tg, products = [], [], [], []
     pp = run_prefill(model, args.n_prompt, args.repeats, rng, before=lambda: pp_bw.append(probe.measure()))
     for _ in range(args.repeats):
         tg_bw.append(probe.measure())
+        products.append(measure_decode_products(model))
         tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
     del probe
     fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
@@ -565,6 +613,8 @@ def _run(args, comm):
     flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
+    matrix_bytes = sum(m.nbytes for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)) + \
+        model.globals.W_vocab.nbytes
     overhead_ms = breakdown["allreduce"] + breakdown["other"]
     predicted = allreduce_payload_bytes(cfg, 1, itemsize, model.vocab_parallel)
     n_calls = 2 * cfg.n_layer + (1 if model.vocab_parallel else 0)
@@ -581,6 +631,12 @@ def _run(args, comm):
         "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,
                       "ring_wire_bytes_per_token": ring_wire_bytes(predicted, size)},
+        "decode_products": {"ms_per_token": 1e3 * float(np.mean(products)),
+                            "GBps": float(np.mean([matrix_bytes / p for p in products])) / 1e9,
+                            "percent_of_read_bandwidth": 100 * float(np.mean([matrix_bytes / p / bw for p, bw in
+                                                                               zip(products, tg_bw)])),
+                            "forward_percent_of_products": 100 * float(np.mean([t * p for t, p in
+                                                                                zip(tg, products)]))},
         "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / sum(breakdown.values()),
                             "fixed_cost_ms_per_token": 1e3 * fixed_s,
                             "fixed_cost_percent": 100 * 1e3 * fixed_s / sum(breakdown.values())},

@@ -103,6 +103,10 @@ def test_tables():
              "tests": [{"test": "tg64", "mean": m, "sd": 0}]} for n, m in ((1, 40.0), (2, 60.0))]
     lines = bench.scaling_table(recs).splitlines()
     assert lines[-1] == "| 2 | 60.00 | 1.50x | 75% |"
+    recs = [{"ranks": n, "tests": [{"mean": 0}, {"mean": tg}], "roofline": {"decode_bound_tokens_per_s": dram},
+             "decode_products": {"ms_per_token": ms}} for n, tg, dram, ms in ((1, 40.0, 50.0, 20.0), (2, 60.0, 80.0, 12.5))]
+    lines = bench.ceiling_table(recs).splitlines()
+    assert lines[-1] == "| 2 | 60.00 | 1.50x | 80.00 | 1.60x | 80.00 | 1.60x |"
     osu = bench.format_osu([(4, 1.5), (3072, 4.25)], np.float32).splitlines()
     assert osu[2].startswith("# Size") and osu[-1].split() == ["3072", "4.25"]
 
