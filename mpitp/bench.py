@@ -79,8 +79,9 @@ def random_model(config, comm, dtype, seed=0, vocab_parallel=True):
         elif field.startswith(("b_", "norm")):
             out.fill(0)
         else:  # matrices: N(0, 0.02^2) as GPT-2 initialises them, the learned positions half that
-            rng.standard_normal(out=out, dtype=out.dtype)
-            out *= 0.01 if field == "W_pos" else 0.02
+            for row in out:  # row by row: the LM head is a view with padded rows, and no temporary copy
+                rng.standard_normal(out=row, dtype=out.dtype)
+                row *= 0.01 if field == "W_pos" else 0.02
 
     blocks, glob = allocate_weights(config, shard, dtype, fill)
     return Model(config, shard, blocks, glob, comm, dtype)
@@ -121,7 +122,7 @@ def decode_read_bytes(model, n_kv):
     it holds once (of the embedding only one row, unless it doubles as the LM head), plus its KV cache."""
     g = model.globals
     arrays = [a for b in model.blocks for a in b.arrays()]
-    arrays += [a for a in (g.norm_f_weight, g.norm_f_bias, g.W_vocab) if a is not None]
+    arrays += [a for a in (g.norm_f_weight, g.norm_f_bias, g.W_head) if a is not None]
     return sum(a.nbytes for a in arrays) + model.cache_bytes(n_kv)
 
 
@@ -217,7 +218,7 @@ def measure_decode_products(model, repeats=3):
     def vec(n):
         return ones.setdefault(n, np.ones(n, model.dtype))
 
-    mats = [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.globals.W_vocab]
+    mats = [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.globals.W_head]
 
     def run():
         for m in mats:
@@ -614,7 +615,7 @@ def _run(args, comm):
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
     matrix_bytes = sum(m.nbytes for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)) + \
-        model.globals.W_vocab.nbytes
+        model.globals.W_head.nbytes
     overhead_ms = breakdown["allreduce"] + breakdown["other"]
     predicted = allreduce_payload_bytes(cfg, 1, itemsize, model.vocab_parallel)
     n_calls = 2 * cfg.n_layer + (1 if model.vocab_parallel else 0)
@@ -626,7 +627,7 @@ def _run(args, comm):
                   {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
         "decode_breakdown_ms": breakdown,
         "lm_head": {"vocab_parallel": model.vocab_parallel, "n_vocab_local": model.shard.n_vocab_local,
-                    "bytes_per_rank": model.globals.W_vocab.nbytes, "ms_per_decode_token": breakdown["lm_head"]},
+                    "bytes_per_rank": model.globals.W_head.nbytes, "ms_per_decode_token": breakdown["lm_head"]},
         "prefill_breakdown_ms": {k: 1e3 * v for k, v in prefill_parts.items()},
         "allreduce": {"calls_per_token": n_calls, "measured_bytes_per_token": int(measured_bytes),
                       "predicted_bytes_per_token": predicted,
@@ -641,7 +642,7 @@ def _run(args, comm):
                             "fixed_cost_ms_per_token": 1e3 * fixed_s,
                             "fixed_cost_percent": 100 * 1e3 * fixed_s / sum(breakdown.values())},
         "roofline": roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm,
-                             model.globals.W_vocab.nbytes),
+                             model.globals.W_head.nbytes),
         "projection": [{"interconnect": n, "alpha_s": a, "beta_Bps": b,
                         "decode_tokens_per_s": project_tokens_per_s(compute_s, n_calls, predicted / n_calls, size,
                                                                      a, b)}

@@ -239,7 +239,7 @@ class Model:
         rows = np.arange(n_rows) if all_logits else ends - 1  # every new position, or each sequence's last
         h = self._norm(x[rows], g.norm_f_weight, g.norm_f_bias)
         mark("other")
-        logits = h @ g.W_vocab  # [len(rows), n_vocab_local]: this rank's vocabulary columns
+        logits = (h @ g.W_head)[:, :shard.n_vocab_local]  # [len(rows), n_vocab_local]: this rank's vocabulary
         mark("lm_head")
         if self.vocab_parallel and (gather or trace is not None):
             full = mpi.allgather_columns(self.comm, logits, self._vocab_counts)

@@ -145,6 +145,10 @@ def test_shard_shapes_are_one_over_p(name):
         for m in models:
             assert m.globals.W_embed.shape == (m.shard.n_vocab_local, cfg.n_embd)
             assert np.shares_memory(m.globals.W_embed, m.globals.W_vocab) == cfg.tie_word_embeddings
+            # The head's rows are padded to whole cache lines with zero columns, which the forward drops.
+            head = m.globals.W_head
+            assert head.flags.c_contiguous and head.shape[1] % 16 == 0 and head.shape[1] - m.shard.n_vocab_local < 16
+            assert not head[:, m.shard.n_vocab_local:].any()
 
 
 def test_gpt2_hub_layout(tmp_path):
