@@ -5,7 +5,6 @@ bytes of weights it holds and the size of the whole model. With shard-only reads
 rank's weights, far below the full model.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -13,20 +12,35 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mpitp import comm as mpi  # noqa: E402
+from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded  # noqa: E402
+from mpitp.errors import MpitpError  # noqa: E402
 from mpitp.memory import rss_bytes  # noqa: E402
 from mpitp.model import DTYPES, Model  # noqa: E402
 
+PROG = "bench/memory.py"
+
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comm = mpi.world()
+    p = RankParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.rank = comm.Get_rank()
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the weights are cast to")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     args = p.parse_args(argv)
-    comm = mpi.world()
+    return run_guarded(comm, lambda: _run(args, comm), args.verbose, PROG)
+
+
+def _run(args, comm):
     before = rss_bytes("VmRSS")
-    model = Model.load(args.model, comm, args.dtype)
+    error = model = None
+    try:  # loading makes no MPI calls: a bad folder fails here on every rank, before the first collective
+        model = Model.load(args.model, comm, args.dtype)
+    except MpitpError as e:
+        error = e
+    if failed_vote(comm, error, PROG):
+        return 2
     peak = rss_bytes("VmHWM")
     itemsize = DTYPES[args.dtype]().itemsize
     row = {"rank": comm.Get_rank(), "shard_bytes": model.weight_bytes,

@@ -28,9 +28,40 @@ _FLOAT_VIEW = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype(
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _bf16_to_f32(raw):
-    # bf16 is the top half of an IEEE float32, so widening is exact.
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+SCRATCH_BYTES = 1 << 20  # the chunk size of reads that cannot go straight into their destination
+
+
+class Scratch:
+    """Buffers for the chunks of one checkpoint's reads, allocated once and reused.
+
+    Reusing them keeps the peak memory of loading at the weights plus one chunk; freed temporaries of
+    varying sizes stay in the C heap and add up. Measured loading a 155.8 MiB Llama-shaped model on one
+    rank: peak RSS grew 162.4 MiB with a new 4 MiB temporary per chunk, 156.9 MiB with this (1 MiB
+    chunks, which also loaded faster from the page cache: 0.085 against 0.107 s with 16 MiB ones).
+    """
+
+    def __init__(self):
+        self._raw = self._wide = None
+
+    @staticmethod
+    def _view(buf, shape, dtype):
+        return buf[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    def raw(self, shape, dtype):
+        """An uninitialised array for raw file bytes (a fresh one if larger than ``SCRATCH_BYTES``)."""
+        if int(np.prod(shape)) * np.dtype(dtype).itemsize > SCRATCH_BYTES:
+            return np.empty(shape, dtype)
+        if self._raw is None:
+            self._raw = np.empty(SCRATCH_BYTES, np.uint8)
+        return self._view(self._raw, shape, dtype)
+
+    def wide(self, shape):
+        """An uninitialised uint32 array for widening one chunk of bf16 values."""
+        if int(np.prod(shape)) * 4 > 2 * SCRATCH_BYTES:
+            return np.empty(shape, np.uint32)
+        if self._wide is None:
+            self._wide = np.empty(2 * SCRATCH_BYTES, np.uint8)
+        return self._view(self._wide, shape, np.uint32)
 
 
 class SafetensorsFile:
@@ -137,12 +168,13 @@ class SafetensorsFile:
         self.read_into(name, out, index)
         return out
 
-    def read_into(self, name, out, index=(), transpose=False):
+    def read_into(self, name, out, index=(), transpose=False, scratch=None):
         """Read ``tensor[index]`` (of a 1-D or 2-D tensor), transposed if asked, into the array ``out``.
 
         Only the block's own bytes are read, with positioned reads: straight into ``out`` when its layout
-        and dtype allow, otherwise through a scratch buffer of at most ~16 MiB. So memory use is ``out``
-        itself, never the whole tensor, and no file mapping stays resident.
+        and dtype allow, otherwise in chunks of about ``SCRATCH_BYTES`` through ``scratch`` (a ``Scratch``
+        reused across reads; a temporary one without it). So memory use is ``out`` itself, never the whole
+        tensor, and no file mapping stays resident.
         """
         code, shape, begin, _ = self.entries[name]
         if code not in _FLOAT_VIEW:
@@ -165,12 +197,13 @@ class SafetensorsFile:
         item = raw_dtype.itemsize
         direct = (not transpose and out2.dtype == raw_dtype.newbyteorder("=") and raw_dtype.isnative
                   and out2.flags.c_contiguous)
-        chunk = max(1, (16 << 20) // max(1, n_c * item))  # rows per scratch buffer
+        chunk = max(1, SCRATCH_BYTES // max(1, n_c * item))  # rows per scratch buffer
+        scratch = scratch or Scratch()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for r in range(0, n_r, chunk):
                 r_end = min(n_r, r + chunk)
-                dest = out2[r:r_end] if direct else np.empty((r_end - r, n_c), raw_dtype)
+                dest = out2[r:r_end] if direct else scratch.raw((r_end - r, n_c), raw_dtype)
                 if c0 == 0 and c1 == n_cols:  # whole rows: one contiguous range
                     self._pread(fd, dest, self.data_offset + begin + (r0 + r) * n_cols * item, name)
                 else:
@@ -179,7 +212,12 @@ class SafetensorsFile:
                         self._pread(fd, dest[k], offset, name)
                 if direct:
                     continue
-                values = _bf16_to_f32(dest) if code == "BF16" else dest
+                values = dest
+                if code == "BF16":  # bf16 is the top half of an IEEE float32, so widening is exact
+                    values = scratch.wide(dest.shape)
+                    values[...] = dest
+                    values <<= 16
+                    values = values.view(np.float32)
                 if transpose:
                     out2[:, r:r_end] = values.T
                 else:
@@ -223,6 +261,7 @@ class Checkpoint:
             raise CheckpointError(self.model_dir, None, f"no {SINGLE_NAME} or {INDEX_NAME} in this folder.")
         self._files = {}
         self._where = {}
+        self._scratch = Scratch()  # one set of chunk buffers for every read (freed with the Checkpoint)
         if weight_map is None:
             f = self._open(SINGLE_NAME)
             self._where = {name: f for name in f.entries}
@@ -282,5 +321,6 @@ class Checkpoint:
         return self._where[name].read(name, dtype, index)
 
     def read_into(self, name, out, index=(), transpose=False):
-        """Read ``tensor[index]``, transposed if asked, into ``out`` (see ``SafetensorsFile.read_into``)."""
-        self._where[name].read_into(name, out, index, transpose)
+        """Read ``tensor[index]``, transposed if asked, into ``out`` (see ``SafetensorsFile.read_into``).
+        Every read of this checkpoint shares one ``Scratch``."""
+        self._where[name].read_into(name, out, index, transpose, self._scratch)
