@@ -93,13 +93,13 @@ def fixed_cost_config(config, size):
     calls as the real model's, so its time per token is the floor that Python, NumPy dispatch and Allreduce
     latency set."""
     width = 4 * config.n_head
-    return dataclasses.replace(config, n_embd=width, d_head=4, n_ffn=max(width, size), n_vocab=max(512, size),
-                               n_ctx=min(config.n_ctx, 1024))
+    return dataclasses.replace(config, n_embd=width, d_head=4, n_ffn=max(width, size), n_vocab=max(512, size))
 
 
-def measure_fixed_cost(config, comm, dtype, n_gen, repeats=3):
-    """Seconds per decode token of ``fixed_cost_config(config)`` on ``comm`` (best of ``repeats``, slowest rank)."""
-    model = random_model(fixed_cost_config(config, comm.Get_size()), comm, dtype)
+def measure_fixed_cost(config, comm, dtype, n_gen, vocab_parallel=True, repeats=3):
+    """Seconds per decode token of ``fixed_cost_config(config)`` on ``comm`` (best of ``repeats``, slowest rank),
+    with the embedding and LM head split or replicated as in the real run."""
+    model = random_model(fixed_cost_config(config, comm.Get_size()), comm, dtype, vocab_parallel=vocab_parallel)
     decode_run(model, min(4, n_gen))
     return min(mpi.max_over_ranks(comm, decode_run(model, n_gen)) for _ in range(repeats)) / n_gen
 
@@ -126,9 +126,9 @@ def decode_read_bytes(model, n_kv):
     return sum(a.nbytes for a in arrays) + model.cache_bytes(n_kv)
 
 
-def prefill_flops(model, n_seq):
-    """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (its LM-head columns for the
-    last position)."""
+def prefill_flops(model, n_seq, include_head=True):
+    """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (with its LM-head columns for
+    the last position unless ``include_head`` is False)."""
     cfg, s = model.config, model.shard
     d, dh = cfg.n_embd, cfg.d_head
     q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
@@ -136,7 +136,7 @@ def prefill_flops(model, n_seq):
     per_token = 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
     # causal attention: Q K^T and P V, each 2 * d_head flops per (query, visible key) pair and head
     attention = 2 * 2 * dh * s.n_head_local * n_seq * (n_seq + 1) / 2
-    return cfg.n_layer * (n_seq * per_token + attention) + 2 * d * s.n_vocab_local
+    return cfg.n_layer * (n_seq * per_token + attention) + (2 * d * s.n_vocab_local if include_head else 0)
 
 
 def project_tokens_per_s(compute_s, n_messages, message_bytes, size, alpha, beta):
@@ -209,20 +209,20 @@ class BandwidthProbe:
         return self.W.nbytes / min(_timed(self.comm, lambda: self.x @ self.W, repeats))
 
 
+def decode_matrices(model):
+    """The matrices one decode token multiplies, in order: every block's W_QKV, W_B, W_C, W_D, then the LM head."""
+    return [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.globals.W_head]
+
+
 def measure_decode_products(model, repeats=3):
     """Seconds for decode's matrix products alone: one token through every block's W_QKV, W_B, W_C, W_D and
     the LM head of this rank's own weights, back to back, with nothing else (all ranks at once; the slowest
     rank's best). What NumPy and the BLAS reach at this model's shapes: the forward's floor."""
-    ones = {}
-
-    def vec(n):
-        return ones.setdefault(n, np.ones(n, model.dtype))
-
-    mats = [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.globals.W_head]
+    pairs = [(np.ones(m.shape[0], model.dtype), m) for m in decode_matrices(model)]
 
     def run():
-        for m in mats:
-            vec(m.shape[0]) @ m
+        for x, m in pairs:
+            x @ m
 
     run()
     return min(_timed(model.comm, run, repeats))
@@ -560,8 +560,10 @@ def _run(args, comm):
             shard_for(config, rank, size)  # refuses a bad rank count before building anything
             name = f"{args.preset} (random)"
         cfg_ctx = (model.config if args.model else config).n_ctx
-        if max(args.n_prompt, args.n_gen + 1, (args.long or 0) + 1) > cfg_ctx:
-            raise MpitpError(f"--n-prompt/--n-gen/--long must fit the model's context of {cfg_ctx} positions.")
+        # a decode test is a 1-token prompt and n_gen + 1 generated tokens (the first comes from the prompt's forward)
+        if max(args.n_prompt, args.n_gen + 2, (args.long or 0) + 2) > cfg_ctx:
+            raise MpitpError(f"--n-prompt must be at most {cfg_ctx} and --n-gen/--long at most {cfg_ctx - 2}: the "
+                             f"model's context is {cfg_ctx} positions.")
     except MpitpError as e:
         error = e
     if failed_vote(comm, error, "mpitp.bench"):  # the first collective
@@ -608,14 +610,14 @@ def _run(args, comm):
         products.append(measure_decode_products(model))
         tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
     del probe
-    fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
+    fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen, model.vocab_parallel)
     gemm = measure_gemm_rate(model, args.n_prompt)
     read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
-    flops_per_token = prefill_flops(model, args.n_prompt) / args.n_prompt
+    # The LM head of the last position is a matrix-vector product: the roofline counts it as a read, not as flops.
+    flops_per_token = prefill_flops(model, args.n_prompt, include_head=False) / args.n_prompt
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
-    matrix_bytes = sum(m.nbytes for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)) + \
-        model.globals.W_head.nbytes
+    matrix_bytes = sum(m.nbytes for m in decode_matrices(model))
     overhead_ms = breakdown["allreduce"] + breakdown["other"]
     predicted = allreduce_payload_bytes(cfg, 1, itemsize, model.vocab_parallel)
     n_calls = 2 * cfg.n_layer + (1 if model.vocab_parallel else 0)

@@ -121,9 +121,9 @@ class Model:
         profile : Profile, optional
             Accumulates this forward's wall time per category (matmul, attention, allreduce, lm_head, other).
         gather : bool
-            Return the logits of the whole vocabulary on every rank. With ``False`` a vocab-parallel model
-            returns only this rank's columns, ``shard.vocab_cols`` (what generation uses: it decides the
-            next token without gathering the logits).
+            Return the logits of the whole vocabulary on every rank, C-contiguous. With ``False`` a
+            vocab-parallel model returns only this rank's columns, ``shard.vocab_cols``, as a view that may
+            have strided rows (what generation uses: it decides the next token without gathering the logits).
 
         Returns
         -------
@@ -249,6 +249,8 @@ class Model:
                 logits = full
         elif trace is not None:
             trace.record("logits", logits)
+        if gather:  # whole rows for the caller; without gather, a view of the padded product (no copy)
+            logits = np.ascontiguousarray(logits)
         bounds = np.concatenate([[0], ends]) if all_logits else np.arange(len(segments) + 1)
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 

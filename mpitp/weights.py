@@ -132,7 +132,7 @@ class BlockWeights:
     W_up = property(lambda self: self.W_C[:, self.W_C.shape[1] // 2:] if self.gated else None)
 
     def arrays(self):
-        """The arrays that hold this block's memory (no views)."""
+        """The arrays of this block (views into the rank's arena; not the W_Q, W_K, ... views into them)."""
         return [a for a in (self.norm_1_weight, self.norm_1_bias, self.W_QKV, self.b_QKV, self.W_B, self.b_B,
                             self.norm_2_weight, self.norm_2_bias, self.W_C, self.b_C, self.W_D, self.b_D)
                 if a is not None]
@@ -194,15 +194,6 @@ def _local_shape(config, shard, name):
         s = getattr(shard, attr)
         full[-1 if kind == "column" else 0] = s.stop - s.start
     return tuple(full)
-
-
-def shard_bytes(config, shard, dtype):
-    """Bytes of weights one rank will hold (before reading any of them)."""
-    names = [n for n in _NAMES[config.family][0] if not n.startswith("b_")]
-    per_layer = sum(int(np.prod(_local_shape(config, shard, n))) for n in names)
-    heads = 1 if config.tie_word_embeddings else 2
-    vocab = heads * shard.n_vocab_local * config.n_embd
-    return (config.n_layer * per_layer + vocab) * np.dtype(dtype).itemsize
 
 
 def _read_into(ckpt, ckpt_name, src, name, config, shard, out):
@@ -282,6 +273,23 @@ def _stacked_shape(parts):
     return parts[0][1][:-1] + (sum(shape[-1] for _, shape in parts),)
 
 
+def _stored_shape(field, parts):
+    """The shape a field is stored in: its parts side by side, and the LM head with padded rows."""
+    shape = _stacked_shape(parts)
+    return (shape[0], padded_vocab(shape[1])) if field == "W_vocab" else shape
+
+
+def _arena_shapes(config, shard):
+    layer_fields, global_fields, _ = _plan(config, shard)
+    shapes = [_stored_shape(f, p) for f, p in layer_fields if p] * config.n_layer
+    return shapes + [_stored_shape(f, p) for f, p in global_fields if p]
+
+
+def shard_bytes(config, shard, dtype):
+    """Bytes of weights one rank will hold, known before reading any of them: the size of its arena."""
+    return Arena.size_of(_arena_shapes(config, shard), dtype)
+
+
 def allocate_weights(config, shard, dtype, fill):
     """This rank's weights in one ``Arena``, in read order, each array filled by ``fill``.
 
@@ -290,19 +298,12 @@ def allocate_weights(config, shard, dtype, fill):
     Returns ``(blocks, global_weights)``.
     """
     layer_fields, global_fields, _ = _plan(config, shard)
-
-    def shape_of(field, parts):  # as stored: the LM head with padded rows
-        shape = _stacked_shape(parts)
-        return (shape[0], padded_vocab(shape[1])) if field == "W_vocab" else shape
-
-    shapes = [_stacked_shape(p) for _, p in layer_fields if p] * config.n_layer
-    shapes += [shape_of(f, p) for f, p in global_fields if p]
-    arena = Arena(Arena.size_of(shapes, dtype))
+    arena = Arena(shard_bytes(config, shard, dtype))
 
     def take(field, parts, layer):
         if not parts:
             return None
-        out = arena.take(shape_of(field, parts), dtype)  # zero-filled: the arena is fresh anonymous memory
+        out = arena.take(_stored_shape(field, parts), dtype)  # zero-filled: the arena is fresh memory
         fill(field, layer, parts, out[:, :parts[0][1][1]] if field == "W_vocab" else out)
         return out
 

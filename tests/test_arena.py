@@ -40,3 +40,14 @@ def test_a_loaded_model_lies_in_one_buffer_in_the_order_a_forward_reads_it(name)
     addresses = [a.ctypes.data for a in order]
     assert addresses == sorted(addresses)
     assert addresses[-1] - addresses[0] < m.weight_bytes  # one buffer, not scattered allocations
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-gqa"])
+def test_the_bytes_checked_before_loading_are_the_bytes_held(name):
+    from mpitp.config import load_config
+    from mpitp.sharding import shard_for
+    from mpitp.weights import shard_bytes
+    m = load_model(model_dir(name))
+    arrays = [a for b in m.blocks for a in b.arrays()] + m.globals.arrays(m.config.tie_word_embeddings)
+    planned = shard_bytes(load_config(model_dir(name)), shard_for(m.config, 0, 1), np.float32)
+    assert 0 <= planned - m.weight_bytes < 64 * len(arrays)  # only the 64-byte alignment between arrays

@@ -68,6 +68,7 @@ def test_prefill_flops_against_a_hand_count():
     attention = 2 * (2 * dh * h * (1 + 2 + 3 + 4 + 5))  # Q K^T and P V, over the keys each query sees
     head = 2 * d * v  # logits of the last position
     assert bench.prefill_flops(model, n) == layers * (matmuls + attention) + head
+    assert bench.prefill_flops(model, n, include_head=False) == layers * (matmuls + attention)
 
 
 def test_prefill_flops_count_only_this_ranks_share():

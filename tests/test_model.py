@@ -274,3 +274,18 @@ def test_qwen2_has_biases_on_q_k_v_only(tmp_path):
     for size in (1, 2, 3):
         for logits in run_ranks(size, lambda c: prefill_logits(load_model(str(qwen_dir), c, "float64"), ids)):
             assert np.abs(logits - dense_reference.dense_logits(str(ref_dir), ids)).max() <= 1e-12
+
+
+@pytest.mark.parametrize("vocab_parallel", [True, False])
+def test_gathered_logits_are_whole_contiguous_rows(vocab_parallel):
+    # llama-gqa's vocabulary (258) is not a multiple of the head's 16-column padding: the padded columns must
+    # not leak into the logits, and the gathered logits are plain C-contiguous rows.
+    def run(c):
+        m = load_model(model_dir("llama-gqa"), c, "float64", vocab_parallel=vocab_parallel)
+        return m.forward([1, 2, 3], m.new_cache(4), all_logits=True)
+
+    serial = run(comm.serial())
+    assert serial.flags.c_contiguous
+    for logits in run_ranks(2, run):
+        assert logits.shape == (3, 258) and logits.flags.c_contiguous
+        np.testing.assert_allclose(logits, serial, rtol=0, atol=1e-12)
