@@ -42,18 +42,17 @@ class Arena:
     def __init__(self, nbytes):
         self.nbytes = nbytes
         size = max(nbytes, 1) + _HUGE_PAGE  # room to start on a huge-page boundary
-        if not hasattr(mmap, "MAP_ANONYMOUS"):  # no anonymous maps (Windows): ordinary memory, same layout
+        anonymous = hasattr(mmap, "MAP_ANONYMOUS")  # not on Windows: ordinary memory there, same layout
+        if anonymous:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            raw = np.frombuffer(self._map, dtype=np.uint8)  # keeps the map alive as long as any view of it
+        else:
             raw = np.zeros(size, np.uint8)
-            start = (-raw.ctypes.data) % _HUGE_PAGE
-            self._buf, self._used = raw[start:start + nbytes], 0
-            return
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        raw = np.frombuffer(self._map, dtype=np.uint8)  # keeps the map alive as long as any view of it
         start = (-raw.ctypes.data) % _HUGE_PAGE
         # Huge pages for the whole 2 MiB pages of the buffer only: in THP's usual "madvise" mode a huge page
         # is committed whole, so the tail keeps small pages and resident memory stays the bytes used.
         huge = nbytes // _HUGE_PAGE * _HUGE_PAGE
-        if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        if anonymous and huge and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE, start, huge)
             except OSError:  # THP compiled out: ordinary pages

@@ -609,7 +609,7 @@ def _run(args, comm):
         tg_bw.append(probe.measure())
         products.append(measure_decode_products(model))
         tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
-    del probe
+    probe = None  # its matrix is freed before the rest is measured
     fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen, model.vocab_parallel)
     gemm = measure_gemm_rate(model, args.n_prompt)
     read_bytes = decode_read_bytes(model, n_kv=1 + args.n_gen // 2)

@@ -41,27 +41,24 @@ class Scratch:
     """
 
     def __init__(self):
-        self._raw = self._wide = None
+        self._buffers = {}
 
-    @staticmethod
-    def _view(buf, shape, dtype):
-        return buf[:int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+    def _array(self, key, capacity, shape, dtype):
+        # An uninitialised array from the buffer ``key`` of ``capacity`` bytes (a fresh one if it is larger).
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n > capacity:
+            return np.empty(shape, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty(capacity, np.uint8)
+        return self._buffers[key][:n].view(dtype).reshape(shape)
 
     def raw(self, shape, dtype):
-        """An uninitialised array for raw file bytes (a fresh one if larger than ``SCRATCH_BYTES``)."""
-        if int(np.prod(shape)) * np.dtype(dtype).itemsize > SCRATCH_BYTES:
-            return np.empty(shape, dtype)
-        if self._raw is None:
-            self._raw = np.empty(SCRATCH_BYTES, np.uint8)
-        return self._view(self._raw, shape, dtype)
+        """An uninitialised array for one chunk of raw file bytes."""
+        return self._array("raw", SCRATCH_BYTES, shape, dtype)
 
     def wide(self, shape):
         """An uninitialised uint32 array for widening one chunk of bf16 values."""
-        if int(np.prod(shape)) * 4 > 2 * SCRATCH_BYTES:
-            return np.empty(shape, np.uint32)
-        if self._wide is None:
-            self._wide = np.empty(2 * SCRATCH_BYTES, np.uint8)
-        return self._view(self._wide, shape, np.uint32)
+        return self._array("wide", 2 * SCRATCH_BYTES, shape, np.uint32)
 
 
 class SafetensorsFile:
@@ -198,7 +195,7 @@ class SafetensorsFile:
         direct = (not transpose and out2.dtype == raw_dtype.newbyteorder("=") and raw_dtype.isnative
                   and out2.flags.c_contiguous)
         chunk = max(1, SCRATCH_BYTES // max(1, n_c * item))  # rows per scratch buffer
-        scratch = scratch or Scratch()
+        scratch = scratch if scratch is not None else Scratch()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for r in range(0, n_r, chunk):

@@ -304,7 +304,7 @@ def allocate_weights(config, shard, dtype, fill):
         if not parts:
             return None
         out = arena.take(_stored_shape(field, parts), dtype)  # zero-filled: the arena is fresh memory
-        fill(field, layer, parts, out[:, :parts[0][1][1]] if field == "W_vocab" else out)
+        fill(field, layer, parts, out[..., :_stacked_shape(parts)[-1]])  # without the LM head's padding
         return out
 
     blocks = []
