@@ -9,6 +9,7 @@ Library use::
 
 __version__ = "0.1.0"
 
+# None of these imports mpi4py.MPI: MPI starts with the first communicator asked of mpitp.comm.
 from .errors import CheckpointError, ConfigError, MpitpError, RequestError, ShardingError  # noqa: F401
 from .generation import Generation, generate_batch, generate_sequence  # noqa: F401
 from .model import Model, load_model  # noqa: F401

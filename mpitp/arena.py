@@ -1,23 +1,17 @@
-"""One block of memory for all of a rank's weights, laid out in the order decoding reads them.
+"""The fast layout: one block of memory for all of a rank's weights, in the order a forward reads them.
 
-Decoding streams every weight once per token, so its speed is the speed of reading memory. Two things
-about where the weights live decide how close to the machine's bandwidth that gets:
+Decoding reads every weight once per token, so its speed is the speed of reading memory. Three things about
+where the weights live bring that closer to the machine's bandwidth; none changes a value:
 
-- Page size. With 4 KiB pages, every 4 KiB of a weight read costs a TLB miss; with 2 MiB "huge" pages
-  (Linux transparent huge pages) there are 512 times fewer. NumPy asks for huge pages only for arrays of
-  4 MiB and more, and a tensor-parallel rank's matrices are often smaller (GPT-2 small at 2 ranks: W_QKV
-  3.5 MB and W_B 1.2 MB, against 4.7 MB for W_C and W_D). The arena asks for them for all of its memory.
-- Order. One forward reads the weights in a fixed order; laid out in that order they make one long
-  sequential stream, which the hardware prefetchers follow across the ends of the matrices.
+- Huge pages. With 4 KiB pages every 4 KiB read costs a TLB miss; with 2 MiB transparent huge pages 512
+  times fewer. NumPy asks for them only for arrays of 4 MiB and more, and a rank's matrices are often
+  smaller; the arena asks for them for all of its memory.
+- Read order. Laid out in the order a forward reads them, the weights make one long sequential stream.
+- Padded rows. The LM head's rows are padded to whole cache lines (``ROW_ALIGN`` values); ``take`` returns
+  the unpadded view, so the forward never sees the padding.
 
-Measured on the development machine (2-core AMD EPYC VM, OpenBLAS, one thread per process), the decode
-products of GPT-2 small's 2-rank shard (every block matrix and the LM head, one vector each, interleaved
-with the same products on separately allocated arrays, 40 pairs per run): one process read 24.4-24.9 GB/s
-from this arena against 21.1-21.4 from separate arrays (16% faster); two processes at once, with the
-memory in its slower regime, 16.1-18.1 against 15.8-17.0 GB/s (2-6% faster).
-
-Where huge pages are not available (another OS, or THP disabled) this is just one ordinary allocation;
-without anonymous memory maps (Windows) it is a NumPy buffer.
+The measured gains are in the README's Performance section. Where huge pages are not available this is one
+ordinary allocation; without anonymous memory maps (Windows) it is a NumPy buffer.
 """
 
 import mmap
@@ -26,31 +20,35 @@ import numpy as np
 
 _HUGE_PAGE = 2 << 20
 _ALIGN = 64  # every array starts on a cache line
+ROW_ALIGN = 16  # padded rows hold a multiple of this many values (64 bytes in float32)
 
 
 def _aligned(nbytes):
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-class Arena:
-    """Hands out consecutive, aligned, C-contiguous arrays from one buffer of ``nbytes``.
+def padded_shape(shape):
+    return tuple(shape[:-1]) + (-(-shape[-1] // ROW_ALIGN) * ROW_ALIGN,)
 
-    The buffer is an anonymous memory map, advised for transparent huge pages where the platform has
-    them. Its pages are zero and only committed when written (loading writes every one).
+
+class Arena:
+    """Hands out consecutive, aligned arrays from one anonymous memory map of ``nbytes``.
+
+    Its pages are zero and only committed when written (loading writes every one).
     """
 
     def __init__(self, nbytes):
         self.nbytes = nbytes
         size = max(nbytes, 1) + _HUGE_PAGE  # room to start on a huge-page boundary
-        anonymous = hasattr(mmap, "MAP_ANONYMOUS")  # not on Windows: ordinary memory there, same layout
+        anonymous = hasattr(mmap, "MAP_ANONYMOUS")
         if anonymous:
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             raw = np.frombuffer(self._map, dtype=np.uint8)  # keeps the map alive as long as any view of it
         else:
             raw = np.zeros(size, np.uint8)
         start = (-raw.ctypes.data) % _HUGE_PAGE
-        # Huge pages for the whole 2 MiB pages of the buffer only: in THP's usual "madvise" mode a huge page
-        # is committed whole, so the tail keeps small pages and resident memory stays the bytes used.
+        # Huge pages for the whole 2 MiB pages only: in THP's usual "madvise" mode a huge page is committed
+        # whole, so the tail keeps small pages and resident memory stays the bytes used.
         huge = nbytes // _HUGE_PAGE * _HUGE_PAGE
         if anonymous and huge and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
@@ -62,15 +60,16 @@ class Arena:
 
     @staticmethod
     def size_of(shapes, dtype):
-        """Bytes an arena needs to hand out arrays of these shapes and ``dtype``."""
+        """Bytes an arena needs to hand out arrays of these shapes (padded ones given padded) and ``dtype``."""
         itemsize = np.dtype(dtype).itemsize
         return sum(_aligned(int(np.prod(s)) * itemsize) for s in shapes)
 
-    def take(self, shape, dtype):
-        """The next array of ``shape`` and ``dtype`` (uninitialised)."""
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    def take(self, shape, dtype, padded=False):
+        """The next array of ``shape`` and ``dtype`` (zero); with ``padded``, a view of padded rows."""
+        full = padded_shape(shape) if padded else tuple(shape)
+        n = int(np.prod(full)) * np.dtype(dtype).itemsize
         if self._used + n > self.nbytes:
             raise ValueError(f"arena of {self.nbytes} bytes cannot hold {n} more after {self._used}")
-        out = self._buf[self._used:self._used + n].view(dtype).reshape(shape)
+        out = self._buf[self._used:self._used + n].view(dtype).reshape(full)
         self._used += _aligned(n)
-        return out
+        return out[..., :shape[-1]]

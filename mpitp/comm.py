@@ -1,42 +1,41 @@
-"""Communication: the only module in mpitp that imports mpi4py.
+"""Communication: the only module in mpitp that imports mpi4py, and only when a collective is first used.
 
 Everything below the entry points takes the communicator as an explicit argument; this module supplies the
 few collectives the model needs, all buffer-based (upper-case mpi4py methods) on contiguous NumPy arrays.
-``allreduce_sum`` is the one Allreduce of the tensor-parallel data flow: a block calls it twice per forward.
+``allreduce_sum`` is the Allreduce of the tensor-parallel data flow: a block calls it twice per forward.
+``TimedComm`` wraps a communicator to time and count those calls from outside the math.
 """
 
 import sys
 import time
 
 import numpy as np
-from mpi4py import MPI
 
-# Time and payload bytes of allreduce_sum since the last reset, per process (read by timing reports).
-allreduce_seconds = 0.0
-allreduce_bytes = 0
+
+def _mpi():
+    from mpi4py import MPI  # importing mpi4py.MPI initialises MPI: not at `import mpitp`
+    return MPI
 
 
 def world():
     """The communicator of every process started by mpirun (a 1-rank one without mpirun)."""
-    return MPI.COMM_WORLD
+    return _mpi().COMM_WORLD
 
 
 def serial():
     """A 1-rank communicator: runs the very same code path on this process alone."""
-    return MPI.COMM_SELF
+    return _mpi().COMM_SELF
 
 
 def allreduce_sum(comm, buf):
     """Sum ``buf`` over all ranks of ``comm``, in place (``MPI.IN_PLACE``, no temporary)."""
-    global allreduce_seconds, allreduce_bytes
-    t = time.perf_counter()
+    MPI = _mpi()
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-    allreduce_seconds += time.perf_counter() - t
-    allreduce_bytes += buf.nbytes
 
 
 def allreduce_scalar(comm, value, op, dtype):
     """``value`` reduced over all ranks with ``op`` ("max" or "sum"), exactly, on every rank."""
+    MPI = _mpi()
     buf = np.array([value], dtype=dtype)
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX if op == "max" else MPI.SUM)
     return buf[0]
@@ -51,20 +50,15 @@ def gather_to_root(comm, array, root=0):
 
 
 def allgather_columns(comm, local, counts):
-    """Concatenate every rank's ``[rows, counts[r]]`` block along the columns, on every rank."""
+    """Concatenate every rank's ``[..., counts[r]]`` block along the last axis, on every rank."""
     local = np.ascontiguousarray(local)
-    rows = local.shape[0]
-    sizes = [rows * c for c in counts]
+    lead = local.shape[:-1]
+    sizes = [int(np.prod(lead, dtype=np.int64)) * c for c in counts]
     flat = np.empty(sum(sizes), local.dtype)
-    comm.Allgatherv(local, [flat, sizes, np.cumsum([0] + sizes[:-1]).tolist(), _MPI_TYPES[local.dtype.char]])
-    blocks, start = [], 0
-    for size, c in zip(sizes, counts):
-        blocks.append(flat[start:start + size].reshape(rows, c))
-        start += size
-    return np.concatenate(blocks, axis=1)
-
-
-_MPI_TYPES = {"f": MPI.FLOAT, "d": MPI.DOUBLE, "q": MPI.INT64_T, "l": MPI.INT64_T}
+    mpi_type = {"f": _mpi().FLOAT, "d": _mpi().DOUBLE}[local.dtype.char]
+    comm.Allgatherv(local, [flat, sizes, np.cumsum([0] + sizes[:-1]).tolist(), mpi_type])
+    blocks = np.split(flat, np.cumsum(sizes)[:-1])
+    return np.concatenate([b.reshape(lead + (c,)) for b, c in zip(blocks, counts)], axis=-1)
 
 
 def bcast_ints(comm, values, root=0):
@@ -79,19 +73,43 @@ def allgather(comm, obj):
     return comm.allgather(obj)
 
 
+def max_over_ranks(comm, value):
+    """The largest ``value`` over all ranks, on every rank."""
+    return comm.allreduce(value, op=_mpi().MAX)
+
+
 def ranks_on_node(comm):
     """How many ranks of ``comm`` run on this node (and share its cores and memory).
 
     Counted by host name: with MPI forced onto TCP on one machine (MPIR_CVAR_NOLOCAL=1) the shared-memory
     split would see every rank alone.
     """
-    names = comm.allgather(MPI.Get_processor_name())
-    return names.count(MPI.Get_processor_name())
+    name = _mpi().Get_processor_name()
+    return comm.allgather(name).count(name)
 
 
-def max_over_ranks(comm, value):
-    """The largest ``value`` over all ranks, on every rank."""
-    return comm.allreduce(value, op=MPI.MAX)
+class TimedComm:
+    """A communicator that times and counts its Allreduce calls; every other call passes straight through.
+
+    Wrap the communicator a model is loaded with, and read ``seconds``, ``calls`` and ``bytes`` afterwards:
+    the model's code does not change.
+    """
+
+    def __init__(self, comm):
+        self.comm, self.seconds, self.calls, self.bytes = comm, 0.0, 0, 0
+
+    def Allreduce(self, sendbuf, recvbuf, op=None):
+        t = time.perf_counter()
+        self.comm.Allreduce(sendbuf, recvbuf, op=op if op is not None else _mpi().SUM)
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        self.bytes += recvbuf.nbytes
+
+    def reset(self):
+        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
 
 
 def abort(comm, code):
@@ -106,4 +124,4 @@ def abort(comm, code):
 
 def library_version():
     """One line naming the MPI library mpi4py is linked against."""
-    return " ".join(MPI.Get_library_version().split("\n")[0].split())
+    return " ".join(_mpi().Get_library_version().split("\n")[0].split())

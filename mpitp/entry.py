@@ -13,6 +13,13 @@ import traceback
 from . import comm as mpi
 
 
+def say(line):
+    """One line on stderr in a single write: the launcher merges every rank's stderr, and a line written in
+    pieces (print writes the text and the newline separately) can be cut by another rank's line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" only where there is a default worth showing and the help does not say it."""
 
@@ -45,7 +52,7 @@ def failed_vote(comm, error, prog):
     rank = comm.Get_rank()
     if error is not None and (rank == 0 or not failed[0]):
         prefix = "" if rank == 0 else f"[rank {rank}] "
-        print(f"{prefix}{prog}: error: {error}", file=sys.stderr, flush=True)
+        say(f"{prefix}{prog}: error: {error}")
     return 2
 
 
@@ -59,11 +66,11 @@ def run_guarded(comm, fn, verbose, prog):
             raise
         interrupted = isinstance(e, KeyboardInterrupt)
         what = "interrupted" if interrupted else f"unexpected error: {type(e).__name__}: {e}"
-        print(f"[rank {rank}] {prog}: {what}", file=sys.stderr, flush=True)
+        say(f"[rank {rank}] {prog}: {what}")
         if verbose:
             traceback.print_exc()
         elif not interrupted:
-            print(f"[rank {rank}] {prog}: run with --verbose for the traceback.", file=sys.stderr, flush=True)
+            say(f"[rank {rank}] {prog}: run with --verbose for the traceback.")
         code = 130 if interrupted else 1
         if size > 1:
             mpi.abort(comm, code)

@@ -14,9 +14,9 @@ import sys
 import time
 
 from . import comm as mpi
-from .entry import HelpFormatter, RankParser, failed_vote, run_guarded
+from .entry import HelpFormatter, RankParser, failed_vote, run_guarded, say
 from .errors import MpitpError, RequestError
-from .generation import check_batch, generate_batch
+from .generation import check_request, generate_batch, new_batch_cache
 from .model import DTYPES, Model
 from .sampling import Sampler
 from .threads import apply_blas_threads, choose_threads, missing_threadpoolctl_warning
@@ -64,9 +64,6 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
-    p.add_argument("--replicated-head", action="store_true",
-                   help="replicate the embedding and LM head on every rank instead of splitting them by vocabulary "
-                        "(same tokens; for comparison)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
@@ -86,7 +83,7 @@ def build_parser():
 
 def _say(args, rank, message):
     if rank == 0 and not args.quiet:
-        print(f"mpitp: {message}", file=sys.stderr, flush=True)
+        say(f"mpitp: {message}")
 
 
 def _injected_fault(rank):
@@ -98,7 +95,7 @@ def _injected_fault(rank):
 
 
 def _arm_fault(model, phase):
-    forward, calls = model.forward_batch, []
+    forward, calls = model.forward, []
 
     def faulty_forward(*a, **kw):
         calls.append(1)
@@ -106,11 +103,12 @@ def _arm_fault(model, phase):
             raise RuntimeError(f"fault injected by MPITP_INJECT_FAULT during {phase}")
         return forward(*a, **kw)
 
-    model.forward_batch = faulty_forward
+    model.forward = faulty_forward
 
 
 def _prepare(args, comm):
-    """Everything that bad input can fail, with no communication: load, validate, ready the trace dir."""
+    """Everything that bad input can fail, with no communication: load, validate, allocate the KV cache,
+    ready the trace folder."""
     if args.threads is not None and args.threads < 1:
         raise RequestError(f"--threads must be >= 1, got {args.threads}.")
     if args.prompt and args.prompt_ids:
@@ -120,7 +118,7 @@ def _prepare(args, comm):
         raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
     if fault == "input":
         raise MpitpError("bad input injected by MPITP_INJECT_FAULT on this rank only.")
-    model = Model.load(args.model, comm, args.dtype, vocab_parallel=not args.replicated_head)
+    model = Model.load(args.model, comm, args.dtype)
     if fault in ("prefill", "decode"):
         _arm_fault(model, fault)
     texts = args.prompt
@@ -148,7 +146,8 @@ def _prepare(args, comm):
         max_new = max(0, min(MAX_NEW_TOKENS_CAP, model.config.n_ctx - longest))
     elif max_new < 0:
         raise RequestError(f"--max-new-tokens must be >= 0, got {max_new}.")
-    prompts = check_batch(model, prompts, max_new)
+    prompts = check_request(model, prompts, max_new)
+    cache = new_batch_cache(model, prompts, max_new)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     if args.trace:
         try:
@@ -157,7 +156,7 @@ def _prepare(args, comm):
             raise MpitpError(f"--trace {args.trace}: cannot create the folder ({e.strerror}).") from None
         if not os.access(args.trace, os.W_OK):
             raise MpitpError(f"--trace {args.trace}: the folder is not writable.")
-    return model, tokenizer, texts, prompts, max_new, sampler
+    return model, tokenizer, texts, prompts, max_new, sampler, cache
 
 
 class _Printer:
@@ -188,8 +187,9 @@ def _run(args, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     t_load = time.perf_counter()
     error = None
+    comm = mpi.TimedComm(comm)  # times the model's Allreduce calls
     try:
-        model, tokenizer, texts, prompts, max_new, sampler = _prepare(args, comm)
+        model, tokenizer, texts, prompts, max_new, sampler, cache = _prepare(args, comm)
     except MpitpError as e:
         error = e
     if failed_vote(comm, error, "mpitp"):  # the first collective
@@ -198,7 +198,7 @@ def _run(args, comm):
     threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
     warning = missing_threadpoolctl_warning(args.threads)
     if warning and rank == 0:
-        print(f"mpitp: {warning}", file=sys.stderr, flush=True)
+        say(f"mpitp: {warning}")
     cfg = model.config
     _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {cfg.n_params / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
@@ -208,16 +208,12 @@ def _run(args, comm):
     trace = Trace() if args.trace else None
     stop_ids = () if args.ignore_eos else cfg.eos_token_ids
     printer = _Printer(args, rank, tokenizer, texts)
-    mpi.allreduce_seconds = 0.0
-    try:
-        results = generate_batch(model, prompts, max_new, sampler, stop_ids, trace, on_token=printer.on_token)
-    except MpitpError as e:  # refused identically on every rank (generate_batch agrees first)
-        if rank == 0:
-            print(f"mpitp: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    comm.reset()
+    results = generate_batch(model, prompts, max_new, sampler, stop_ids, trace, on_token=printer.on_token,
+                             cache=cache)
     if trace is not None:
         trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
-    allreduce_s = mpi.max_over_ranks(comm, mpi.allreduce_seconds)
+    allreduce_s = mpi.max_over_ranks(comm, comm.seconds)
     if rank != 0:
         return 0
     timing = results[0].timing

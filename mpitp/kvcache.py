@@ -1,8 +1,8 @@
 """The rank-local KV cache: keys and values of this rank's key/value heads, preallocated once.
 
-Each layer keeps ``K, V`` of shape ``[n_kv_head_local, capacity, d_head]``. A forward appends its new
-tokens' keys and values in place and attends over the first ``length`` positions; nothing is reallocated
-while generating, so memory stays flat however long the run.
+Each layer keeps ``K, V`` of shape ``[n_batch, n_kv_head_local, capacity, d_head]``, one row per sequence,
+and each sequence its own ``length``. A forward writes its new tokens' keys and values in place and attends
+over the positions written so far; nothing is reallocated while generating, so memory stays flat.
 """
 
 import numpy as np
@@ -11,25 +11,25 @@ from .errors import RequestError
 
 
 class KVCache:
-    """Keys and values of one sequence for one rank.
+    """Keys and values of ``n_batch`` sequences for one rank.
 
     Parameters
     ----------
-    n_layer, n_kv_head_local, d_head : int
-        Sizes from the config and the rank's shard.
+    n_layer, n_batch, n_kv_head_local, d_head : int
+        Sizes from the config, the batch and the rank's shard.
     capacity : int
-        The most positions this cache will hold (prompt plus generated tokens).
+        The most positions a sequence will hold (prompt plus generated tokens).
     dtype : numpy dtype
         The run's compute dtype.
     """
 
-    def __init__(self, n_layer, n_kv_head_local, d_head, capacity, dtype):
+    def __init__(self, n_layer, n_batch, n_kv_head_local, d_head, capacity, dtype):
         self.capacity = capacity
-        self.length = 0  # positions filled and committed
+        self.lengths = np.zeros(n_batch, dtype=np.int64)  # positions written and committed, per sequence
         # Written once now, so that every page is resident from the start: memory stays flat while
         # generating, and a cache too large for the machine fails here, not halfway through a run.
-        self.K = np.empty((n_layer, n_kv_head_local, capacity, d_head), dtype=dtype)
-        self.V = np.empty((n_layer, n_kv_head_local, capacity, d_head), dtype=dtype)
+        self.K = np.empty((n_layer, n_batch, n_kv_head_local, capacity, d_head), dtype=dtype)
+        self.V = np.empty_like(self.K)
         self.K.fill(0)
         self.V.fill(0)
 
@@ -37,27 +37,35 @@ class KVCache:
     def nbytes(self):
         return self.K.nbytes + self.V.nbytes
 
-    def check_room(self, n_new):
-        """Raise ``RequestError`` if ``n_new`` more positions do not fit."""
-        if self.length + n_new > self.capacity:
-            raise RequestError(f"{self.length} cached + {n_new} new tokens exceed the KV cache capacity of "
+    def row(self, b):
+        """Sequence ``b`` alone, as a 1-sequence cache that shares this one's memory."""
+        view = object.__new__(KVCache)
+        view.capacity, view.lengths = self.capacity, self.lengths[b:b + 1]
+        view.K, view.V = self.K[:, b:b + 1], self.V[:, b:b + 1]
+        return view
+
+    def positions(self, n_seq):
+        """``[n_batch, n_seq]``: the positions of ``n_seq`` new tokens of each sequence."""
+        if self.lengths.max() + n_seq > self.capacity:
+            raise RequestError(f"{self.lengths.max()} cached + {n_seq} new tokens exceed the KV cache capacity of "
                                f"{self.capacity} positions.")
+        return self.lengths[:, None] + np.arange(n_seq)
 
-    def update(self, layer, K_new, V_new):
-        """Write the new tokens' keys and values after the committed ones; return views of all of them.
+    def update(self, layer, K_new, V_new, positions):
+        """Write the new tokens' keys and values at ``positions``; return views of every position so far.
 
-        ``K_new, V_new``: ``[n_seq, n_kv_head_local, d_head]``. Returns ``K, V`` as
-        ``[n_kv_head_local, length + n_seq, d_head]``. The new positions are committed by ``advance``
-        once every layer has been updated.
+        ``K_new, V_new``: ``[n_batch, n_seq, n_kv_head_local, d_head]``. Returns ``K, V`` as
+        ``[n_batch, n_kv_head_local, n_kv, d_head]``; ``advance`` commits the new positions after the forward.
         """
-        end = self.length + K_new.shape[0]
-        self.K[layer, :, self.length:end] = K_new.transpose(1, 0, 2)
-        self.V[layer, :, self.length:end] = V_new.transpose(1, 0, 2)
-        return self.K[layer, :, :end], self.V[layer, :, :end]
+        rows = np.arange(len(positions))[:, None]
+        self.K[layer][rows, :, positions] = K_new
+        self.V[layer][rows, :, positions] = V_new
+        n_kv = positions.max() + 1
+        return self.K[layer, :, :, :n_kv], self.V[layer, :, :, :n_kv]
 
-    def advance(self, n_new):
-        self.length += n_new
+    def advance(self, n_seq):
+        self.lengths += n_seq
 
     def reset(self):
         """Forget every position (the memory is kept and overwritten by the next forward)."""
-        self.length = 0
+        self.lengths[:] = 0

@@ -1,23 +1,20 @@
 """Layer math: small pure functions of arrays and weights, no state, no communication.
 
-Shape comments use named dims: n_seq (tokens in this call), n_kv (keys visible after the cache update),
-n_embd, n_head_local, n_kv_head_local, d_head, n_ffn_local. Every function computes in its inputs' dtype.
+Shape comments use named dims: n_batch (sequences), n_seq (new tokens of each), n_kv (keys visible after the
+cache update), n_embd, n_head_local, n_kv_head_local, d_head, n_ffn_local. Every function computes in its
+inputs' dtype; the elementwise ones work in place on one temporary, since each avoided temporary is one pass
+less over memory on the hot path.
 """
-
-import functools
 
 import numpy as np
 
-
-# The elementwise functions below work in place on one temporary: on the hot path, each avoided
-# temporary is one pass less over memory and one allocation less per layer.
 
 _MEAN_VECTORS = {}
 
 
 def _row_mean(x):
     # Mean over the last axis as a matrix-vector product with [1/n, ..., 1/n]: one BLAS call, which is
-    # several times cheaper than NumPy's reductions for the one-row arrays of decoding. [n_seq, n] -> [n_seq]
+    # several times cheaper than NumPy's reductions for the one-row arrays of decoding. [..., n] -> [...]
     key = (x.shape[-1], x.dtype)
     if key not in _MEAN_VECTORS:
         _MEAN_VECTORS[key] = np.full(x.shape[-1], 1.0 / x.shape[-1], dtype=x.dtype)
@@ -25,23 +22,24 @@ def _row_mean(x):
 
 
 def layer_norm(x, weight, bias, eps):
-    # [n_seq, n_embd] -> [n_seq, n_embd] (a new array; x is unchanged)
-    y = x - _row_mean(x)[:, None]
+    # GPT-2's LayerNorm. [..., n_embd] -> [..., n_embd] (a new array; x is unchanged)
+    y = x - _row_mean(x)[..., None]
     std = _row_mean(np.square(y))
     std += eps
     np.sqrt(std, out=std)
-    y /= std[:, None]
+    y /= std[..., None]
     y *= weight
     y += bias
     return y
 
 
-def rms_norm(x, weight, eps):
-    # [n_seq, n_embd] -> [n_seq, n_embd] (a new array; x is unchanged)
+def rms_norm(x, weight, bias, eps):
+    # Llama's RMSNorm; it has no bias (None: the argument keeps one signature for both norms).
+    # [..., n_embd] -> [..., n_embd] (a new array; x is unchanged)
     rms = _row_mean(np.square(x))
     rms += eps
     np.sqrt(rms, out=rms)
-    y = x / rms[:, None]
+    y = x / rms[..., None]
     y *= weight
     return y
 
@@ -70,6 +68,19 @@ def silu(x):
     return x
 
 
+def swiglu(x):
+    # Llama's MLP activation on [C W_gate | C W_up]: silu(C W_gate) * (C W_up). [..., 2 n] -> [..., n]
+    n = x.shape[-1] // 2
+    return silu(x[..., :n]) * x[..., n:]
+
+
+def linear(x, W, b):
+    # x @ W + b, the bias added in place. [..., in] -> [..., out]
+    y = x @ W
+    y += b
+    return y
+
+
 def softmax(x):
     # softmax over the last axis; -inf entries get weight 0. [..., n] -> [..., n] (overwrites x)
     x -= x.max(axis=-1, keepdims=True)
@@ -95,58 +106,56 @@ def rope_inv_freq(rope, d_head):
 
 
 def rope_tables(inv_freq, positions, dtype):
-    """``cos, sin`` of shape ``[n_seq, d_head // 2]`` for the given integer positions."""
-    angles = np.outer(np.asarray(positions, dtype=np.float64), inv_freq)
+    """``cos, sin`` of shape ``[n_batch, n_seq, d_head // 2]`` for integer positions ``[n_batch, n_seq]``."""
+    angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
 def apply_rope(x, cos, sin):
     # Hugging Face's rotate-half convention: dimension i is paired with i + d_head/2.
-    # [n_seq, n_heads, d_head] -> [n_seq, n_heads, d_head]
+    # [n_batch, n_seq, n_heads, d_head] -> [n_batch, n_seq, n_heads, d_head]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-@functools.lru_cache(maxsize=8)
-def _causal_mask(n_seq, n_kv, start_pos, dtype):
-    # [n_seq, n_kv]: 0 where the query at start_pos + i may see key j (j <= start_pos + i), else -inf.
-    # Cached: every layer of a forward uses the same one. Read-only.
-    mask = np.triu(np.full((n_seq, n_kv), -np.inf, dtype=dtype), k=start_pos + 1)
-    mask.flags.writeable = False
-    return mask
+def causal_mask(positions, n_kv, dtype):
+    """``[n_batch, n_seq, n_kv]``, added to the scores: 0 where the query at ``positions[b, i]`` may see key
+    ``j`` (``j <= positions[b, i]``), -inf where it may not (later tokens, and cache rows not yet written)."""
+    visible = np.arange(n_kv) <= np.asarray(positions)[..., None]
+    return np.where(visible, dtype(0), dtype(-np.inf))
 
 
-def attention(Q, K, V, start_pos):
+def attention(Q, K, V, mask, head_runs):
     """Causal scaled dot-product attention of this rank's heads against its cached keys and values.
 
     Parameters
     ----------
-    Q : ndarray, [n_seq, n_head_local, d_head]
-        Queries of the new tokens, at positions ``start_pos .. start_pos + n_seq - 1``.
-    K, V : ndarray, [n_kv_head_local, n_kv, d_head]
-        Every key and value so far (cache plus new tokens); ``n_kv = start_pos + n_seq``.
-        Query head j uses key/value head ``j // (n_head_local // n_kv_head_local)``.
-    start_pos : int
-        Position of the first new token.
+    Q : ndarray, [n_batch, n_seq, n_head_local, d_head]
+        Queries of the new tokens.
+    K, V : ndarray, [n_batch, n_kv_head_local, n_kv, d_head]
+        Every key and value so far (cache plus new tokens).
+    mask : ndarray, [n_batch, n_seq, n_kv]
+        ``causal_mask`` of the new tokens' positions.
+    head_runs : tuple of (h0, h1, k0, k1)
+        ``Shard.head_runs``: query heads ``h0:h1`` share key/value heads ``k0:k1``, the same number each.
 
     Returns
     -------
-    ndarray, [n_seq, n_head_local * d_head]
+    ndarray, [n_batch, n_seq, n_head_local * d_head]
         The attention output B of this rank's heads, heads concatenated.
     """
-    n_seq, n_head_local, d_head = Q.shape
-    n_kv_head_local, n_kv, _ = K.shape
-    group = n_head_local // n_kv_head_local
-    # [n_kv_head_local, group * n_seq, d_head]: the query heads that share one key/value head, stacked.
-    # Scale the queries, not the scores: a pass over n_seq * d_head values instead of n_seq * n_kv.
-    Qg = Q.transpose(1, 0, 2).reshape(n_kv_head_local, group * n_seq, d_head) * Q.dtype.type(1.0 / np.sqrt(d_head))
-    scores = Qg @ K.transpose(0, 2, 1)  # [n_kv_head_local, group * n_seq, n_kv]
-    # Causal mask: the query at position start_pos + i sees keys 0 .. start_pos + i; later keys get -inf.
-    if n_seq > 1:
-        scores.reshape(n_kv_head_local, group, n_seq, n_kv)[...] += _causal_mask(n_seq, n_kv, start_pos,
-                                                                                  scores.dtype.str)
-    probs = softmax(scores)
-    B = probs @ V  # [n_kv_head_local, group * n_seq, d_head]
-    return B.reshape(n_head_local, n_seq, d_head).transpose(1, 0, 2).reshape(n_seq, n_head_local * d_head)
+    n_batch, n_seq, n_head_local, d_head = Q.shape
+    n_kv = K.shape[2]
+    B = np.empty((n_batch, n_seq, n_head_local, d_head), Q.dtype)
+    scale = Q.dtype.type(1.0 / np.sqrt(d_head))  # scale the queries, not the scores: n_seq * d_head values
+    for h0, h1, k0, k1 in head_runs:
+        n_k, group = k1 - k0, (h1 - h0) // (k1 - k0)
+        # [n_batch, n_k, group * n_seq, d_head]: the query heads that share one key/value head, stacked.
+        Qg = (Q[:, :, h0:h1] * scale).transpose(0, 2, 1, 3).reshape(n_batch, n_k, group * n_seq, d_head)
+        scores = Qg @ K[:, k0:k1].transpose(0, 1, 3, 2)  # [n_batch, n_k, group * n_seq, n_kv]
+        scores.reshape(n_batch, n_k, group, n_seq, n_kv)[...] += mask[:, None, None]
+        out = softmax(scores) @ V[:, k0:k1]  # [n_batch, n_k, group * n_seq, d_head]
+        B[:, :, h0:h1] = out.reshape(n_batch, h1 - h0, n_seq, d_head).transpose(0, 2, 1, 3)
+    return B.reshape(n_batch, n_seq, n_head_local * d_head)

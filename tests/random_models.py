@@ -1,7 +1,8 @@
 """Small random-weight Hugging Face model folders, written on the fly, for shapes the goldens lack.
 
-Their head counts split over 3 and 6 ranks (the goldens only over powers of two) and their MLP width
-does not divide evenly. Correctness is checked against the dense reference (itself checked against HF).
+Their head counts split unevenly over most rank counts (6 heads over 4 and 5 ranks, 9 query heads and 3
+key/value heads over 2, 4, 5 ...), and their MLP widths do not divide evenly either. Correctness is checked
+against the dense reference (itself checked against HF).
 """
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 from st_util import write_safetensors
 
 SHAPES = {
-    # 6 heads: valid rank counts 1, 2, 3, 6; MLP width 100 splits unevenly over 3 and 6 ranks.
+    # 6 heads, MLP width 100.
     "gpt2-6h": {"model_type": "gpt2", "n_embd": 48, "n_head": 6, "n_layer": 2, "n_inner": 100,
                 "n_positions": 64, "vocab_size": 97, "activation_function": "gelu_new",
                 "layer_norm_epsilon": 1e-5, "eos_token_id": 96},
@@ -23,6 +24,13 @@ SHAPES = {
                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
                   "rope_theta": 10000.0},
+    # SmolLM2-135M's head layout: 9 query heads in 3 groups of 3, so most rank counts cut a group.
+    "llama-9h": {"model_type": "llama", "hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3,
+                 "num_hidden_layers": 2, "intermediate_size": 100, "max_position_embeddings": 64,
+                 "vocab_size": 97, "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 10000.0},
+    "llama-large": {"model_type": "llama", "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
+                    "num_hidden_layers": 6, "intermediate_size": 1536, "max_position_embeddings": 128,
+                    "vocab_size": 1000, "rms_norm_eps": 1e-5},
 }
 
 
@@ -64,9 +72,10 @@ def _tensors(cfg, rng):
     return t
 
 
-def write_random_model(path, name, seed=0):
-    """Write the model folder ``SHAPES[name]`` with seeded random weights into ``path``; return ``str(path)``."""
-    cfg = SHAPES[name]
+def write_random_model(path, name, seed=0, **changes):
+    """Write the model folder ``SHAPES[name]`` (with ``changes`` to its config) with seeded random weights into
+    ``path``; return ``str(path)``."""
+    cfg = dict(SHAPES[name], **changes)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
     write_safetensors(path / "model.safetensors", _tensors(cfg, np.random.default_rng(seed)))

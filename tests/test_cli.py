@@ -17,7 +17,7 @@ PROMPT = golden("gpt2-tiny")["prompt_L7"].tolist()
 IDS = ",".join(map(str, PROMPT))
 
 
-@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_json_contract(n):
     g = golden("gpt2-tiny")
     r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt-ids", IDS, "--max-new-tokens", "20",
@@ -32,26 +32,29 @@ def test_json_contract(n):
     assert out["timing"]["prefill_tokens_per_s"] > 0 and out["timing"]["decode_tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_trace_contract(tmp_path, n):
+    # Each rank's file holds its own part; the shard metadata puts the parts back together (3 ranks: uneven).
     g = golden("gpt2-tiny")
     r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt-ids", IDS, "--max-new-tokens", "3",
                  "--dtype", "float64", "--trace", str(tmp_path), "--quiet"], n=n)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"rank{i}.npz" for i in range(n)]
-    for rank in range(n):
-        t = np.load(tmp_path / f"rank{rank}.npz", allow_pickle=False)
-        assert np.abs(t["step0/logits"] - g["logits_x64_L7"]).max() <= 1e-9
-        assert np.abs(t["step1/logits"][0] - g["step_logits_x64_L7"][1]).max() <= 1e-9
-        heads_local = 4 // n
+    traces = [np.load(tmp_path / f"rank{rank}.npz", allow_pickle=False) for rank in range(n)]
+    for step, expected in ((0, g["logits_x64_L7"]), (1, g["step_logits_x64_L7"][1:2])):
+        parts = sorted((int(t["shard/vocab_start"]), t[f"step{step}/logits"]) for t in traces)
+        assert np.abs(np.concatenate([p for _, p in parts], axis=1) - expected).max() <= 1e-9
+    assert [int(t["shard/head_start"]) for t in traces] == list(np.cumsum([0] + [int(t["shard/n_head_local"])
+                                                                                 for t in traces[:-1]]))
+    for t in traces:
+        heads, ffn = int(t["shard/n_head_local"]), int(t["shard/n_ffn_local"])
         for step, n_seq in ((0, 7), (1, 1), (2, 1)):
             for layer in range(2):
                 shapes = {k: t[f"step{step}/layer{layer}/{k}"].shape for k in "ABCDEQKV"}
-                assert shapes == {"A": (n_seq, 64), "Q": (n_seq, 16 * heads_local), "K": (n_seq, 16 * heads_local),
-                                  "V": (n_seq, 16 * heads_local), "B": (n_seq, 16 * heads_local),
-                                  "C": (n_seq, 64), "D": (n_seq, 256 // n), "E": (n_seq, 64)}
-        # shard metadata says which heads and MLP columns these tensors belong to
-        assert int(t["shard/head_start"]) == rank * heads_local and int(t["shard/n_head_local"]) == heads_local
+                assert shapes == {"A": (n_seq, 64), "Q": (n_seq, 16 * heads), "K": (n_seq, 16 * heads),
+                                  "V": (n_seq, 16 * heads), "B": (n_seq, 16 * heads),
+                                  "C": (n_seq, 64), "D": (n_seq, ffn), "E": (n_seq, 64)}
+                assert np.array_equal(t[f"step{step}/layer{layer}/E"], traces[0][f"step{step}/layer{layer}/E"])
 
 
 GOLDEN_TEXT = str(golden("gpt2-tiny")["text_prompt"])
@@ -70,14 +73,6 @@ def test_text_prompt_through_tokenizer_json_reproduces_hugging_face(n):
     # Streamed token by token, the text on stdout is the same: the prompt, the continuation, a newline.
     streamed = run_cli(args, n=n)
     assert streamed.returncode == 0 and streamed.stdout == GOLDEN_TEXT + str(g["text_continuation_f64"]) + "\n"
-
-
-def test_replicated_head_gives_the_same_tokens():
-    args = ["--model", model_dir("llama-gqa"), "--prompt-ids", "5,6,7", "--max-new-tokens", "10", "--temperature",
-            "0.9", "--top-p", "0.9", "--seed", "3", "--json"]
-    split, replicated = run_cli(args, n=2), run_cli(args + ["--replicated-head"], n=2)
-    assert split.returncode == replicated.returncode == 0
-    assert json.loads(split.stdout)["sequences"] == json.loads(replicated.stdout)["sequences"]
 
 
 def test_batch_of_text_prompts_prints_one_line_each():
@@ -107,11 +102,11 @@ def _one_error_line(r, expected):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
-def test_bad_rank_count_is_refused_once_with_valid_values():
-    r = run_cli(["--model", model_dir("llama-gqa")], n=3, timeout=60)
+def test_more_ranks_than_heads_is_refused_once_with_the_limit():
+    r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt-ids", "1"], n=5, timeout=60)
     assert r.returncode == 2
-    _one_error_line(r, "cannot run this model on 3 ranks (mpirun -n 3): its 8 attention heads cannot be "
-                       "divided evenly over 3 ranks; valid -n values for this model: 1, 2, 4, 8.")
+    _one_error_line(r, "cannot run this model on 5 ranks (mpirun -n 5): each rank needs at least one of its 4 "
+                       "attention heads; use -n 1 to 4.")
 
 
 def test_request_beyond_context_is_refused():

@@ -17,8 +17,7 @@ import pytest
 
 import dense_reference
 from conftest import REPO, child_env, model_dir, mpirun, run_cli, serial_only
-from st_util import header_and_data, write_raw, write_safetensors
-from test_loading import _corrupt
+from st_util import corrupt, header_and_data, write_raw, write_safetensors, write_sharded
 
 pytestmark = serial_only
 LIMIT = 10  # seconds
@@ -89,15 +88,8 @@ def case_tensor_unsupported_dtype(tmp):
 
 
 def _split(path):
-    t = tensors()
-    names = sorted(t)
-    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for f, keys in files.items():
-        write_safetensors(path / f, {k: t[k] for k in keys})
     os.remove(path / "model.safetensors")
-    index = {"metadata": {}, "weight_map": {k: f for f, keys in files.items() for k in keys}}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    return index
+    return write_sharded(path, tensors())
 
 
 def case_shard_missing(tmp):
@@ -161,7 +153,7 @@ HEADER_CLASSES = ["header beyond file", "header above cap", "offsets outside dat
 @pytest.mark.parametrize("kind", HEADER_CLASSES)
 def test_malformed_header_fails_fast_with_one_line(tmp_path, kind):
     path = base_model(tmp_path / "m")
-    write_raw(path / "model.safetensors", *_corrupt(kind))
+    write_raw(path / "model.safetensors", *corrupt(kind))
     fail_fast(["--model", str(path), "--prompt-ids", "1,2,3"], "model.safetensors")
 
 
@@ -171,7 +163,7 @@ def test_exception_on_one_rank_aborts_everyone(phase):
     r = run_cli(["--max-new-tokens", "5"], n=2, timeout=LIMIT + 5, MPITP_INJECT_FAULT=f"1:{phase}")
     assert time.monotonic() - t < LIMIT and r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.startswith("[rank 1] mpitp: unexpected error")]
-    assert len(lines) == 1 and f"during {phase}" in lines[0] and "Traceback" not in r.stderr
+    assert len(lines) == 1 and f"during {phase}" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bad_input_seen_by_one_rank_only():
@@ -185,10 +177,9 @@ def test_bad_input_seen_by_one_rank_only():
 
 def test_sigint_to_mpirun_ends_every_rank(tmp_path):
     # A long generation, interrupted: every rank exits, nothing is left running.
-    from random_models import SHAPES, write_random_model
-    SHAPES["long"] = dict(SHAPES["llama-mqa"], max_position_embeddings=60000, hidden_size=192,
-                          intermediate_size=512)
-    path = write_random_model(tmp_path / "long", "long")
+    from random_models import write_random_model
+    write_random_model(tmp_path / "long", "llama-mqa", max_position_embeddings=60000, hidden_size=192,
+                       intermediate_size=512)
     marker = str(tmp_path / "long")
     proc = subprocess.Popen([*mpirun(2), sys.executable, "-m", "mpitp.generate", "--model", marker,
                              "--prompt-ids", "1,2,3", "--max-new-tokens", "50000", "--ignore-eos", "--quiet"],
@@ -207,4 +198,3 @@ def test_sigint_to_mpirun_ends_every_rank(tmp_path):
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"
-    assert path

@@ -3,20 +3,21 @@
 import math
 
 import numpy as np
+import pytest
 
 import dense_reference
 from mpitp.config import RopeConfig, config_from_dict
-from mpitp.layers import apply_rope, attention, rope_inv_freq, rope_tables
+from mpitp.layers import apply_rope, attention, causal_mask, rope_inv_freq, rope_tables
 
 
 def test_rope_is_a_complex_rotation_of_half_pairs():
     # Rotate-half RoPE: dims i and i + d/2 form the complex number x_i + 1j*x_{i+d/2}, turned by pos * f_i.
     rng = np.random.default_rng(0)
     d_head, positions = 16, np.array([0, 1, 5, 1000])
-    x = rng.standard_normal((len(positions), 3, d_head))
+    x = rng.standard_normal((1, len(positions), 3, d_head))
     inv_freq = rope_inv_freq(RopeConfig(theta=10000.0), d_head)
     assert np.allclose(inv_freq, [10000.0 ** (-2 * i / d_head) for i in range(d_head // 2)], rtol=1e-15)
-    out = apply_rope(x, *rope_tables(inv_freq, positions, np.float64))
+    out = apply_rope(x, *rope_tables(inv_freq, positions[None], np.float64))
     z = (x[..., :d_head // 2] + 1j * x[..., d_head // 2:]) * np.exp(1j * positions[:, None, None] * inv_freq)
     assert np.abs(out - np.concatenate([z.real, z.imag], axis=-1)).max() < 1e-12
 
@@ -47,19 +48,29 @@ def test_llama3_scaling_in_all_three_wavelength_bands():
     assert parsed.rope == rope
 
 
-def test_attention_against_explicit_loops():
-    # Grouped heads, a cache of earlier positions and a causal mask, against a per-head, per-query loop.
+@pytest.mark.parametrize("head_runs, kv_of_head", [
+    (((0, 4, 0, 2),), [0, 0, 1, 1]),  # an even split: 2 query heads per key/value head
+    (((0, 1, 0, 1), (1, 4, 1, 2)), [0, 1, 1, 1]),  # a group cut by the rank before: 1 head, then 3
+    (((0, 2, 0, 2), (2, 4, 2, 3)), [0, 1, 2, 2]),  # a cut group, then one of 2
+])
+def test_attention_against_explicit_loops(head_runs, kv_of_head):
+    # Two sequences at different positions, a cache of earlier positions and a causal mask, against a
+    # per-sequence, per-head, per-query loop.
     rng = np.random.default_rng(1)
-    n_seq, start, n_head, n_kv_head, d = 3, 4, 4, 2, 8
-    Q = rng.standard_normal((n_seq, n_head, d))
-    K = rng.standard_normal((n_kv_head, start + n_seq, d))
-    V = rng.standard_normal((n_kv_head, start + n_seq, d))
-    out = attention(Q, K, V, start).reshape(n_seq, n_head, d)
-    for h in range(n_head):
-        kv = h // (n_head // n_kv_head)
-        for i in range(n_seq):
-            visible = start + i + 1
-            s = K[kv, :visible] @ Q[i, h] / math.sqrt(d)
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            assert np.allclose(out[i, h], p @ V[kv, :visible], atol=1e-14)
+    n_seq, n_head, d = 3, 4, 8
+    starts = np.array([4, 1])
+    n_kv_head = max(kv_of_head) + 1
+    Q = rng.standard_normal((2, n_seq, n_head, d))
+    K = rng.standard_normal((2, n_kv_head, starts.max() + n_seq, d))
+    V = rng.standard_normal((2, n_kv_head, starts.max() + n_seq, d))
+    positions = starts[:, None] + np.arange(n_seq)
+    out = attention(Q, K, V, causal_mask(positions, K.shape[2], np.float64), head_runs).reshape(2, n_seq, n_head, d)
+    for b in range(2):
+        for h in range(n_head):
+            kv = kv_of_head[h]
+            for i in range(n_seq):
+                visible = starts[b] + i + 1
+                s = K[b, kv, :visible] @ Q[b, i, h] / math.sqrt(d)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                assert np.allclose(out[b, i, h], p @ V[b, kv, :visible], atol=1e-14)

@@ -10,8 +10,8 @@ from conftest import model_dir
 from mpitp import CheckpointError, ConfigError, ShardingError, comm, load_model
 from mpitp.checkpoint import Checkpoint, SafetensorsFile
 from mpitp.config import config_from_dict, load_config
-from mpitp.sharding import block_range, check_rank_count, shard_for, valid_rank_counts
-from st_util import header_and_data, write_raw, write_safetensors
+from mpitp.sharding import block_range, check_rank_count, shard_for
+from st_util import CORRUPTIONS, corrupt, valid_file_parts, write_raw, write_safetensors, write_sharded
 
 
 def gpt2_124m():
@@ -72,27 +72,38 @@ def test_config_file_errors(tmp_path):
 
 # --- rank counts and shards ---------------------------------------------------------------------------
 
-def test_valid_rank_counts():
-    assert valid_rank_counts(gpt2_124m()) == [1, 2, 3, 4, 6, 12]
-    assert valid_rank_counts(llama(8, 2)) == [1, 2, 4, 8]
-    assert valid_rank_counts(llama(12, 4)) == [1, 2, 4, 12]  # 3 and 6 split the 4 kv heads unevenly
-    with pytest.raises(ShardingError, match=r"3 ranks \(mpirun -n 3\).*valid -n values for this model: 1, 2, 4, 8\."):
-        check_rank_count(llama(8, 2), 3)
+def test_rank_count_limit_is_the_query_heads():
+    for size in range(1, 13):
+        check_rank_count(gpt2_124m(), size)  # any P up to the 12 heads, dividing or not
+    with pytest.raises(ShardingError, match=r"13 ranks \(mpirun -n 13\): each rank needs at least one of its 12 "
+                                            r"attention heads; use -n 1 to 12\."):
+        check_rank_count(gpt2_124m(), 13)
 
 
-@pytest.mark.parametrize("heads, kv", [(8, 8), (8, 2), (8, 1), (12, 4), (32, 8)])
+@pytest.mark.parametrize("heads, kv", [(8, 8), (8, 2), (8, 1), (12, 4), (9, 3), (15, 5), (32, 8)])
 def test_every_query_head_sees_its_own_kv_head(heads, kv):
     cfg = llama(heads, kv)
     group = heads // kv
-    for size in valid_rank_counts(cfg):
+    for size in range(1, heads + 1):
         owned = []
         for rank in range(size):
             s = shard_for(cfg, rank, size)
             owned += range(s.head_start, s.head_start + s.n_head_local)
-            needed = {h // group for h in range(s.head_start, s.head_start + s.n_head_local)}
-            assert needed == set(range(s.kv_head_start, s.kv_head_start + s.n_kv_head_local))
-            assert s.n_kv_head_local >= 1 and s.n_head_local % s.n_kv_head_local == 0
+            needed = [h // group for h in range(s.head_start, s.head_start + s.n_head_local)]
+            assert sorted(set(needed)) == list(range(s.kv_head_start, s.kv_head_start + s.n_kv_head_local))
+            # attention's runs map every local query head to its key/value head, and nothing else
+            mapped = [k for h0, h1, k0, k1 in s.head_runs for k in range(k0, k1) for _ in range((h1 - h0) // (k1 - k0))]
+            assert [s.kv_head_start + k for k in mapped] == needed
         assert owned == list(range(heads))  # each query head on exactly one rank
+
+
+def test_uneven_split_of_smollm2_heads():
+    # 9 query heads in 3 groups over 2 ranks: 5 and 4 heads; the middle group is cut, so both hold its KV head.
+    cfg = llama(9, 3)
+    r0, r1 = shard_for(cfg, 0, 2), shard_for(cfg, 1, 2)
+    assert (r0.head_start, r0.n_head_local, r0.kv_head_start, r0.n_kv_head_local) == (0, 5, 0, 2)
+    assert (r1.head_start, r1.n_head_local, r1.kv_head_start, r1.n_kv_head_local) == (5, 4, 1, 2)
+    assert r0.head_runs == ((0, 3, 0, 1), (3, 5, 1, 2)) and r1.head_runs == ((0, 1, 0, 1), (1, 4, 1, 2))
 
 
 def test_block_range_tiles_evenly():
@@ -104,47 +115,10 @@ def test_block_range_tiles_evenly():
 
 # --- checkpoint reading -------------------------------------------------------------------------------
 
-def valid_file_parts():
-    return header_and_data({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)})
-
-
-def _corrupt(kind):
-    header, data = valid_file_parts()
-    header_len = None
-    if kind == "header beyond file":
-        header_len = 10_000
-    elif kind == "header above cap":
-        header_len = 2**40
-    elif kind == "offsets outside data":
-        header["b"]["data_offsets"] = [24, 48]
-    elif kind == "overlap":
-        header["b"]["data_offsets"] = [20, 36]
-        data = data[:36]
-    elif kind == "hole":
-        header["a"]["data_offsets"] = [4, 28]
-        header["b"]["data_offsets"] = [28, 44]
-        data = b"\0" * 4 + data
-    elif kind == "trailing bytes":
-        data = data + b"\0" * 8
-    elif kind == "shape mismatch":
-        header["a"]["shape"] = [3, 3]
-    elif kind == "unknown dtype":
-        header["a"]["dtype"] = "F99"
-    elif kind == "not json":
-        header = b"{this is not json"
-    elif kind == "not an object":
-        header = b"[1, 2, 3]"
-    elif kind == "negative shape":
-        header["a"]["shape"] = [-2, -3]
-    return header, data, header_len
-
-
-@pytest.mark.parametrize("kind", ["header beyond file", "header above cap", "offsets outside data", "overlap",
-                                  "hole", "trailing bytes", "shape mismatch", "unknown dtype", "not json",
-                                  "not an object", "negative shape"])
+@pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_malformed_headers_raise_checkpoint_error(tmp_path, kind):
     path = tmp_path / "model.safetensors"
-    write_raw(path, *_corrupt(kind))
+    write_raw(path, *corrupt(kind))
     with pytest.raises(CheckpointError) as e:
         SafetensorsFile(path)
     assert str(path) in str(e.value)
@@ -197,12 +171,7 @@ def test_multi_file_checkpoint_matches_single_file(tmp_path):
     import dense_reference
     src = model_dir("llama-gqa")
     tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
-    names = sorted(tensors)
-    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for file_name, keys in parts.items():
-        write_safetensors(tmp_path / file_name, {k: tensors[k] for k in keys})
-    index = {"metadata": {}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_sharded(tmp_path, tensors)
     shutil.copy(f"{src}/config.json", tmp_path)
     ids = [1, 2, 3, 4]
     single = load_model(src, comm.serial(), "float64")

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from mpitp import Sampler, comm, generate_sequence, load_model
-from random_models import SHAPES, write_random_model
-
-SHAPES["llama-long"] = dict(SHAPES["llama-mqa"], max_position_embeddings=2100)
+from random_models import write_random_model
 
 
 def rss():
@@ -18,7 +16,7 @@ def rss():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for RSS")
 def test_2000_tokens_flat_memory_and_exact_against_recompute(tmp_path):
-    path = write_random_model(tmp_path / "m", "llama-long")
+    path = write_random_model(tmp_path / "m", "llama-mqa", max_position_embeddings=2100)
     model = load_model(path, comm.serial(), "float64")
     n = 2000
     samples = []

@@ -8,19 +8,16 @@ import sys
 import pytest
 
 from conftest import REPO, child_env, mpirun, serial_only
-from random_models import SHAPES, write_random_model
+from random_models import write_random_model
 
 pytestmark = serial_only
 
-SHAPES["llama-40mb"] = {"model_type": "llama", "hidden_size": 512, "num_attention_heads": 8,
-                        "num_key_value_heads": 2, "num_hidden_layers": 6, "intermediate_size": 1536,
-                        "max_position_embeddings": 128, "vocab_size": 1000, "rms_norm_eps": 1e-5}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for peak RSS")
 @pytest.mark.parametrize("n", [2, 4])
 def test_peak_rss_per_rank_is_its_shard(tmp_path, n):
-    path = write_random_model(tmp_path / "m", "llama-40mb")
+    path = write_random_model(tmp_path / "m", "llama-large")
     cmd = [*mpirun(n), sys.executable, str(REPO / "bench" / "memory.py"), "--model", path, "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
     assert r.returncode == 0, r.stderr

@@ -13,11 +13,11 @@ import pytest
 import dense_reference
 from conftest import MODELS, golden, model_dir
 from mpitp import Sampler, Trace, comm, generate_sequence, load_model
+from mpitp.comm import TimedComm
 from mpitp.config import load_config
-from mpitp.sharding import valid_rank_counts
 from st_util import write_safetensors
 from random_models import write_random_model
-from threadcomm import CountingComm, run_ranks
+from threadcomm import run_ranks
 
 LENGTHS = (1, 7, 33)
 TOL = {"float64": 1e-9, "float32": 2e-4}
@@ -73,82 +73,82 @@ def test_matches_dense_reference(name):
         assert np.abs(prefill_logits(model, ids) - expected).max() <= tol
 
 
-def tp_logits(name, size, dtype, ids):
-    return run_ranks(size, lambda c: prefill_logits(load_model(model_dir(name), c, dtype), ids))
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("name", MODELS)
+def test_tensor_parallel_equals_serial_at_every_rank_count(name, dtype, tol):
+    # Every P from 2 to the number of query heads: 3 cuts gpt2-tiny's 4 heads and llama-gqa's groups of 4
+    # query heads unevenly, 5..7 leave some ranks one head and others two.
+    ids = golden(name)["prompt_L33"]
+    serial = prefill_logits(load_model(model_dir(name), comm.serial(), dtype), ids)
+    for size in range(2, load_config(model_dir(name)).n_head + 1):
+        per_rank = run_ranks(size, lambda c: prefill_logits(load_model(model_dir(name), c, dtype), ids))
+        for logits in per_rank:
+            assert np.array_equal(logits, per_rank[0])  # replicated exactly
+            assert np.abs(logits - serial).max() <= tol
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_tensor_parallel_equals_serial_on_simulated_ranks(name):
+def test_tensor_parallel_greedy_at_every_rank_count(name):
     g = golden(name)
-    ids = g["prompt_L33"]
-    sizes = valid_rank_counts(load_config(model_dir(name)))
-    assert sizes == ([1, 2, 4] if name == "gpt2-tiny" else [1, 2, 4, 8])
-    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
-        serial = prefill_logits(load_model(model_dir(name), comm.serial(), dtype), ids)
-        for size in sizes[1:]:
-            per_rank = tp_logits(name, size, dtype, ids)
-            for logits in per_rank:
-                assert np.array_equal(logits, per_rank[0])  # replicated exactly
-                assert np.abs(logits - serial).max() <= tol
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_tensor_parallel_greedy_on_simulated_ranks(name):
-    g = golden(name)
-    for size in valid_rank_counts(load_config(model_dir(name)))[1:]:
+    for size in range(2, load_config(model_dir(name)).n_head + 1):
         outs = run_ranks(size, lambda c: generate_sequence(load_model(model_dir(name), c, "float32"),
-                                                  g["prompt_L7"], 20).token_ids)
+                                                           g["prompt_L7"], 20).token_ids)
         assert all(o == g["greedy_x64_L7"].tolist() for o in outs)
 
 
-@pytest.mark.parametrize("vocab_parallel", [True, False])
 @pytest.mark.parametrize("name", MODELS)
-def test_two_allreduce_per_block_per_forward(name, vocab_parallel):
-    # Two per block (after W_B and after W_D); a vocab-parallel embedding adds one per forward.
+def test_two_allreduce_per_block_per_forward(name):
+    # Two per block (after W_B and after W_D), and one for the vocab-parallel embedding.
     def count(c):
-        counting = CountingComm(c)
-        model = load_model(model_dir(name), counting, "float32", vocab_parallel=vocab_parallel)
+        timed = TimedComm(c)
+        model = load_model(model_dir(name), timed, "float32")
         cache = model.new_cache(8)
         calls = []
         for ids in ([1, 2, 3, 4], [5], [6]):  # a prefill, then two decode steps
-            before = counting.allreduce_calls
+            before = timed.calls
             model.forward(ids, cache, gather=False)
-            calls.append(counting.allreduce_calls - before)
+            calls.append(timed.calls - before)
         return calls, model.config.n_layer
 
-    for calls, n_layer in run_ranks(2, count):
-        assert calls == [2 * n_layer + vocab_parallel] * 3
+    for calls, n_layer in run_ranks(3, count):
+        assert calls == [2 * n_layer + 1] * 3
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_shard_shapes_are_one_over_p(name):
+def test_shards_tile_the_model_in_near_equal_blocks(name):
     cfg = load_config(model_dir(name))
-    for size in valid_rank_counts(cfg):
+    for size in range(1, cfg.n_head + 1):
         models = run_ranks(size, lambda c: load_model(model_dir(name), c, "float32"))
-        q, kv_width = cfg.n_head * cfg.d_head, cfg.n_kv_head * cfg.d_head
+        heads, ffn, vocab = [], [], []
         for m in models:
-            w = m.blocks[0]
-            assert w.W_Q.shape == (cfg.n_embd, q // size)
-            assert w.W_B.shape == (q // size, cfg.n_embd)
-            # key/value heads are split while there are enough of them, then replicated (one per rank)
-            assert w.W_K.shape == w.W_V.shape == (cfg.n_embd, max(kv_width // size, cfg.d_head))
-            mlp_in = w.W_up if cfg.family == "llama" else w.W_C
-            assert abs(mlp_in.shape[1] - cfg.n_ffn / size) < 1 and w.W_D.shape[0] == mlp_in.shape[1]
-            if cfg.family == "llama":
-                assert w.W_gate.shape == w.W_up.shape and w.W_C.shape[1] == 2 * w.W_up.shape[1]
-        # The column ranges of the ranks tile the full matrix exactly once.
-        assert sum(m.blocks[0].W_Q.shape[1] for m in models) == q
-        assert sum(m.blocks[0].W_D.shape[0] for m in models) == cfg.n_ffn
-        # Embedding and LM head: 1/P of the vocabulary (+-1 row), together all of it, and tied ones shared.
-        vocab = [m.globals.W_vocab.shape[1] for m in models]
-        assert sum(vocab) == cfg.n_vocab and max(vocab) - min(vocab) <= 1
-        for m in models:
-            assert m.globals.W_embed.shape == (m.shard.n_vocab_local, cfg.n_embd)
-            assert np.shares_memory(m.globals.W_embed, m.globals.W_vocab) == cfg.tie_word_embeddings
-            # The head's rows are padded to whole cache lines with zero columns, which the forward drops.
-            head = m.globals.W_head
-            assert head.flags.c_contiguous and head.shape[1] % 16 == 0 and head.shape[1] - m.shard.n_vocab_local < 16
-            assert not head[:, m.shard.n_vocab_local:].any()
+            s, w, dh = m.shard, m.blocks[0], cfg.d_head
+            heads.append(s.n_head_local)
+            # W_QKV holds exactly this rank's query heads and the key/value heads they use
+            used = {h // (cfg.n_head // cfg.n_kv_head) for h in range(s.head_start, s.head_start + s.n_head_local)}
+            assert used == set(range(s.kv_head_start, s.kv_head_start + s.n_kv_head_local))
+            assert w.W_QKV.shape == (cfg.n_embd, (s.n_head_local + 2 * s.n_kv_head_local) * dh)
+            assert w.W_B.shape == (s.n_head_local * dh, cfg.n_embd)
+            n_mlp_in = 2 if cfg.family == "llama" else 1
+            assert w.W_C.shape == (cfg.n_embd, n_mlp_in * s.n_ffn_local) and w.W_D.shape[0] == s.n_ffn_local
+            ffn.append(s.n_ffn_local)
+            vocab.append(m.weights.W_vocab.shape[1])
+            assert m.weights.W_embed.shape == (s.n_vocab_local, cfg.n_embd)
+            assert np.shares_memory(m.weights.W_embed, m.weights.W_vocab) == cfg.tie_word_embeddings
+            # the LM head's rows start on cache lines: padded rows, the padding outside the view
+            assert m.weights.W_vocab.strides[0] % 64 == 0
+        # contiguous ranges in rank order, each of near-equal size, together the whole model once
+        for counts, total in ((heads, cfg.n_head), (ffn, cfg.n_ffn), (vocab, cfg.n_vocab)):
+            assert sum(counts) == total and max(counts) - min(counts) <= 1
+        assert [m.shard.head_start for m in models] == list(np.cumsum([0] + heads[:-1]))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_layout_equals_plain_arrays(name):
+    # The arena (huge pages, read order, padded LM-head rows) changes where weights live, never a value.
+    ids = golden(name)["prompt_L33"]
+    fast, plain = (load_model(model_dir(name), comm.serial(), "float64", arena=a) for a in (True, False))
+    assert fast.weights.W_vocab.base is not None and plain.weights.W_vocab.strides[0] == 8 * plain.weights.W_vocab.shape[1]
+    np.testing.assert_allclose(prefill_logits(fast, ids), prefill_logits(plain, ids), rtol=0, atol=1e-13)
 
 
 def test_gpt2_hub_layout(tmp_path):
@@ -209,7 +209,7 @@ def test_sampling_is_reproducible_and_tp_independent():
     assert serial == sample(comm.serial())
     assert serial != generate_sequence(load_model(model_dir("gpt2-tiny"), comm.serial(), "float64"), g["prompt_L7"],
                               15).token_ids  # really sampling, not greedy
-    for size in (2, 4):
+    for size in (2, 3, 4):
         assert run_ranks(size, sample) == [serial] * size
 
 
@@ -227,16 +227,15 @@ def test_generation_stops_at_eos(tmp_path):
     assert out.token_ids == expected[:expected.index(eos) + 1] and out.finish_reason == "eos"
 
 
-@pytest.mark.parametrize("name", ["gpt2-6h", "llama-mqa"])
+@pytest.mark.parametrize("name", ["gpt2-6h", "llama-mqa", "llama-9h"])
 def test_random_models_at_every_rank_count(tmp_path, name):
-    # Shapes the goldens lack: 6 heads (3 and 6 ranks), multi-query attention, uneven MLP split,
-    # tied Llama head, attention and MLP biases, llama3 rope scaling.
+    # Shapes the goldens lack: 6 heads (uneven at 4 and 5 ranks), multi-query attention, 9 query heads in 3
+    # groups (SmolLM2's layout: uneven at 2, 4..8), uneven MLP split, tied Llama head, attention and MLP
+    # biases, llama3 rope scaling.
     path = write_random_model(tmp_path / name, name)
     ids = [5, 80, 3, 3, 41, 7, 96, 0, 12]
     expected = dense_reference.dense_logits(path, ids)
-    sizes = valid_rank_counts(load_config(path))
-    assert sizes == [1, 2, 3, 6]
-    for size in sizes:
+    for size in range(1, load_config(path).n_head + 1):
         for logits in run_ranks(size, lambda c: prefill_logits(load_model(path, c, "float64"), ids)):
             assert np.abs(logits - expected).max() <= 1e-12
 
@@ -276,16 +275,15 @@ def test_qwen2_has_biases_on_q_k_v_only(tmp_path):
             assert np.abs(logits - dense_reference.dense_logits(str(ref_dir), ids)).max() <= 1e-12
 
 
-@pytest.mark.parametrize("vocab_parallel", [True, False])
-def test_gathered_logits_are_whole_contiguous_rows(vocab_parallel):
+def test_gathered_logits_are_whole_contiguous_rows():
     # llama-gqa's vocabulary (258) is not a multiple of the head's 16-column padding: the padded columns must
     # not leak into the logits, and the gathered logits are plain C-contiguous rows.
     def run(c):
-        m = load_model(model_dir("llama-gqa"), c, "float64", vocab_parallel=vocab_parallel)
+        m = load_model(model_dir("llama-gqa"), c, "float64")
         return m.forward([1, 2, 3], m.new_cache(4), all_logits=True)
 
     serial = run(comm.serial())
     assert serial.flags.c_contiguous
-    for logits in run_ranks(2, run):
+    for logits in run_ranks(3, run):
         assert logits.shape == (3, 258) and logits.flags.c_contiguous
         np.testing.assert_allclose(logits, serial, rtol=0, atol=1e-12)
