@@ -67,22 +67,22 @@ ci: test
 
 # The benchmark on NP ranks: table, per-token breakdown, roofline; JSON in $(BENCH_OUT)/.
 bench: install
-	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.bench $(BENCH_MODEL) \
+	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) \
 		--json-out $(BENCH_OUT)/bench-$(BENCH_NAME)-np$(NP).json $(BENCH_ARGS)
 
 # The benchmark at 1..MAX_NP ranks, 1 BLAS thread each; speedup/efficiency table and a PNG plot.
 bench-scaling: install
 	$(BIN)/python -m pip install --quiet -e ".[plot]"
 	for n in $$(seq 1 $(MAX_NP)); do \
-		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n python -m mpitp.bench $(BENCH_MODEL) --threads 1 \
+		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n python -m bench $(BENCH_MODEL) --threads 1 \
 			--json-out $(BENCH_OUT)/scaling-$(BENCH_NAME)-np$$n.json $(BENCH_ARGS) || exit 1; done
-	python -m mpitp.bench --summarize $$(seq -f "$(BENCH_OUT)/scaling-$(BENCH_NAME)-np%g.json" 1 $(MAX_NP)) \
+	python -m bench --summarize $$(seq -f "$(BENCH_OUT)/scaling-$(BENCH_NAME)-np%g.json" 1 $(MAX_NP)) \
 		--plot $(BENCH_OUT)/scaling-$(BENCH_NAME).png
 
 # The benchmark with MPI forced onto TCP on this machine (a stand-in for a network), with an OSU-style
 # Allreduce latency table at the model's message sizes.
 bench-tcp: install
-	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.bench $(BENCH_MODEL) --osu \
+	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) --osu \
 		--json-out $(BENCH_OUT)/bench-tcp-$(BENCH_NAME)-np$(NP).json $(BENCH_ARGS)
 
 # Remove the virtual environment and build leftovers.

@@ -1,8 +1,7 @@
 """Per-rank memory of shard loading: ``mpirun -n P python bench/memory.py --model DIR [--json]``.
 
-Each rank loads its shard and reports how much its peak resident memory grew while loading, next to the
-bytes of weights it holds and the size of the whole model. With shard-only reads the growth is about the
-rank's weights, far below the full model.
+Each rank loads its shard (``Model.load``) and reports how much its peak resident memory grew, next to the
+bytes of weights it holds: with shard-only reads, about its own weights, far below the whole model.
 """
 
 import json

@@ -1,0 +1,214 @@
+"""The benchmark: ``mpirun -n P python -m bench`` from a clone's root (what ``make bench`` runs).
+
+Prefill (pp) and generation (tg) tokens/s in llama-bench's table shape, where a decode token's time goes, the
+Allreduce traffic against the model's shape, each rank's weights and a roofline measured in the same run.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from mpitp import comm as mpi
+from mpitp.comm import TimedComm
+from mpitp.config import config_from_dict
+from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded
+from mpitp.errors import MpitpError
+from mpitp.memory import check_fits, rss_bytes
+from mpitp.model import DTYPES, Model
+from mpitp.sharding import shard_for
+from mpitp.threads import apply_blas_threads, choose_threads, missing_threadpoolctl_warning
+from mpitp.weights import shard_bytes
+
+from . import ceilings as ce
+from .models import PRESETS, random_model
+from .report import environment, format_long, format_osu, format_report, format_table, summarize
+from .timing import (CATEGORIES, decode_breakdown, decode_run, long_run, mean_sd, measure_fixed_cost,
+                     prefill_breakdown, run_prefill)
+
+PROG = "bench"
+
+
+def build_parser():
+    p = RankParser(prog="python -m bench",
+                   description="Benchmark tensor-parallel prefill (pp) and generation (tg) on the MPI ranks, "
+                               "with a per-token time breakdown and a roofline measured in the same run. Without "
+                               "--model it builds a random-weight model of a preset's shapes, each rank only its "
+                               "shard. Timings are wall clock between barriers, the slowest rank's.",
+                   formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-124m",
+                   help="random-weight model with these real shapes (ignored with --model)")
+    p.add_argument("--model", metavar="DIR", help="benchmark a Hugging Face checkpoint folder instead")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens for the pp test")
+    p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens for the tg test")
+    p.add_argument("-r", "--repeats", type=int, default=5, help="timed repetitions of each test (after a warm-up)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS threads per rank (default: cores on the node / ranks on the node)")
+    p.add_argument("--osu", action="store_true", help="also print an OSU-style Allreduce latency table")
+    p.add_argument("--roofline-mib", type=int, default=256,
+                   help="size of the array read to measure DRAM bandwidth; keep it well above the caches")
+    p.add_argument("--json-out", metavar="PATH", help="write the full JSON record (results and environment) here")
+    p.add_argument("--long", type=int, default=None, metavar="N",
+                   help="instead of pp/tg: generate N tokens in one sequence and report time per token along the "
+                        "run and memory growth after the KV cache was allocated")
+    p.add_argument("--summarize", nargs="+", metavar="JSON",
+                   help="no benchmark: print speedup and efficiency of these JSON records (e.g. one per rank count)")
+    p.add_argument("--plot", metavar="PNG", help="with --summarize: also save a scaling plot here (needs matplotlib)")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
+    return p
+
+
+def main(argv=None):
+    """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
+    comm = mpi.world()
+    parser = build_parser()
+    parser.rank = comm.Get_rank()
+    args = parser.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, args.plot) if comm.Get_rank() == 0 else 0
+    return run_guarded(comm, lambda: _run(args, comm), args.verbose, PROG)
+
+
+def _validate(args, comm, tc):
+    """Every check bad input can fail, on every rank, without communicating: ``(model or None, config, name)``."""
+    if args.threads is not None and args.threads < 1:
+        raise MpitpError(f"--threads must be >= 1, got {args.threads}.")
+    if min(args.n_prompt, args.n_gen, args.repeats, args.roofline_mib) < 1:
+        raise MpitpError("--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1.")
+    if args.long is not None and args.long < 10:
+        raise MpitpError(f"--long must be >= 10 (its report is by tenth of the run), got {args.long}.")
+    model = None
+    if args.model:
+        model = Model.load(args.model, tc, args.dtype)
+        config, name = model.config, os.path.basename(os.path.normpath(args.model))
+    else:
+        config, name = config_from_dict(PRESETS[args.preset], f"preset {args.preset}"), f"{args.preset} (random)"
+        shard = shard_for(config, comm.Get_rank(), comm.Get_size())  # refuses a bad rank count
+        check_fits(shard_bytes(config, shard, DTYPES[args.dtype]), f"this rank's shard of {name}",
+                   "use more ranks, spread over more nodes")
+    # a decode test is a 1-token prompt and n_gen + 1 generated tokens (the first comes from the prompt's forward)
+    if max(args.n_prompt, args.n_gen + 2, (args.long or 0) + 2) > config.n_ctx:
+        raise MpitpError(f"--n-prompt must be at most {config.n_ctx} and --n-gen/--long at most {config.n_ctx - 2}: "
+                         f"the model's context is {config.n_ctx} positions.")
+    return model, config, name
+
+
+def _run(args, comm):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    rss_start = rss_bytes()  # the interpreter, NumPy and MPI, before any model memory
+    tc = TimedComm(comm)  # the model runs on it: its Allreduce calls are timed and counted
+    error = None
+    try:
+        model, config, name = _validate(args, comm, tc)
+    except MpitpError as e:
+        error = e
+    if failed_vote(comm, error, PROG):  # the first collective
+        return 2
+    threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
+    warning = missing_threadpoolctl_warning(args.threads)
+    if warning and rank == 0:
+        print(f"{PROG}: {warning}", file=sys.stderr, flush=True)
+    if model is None:
+        model = random_model(config, tc, DTYPES[args.dtype])
+    cfg, itemsize = model.config, np.dtype(model.dtype).itemsize
+    rng = np.random.default_rng(0)
+    if args.long:
+        rec = long_run(model, args.long)
+        rec.update(model=name, ranks=size, threads=threads, dtype=np.dtype(model.dtype).name,
+                   environment=environment(comm, threads))
+        return _output(args, rank, rec, format_long(rec))
+
+    # Warm-up, then one instrumented decode run (the breakdown, the Allreduce calls and bytes) and one prefill.
+    run_prefill(model, args.n_prompt, 1, rng)
+    decode_run(model, min(4, args.n_gen))
+    _, parts, calls, nbytes = decode_breakdown(model, args.n_gen)
+    breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
+    _, prefill_parts = prefill_breakdown(model, args.n_prompt)
+
+    # Memory: the peak so far covers loading, the caches and the activations of both tests (measured before
+    # the bandwidth probe's array exists: that is the bench's instrument, not the model's memory).
+    kv_bytes = model.cache_bytes(max(args.n_prompt, args.n_gen + 1))
+    memory = {"rss_start_bytes": rss_start, "peak_rss_bytes": rss_bytes("VmHWM"), "weight_bytes": model.weight_bytes,
+              "kv_cache_bytes": kv_bytes}
+    memory["peak_growth_over_weights_and_cache"] = (
+        (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
+    weights = mpi.allgather(comm, model.weight_bytes)
+
+    # The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same
+    # ranks and threads, and is compared with that ceiling.
+    probe = ce.BandwidthProbe(comm, model.dtype, args.roofline_mib << 20)
+    pp_bw, tg_bw, tg, products = [], [], [], []
+    pp = run_prefill(model, args.n_prompt, args.repeats, rng, before=lambda: pp_bw.append(probe.measure()))
+    for _ in range(args.repeats):
+        tg_bw.append(probe.measure())
+        products.append(ce.measure_decode_products(model))
+        tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
+    probe = None  # its matrix is freed before the rest is measured
+    fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
+    gemm = ce.measure_gemm_rate(model, args.n_prompt)
+    read_bytes = ce.decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
+    # The LM head of the last position is a matrix-vector product: the roofline counts it as a read, not as flops.
+    flops_per_token = ce.prefill_flops(model, args.n_prompt, include_head=False) / args.n_prompt
+    head_bytes = model.weights.W_vocab.nbytes
+    pp_mean, pp_sd = mean_sd(pp)
+    tg_mean, tg_sd = mean_sd(tg)
+    matrix_bytes = sum(m.nbytes for m in ce.decode_matrices(model))
+    total_ms = sum(breakdown.values())
+    overhead_ms = breakdown["allreduce"] + breakdown["other"]
+    predicted = ce.allreduce_payload_bytes(cfg, 1, itemsize)
+    rec = {
+        "model": name, "params": cfg.n_params, "dtype": np.dtype(model.dtype).name, "ranks": size,
+        "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repeats": args.repeats,
+        "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
+                  {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
+        "decode_breakdown_ms": breakdown,
+        "prefill_breakdown_ms": {k: 1e3 * prefill_parts[k] for k in CATEGORIES},
+        "weights": {"bytes_per_rank": weights, "imbalance": ce.imbalance(weights)},
+        "lm_head": {"n_vocab_local": model.shard.n_vocab_local, "bytes_per_rank": head_bytes,
+                    "ms_per_decode_token": breakdown["lm_head"]},
+        "allreduce": {"calls_per_token": ce.allreduce_calls(cfg), "measured_calls_per_token": calls / args.n_gen,
+                      "measured_bytes_per_token": nbytes / args.n_gen, "predicted_bytes_per_token": predicted,
+                      "ring_wire_bytes_per_token": ce.ring_wire_bytes(predicted, size)},
+        "decode_products": {"ms_per_token": 1e3 * float(np.mean(products)),
+                            "GBps": float(np.mean([matrix_bytes / p for p in products])) / 1e9,
+                            "percent_of_read_bandwidth": 100 * float(np.mean([matrix_bytes / p / bw for p, bw in
+                                                                               zip(products, tg_bw)])),
+                            "forward_percent_of_products": 100 * float(np.mean([t * p for t, p in
+                                                                                zip(tg, products)]))},
+        "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / total_ms,
+                            "fixed_cost_ms_per_token": 1e3 * fixed_s,
+                            "fixed_cost_percent": 100 * 1e3 * fixed_s / total_ms},
+        "roofline": ce.roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm, head_bytes),
+        "memory_per_rank": mpi.allgather(comm, memory),
+        "environment": environment(comm, threads),
+    }
+    if args.osu:
+        message = cfg.n_embd * itemsize  # a decode token's Allreduce; a prefill's is n_prompt times larger
+        sizes = sorted({4 << i for i in range(0, 21, 2)} | {message, args.n_prompt * message})
+        rec["allreduce_latency_us"] = ce.allreduce_latency(comm, sizes, model.dtype)
+    rows = [dict(model=name, params=cfg.n_params, dtype=rec["dtype"], ranks=size,
+                 threads=threads if threads is not None else "?", test=t["test"], mean=t["mean"], sd=t["sd"])
+            for t in rec["tests"]]
+    text = format_table(rows) + "\n\n" + format_report(rec)
+    if args.osu:
+        text += "\n\n" + format_osu(rec["allreduce_latency_us"], model.dtype)
+    return _output(args, rank, rec, text)
+
+
+def _output(args, rank, rec, text):
+    """Print ``text`` and write the JSON record, on rank 0."""
+    if rank == 0:
+        print(text)
+        if args.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(rec, f, indent=1)
+            print(f"\nJSON record: {args.json_out}")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

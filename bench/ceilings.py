@@ -1,0 +1,152 @@
+"""What bounds the model on this machine: the DRAM read rate, the matrix products alone, the GEMM rate and
+Allreduce latency (measured), and what the model's shape predicts (pure arithmetic, unit-tested): flops,
+bytes read per decode token, Allreduce payload, the roofline and the imbalance of the weights over ranks.
+"""
+
+import time
+
+import numpy as np
+
+from mpitp import comm as mpi
+from mpitp.arena import Arena
+
+from .timing import timed_runs
+
+# --- what the model's shape predicts -------------------------------------------------------------------
+
+
+def allreduce_calls(config):
+    """Allreduce calls in one forward: two per block and one for the vocab-parallel embedding."""
+    return 2 * config.n_layer + 1
+
+
+def allreduce_payload_bytes(config, n_seq, itemsize):
+    """Bytes one rank hands to Allreduce in one forward of ``n_seq`` tokens: every call is [n_seq, n_embd]."""
+    return allreduce_calls(config) * n_seq * config.n_embd * itemsize
+
+
+def ring_wire_bytes(payload, size):
+    """Bytes each rank sends (and receives) for a ring Allreduce of ``payload`` bytes over ``size`` ranks."""
+    return 0 if size == 1 else 2 * (size - 1) / size * payload
+
+
+def decode_read_bytes(model, n_kv):
+    """Bytes one rank must read from memory per decode token with ``n_kv`` cached positions: every weight
+    it holds once (of the embedding only one row, unless it doubles as the LM head), plus its KV cache."""
+    g = model.weights
+    arrays = [a for b in model.blocks for a in vars(b).values()]
+    arrays += [g.norm_f_weight, g.norm_f_bias, g.W_vocab]
+    return sum(a.nbytes for a in arrays if a is not None) + model.cache_bytes(n_kv)
+
+
+def prefill_flops(model, n_seq, include_head=True):
+    """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (with its LM-head columns for
+    the last position unless ``include_head`` is False)."""
+    cfg, s = model.config, model.shard
+    d, dh = cfg.n_embd, cfg.d_head
+    q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
+    n_mlp_in = 2 if cfg.family == "llama" else 1
+    per_token = 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
+    # causal attention: Q K^T and P V, each 2 * d_head flops per (query, visible key) pair and head
+    attention = 2 * 2 * dh * s.n_head_local * n_seq * (n_seq + 1) / 2
+    return cfg.n_layer * (n_seq * per_token + attention) + (2 * d * s.n_vocab_local if include_head else 0)
+
+
+def imbalance(values):
+    """The largest of ``values`` over their mean: 1 when the ranks hold equal shares."""
+    return max(values) / (sum(values) / len(values))
+
+
+def roofline(tg, tg_bw, decode_bytes, pp, pp_bw, n_prompt, flops_per_token, gemm, head_bytes):
+    """Each repeat against the ceiling measured right before it: the record's "roofline" entry.
+
+    ``tg``, ``pp``: tokens/s of each repeat; ``tg_bw``, ``pp_bw``: bytes/s one rank read just before each.
+    Decode is bound by reading ``decode_bytes`` per token; a prefill of ``n_prompt`` tokens by its
+    ``flops_per_token`` at ``gemm`` flop/s plus reading the LM head (``head_bytes``) once.
+    """
+    roof_decode = [bw / decode_bytes for bw in tg_bw]
+    roof_prefill = [n_prompt / (n_prompt * flops_per_token / gemm + head_bytes / bw) for bw in pp_bw]
+    return {"read_bandwidth_GBps": float(np.mean(tg_bw)) / 1e9,
+            "read_bandwidth_GBps_per_repeat": {"pp": [b / 1e9 for b in pp_bw], "tg": [b / 1e9 for b in tg_bw]},
+            "decode_bytes_per_token": decode_bytes,
+            "decode_bound_tokens_per_s": float(np.mean(roof_decode)), "decode_tokens_per_s": float(np.mean(tg)),
+            "decode_percent": 100 * float(np.mean(np.divide(tg, roof_decode))),
+            "gemm_GFps": gemm / 1e9, "prefill_flops_per_token": flops_per_token,
+            "prefill_lm_head_read_seconds": head_bytes / float(np.mean(pp_bw)),
+            "prefill_bound_tokens_per_s": float(np.mean(roof_prefill)), "prefill_tokens_per_s": float(np.mean(pp)),
+            "prefill_percent": 100 * float(np.mean(np.divide(pp, roof_prefill)))}
+
+
+# --- measured ceilings ---------------------------------------------------------------------------------
+
+
+class BandwidthProbe:
+    """Measures the bytes/s one rank reads from DRAM with decode's own operation, a vector times a matrix
+    stored [in, out] (``x @ W``) in a huge-page ``Arena`` like the weights, all ranks of the node reading at
+    once; the slowest rank's figure.
+
+    The matrix (``nbytes``, well above the caches) is allocated once, so the bench can measure again right
+    before every timed repeat: on a shared or virtual machine the memory speed drifts by tens of percent
+    within a minute, and a ceiling measured at another moment says little about the run it is compared with.
+    """
+
+    def __init__(self, comm, dtype, nbytes=256 << 20):
+        cols = 4096
+        rows = max(1, nbytes // (cols * np.dtype(dtype).itemsize))
+        self.comm = comm
+        self.W = Arena(Arena.size_of([(rows, cols)], dtype)).take((rows, cols), dtype)
+        self.W.fill(1)
+        self.x = np.ones(rows, dtype)
+        self.x @ self.W
+
+    def measure(self, repeats=3):
+        return self.W.nbytes / min(timed_runs(self.comm, lambda: self.x @ self.W, repeats))
+
+
+def decode_matrices(model):
+    """The matrices one decode token multiplies, in order: every block's W_QKV, W_B, W_C, W_D, then the LM head."""
+    return [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.weights.W_vocab]
+
+
+def measure_decode_products(model, repeats=3):
+    """Seconds for decode's matrix products alone: one token through every block's W_QKV, W_B, W_C, W_D and
+    the LM head of this rank's own weights, back to back, with nothing else (all ranks at once; the slowest
+    rank's best). What NumPy and the BLAS reach at this model's shapes: the forward's floor."""
+    pairs = [(np.ones(m.shape[0], model.dtype), m) for m in decode_matrices(model)]
+
+    def run():
+        for x, m in pairs:
+            x @ m
+
+    run()
+    return min(timed_runs(model.comm, run, repeats))
+
+
+def measure_gemm_rate(model, n_seq, repeats=5):
+    """Flop/s one rank reaches on the matrix products of one block at ``n_seq`` tokens (all ranks at once)."""
+    w = model.blocks[0]
+    mats = [w.W_QKV, w.W_B, w.W_C, w.W_D]
+    inputs = [np.ones((n_seq, m.shape[0]), model.dtype) for m in mats]
+
+    def run():
+        for x, m in zip(inputs, mats):
+            x @ m
+
+    run()
+    t = min(timed_runs(model.comm, run, repeats))
+    return sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats) / t
+
+
+def allreduce_latency(comm, sizes, dtype, iterations=200):
+    """OSU-style: average microseconds of an in-place Allreduce per message size (bytes), slowest rank."""
+    out = []
+    for nbytes in sizes:
+        buf = np.ones(max(1, nbytes // np.dtype(dtype).itemsize), dtype)
+        for _ in range(10):
+            mpi.allreduce_sum(comm, buf)
+        comm.Barrier()
+        t = time.perf_counter()
+        for _ in range(iterations):
+            mpi.allreduce_sum(comm, buf)
+        out.append((buf.nbytes, mpi.max_over_ranks(comm, (time.perf_counter() - t) / iterations) * 1e6))
+    return out

@@ -1,0 +1,88 @@
+"""The models the bench runs: presets of real shapes, built with random weights through mpitp's own loader.
+
+``RandomCheckpoint`` stands in for a checkpoint file, so a random model takes exactly the loading path (and
+memory layout) of a real one, each rank reading (here: drawing) only its own shard.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from mpitp.model import Model
+from mpitp.sharding import shard_for
+from mpitp.weights import checkpoint_shapes, load_weights
+
+# Real model shapes, as Hugging Face config.json dicts.
+PRESETS = {
+    "gpt2-124m": {"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+                  "vocab_size": 50257},
+    "gpt2-355m": {"model_type": "gpt2", "n_embd": 1024, "n_head": 16, "n_layer": 24, "n_positions": 1024,
+                  "vocab_size": 50257},
+    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 64, "num_hidden_layers": 16, "intermediate_size": 8192, "vocab_size": 128256,
+                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                 "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}},
+    "qwen2-0.5b": {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2,
+                   "num_hidden_layers": 24, "intermediate_size": 4864, "vocab_size": 151936,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "tie_word_embeddings": True},
+    "tiny": {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
+             "vocab_size": 256},
+}
+
+
+class RandomCheckpoint:
+    """A checkpoint of ``config``'s tensors (names and shapes of ``mpitp.weights.checkpoint_shapes``) whose
+    values are drawn when read: matrices N(0, 0.02^2) as GPT-2 initialises them (its learned positions with
+    scale 0.01), norm weights 1, biases 0. Draws come from a generator seeded by ``(seed, rank)``."""
+
+    model_dir = "random"
+
+    def __init__(self, config, seed=0, rank=0):
+        self.shapes = checkpoint_shapes(config)
+        self.rng = np.random.default_rng([seed, rank])
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def shape(self, name):
+        return self.shapes[name]
+
+    def path_of(self, name):
+        return f"{self.model_dir}:{name}"
+
+    def read_into(self, name, out, index=(), transpose=False):
+        """Fill ``out``, the block ``index`` of tensor ``name`` (transposed if asked), with the tensor's values."""
+        shape = self.shapes[name]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        block = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+        if tuple(out.shape) != (block[::-1] if transpose else block):  # as a real checkpoint checks
+            raise ValueError(f"{name}: destination shape {out.shape} does not match the block {block}")
+        if name.endswith(".bias"):
+            out.fill(0)
+        elif len(self.shapes[name]) == 1:  # a 1-D weight is a norm's scale
+            out.fill(1)
+        else:
+            scale = 0.01 if name.endswith("wpe.weight") else 0.02
+            for row in np.atleast_2d(out):  # row by row: no temporary the size of the block
+                self.rng.standard_normal(out=row, dtype=out.dtype)
+                row *= scale
+
+
+def random_model(config, comm, dtype, seed=0):
+    """A ``Model`` with random weights of ``config``'s shapes on ``comm``, loaded like a checkpoint."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    shard = shard_for(config, rank, size)
+    ckpt = RandomCheckpoint(config, seed, rank)
+    return Model(config, shard, *load_weights(ckpt, config, shard, dtype), comm, dtype)
+
+
+def fixed_cost_config(config, size):
+    """``config`` shrunk until every weight stays in cache (d_head 4, width 4 x heads, a small MLP and
+    vocabulary), with the same family, depth and heads, for ``size`` ranks: its decode makes exactly the same
+    calls as the real model's, so its time per token is the floor that Python, NumPy dispatch and Allreduce
+    latency set."""
+    width = 4 * config.n_head
+    return dataclasses.replace(config, n_embd=width, d_head=4, n_ffn=max(width, size), n_vocab=max(512, size))
