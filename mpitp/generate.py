@@ -86,26 +86,6 @@ def _say(args, rank, message):
         say(f"mpitp: {message}")
 
 
-def _injected_fault(rank):
-    """Test-only: ``MPITP_INJECT_FAULT=RANK:PHASE`` makes that rank raise: an unexpected error during
-    ``load``, ``prefill`` or ``decode``, or a bad-input error (``input``) that only this rank sees."""
-    spec = os.environ.get("MPITP_INJECT_FAULT", "")
-    fault_rank, _, phase = spec.partition(":")
-    return phase if fault_rank == str(rank) else None
-
-
-def _arm_fault(model, phase):
-    forward, calls = model.forward, []
-
-    def faulty_forward(*a, **kw):
-        calls.append(1)
-        if phase == "prefill" or len(calls) == 3:  # decode: fail on the second decode step
-            raise RuntimeError(f"fault injected by MPITP_INJECT_FAULT during {phase}")
-        return forward(*a, **kw)
-
-    model.forward = faulty_forward
-
-
 def _prepare(args, comm):
     """Everything that bad input can fail, with no communication: load, validate, allocate the KV cache,
     ready the trace folder."""
@@ -113,14 +93,7 @@ def _prepare(args, comm):
         raise RequestError(f"--threads must be >= 1, got {args.threads}.")
     if args.prompt and args.prompt_ids:
         raise RequestError("give the prompts either as text (--prompt) or as token ids (--prompt-ids), not both.")
-    fault = _injected_fault(comm.Get_rank())
-    if fault == "load":
-        raise RuntimeError("fault injected by MPITP_INJECT_FAULT during load")
-    if fault == "input":
-        raise MpitpError("bad input injected by MPITP_INJECT_FAULT on this rank only.")
     model = Model.load(args.model, comm, args.dtype)
-    if fault in ("prefill", "decode"):
-        _arm_fault(model, fault)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:

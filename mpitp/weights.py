@@ -62,26 +62,15 @@ _GPT2 = {
     "norm_f_weight": Source("ln_f.weight"), "norm_f_bias": Source("ln_f.bias"),
     "W_embed": Source("wte.weight"), "W_pos": Source("wpe.weight"),  # GPT-2's LM head is tied to W_embed
 }
+_LLAMA_LINEAR = {"Q": "self_attn.q_proj", "K": "self_attn.k_proj", "V": "self_attn.v_proj", "B": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "D": "mlp.down_proj"}
 _LLAMA = {
+    **{f"W_{x}": Source(f"model.layers.{{l}}.{m}.weight", torch_linear=True) for x, m in _LLAMA_LINEAR.items()},
+    **{f"b_{x}": Source(f"model.layers.{{l}}.{m}.bias") for x, m in _LLAMA_LINEAR.items()},
     "norm_1_weight": Source("model.layers.{l}.input_layernorm.weight"),
-    "W_Q": Source("model.layers.{l}.self_attn.q_proj.weight", torch_linear=True),
-    "W_K": Source("model.layers.{l}.self_attn.k_proj.weight", torch_linear=True),
-    "W_V": Source("model.layers.{l}.self_attn.v_proj.weight", torch_linear=True),
-    "b_Q": Source("model.layers.{l}.self_attn.q_proj.bias"),
-    "b_K": Source("model.layers.{l}.self_attn.k_proj.bias"),
-    "b_V": Source("model.layers.{l}.self_attn.v_proj.bias"),
-    "W_B": Source("model.layers.{l}.self_attn.o_proj.weight", torch_linear=True),
-    "b_B": Source("model.layers.{l}.self_attn.o_proj.bias"),
     "norm_2_weight": Source("model.layers.{l}.post_attention_layernorm.weight"),
-    "W_gate": Source("model.layers.{l}.mlp.gate_proj.weight", torch_linear=True),
-    "W_up": Source("model.layers.{l}.mlp.up_proj.weight", torch_linear=True),
-    "b_gate": Source("model.layers.{l}.mlp.gate_proj.bias"),
-    "b_up": Source("model.layers.{l}.mlp.up_proj.bias"),
-    "W_D": Source("model.layers.{l}.mlp.down_proj.weight", torch_linear=True),
-    "b_D": Source("model.layers.{l}.mlp.down_proj.bias"),
     "norm_f_weight": Source("model.norm.weight"),
-    "W_vocab": Source("lm_head.weight", torch_linear=True),
-    "W_embed": Source("model.embed_tokens.weight"),
+    "W_vocab": Source("lm_head.weight", torch_linear=True), "W_embed": Source("model.embed_tokens.weight"),
 }
 
 

@@ -44,9 +44,11 @@ def child_env(**extra):
     return env
 
 
-def run_cli(args, n=1, timeout=120, **env):
-    """Run ``python -m mpitp.generate ARGS`` under ``mpirun -n N`` (or plainly for n=1) with a timeout."""
-    cmd = [sys.executable, "-m", "mpitp.generate", *args]
+def run_cli(args, n=1, timeout=120, inject=None, **env):
+    """Run ``python -m mpitp.generate ARGS`` under ``mpirun -n N`` (or plainly for n=1) with a timeout;
+    with ``inject="RANK:PHASE"``, through tests/inject.py, which makes that rank fail."""
+    cmd = [sys.executable, *(["-m", "mpitp.generate"] if inject is None else [str(REPO / "tests" / "inject.py"),
+                                                                                inject]), *args]
     return subprocess.run((mpirun(n) if n > 1 else []) + cmd, capture_output=True, text=True, timeout=timeout,
                           env=child_env(**env), cwd=str(REPO))
 

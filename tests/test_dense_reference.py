@@ -29,26 +29,16 @@ def _golden(model):
 # logits and greedy tokens against Hugging Face
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-9), (np.float32, 2e-4)])
 @pytest.mark.parametrize("L", LENGTHS)
 @pytest.mark.parametrize("model", MODELS)
-def test_logits_float64(model, L):
+def test_logits(model, L, dtype, tol):
     g = _golden(model)
     ref = g[f"logits_x64_L{L}"]
-    out = dr.dense_logits(DATA / model, g[f"prompt_L{L}"], dtype=np.float64)
-    assert out.dtype == np.float64
+    out = dr.dense_logits(DATA / model, g[f"prompt_L{L}"], dtype=dtype)
+    assert out.dtype == dtype
     assert out.shape == ref.shape == (L, int(g["vocab_size"]))
-    assert np.max(np.abs(out - ref)) <= 1e-9
-
-
-@pytest.mark.parametrize("L", LENGTHS)
-@pytest.mark.parametrize("model", MODELS)
-def test_logits_float32(model, L):
-    g = _golden(model)
-    ref = g[f"logits_x64_L{L}"]
-    out = dr.dense_logits(DATA / model, g[f"prompt_L{L}"], dtype=np.float32)
-    assert out.dtype == np.float32
-    assert out.shape == ref.shape
-    assert np.max(np.abs(out.astype(np.float64) - ref)) <= 2e-4
+    assert np.max(np.abs(out.astype(np.float64) - ref)) <= tol
 
 
 @pytest.mark.parametrize("model", MODELS)

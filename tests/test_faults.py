@@ -160,7 +160,8 @@ def test_malformed_header_fails_fast_with_one_line(tmp_path, kind):
 @pytest.mark.parametrize("phase", ["load", "prefill", "decode"])
 def test_exception_on_one_rank_aborts_everyone(phase):
     t = time.monotonic()
-    r = run_cli(["--max-new-tokens", "5"], n=2, timeout=LIMIT + 5, MPITP_INJECT_FAULT=f"1:{phase}")
+    r = run_cli(["--max-new-tokens", "5", "--prompt-ids", "1,2,3", "--ignore-eos"], n=2, timeout=LIMIT + 5,
+                inject=f"1:{phase}")
     assert time.monotonic() - t < LIMIT and r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.startswith("[rank 1] mpitp: unexpected error")]
     assert len(lines) == 1 and f"during {phase}" in lines[0] and "Traceback" not in r.stderr, r.stderr
@@ -169,10 +170,9 @@ def test_exception_on_one_rank_aborts_everyone(phase):
 def test_bad_input_seen_by_one_rank_only():
     # e.g. a file missing on one node: that rank speaks for itself, and every rank exits cleanly.
     t = time.monotonic()
-    r = run_cli([], n=2, timeout=LIMIT + 5, MPITP_INJECT_FAULT="1:input")
+    r = run_cli([], n=2, timeout=LIMIT + 5, inject="1:input")
     assert time.monotonic() - t < LIMIT and r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["[rank 1] mpitp: error: bad input injected by MPITP_INJECT_FAULT on "
-                                             "this rank only."]
+    assert r.stderr.strip().splitlines() == ["[rank 1] mpitp: error: fault injected on this rank during input"]
 
 
 def test_sigint_to_mpirun_ends_every_rank(tmp_path):

@@ -144,14 +144,14 @@ def test_truncated_file_is_refused(tmp_path):
         SafetensorsFile(tmp_path / "model.safetensors")
 
 
-@pytest.mark.parametrize("scratch_bytes", [None, 512])
-def test_bf16_and_f16_checkpoints_load_as_their_float32_values(tmp_path, monkeypatch, scratch_bytes):
+@pytest.mark.parametrize("chunk_bytes", [None, 512])
+def test_bf16_and_f16_checkpoints_load_as_their_float32_values(tmp_path, monkeypatch, chunk_bytes):
     # With 512-byte chunks every tensor is read in many chunks through the one reused scratch buffer (and rows
     # longer than a chunk through fresh ones): the values must not depend on how a read was cut up.
     import dense_reference
     from mpitp import checkpoint
-    if scratch_bytes:
-        monkeypatch.setattr(checkpoint, "SCRATCH_BYTES", scratch_bytes)
+    if chunk_bytes:
+        monkeypatch.setattr(checkpoint, "CHUNK_BYTES", chunk_bytes)
     src = model_dir("llama-gqa")
     tensors = dense_reference.read_safetensors(f"{src}/model.safetensors")
     shutil.copy(f"{src}/config.json", tmp_path)

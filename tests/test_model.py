@@ -29,23 +29,14 @@ def prefill_logits(model, ids):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", MODELS)
-def test_logits_match_hugging_face(name, dtype):
+def test_logits_and_greedy_match_hugging_face(name, dtype):
     g = golden(name)
     model = load_model(model_dir(name), comm.serial(), dtype)
     for L in LENGTHS:
         logits = prefill_logits(model, g[f"prompt_L{L}"])
         assert logits.dtype == np.dtype(dtype)
         assert np.abs(logits - g[f"logits_x64_L{L}"]).max() <= TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", MODELS)
-def test_greedy_matches_hugging_face(name, dtype):
-    g = golden(name)
-    model = load_model(model_dir(name), comm.serial(), dtype)
-    for L in LENGTHS:
-        out = generate_sequence(model, g[f"prompt_L{L}"], 20)
-        assert out.token_ids == g[f"greedy_x64_L{L}"].tolist()
+        assert generate_sequence(model, g[f"prompt_L{L}"], 20).token_ids == g[f"greedy_x64_L{L}"].tolist()
 
 
 @pytest.mark.parametrize("name", MODELS)
