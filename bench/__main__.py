@@ -15,16 +15,16 @@ from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
 from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded
 from mpitp.errors import MpitpError
-from mpitp.memory import check_fits, rss_bytes
+from mpitp.resources import check_fits
 from mpitp.model import DTYPES, Model
 from mpitp.sharding import shard_for
-from mpitp.threads import apply_blas_threads, choose_threads, missing_threadpoolctl_warning
-from mpitp.weights import shard_bytes
+from mpitp.resources import set_blas_threads
+from mpitp.weights import n_params, shard_bytes
 
 from . import ceilings as ce
 from .models import PRESETS, random_model
 from .report import environment, format_long, format_osu, format_report, format_table, summarize
-from .timing import (CATEGORIES, decode_breakdown, decode_run, long_run, mean_sd, measure_fixed_cost,
+from .timing import (rss_bytes, CATEGORIES, decode_breakdown, decode_run, long_run, mean_sd, measure_fixed_cost,
                      prefill_breakdown, run_prefill)
 
 PROG = "bench"
@@ -106,8 +106,7 @@ def _run(args, comm):
         error = e
     if failed_vote(comm, error, PROG):  # the first collective
         return 2
-    threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
-    warning = missing_threadpoolctl_warning(args.threads)
+    threads, warning = set_blas_threads(args.threads, mpi.ranks_on_node(comm))
     if warning and rank == 0:
         print(f"{PROG}: {warning}", file=sys.stderr, flush=True)
     if model is None:
@@ -134,7 +133,7 @@ def _run(args, comm):
               "kv_cache_bytes": kv_bytes}
     memory["peak_growth_over_weights_and_cache"] = (
         (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
-    weights = mpi.allgather(comm, model.weight_bytes)
+    weights = comm.allgather(model.weight_bytes)
 
     # The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same
     # ranks and threads, and is compared with that ceiling.
@@ -159,7 +158,7 @@ def _run(args, comm):
     overhead_ms = breakdown["allreduce"] + breakdown["other"]
     predicted = ce.allreduce_payload_bytes(cfg, 1, itemsize)
     rec = {
-        "model": name, "params": cfg.n_params, "dtype": np.dtype(model.dtype).name, "ranks": size,
+        "model": name, "params": n_params(cfg), "dtype": np.dtype(model.dtype).name, "ranks": size,
         "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repeats": args.repeats,
         "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
                   {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
@@ -181,14 +180,14 @@ def _run(args, comm):
                             "fixed_cost_ms_per_token": 1e3 * fixed_s,
                             "fixed_cost_percent": 100 * 1e3 * fixed_s / total_ms},
         "roofline": ce.roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm, head_bytes),
-        "memory_per_rank": mpi.allgather(comm, memory),
+        "memory_per_rank": comm.allgather(memory),
         "environment": environment(comm, threads),
     }
     if args.osu:
         message = cfg.n_embd * itemsize  # a decode token's Allreduce; a prefill's is n_prompt times larger
         sizes = sorted({4 << i for i in range(0, 21, 2)} | {message, args.n_prompt * message})
         rec["allreduce_latency_us"] = ce.allreduce_latency(comm, sizes, model.dtype)
-    rows = [dict(model=name, params=cfg.n_params, dtype=rec["dtype"], ranks=size,
+    rows = [dict(model=name, params=n_params(cfg), dtype=rec["dtype"], ranks=size,
                  threads=threads if threads is not None else "?", test=t["test"], mean=t["mean"], sd=t["sd"])
             for t in rec["tests"]]
     text = format_table(rows) + "\n\n" + format_report(rec)

@@ -13,8 +13,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpitp import comm as mpi  # noqa: E402
 from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded  # noqa: E402
 from mpitp.errors import MpitpError  # noqa: E402
-from mpitp.memory import rss_bytes  # noqa: E402
+from bench.timing import rss_bytes  # noqa: E402
 from mpitp.model import DTYPES, Model  # noqa: E402
+from mpitp.weights import n_params  # noqa: E402
 
 PROG = "bench/memory.py"
 
@@ -44,14 +45,14 @@ def _run(args, comm):
     itemsize = DTYPES[args.dtype]().itemsize
     row = {"rank": comm.Get_rank(), "shard_bytes": model.weight_bytes,
            "peak_growth_bytes": peak - before, "rss_before_bytes": before}
-    rows = mpi.allgather(comm, row)
+    rows = comm.allgather(row)
     if comm.Get_rank() == 0:
-        full = model.config.n_params * itemsize
+        full = n_params(model.config) * itemsize
         if args.json:
             print(json.dumps({"model": args.model, "ranks": comm.Get_size(), "dtype": args.dtype,
                               "full_model_bytes": full, "per_rank": rows}))
         else:
-            print(f"# {args.model}: {model.config.n_params / 1e6:.1f}M params, {full / 2**20:.1f} MiB in "
+            print(f"# {args.model}: {n_params(model.config) / 1e6:.1f}M params, {full / 2**20:.1f} MiB in "
                   f"{args.dtype}, {comm.Get_size()} ranks")
             print(f"# {'rank':>4} {'weights held (MiB)':>19} {'peak RSS growth at load (MiB)':>30} {'growth/held':>12}")
             for r in rows:

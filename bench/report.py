@@ -14,7 +14,6 @@ import numpy as np
 
 from mpitp import __version__
 from mpitp import comm as mpi
-from mpitp.threads import blas_description
 
 
 def format_table(rows):
@@ -197,7 +196,7 @@ def summarize(paths, plot=None):
 
 def environment(comm, threads):
     """Where and with what the run happened: hosts, MPI library and transport settings, NumPy, BLAS, CPU, git."""
-    hosts = sorted(set(mpi.allgather(comm, socket.gethostname())))
+    hosts = sorted(set(comm.allgather(socket.gethostname())))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -221,3 +220,16 @@ def _cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def blas_description():
+    """e.g. 'openblas 0.3.31 (SkylakeX)'; 'unknown BLAS' without threadpoolctl."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return "unknown BLAS (install threadpoolctl to see it)"
+    libs = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    if not libs:
+        return "no BLAS found"
+    p = libs[0]
+    return f"{p['internal_api']} {p.get('version') or ''} ({p.get('architecture') or p.get('threading_layer')})"

@@ -10,7 +10,6 @@ import numpy as np
 
 from mpitp import comm as mpi
 from mpitp.generation import generate_sequence
-from mpitp.memory import rss_bytes
 from mpitp.sampling import Sampler
 
 from .models import fixed_cost_config, random_model
@@ -81,7 +80,7 @@ class Breakdown:
 
 def slowest(comm, own_seconds, parts):
     """``(seconds, {category: seconds})`` of the slowest rank."""
-    return max(mpi.allgather(comm, (own_seconds, parts)), key=lambda r: r[0])
+    return max(comm.allgather((own_seconds, parts)), key=lambda r: r[0])
 
 
 def decode_run(model, n_gen, on_token=None):
@@ -152,7 +151,19 @@ def long_run(model, n_gen):
             rss.append(rss_bytes())
 
     decode_run(model, n_gen, on_token=on_token)
-    grown = max(mpi.allgather(model.comm, (rss_bytes() - rss[0]) if rss[0] else 0))
+    grown = max(model.comm.allgather((rss_bytes() - rss[0]) if rss[0] else 0))
     tenths = [float(np.mean(chunk)) for chunk in np.array_split(np.diff(stamps), 10)]
     return {"n_gen": n_gen, "seconds_per_token_by_tenth": [mpi.max_over_ranks(model.comm, t) for t in tenths],
             "rss_growth_bytes_after_cache": grown, "kv_cache_bytes": model.cache_bytes(n_gen + 1)}
+
+
+def rss_bytes(field="VmRSS"):
+    """This process's resident memory now (``VmRSS``) or its peak (``VmHWM``) in bytes; None if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

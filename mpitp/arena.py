@@ -3,15 +3,14 @@
 Decoding reads every weight once per token, so its speed is the speed of reading memory. Three things about
 where the weights live bring that closer to the machine's bandwidth; none changes a value:
 
-- Huge pages. With 4 KiB pages every 4 KiB read costs a TLB miss; with 2 MiB transparent huge pages 512
-  times fewer. NumPy asks for them only for arrays of 4 MiB and more, and a rank's matrices are often
-  smaller; the arena asks for them for all of its memory.
+- Huge pages: 2 MiB pages cost 512 times fewer TLB misses than 4 KiB ones. NumPy asks for them only for
+  arrays of 4 MiB and more, and a rank's matrices are often smaller; the arena asks for all of its memory.
 - Read order. Laid out in the order a forward reads them, the weights make one long sequential stream.
 - Padded rows. The LM head's rows are padded to whole cache lines (``ROW_ALIGN`` values); ``take`` returns
   the unpadded view, so the forward never sees the padding.
 
-The measured gains are in the README's Performance section. Where huge pages are not available this is one
-ordinary allocation; without anonymous memory maps (Windows) it is a NumPy buffer.
+Measured gains: docs/benchmark.md. Without huge pages this is one ordinary allocation; without anonymous
+memory maps (Windows), a NumPy buffer.
 """
 
 import mmap

@@ -10,6 +10,7 @@ Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -32,13 +33,7 @@ CHUNK_BYTES = 1 << 20  # reads that cannot go straight into their destination go
 
 
 class SafetensorsFile:
-    """One validated safetensors file.
-
-    Parameters
-    ----------
-    path : str
-        The file. Its header is read and validated in the constructor; tensor data is read on request.
-    """
+    """One safetensors file at ``path``: its header is read and validated here, tensor data on request."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -97,12 +92,9 @@ class SafetensorsFile:
             begin, end = offsets
             if not 0 <= begin <= end <= self.data_len:
                 self._fail(name, f"data_offsets [{begin}, {end}] lie outside the {self.data_len} data bytes.")
-            n_elem = 1
-            for d in shape:
-                n_elem *= d
-            if n_elem * _ITEMSIZE[dtype] != end - begin:
-                self._fail(name, f"shape {shape} of {dtype} needs {n_elem * _ITEMSIZE[dtype]} bytes but "
-                                 f"data_offsets span {end - begin}.")
+            nbytes = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: no overflow
+            if nbytes != end - begin:
+                self._fail(name, f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}.")
             entries[name] = (dtype, tuple(shape), begin, end)
         # Tensors must tile the data exactly: sorted by offset, each starts where the previous ended.
         cursor = 0
@@ -191,13 +183,8 @@ def _view(buffer, shape, dtype):
 
 
 class Checkpoint:
-    """The safetensors files of one model folder, with a name -> file map.
-
-    Parameters
-    ----------
-    model_dir : str
-        A Hugging Face model folder with ``model.safetensors`` or ``model.safetensors.index.json``.
-    """
+    """The safetensors files of a Hugging Face model folder (``model.safetensors``, or the files that
+    ``model.safetensors.index.json`` names), with a tensor name -> file map."""
 
     def __init__(self, model_dir):
         self.model_dir = str(model_dir)

@@ -1,9 +1,8 @@
 """Communication: the only module in mpitp that imports mpi4py, and only when a collective is first used.
 
-Everything below the entry points takes the communicator as an explicit argument; this module supplies the
-few collectives the model needs, all buffer-based (upper-case mpi4py methods) on contiguous NumPy arrays.
-``allreduce_sum`` is the Allreduce of the tensor-parallel data flow: a block calls it twice per forward.
-``TimedComm`` wraps a communicator to time and count those calls from outside the math.
+Everything below the entry points takes the communicator as an explicit argument. The collectives here are
+buffer-based (upper-case mpi4py methods) on NumPy arrays; ``allreduce_sum`` is the tensor-parallel one, called
+twice per block. ``TimedComm`` wraps a communicator to time and count those calls from outside the math.
 """
 
 import sys
@@ -66,11 +65,6 @@ def bcast_ints(comm, values, root=0):
     buf = np.asarray(values, dtype=np.int64).copy()
     comm.Bcast(buf, root=root)
     return [int(v) for v in buf]
-
-
-def allgather(comm, obj):
-    """Every rank's small Python object, as a list in rank order, on every rank; not for hot paths."""
-    return comm.allgather(obj)
 
 
 def max_over_ranks(comm, value):

@@ -57,20 +57,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
 
-    @property
-    def n_params(self):
-        """Parameter count as the checkpoint stores it (tied embeddings counted once)."""
-        d, f = self.n_embd, self.n_ffn
-        qkv_width = (self.n_head + 2 * self.n_kv_head) * self.d_head
-        n_mlp_in = 2 if self.family == "llama" else 1  # gate and up, or W_C
-        norm = 2 * d if self.family == "gpt2" else d  # LayerNorm has a bias, RMSNorm not
-        per_layer = (d * qkv_width + self.n_head * self.d_head * d + (n_mlp_in + 1) * d * f + 2 * norm
-                     + (qkv_width if self.qkv_bias else 0) + (d if self.out_bias else 0)
-                     + ((n_mlp_in * f + d) if self.mlp_bias else 0))
-        emb = self.n_vocab * d * (1 if self.tie_word_embeddings else 2)
-        pos = self.n_ctx * d if self.family == "gpt2" else 0
-        return self.n_layer * per_layer + emb + pos + norm
-
 
 def _get(cfg, key, kind, path, default=None, required=True):
     if key not in cfg or cfg[key] is None:
@@ -110,14 +96,10 @@ def _rope(cfg, path):
     if kind == "default":
         return RopeConfig(theta=theta)
     if kind == "llama3":
-        rope = RopeConfig(
-            theta=theta,
-            scaling="llama3",
-            factor=_get(params, "factor", float, path),
-            low_freq_factor=_get(params, "low_freq_factor", float, path),
-            high_freq_factor=_get(params, "high_freq_factor", float, path),
-            original_max_positions=_get(params, "original_max_position_embeddings", int, path),
-        )
+        rope = RopeConfig(theta=theta, scaling="llama3", factor=_get(params, "factor", float, path),
+                          low_freq_factor=_get(params, "low_freq_factor", float, path),
+                          high_freq_factor=_get(params, "high_freq_factor", float, path),
+                          original_max_positions=_get(params, "original_max_position_embeddings", int, path))
         if rope.high_freq_factor <= rope.low_freq_factor:
             raise ConfigError(f"{path}: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
                               f"{rope.high_freq_factor} and {rope.low_freq_factor}.")
@@ -126,17 +108,8 @@ def _rope(cfg, path):
 
 
 def config_from_dict(cfg, path="config.json", generation=None):
-    """Build a ``ModelConfig`` from the parsed JSON of a Hugging Face config.
-
-    Parameters
-    ----------
-    cfg : dict
-        Parsed ``config.json``.
-    path : str
-        Shown in error messages.
-    generation : dict, optional
-        Parsed ``generation_config.json``; its eos/bos ids take precedence.
-    """
+    """A ``ModelConfig`` from the parsed ``config.json`` (``path`` names it in errors); the eos/bos ids of a
+    parsed ``generation_config.json`` (``generation``) take precedence."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
     model_type = cfg.get("model_type")
@@ -151,9 +124,7 @@ def config_from_dict(cfg, path="config.json", generation=None):
     bos_id = None if bos is None else _token_ids(bos, "bos_token_id", path)[0]
 
     if family == "gpt2":
-        n_embd = _get(cfg, "n_embd", int, path)
-        n_head = _get(cfg, "n_head", int, path)
-        activation = cfg.get("activation_function", "gelu_new")
+        n_embd, n_head = _get(cfg, "n_embd", int, path), _get(cfg, "n_head", int, path)
         if n_embd % n_head:
             raise ConfigError(f"{path}: n_embd={n_embd} is not divisible by n_head={n_head}.")
         for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -162,51 +133,38 @@ def config_from_dict(cfg, path="config.json", generation=None):
         if cfg.get("scale_attn_weights") is False:
             raise ConfigError(f"{path}: 'scale_attn_weights: false' is not supported.")
         conf = ModelConfig(
-            family=family, model_type=model_type,
-            n_layer=_get(cfg, "n_layer", int, path), n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
-            d_head=n_embd // n_head,
-            n_ffn=_get(cfg, "n_inner", int, path, default=4 * n_embd),
-            n_vocab=_get(cfg, "vocab_size", int, path),
-            n_ctx=_get(cfg, "n_positions", int, path),
-            norm_eps=_get(cfg, "layer_norm_epsilon", float, path, default=1e-5),
-            activation=activation, qkv_bias=True, out_bias=True, mlp_bias=True,
-            tie_word_embeddings=True, bos_token_id=bos_id, eos_token_ids=eos_ids,
-        )
+            family=family, model_type=model_type, n_layer=_get(cfg, "n_layer", int, path), n_embd=n_embd,
+            n_head=n_head, n_kv_head=n_head, d_head=n_embd // n_head,
+            n_ffn=_get(cfg, "n_inner", int, path, default=4 * n_embd), n_vocab=_get(cfg, "vocab_size", int, path),
+            n_ctx=_get(cfg, "n_positions", int, path), norm_eps=_get(cfg, "layer_norm_epsilon", float, path, 1e-5),
+            activation=cfg.get("activation_function", "gelu_new"), qkv_bias=True, out_bias=True, mlp_bias=True,
+            tie_word_embeddings=True, bos_token_id=bos_id, eos_token_ids=eos_ids)
     else:
-        n_embd = _get(cfg, "hidden_size", int, path)
-        n_head = _get(cfg, "num_attention_heads", int, path)
+        n_embd, n_head = _get(cfg, "hidden_size", int, path), _get(cfg, "num_attention_heads", int, path)
         n_kv_head = _get(cfg, "num_key_value_heads", int, path, default=n_head)
         if n_head % n_kv_head:
             raise ConfigError(f"{path}: num_attention_heads={n_head} is not a multiple of "
                               f"num_key_value_heads={n_kv_head}.")
-        d_head = _get(cfg, "head_dim", int, path, default=n_embd // n_head)
         if "head_dim" not in cfg and n_embd % n_head:
             raise ConfigError(f"{path}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head} "
                               f"and no head_dim is given.")
+        d_head = _get(cfg, "head_dim", int, path, default=n_embd // n_head)
         if d_head % 2:
             raise ConfigError(f"{path}: head_dim={d_head} must be even for rotary embeddings.")
-        activation = cfg.get("hidden_act", "silu")
         attn_bias = _get(cfg, "attention_bias", bool, path, default=False, required=False)
         n_ctx = _get(cfg, "max_position_embeddings", int, path)
-        window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None
-        if window is not None:
+        if cfg.get("sliding_window") is not None and (model_type != "qwen2" or cfg.get("use_sliding_window")):
             # Within the window, sliding-window attention is ordinary causal attention: serve only that.
             n_ctx = min(n_ctx, _get(cfg, "sliding_window", int, path))
         conf = ModelConfig(
-            family=family, model_type=model_type,
-            n_layer=_get(cfg, "num_hidden_layers", int, path), n_embd=n_embd, n_head=n_head,
-            n_kv_head=n_kv_head, d_head=d_head,
-            n_ffn=_get(cfg, "intermediate_size", int, path),
-            n_vocab=_get(cfg, "vocab_size", int, path),
-            n_ctx=n_ctx,
-            norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
-            activation=activation, qkv_bias=attn_bias or model_type == "qwen2", out_bias=attn_bias,
-            mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False, required=False),
+            family=family, model_type=model_type, n_layer=_get(cfg, "num_hidden_layers", int, path),
+            n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, d_head=d_head,
+            n_ffn=_get(cfg, "intermediate_size", int, path), n_vocab=_get(cfg, "vocab_size", int, path),
+            n_ctx=n_ctx, norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
+            activation=cfg.get("hidden_act", "silu"), qkv_bias=attn_bias or model_type == "qwen2",
+            out_bias=attn_bias, mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False, required=False),
             tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False, required=False),
-            rope=_rope(cfg, path), bos_token_id=bos_id, eos_token_ids=eos_ids,
-        )
+            rope=_rope(cfg, path), bos_token_id=bos_id, eos_token_ids=eos_ids)
     if conf.activation not in _ACTIVATIONS[family]:
         raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
                           f"supported: {', '.join(_ACTIVATIONS[family])}.")

@@ -1,9 +1,8 @@
 """What every command-line entry point shares: rank-0-only help, the validation vote, abort on surprises.
 
-The rules: bad input is found on every rank before any collective, and the first collective is a vote on
-whether all ranks succeeded, so the job exits cleanly (status 2, the message printed once). Anything
-unexpected on any rank aborts the whole job (status 1; 130 on Ctrl-C) instead of leaving the others
-waiting in a collective.
+Bad input is found on every rank before any collective, and the first collective is a vote on it: the job exits
+cleanly (status 2, the message printed once). Anything unexpected on any rank aborts the whole job (status 1;
+130 on Ctrl-C) instead of leaving the others waiting in a collective.
 """
 
 import argparse
@@ -41,12 +40,10 @@ class RankParser(argparse.ArgumentParser):
 
 
 def failed_vote(comm, error, prog):
-    """The first collective: did any rank fail validation? If so print each failure once; return 2.
-
-    Rank 0 speaks for all when it failed too (deterministic checks fail alike everywhere); a rank that
-    failed alone prints its own message with a ``[rank r]`` prefix. Returns None when every rank is fine.
-    """
-    failed = mpi.allgather(comm, error is not None)
+    """The first collective: did any rank fail validation? If so print each failure once and return 2 (None
+    when every rank is fine). Rank 0 speaks for all when it failed too (deterministic checks fail alike
+    everywhere); a rank that failed alone prints its own message with a ``[rank r]`` prefix."""
+    failed = comm.allgather(error is not None)
     if not any(failed):
         return None
     rank = comm.Get_rank()

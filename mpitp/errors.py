@@ -19,17 +19,8 @@ class ShardingError(MpitpError):
 
 
 class CheckpointError(MpitpError):
-    """A checkpoint file is missing, malformed, or does not match config.json.
-
-    Parameters
-    ----------
-    path : str
-        The file at fault.
-    tensor : str or None
-        The tensor at fault, if one is.
-    reason : str
-        What is wrong and, where it helps, what would be valid.
-    """
+    """A checkpoint file (``path``) or one of its tensors (``tensor``, or None) is missing, malformed, or does
+    not match config.json; ``reason`` says what is wrong and, where it helps, what would be valid."""
 
     def __init__(self, path, tensor, reason):
         self.path, self.tensor, self.reason = str(path), tensor, reason

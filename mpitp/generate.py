@@ -10,6 +10,7 @@ Diagnostics and timings go to stderr.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -19,9 +20,10 @@ from .errors import MpitpError, RequestError
 from .generation import check_request, generate_batch, new_batch_cache
 from .model import DTYPES, Model
 from .sampling import Sampler
-from .threads import apply_blas_threads, choose_threads, missing_threadpoolctl_warning
+from .resources import set_blas_threads
 from .tokenizer import Tokenizer
 from .trace import Trace
+from .weights import n_params
 
 # The bundled model: a tiny GPT-2 trained to sort digits (scripts/train_default_model.py), so that a first
 # run shows answers anyone can check. Without --prompt it answers these.
@@ -31,13 +33,9 @@ MAX_NEW_TOKENS_CAP = 256  # without --max-new-tokens: the rest of the context, a
 
 
 def _ids(text):
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 15,7,201, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("expected at least one token id")
-    return ids
+    if not re.fullmatch(r"[0-9]+(,[0-9]+)*", text.replace(" ", "")):  # ASCII digits: not "1,,2", "1_0" or "١"
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 15,7,201, got {text!r}")
+    return [int(t) for t in text.replace(" ", "").split(",")]
 
 
 def build_parser():
@@ -64,8 +62,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating after the model's end-of-sequence token")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")
     p.add_argument("--no-stream", action="store_true",
@@ -73,9 +70,8 @@ def build_parser():
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="every rank writes DIR/rank{r}.npz with its tensors A,Q,K,V,B,C,D,E per step and layer "
                         "and the logits (with several prompts, their rows stacked in order)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="BLAS threads per rank (default: cores on the node / ranks on the node, unless "
-                        "OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="BLAS threads per rank (default: the "
+                   "node's cores / its ranks, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
     p.add_argument("--quiet", action="store_true", help="print nothing on stderr except errors")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
@@ -133,34 +129,31 @@ def _prepare(args, comm):
 
 
 class _Printer:
-    """Rank 0's stdout: a single text prompt streams token by token; batches print each whole line."""
+    """Rank 0's stdout: one text prompt streams token by token (a cut character is held back until whole);
+    otherwise each prompt's whole line at the end."""
 
     def __init__(self, args, rank, tokenizer, texts):
         self.stream = rank == 0 and texts is not None and len(texts) == 1 and not args.json and not args.no_stream
+        self.step, self.printed = (tokenizer.stream() if self.stream else None), ""
         if self.stream:
             print(texts[0], end="", flush=True)
-            self.step, self.printed = tokenizer.stream(), ""
 
     def on_token(self, index, token):
-        if self.stream:
-            piece = self.step(token)
-            if piece:
-                print(piece, end="", flush=True)
-                self.printed += piece
+        piece = self.step(token) if self.stream else ""
+        if piece:
+            print(piece, end="", flush=True)
+            self.printed += piece
 
     def finish(self, text):
-        if self.stream:  # whatever the stream held back (a cut character), then the end of the line
-            if text.startswith(self.printed):
-                print(text[len(self.printed):], flush=True)
-            else:  # never expected; then show the whole decoded text rather than lose any of it
-                print("\n" + text, flush=True)
+        # whatever the stream held back, then the end of the line (never expected: the whole text again)
+        print(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text, flush=True)
 
 
 def _run(args, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     t_load = time.perf_counter()
-    error = None
     comm = mpi.TimedComm(comm)  # times the model's Allreduce calls
+    error = None
     try:
         model, tokenizer, texts, prompts, max_new, sampler, cache = _prepare(args, comm)
     except MpitpError as e:
@@ -168,59 +161,47 @@ def _run(args, comm):
     if failed_vote(comm, error, "mpitp"):  # the first collective
         return 2
     load_seconds = time.perf_counter() - t_load
-    threads = apply_blas_threads(choose_threads(args.threads, mpi.ranks_on_node(comm)))
-    warning = missing_threadpoolctl_warning(args.threads)
+    threads, warning = set_blas_threads(args.threads, mpi.ranks_on_node(comm))
     if warning and rank == 0:
         say(f"mpitp: {warning}")
     cfg = model.config
-    _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {cfg.n_params / 1e6:.2f}M params) on {size} "
+    _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {n_params(cfg) / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
                      f"BLAS threads per rank: {threads if threads is not None else 'unknown'}; "
                      f"MPI: {mpi.library_version()}")
-
     trace = Trace() if args.trace else None
-    stop_ids = () if args.ignore_eos else cfg.eos_token_ids
     printer = _Printer(args, rank, tokenizer, texts)
     comm.reset()
-    results = generate_batch(model, prompts, max_new, sampler, stop_ids, trace, on_token=printer.on_token,
-                             cache=cache)
+    results = generate_batch(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids, trace,
+                             on_token=printer.on_token, cache=cache)
     if trace is not None:
         trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
     allreduce_s = mpi.max_over_ranks(comm, comm.seconds)
     if rank != 0:
         return 0
-    timing = results[0].timing
+    t = results[0].timing
     decoded = [tokenizer.decode(r.token_ids) if tokenizer else None for r in results]
     if args.json:
-        sequences = []
-        for i, r in enumerate(results):
-            seq = {"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
-            if tokenizer:
-                seq.update(prompt=texts[i] if texts else tokenizer.decode(r.prompt_ids), text=decoded[i])
-            sequences.append(seq)
-        print(json.dumps({
-            "model": args.model, "model_type": cfg.model_type, "ranks": size, "dtype": args.dtype,
-            "sequences": sequences,
-            "timing": {"prefill_tokens_per_s": timing.prefill_tokens_per_s,
-                       "decode_tokens_per_s": timing.decode_tokens_per_s,
-                       "prefill_seconds": timing.prefill_seconds, "decode_seconds": timing.decode_seconds,
-                       "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}}), flush=True)
+        sequences = [{"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                      **({"prompt": texts[i] if texts else tokenizer.decode(r.prompt_ids), "text": decoded[i]}
+                         if tokenizer else {})} for i, r in enumerate(results)]
+        timing = {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s,
+                  "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
+                  "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
+        print(json.dumps({"model": args.model, "model_type": cfg.model_type, "ranks": size, "dtype": args.dtype,
+                          "sequences": sequences, "timing": timing}), flush=True)
     elif printer.stream:
         printer.finish(decoded[0])
-    elif texts:
-        for text, continuation in zip(texts, decoded):
-            print(text + continuation, flush=True)
     else:
-        for r in results:
-            print("prompt ids:   ", " ".join(map(str, r.prompt_ids)))
-            print("generated ids:", " ".join(map(str, r.token_ids)), flush=True)
+        for i, r in enumerate(results):
+            print(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
+                  f"generated ids: {' '.join(map(str, r.token_ids))}", flush=True)
 
     def rate(x):
         return f"{x:.1f} tok/s" if x is not None else "n/a"
-    n_new = sum(len(r.token_ids) for r in results)
-    _say(args, rank, f"{len(results)} prompt(s), {timing.prefill_tokens} tokens in {timing.prefill_seconds * 1e3:.1f} "
-                     f"ms ({rate(timing.prefill_tokens_per_s)}); generated {n_new} tokens, decode "
-                     f"{rate(timing.decode_tokens_per_s)}; Allreduce {allreduce_s * 1e3:.1f} ms (slowest rank); "
+    _say(args, rank, f"{len(results)} prompt(s), {t.prefill_tokens} tokens in {t.prefill_seconds * 1e3:.1f} ms "
+                     f"({rate(t.prefill_tokens_per_s)}); generated {sum(len(r.token_ids) for r in results)} tokens, "
+                     f"decode {rate(t.decode_tokens_per_s)}; Allreduce {allreduce_s * 1e3:.1f} ms (slowest rank); "
                      f"finish: {', '.join(r.finish_reason for r in results)}")
     if args.trace:
         _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")

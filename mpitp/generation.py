@@ -19,20 +19,15 @@ from .sampling import Sampler
 
 @dataclass
 class Timing:
-    """Wall-clock time of one generation run (a batch shares one)."""
+    """Wall-clock time of one generation run (a batch shares one). Rates are None when nothing was timed."""
 
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0  # the prefill forwards and choosing the first tokens
     decode_tokens: int = 0  # tokens produced by forwards after the prefill
     decode_seconds: float = 0.0
 
-    @property
-    def prefill_tokens_per_s(self):
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else None
-
-    @property
-    def decode_tokens_per_s(self):
-        return self.decode_tokens / self.decode_seconds if self.decode_tokens and self.decode_seconds > 0 else None
+    prefill_tokens_per_s = property(lambda t: t.prefill_tokens / t.prefill_seconds if t.prefill_seconds else None)
+    decode_tokens_per_s = property(lambda t: t.decode_tokens / t.decode_seconds if t.decode_tokens else None)
 
 
 @dataclass
@@ -77,6 +72,7 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
     """Generate up to ``max_new_tokens`` tokens after each of ``prompts``, as one batch, on every rank.
 
     Each sequence comes out as it would alone (its own positions, cache row, stop and sampling steps).
+    Returns a list of ``Generation``.
 
     Parameters
     ----------
@@ -95,10 +91,6 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
         Called on every rank as soon as every rank knows a new token (for streaming).
     cache : KVCache, optional
         From ``new_batch_cache``, when the caller allocated it before its ranks agreed to go on.
-
-    Returns
-    -------
-    list of Generation
     """
     prompts = check_request(model, prompts, max_new_tokens)
     cache = cache if cache is not None else new_batch_cache(model, prompts, max_new_tokens)
@@ -149,9 +141,6 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
 
 def generate_sequence(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
                       on_token=None):
-    """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` on every rank of ``model.comm``.
-
-    A batch of one (see ``generate_batch``); ``on_token`` takes just the token id. Returns a ``Generation``.
-    """
+    """``generate_batch`` of one prompt; ``on_token`` takes just the token id. Returns a ``Generation``."""
     callback = None if on_token is None else (lambda b, token: on_token(token))
     return generate_batch(model, [prompt_ids], max_new_tokens, sampler, stop_ids, trace, root, callback)[0]

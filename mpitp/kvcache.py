@@ -1,8 +1,8 @@
 """The rank-local KV cache: keys and values of this rank's key/value heads, preallocated once.
 
-Each layer keeps ``K, V`` of shape ``[n_batch, n_kv_head_local, capacity, d_head]``, one row per sequence,
-and each sequence its own ``length``. A forward writes its new tokens' keys and values in place and attends
-over the positions written so far; nothing is reallocated while generating, so memory stays flat.
+Each layer keeps ``K, V`` of ``[n_batch, n_kv_head_local, capacity, d_head]``, a row per sequence, each with
+its own length. A forward writes its new tokens' keys and values in place; nothing is reallocated while
+generating, so memory stays flat.
 """
 
 import numpy as np
@@ -11,17 +11,8 @@ from .errors import RequestError
 
 
 class KVCache:
-    """Keys and values of ``n_batch`` sequences for one rank.
-
-    Parameters
-    ----------
-    n_layer, n_batch, n_kv_head_local, d_head : int
-        Sizes from the config, the batch and the rank's shard.
-    capacity : int
-        The most positions a sequence will hold (prompt plus generated tokens).
-    dtype : numpy dtype
-        The run's compute dtype.
-    """
+    """Keys and values of ``n_batch`` sequences of up to ``capacity`` positions (prompt plus generated
+    tokens) for one rank, in the run's ``dtype``."""
 
     def __init__(self, n_layer, n_batch, n_kv_head_local, d_head, capacity, dtype):
         self.capacity = capacity
@@ -32,10 +23,6 @@ class KVCache:
         self.V = np.empty_like(self.K)
         self.K.fill(0)
         self.V.fill(0)
-
-    @property
-    def nbytes(self):
-        return self.K.nbytes + self.V.nbytes
 
     def row(self, b):
         """Sequence ``b`` alone, as a 1-sequence cache that shares this one's memory."""

@@ -128,23 +128,11 @@ def causal_mask(positions, n_kv, dtype):
 
 
 def attention(Q, K, V, mask, head_runs):
-    """Causal scaled dot-product attention of this rank's heads against its cached keys and values.
+    """B = softmax(Q Kᵀ / √d_head + mask) V for this rank's heads, against every key and value so far.
 
-    Parameters
-    ----------
-    Q : ndarray, [n_batch, n_seq, n_head_local, d_head]
-        Queries of the new tokens.
-    K, V : ndarray, [n_batch, n_kv_head_local, n_kv, d_head]
-        Every key and value so far (cache plus new tokens).
-    mask : ndarray, [n_batch, n_seq, n_kv]
-        ``causal_mask`` of the new tokens' positions.
-    head_runs : tuple of (h0, h1, k0, k1)
-        ``Shard.head_runs``: query heads ``h0:h1`` share key/value heads ``k0:k1``, the same number each.
-
-    Returns
-    -------
-    ndarray, [n_batch, n_seq, n_head_local * d_head]
-        The attention output B of this rank's heads, heads concatenated.
+    Q ``[n_batch, n_seq, n_head_local, d_head]``; K, V ``[n_batch, n_kv_head_local, n_kv, d_head]``; mask
+    ``[n_batch, n_seq, n_kv]`` (``causal_mask``); ``head_runs`` (``Shard.head_runs``): query heads ``h0:h1``
+    share key/value heads ``k0:k1``, the same number each. Returns B ``[n_batch, n_seq, n_head_local d_head]``.
     """
     n_batch, n_seq, n_head_local, d_head = Q.shape
     n_kv = K.shape[2]

@@ -15,7 +15,7 @@ from .errors import MpitpError, RequestError
 from .kvcache import KVCache
 from .layers import (apply_rope, attention, causal_mask, gelu_tanh, layer_norm, linear, rms_norm, rope_inv_freq,
                      rope_tables, swiglu)
-from .memory import check_fits
+from .resources import check_fits
 from .sharding import block_range, shard_for
 from .weights import load_weights, shard_bytes
 
@@ -37,24 +37,16 @@ class Model:
         self.norm = (lambda x, w, b: layer_norm(x, w, b, eps)) if gpt2 else (lambda x, w, b: rms_norm(x, w, b, eps))
         self.activation = gelu_tanh if gpt2 else swiglu
         self._inv_freq = None if gpt2 else rope_inv_freq(config.rope, config.d_head)
+        self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
 
     @classmethod
     def load(cls, model_dir, comm, dtype="float32", arena=True):
-        """Read config.json and this rank's shard of the weights of a Hugging Face model folder.
+        """This rank's shard of a Hugging Face model folder (config.json, model.safetensors or an index and its
+        files), for the ranks of ``comm`` (``mpitp.comm.serial()``: this process alone), cast to ``dtype``
+        ("float32" or "float64"), in the fast layout of ``mpitp.arena`` or (``arena=False``) plain arrays.
 
         Every check that bad input can fail runs here, on every rank, with no communication: the config, the
         rank count, the memory, every checkpoint header and shape.
-
-        Parameters
-        ----------
-        model_dir : str
-            Folder with config.json and model.safetensors (or model.safetensors.index.json + shards).
-        comm : mpi4py communicator
-            The ranks that share the model. ``mpitp.comm.serial()`` runs it on this process alone.
-        dtype : {"float32", "float64"}
-            Weights are cast to it at load and every computation runs in it.
-        arena : bool
-            Place the weights in the fast layout of ``mpitp.arena`` (default) or in plain NumPy arrays.
         """
         if str(dtype) not in DTYPES:
             raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.")
@@ -77,8 +69,7 @@ class Model:
         Q, K, V = self.split_heads(QKV)  # [n_batch, n_seq, n_head_local or n_kv_head_local, d_head]
         Q, K = self.rotate(Q, positions), self.rotate(K, positions)  # Llama's RoPE; GPT-2 added positions to x
         K_all, V_all = cache.update(layer, K, V, positions)  # [n_batch, n_kv_head_local, n_kv, d_head]
-        B = attention(Q, K_all, V_all, mask, self.shard.head_runs)  # softmax(Q K^T / sqrt(d_head) + mask) V,
-        #                                                             [n_batch, n_seq, n_head_local d_head]
+        B = attention(Q, K_all, V_all, mask, self.head_runs)  # softmax(QK^T/sqrt(d_head))V: [.., n_head_local d_head]
         B_partial = B @ w.W_B  # row-parallel: this rank's heads' share of the sum, [n_batch, n_seq, n_embd]
         mpi.allreduce_sum(self.comm, B_partial)  # Allreduce #1: the sum over every rank's heads
         x = x + B_partial + w.b_B  # residual; the bias is added once, after the reduce
@@ -90,7 +81,8 @@ class Model:
         return E
 
     def split_heads(self, QKV):
-        # [.., (n_head_local + 2 n_kv_head_local) d_head] -> views Q [.., n_head_local, d_head], K, V [.., n_kv_head_local, d_head]
+        # [.., (n_head_local + 2 n_kv_head_local) d_head] -> views of Q [.., n_head_local, d_head]
+        # and of K, V [.., n_kv_head_local, d_head]
         heads = QKV.reshape(QKV.shape[:-1] + (-1, self.config.d_head))
         return np.split(heads, [self.shard.n_head_local, self.shard.n_head_local + self.shard.n_kv_head_local], axis=-2)
 
@@ -122,24 +114,12 @@ class Model:
         return self.norm(x, g.norm_f_weight, g.norm_f_bias) @ g.W_vocab
 
     def forward(self, token_ids, cache, all_logits=False, gather=True):
-        """Run new tokens through the model, writing their keys and values into ``cache``.
+        """Run new tokens through the model, writing their keys and values into ``cache``; return the logits.
 
-        Parameters
-        ----------
-        token_ids : array of int, [n_seq] or [n_batch, n_seq]
-            The prompt (prefill) or the newly chosen token (decode) of each of the cache's sequences.
-            Ids are trusted: generation validates requests before the first forward.
-        cache : KVCache
-            This rank's cache; each sequence's ``lengths`` entry is the position of its first new token.
-        all_logits : bool
-            Logits for every new position instead of only the last one.
-        gather : bool
-            Logits of the whole vocabulary on every rank (default), or only of this rank's range
-            ``shard.vocab_cols`` (what generation uses: it chooses the next token without gathering them).
-
-        Returns
-        -------
-        ndarray, [(n_batch,) n_seq or 1, n_vocab or n_vocab_local]
+        ``token_ids`` ``[n_seq]`` or ``[n_batch, n_seq]``: a prompt or the newly chosen token of each of the
+        cache's sequences (trusted: generation validates requests). Logits ``[(n_batch,) n_seq or 1, n_vocab]``:
+        of every new position with ``all_logits``, else of the last; with ``gather=False`` only this rank's
+        vocabulary range ``[.., n_vocab_local]`` (what generation uses to choose the next token).
         """
         ids = np.asarray(token_ids)
         ids2 = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]

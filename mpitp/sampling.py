@@ -12,8 +12,7 @@ the whole vocabulary, and the token chosen is the same for any split, 1 rank inc
   2**-40, added as int64, so the sum is identical in any order), and candidates are gathered in rounds
   of growing size until the smallest set holding ``top_p`` of the mass is certain;
 
-then the Gumbel-max among the kept candidates, on the root. Sampling from a set by Gumbel-max is sampling
-in proportion to exp(logit / T) over that set.
+then the Gumbel-max among the kept candidates on the root, which samples in proportion to exp(logit / T).
 """
 
 import math
@@ -24,7 +23,6 @@ from . import comm as mpi
 from .errors import RequestError
 
 _QUANTUM = 2.0 ** 40  # fixed-point scale of the exact probability mass used by top-p
-_U53 = 2.0 ** -53
 
 
 def _splitmix64(x):
@@ -39,7 +37,7 @@ def gumbel_noise(seed, step, ids):
     """Gumbel(0, 1) noise for vocabulary ``ids`` at generation ``step``: a pure function of its arguments."""
     key = _splitmix64(_splitmix64(np.array([seed % 2**64], dtype=np.uint64)) ^ np.uint64(step))
     h = _splitmix64(key ^ np.asarray(ids, dtype=np.uint64))
-    u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * _U53  # uniform in (0, 1)
+    u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53  # uniform in (0, 1)
     return -np.log(-np.log(u))
 
 
@@ -62,19 +60,9 @@ def _top(values, m):
 
 
 class Sampler:
-    """Greedy (``temperature == 0``) or temperature sampling with optional top-k and top-p filters.
-
-    Parameters
-    ----------
-    temperature : float
-        0 for greedy; otherwise logits are divided by it.
-    top_k : int
-        Keep only the k most likely tokens (0: no limit).
-    top_p : float
-        Keep the smallest set of most likely tokens holding this share of the probability (1: no limit).
-    seed : int
-        Same seed, same logits: same tokens, at any rank count.
-    """
+    """Greedy (``temperature`` 0) or sampling from softmax(logits / temperature), optionally only among the
+    ``top_k`` most likely tokens (0: all) and the smallest most likely set holding ``top_p`` of the probability
+    (1: all). The same ``seed`` and logits give the same tokens at any rank count."""
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, seed=0):
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -88,21 +76,8 @@ class Sampler:
         self.temperature, self.top_k, self.top_p, self.seed = float(temperature), top_k, float(top_p), seed
 
     def choose(self, comm, logits, vocab_start, step, root=0):
-        """The next token, from every rank's slice of one position's logits. Collective over ``comm``.
-
-        Parameters
-        ----------
-        comm : communicator
-            The ranks that hold the vocabulary slices (a 1-rank one for whole logits).
-        logits : ndarray, [n_vocab_local]
-            This rank's logits, for ids ``vocab_start .. vocab_start + n_vocab_local - 1``.
-        step : int
-            Generation step (keys the noise).
-
-        Returns
-        -------
-        int on ``root`` (None on the other ranks).
-        """
+        """The next token (an int on ``root``, None elsewhere) from every rank's ``logits`` ``[n_vocab_local]``
+        of one position, for ids ``vocab_start ..``; ``step`` keys the noise. Collective over ``comm``."""
         if self.temperature == 0:  # greedy: no copy of the logits, no array of ids (this runs every token)
             return self._argmax_over_ranks(comm, np.asarray(logits), vocab_start, root)
         logits = np.asarray(logits, dtype=np.float64)

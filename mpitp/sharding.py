@@ -49,25 +49,13 @@ class Shard:
     vocab_start: int  # first vocabulary id of this rank's embedding rows and LM-head columns
     n_vocab_local: int
 
-    @property
-    def q_cols(self):
-        """Columns of the full W_Q, and rows of W_B: this rank's query heads."""
-        return slice(self.head_start * self.d_head, (self.head_start + self.n_head_local) * self.d_head)
-
-    @property
-    def kv_cols(self):
-        """Columns of the full W_K and W_V: this rank's key/value heads."""
-        return slice(self.kv_head_start * self.d_head, (self.kv_head_start + self.n_kv_head_local) * self.d_head)
-
-    @property
-    def ffn_cols(self):
-        """Columns of the full W_C (each of W_gate, W_up), and rows of W_D."""
-        return slice(self.ffn_start, self.ffn_start + self.n_ffn_local)
-
-    @property
-    def vocab_cols(self):
-        """Vocabulary ids: columns of W_vocab, rows of W_embed."""
-        return slice(self.vocab_start, self.vocab_start + self.n_vocab_local)
+    # Ranges of the full weights. q_cols: W_Q's columns and W_B's rows; kv_cols: W_K's and W_V's columns;
+    # ffn_cols: the columns of W_C (of W_gate and of W_up) and W_D's rows; vocab_cols: W_vocab's columns and
+    # W_embed's rows, the vocabulary ids.
+    q_cols = property(lambda s: slice(s.head_start * s.d_head, (s.head_start + s.n_head_local) * s.d_head))
+    kv_cols = property(lambda s: slice(s.kv_head_start * s.d_head, (s.kv_head_start + s.n_kv_head_local) * s.d_head))
+    ffn_cols = property(lambda s: slice(s.ffn_start, s.ffn_start + s.n_ffn_local))
+    vocab_cols = property(lambda s: slice(s.vocab_start, s.vocab_start + s.n_vocab_local))
 
     @cached_property  # attention asks every block
     def head_runs(self):

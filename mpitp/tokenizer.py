@@ -1,10 +1,8 @@
 """Text to token ids and back, through a model folder's ``tokenizer.json``.
 
-The Hugging Face ``tokenizers`` library reads tokenizer.json files of every kind (byte-level BPE, SentencePiece
-conversions, ...) with no network access; it is an optional extra (``pip install mpitp[text]``), needed only for
-text prompts. Special tokens are added as the tokenizer says (its post-processor, or ``add_bos_token`` in
-``tokenizer_config.json``). ``Tokenizer.stream`` decodes one token at a time without ever printing half a
-character: a token may end in the middle of a multi-byte UTF-8 sequence.
+The Hugging Face ``tokenizers`` library, an optional extra (``pip install mpitp[text]``) needed only for text,
+reads every kind of tokenizer.json offline. ``Tokenizer.stream`` decodes one token at a time without ever
+printing half a character: a token may end in the middle of a multi-byte UTF-8 sequence.
 """
 
 import json
@@ -16,15 +14,8 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer:
-    """A model folder's tokenizer.
-
-    Parameters
-    ----------
-    model_dir : str
-        Folder with ``tokenizer.json`` (and optionally ``tokenizer_config.json``).
-    bos_token_id : int or None
-        The model's beginning-of-sequence id, added in front when the tokenizer config asks for it.
-    """
+    """The ``tokenizer.json`` of ``model_dir``; ``bos_token_id`` is added in front when the folder's
+    ``tokenizer_config.json`` asks for it (``add_bos_token``)."""
 
     def __init__(self, model_dir, bos_token_id=None):
         path = os.path.join(model_dir, TOKENIZER_FILE)

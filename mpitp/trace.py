@@ -6,8 +6,8 @@ ids the rank owns, so the full tensors can be reassembled from every rank's file
 (of several sequences, stacked in order); Q, K, V are flattened to ``[rows, heads_local * d_head]``, after
 RoPE for Llama. Saved as an uncompressed ``.npz`` of plain arrays (``np.load(path, allow_pickle=False)``).
 
-The model has no trace calls: inside ``with trace:``, a profile hook (``sys.setprofile``) reads the local
-variables of ``Model.block`` and the result of ``Model.lm_head`` as they return.
+The model has no trace calls: inside ``with trace:`` a profile hook (``sys.setprofile``) reads the locals of
+``Model.block`` and the result of ``Model.lm_head`` as they return.
 """
 
 import sys

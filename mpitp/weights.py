@@ -17,24 +17,20 @@ import numpy as np
 from .arena import Arena, padded_shape
 from .errors import CheckpointError
 
-# How each mpitp weight is split, and which range of the Shard it takes. "column": the output (last) axis;
-# "row": the input (first) axis -- its product is a partial sum that an Allreduce completes, and its bias
-# is added once, after; "replicate": every rank holds all of it. The vocabulary is split like a column of
-# W_vocab and a row of W_embed.
-SPLIT = {
-    "W_Q": ("column", "q_cols"), "b_Q": ("column", "q_cols"),
-    "W_K": ("column", "kv_cols"), "b_K": ("column", "kv_cols"),
-    "W_V": ("column", "kv_cols"), "b_V": ("column", "kv_cols"),
-    "W_B": ("row", "q_cols"), "b_B": ("replicate", None),
-    "W_C": ("column", "ffn_cols"), "b_C": ("column", "ffn_cols"),
-    "W_gate": ("column", "ffn_cols"), "b_gate": ("column", "ffn_cols"),
-    "W_up": ("column", "ffn_cols"), "b_up": ("column", "ffn_cols"),
-    "W_D": ("row", "ffn_cols"), "b_D": ("replicate", None),
-    "norm_1_weight": ("replicate", None), "norm_1_bias": ("replicate", None),
-    "norm_2_weight": ("replicate", None), "norm_2_bias": ("replicate", None),
-    "norm_f_weight": ("replicate", None), "norm_f_bias": ("replicate", None),
-    "W_vocab": ("column", "vocab_cols"), "W_embed": ("row", "vocab_cols"), "W_pos": ("replicate", None),
-}
+# How each weight is split, and which range of the Shard it takes. "column": the output (last) axis;
+# "row": the input (first) axis, whose product is a partial sum that an Allreduce completes. A column's bias
+# is split with it; a row's bias is replicated and added once, after the reduce. Anything else (the norms,
+# GPT-2's learned positions) is replicated. The vocabulary splits W_vocab's columns and W_embed's rows.
+SPLIT = {"W_Q": ("column", "q_cols"), "W_K": ("column", "kv_cols"), "W_V": ("column", "kv_cols"),
+         "W_B": ("row", "q_cols"), "W_C": ("column", "ffn_cols"), "W_gate": ("column", "ffn_cols"),
+         "W_up": ("column", "ffn_cols"), "W_D": ("row", "ffn_cols"),
+         "W_vocab": ("column", "vocab_cols"), "W_embed": ("row", "vocab_cols")}
+
+
+def split_of(name):
+    """``(kind, Shard range)`` of an mpitp weight or bias; ``("replicate", None)`` for what every rank holds."""
+    kind, rng = SPLIT.get(name.replace("b_", "W_", 1), ("replicate", None))
+    return ("replicate", None) if name.startswith("b_") and kind == "row" else (kind, rng)
 
 
 @dataclass(frozen=True)
@@ -127,12 +123,9 @@ def _fields(config):
 
 
 def _has(config, name):
-    """False for a linear bias the config switches off: it is held as zeros."""
-    if name in ("b_Q", "b_K", "b_V"):
-        return config.qkv_bias
-    if name == "b_B":
-        return config.out_bias
-    return config.mlp_bias if name in ("b_C", "b_gate", "b_up", "b_D") else True
+    # False for a linear bias the config switches off: it is held as zeros.
+    return {"b_Q": config.qkv_bias, "b_K": config.qkv_bias, "b_V": config.qkv_bias, "b_B": config.out_bias,
+            **dict.fromkeys(("b_C", "b_gate", "b_up", "b_D"), config.mlp_bias)}.get(name, True)
 
 
 def full_shape(config, name):
@@ -145,10 +138,9 @@ def full_shape(config, name):
 
 
 def _index(config, shard, name):
-    """This rank's block of the full mpitp weight ``name``, as one slice per axis."""
-    full = full_shape(config, name)
-    index = [slice(0, n) for n in full]
-    kind, rng = SPLIT[name]
+    # This rank's block of the full mpitp weight ``name``, as one slice per axis.
+    index = [slice(0, n) for n in full_shape(config, name)]
+    kind, rng = split_of(name)
     if kind != "replicate":
         index[-1 if kind == "column" else 0] = getattr(shard, rng)
     return index
@@ -159,11 +151,15 @@ def local_shape(config, shard, name):
 
 
 def _source(config, name, prefix):
+    # Where ``name`` is in the checkpoint, and the shape the checkpoint stores that tensor in.
     table = _GPT2 if config.family == "gpt2" else _LLAMA
     if name == "W_vocab" and config.tie_word_embeddings:  # the embedding [n_vocab, n_embd], read transposed
-        return Source(prefix + table["W_embed"].name, torch_linear=True)
-    src = table[name]
-    return Source(prefix + src.name, src.torch_linear, src.part, src.n_parts)
+        src = Source(prefix + table["W_embed"].name, torch_linear=True)
+    else:
+        src = Source(prefix + table[name].name, table[name].torch_linear, table[name].part, table[name].n_parts)
+    full = full_shape(config, name)
+    stored = full[:-1] + (full[-1] * src.n_parts,)  # fused parts widen the output axis
+    return src, stored[::-1] if src.torch_linear else stored
 
 
 def checkpoint_shapes(config, prefix=""):
@@ -172,20 +168,20 @@ def checkpoint_shapes(config, prefix=""):
     shapes = {}
     for names, layers in ((block, range(config.n_layer)), (glob, [None])):
         for name in (n for parts in names.values() for n in parts if _has(config, n)):
-            src, full = _source(config, name, prefix), full_shape(config, name)
-            stored = full[:-1] + (full[-1] * src.n_parts,)
-            for layer in layers:
-                shapes[src.name.format(l=layer)] = stored[::-1] if src.torch_linear else stored
+            src, stored = _source(config, name, prefix)
+            shapes.update((src.name.format(l=layer), stored) for layer in layers)
     return shapes
+
+
+def n_params(config):
+    """Parameters as the checkpoint stores them (a tied LM head counted once)."""
+    return sum(int(np.prod(shape)) for shape in checkpoint_shapes(config).values())
 
 
 def read_weight(ckpt, config, shard, name, layer, out, prefix=""):
     """Read this rank's slice of the mpitp weight ``name`` (of block ``layer``) into ``out``."""
-    src = _source(config, name, prefix)
+    src, stored = _source(config, name, prefix)
     tensor = src.name.format(l=layer)
-    full = full_shape(config, name)
-    stored = full[:-1] + (full[-1] * src.n_parts,)
-    stored = stored[::-1] if src.torch_linear else stored
     if tensor not in ckpt:
         raise CheckpointError(ckpt.model_dir, tensor, f"tensor is missing (needed as {name}).")
     if tuple(ckpt.shape(tensor)) != stored:
@@ -193,7 +189,7 @@ def read_weight(ckpt, config, shard, name, layer, out, prefix=""):
                                                             f"config.json, which implies {list(stored)}.")
     index = _index(config, shard, name)
     if src.n_parts > 1:  # shift the output-axis range into this part of the fused tensor
-        s, offset = index[-1], src.part * full[-1]
+        s, offset = index[-1], src.part * full_shape(config, name)[-1]
         index[-1] = slice(s.start + offset, s.stop + offset)
     # torch Linear storage is [out, in]: read the transposed block and transpose it into out.
     ckpt.read_into(tensor, out, tuple(index[::-1] if src.torch_linear else index), transpose=src.torch_linear)

@@ -18,6 +18,7 @@ from mpi4py import MPI
 from bench import ceilings, models, report, timing
 from bench.__main__ import main
 from conftest import REPO, child_env, model_dir, mpirun, serial_only
+from mpitp.weights import n_params
 from mpitp import comm, load_model
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
@@ -110,12 +111,12 @@ def test_imbalance_of_the_weights_over_ranks():
     assert ceilings.imbalance(held) == pytest.approx(max(held) / (sum(held) / 3))
 
 
-def test_threads_warning_without_threadpoolctl(monkeypatch):
-    from mpitp import threads
+def test_threads_without_threadpoolctl(monkeypatch):
+    from mpitp.resources import set_blas_threads
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
-    assert threads.apply_blas_threads(1) is None
-    assert "--threads 2 was not applied" in threads.missing_threadpoolctl_warning(2)
-    assert threads.missing_threadpoolctl_warning(None) is None
+    threads, warning = set_blas_threads(2, 1)
+    assert threads is None and "--threads 2 was not applied" in warning
+    assert set_blas_threads(None, 2) == (None, None)  # nothing asked for: nothing to warn about
 
 
 def test_mean_sd():
@@ -229,7 +230,7 @@ def test_fixed_cost_model_keeps_depth_heads_and_layer_kinds(preset):
             "tie_word_embeddings", "rope")
     assert [getattr(small, k) for k in same] == [getattr(cfg, k) for k in same]
     assert small.d_head == 4 and small.n_embd == 4 * cfg.n_head
-    assert small.n_params * 4 < 8 << 20  # every weight fits in the last-level cache
+    assert n_params(small) * 4 < 8 << 20  # every weight fits in the last-level cache
     shard_for(small, 0, 2)  # valid wherever the real model is
 
 
