@@ -44,10 +44,11 @@ class KVCache:
         ``K_new, V_new``: ``[n_batch, n_seq, n_kv_head_local, d_head]``. Returns ``K, V`` as
         ``[n_batch, n_kv_head_local, n_kv, d_head]``; ``advance`` commits the new positions after the forward.
         """
-        rows = np.arange(len(positions))[:, None]
-        self.K[layer][rows, :, positions] = K_new
-        self.V[layer][rows, :, positions] = V_new
-        n_kv = positions.max() + 1
+        n_kv = 0
+        for b, (start, last) in enumerate(positions[:, [0, -1]].tolist()):  # each sequence's are contiguous
+            self.K[layer, b, :, start:last + 1] = K_new[b].swapaxes(0, 1)
+            self.V[layer, b, :, start:last + 1] = V_new[b].swapaxes(0, 1)
+            n_kv = max(n_kv, last + 1)
         return self.K[layer, :, :, :n_kv], self.V[layer, :, :, :n_kv]
 
     def advance(self, n_seq):

@@ -136,8 +136,8 @@ def attention(Q, K, V, mask, head_runs):
     """
     n_batch, n_seq, n_head_local, d_head = Q.shape
     n_kv = K.shape[2]
-    B = np.empty((n_batch, n_seq, n_head_local, d_head), Q.dtype)
     scale = Q.dtype.type(1.0 / np.sqrt(d_head))  # scale the queries, not the scores: n_seq * d_head values
+    B = []
     for h0, h1, k0, k1 in head_runs:
         n_k, group = k1 - k0, (h1 - h0) // (k1 - k0)
         # [n_batch, n_k, group * n_seq, d_head]: the query heads that share one key/value head, stacked.
@@ -145,5 +145,6 @@ def attention(Q, K, V, mask, head_runs):
         scores = Qg @ K[:, k0:k1].transpose(0, 1, 3, 2)  # [n_batch, n_k, group * n_seq, n_kv]
         scores.reshape(n_batch, n_k, group, n_seq, n_kv)[...] += mask[:, None, None]
         out = softmax(scores) @ V[:, k0:k1]  # [n_batch, n_k, group * n_seq, d_head]
-        B[:, :, h0:h1] = out.reshape(n_batch, h1 - h0, n_seq, d_head).transpose(0, 2, 1, 3)
-    return B.reshape(n_batch, n_seq, n_head_local * d_head)
+        B.append(out.reshape(n_batch, h1 - h0, n_seq, d_head))
+    B = B[0] if len(B) == 1 else np.concatenate(B, axis=1)  # [n_batch, n_head_local, n_seq, d_head]
+    return B.transpose(0, 2, 1, 3).reshape(n_batch, n_seq, n_head_local * d_head)

@@ -84,7 +84,8 @@ class Model:
         # [.., (n_head_local + 2 n_kv_head_local) d_head] -> views of Q [.., n_head_local, d_head]
         # and of K, V [.., n_kv_head_local, d_head]
         heads = QKV.reshape(QKV.shape[:-1] + (-1, self.config.d_head))
-        return np.split(heads, [self.shard.n_head_local, self.shard.n_head_local + self.shard.n_kv_head_local], axis=-2)
+        q, kv = self.shard.n_head_local, self.shard.n_kv_head_local
+        return heads[..., :q, :], heads[..., q:q + kv, :], heads[..., q + kv:, :]
 
     def rotate(self, X, positions):
         # Rotary position embedding (Llama) of queries or keys; GPT-2 has none. [.., n_heads, d_head] -> same
