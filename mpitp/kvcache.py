@@ -39,17 +39,13 @@ class KVCache:
         return self.lengths[:, None] + np.arange(n_seq)
 
     def update(self, layer, K_new, V_new, positions):
-        """Write the new tokens' keys and values at ``positions``; return views of every position so far.
-
-        ``K_new, V_new``: ``[n_batch, n_seq, n_kv_head_local, d_head]``. Returns ``K, V`` as
-        ``[n_batch, n_kv_head_local, n_kv, d_head]``; ``advance`` commits the new positions after the forward.
-        """
-        n_kv = 0
-        for b, (start, last) in enumerate(positions[:, [0, -1]].tolist()):  # each sequence's are contiguous
+        """Write the new tokens' keys and values ``[n_batch, n_seq, n_kv_head_local, d_head]`` at ``positions``;
+        return views of every position so far, ``[n_batch, n_kv_head_local, n_kv, d_head]`` (``advance`` commits)."""
+        ends = positions[:, -1].tolist()  # each sequence's new positions are contiguous, ending here
+        for b, (start, last) in enumerate(zip(positions[:, 0].tolist(), ends)):
             self.K[layer, b, :, start:last + 1] = K_new[b].swapaxes(0, 1)
             self.V[layer, b, :, start:last + 1] = V_new[b].swapaxes(0, 1)
-            n_kv = max(n_kv, last + 1)
-        return self.K[layer, :, :, :n_kv], self.V[layer, :, :, :n_kv]
+        return self.K[layer, :, :, :max(ends) + 1], self.V[layer, :, :, :max(ends) + 1]
 
     def advance(self, n_seq):
         self.lengths += n_seq

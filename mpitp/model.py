@@ -81,8 +81,7 @@ class Model:
         return E
 
     def split_heads(self, QKV):
-        # [.., (n_head_local + 2 n_kv_head_local) d_head] -> views of Q [.., n_head_local, d_head]
-        # and of K, V [.., n_kv_head_local, d_head]
+        # [.., (n_head_local + 2 n_kv_head_local) d_head] -> views Q [.., n_head_local, d_head], K, V
         heads = QKV.reshape(QKV.shape[:-1] + (-1, self.config.d_head))
         q, kv = self.shard.n_head_local, self.shard.n_kv_head_local
         return heads[..., :q, :], heads[..., q:q + kv, :], heads[..., q + kv:, :]
