@@ -13,7 +13,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded
+from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, Model
@@ -108,7 +108,7 @@ def _run(args, comm):
         return 2
     threads, warning = set_blas_threads(args.threads, mpi.ranks_on_node(comm))
     if warning and rank == 0:
-        print(f"{PROG}: {warning}", file=sys.stderr, flush=True)
+        say(f"{PROG}: {warning}")
     if model is None:
         model = random_model(config, tc, DTYPES[args.dtype])
     cfg, itemsize = model.config, np.dtype(model.dtype).itemsize

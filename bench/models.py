@@ -28,6 +28,11 @@ PRESETS = {
                    "num_hidden_layers": 24, "intermediate_size": 4864, "vocab_size": 151936,
                    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
                    "tie_word_embeddings": True},
+    # 9 query heads in 3 groups: uneven at 2 and 4 ranks (README, "Uneven splits").
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                     "tie_word_embeddings": True},
     "tiny": {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
              "vocab_size": 256},
 }

@@ -48,9 +48,10 @@ class Model:
         Every check that bad input can fail runs here, on every rank, with no communication: the config, the
         rank count, the memory, every checkpoint header and shape.
         """
-        if str(dtype) not in DTYPES:
-            raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.")
-        dtype = DTYPES[str(dtype)]
+        try:
+            dtype = DTYPES[np.dtype(dtype).name]
+        except (TypeError, KeyError):
+            raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.") from None
         config = load_config(model_dir)
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())
         ckpt = Checkpoint(model_dir)
