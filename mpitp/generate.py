@@ -56,7 +56,7 @@ def build_parser():
                         f"{MAX_NEW_TOKENS_CAP})")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 means greedy (the most likely token, lowest id on ties)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only from the K most likely tokens; 0: all")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only from the K likeliest tokens; 0: all")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample only from the most likely tokens whose probabilities sum to P; 1: all")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
@@ -169,7 +169,7 @@ def _run(args, comm):
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
                      f"BLAS threads per rank: {threads if threads is not None else 'unknown'}; "
                      f"MPI: {mpi.library_version()}")
-    trace = Trace() if args.trace else None
+    trace = Trace(args.model) if args.trace else None
     printer = _Printer(args, rank, tokenizer, texts)
     comm.reset()
     results = generate_batch(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids, trace,

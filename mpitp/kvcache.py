@@ -38,14 +38,16 @@ class KVCache:
                                f"{self.capacity} positions.")
         return self.lengths[:, None] + np.arange(n_seq)
 
-    def update(self, layer, K_new, V_new, positions):
-        """Write the new tokens' keys and values ``[n_batch, n_seq, n_kv_head_local, d_head]`` at ``positions``;
-        return views of every position so far, ``[n_batch, n_kv_head_local, n_kv, d_head]`` (``advance`` commits)."""
-        ends = positions[:, -1].tolist()  # each sequence's new positions are contiguous, ending here
-        for b, (start, last) in enumerate(zip(positions[:, 0].tolist(), ends)):
-            self.K[layer, b, :, start:last + 1] = K_new[b].swapaxes(0, 1)
-            self.V[layer, b, :, start:last + 1] = V_new[b].swapaxes(0, 1)
-        return self.K[layer, :, :, :max(ends) + 1], self.V[layer, :, :, :max(ends) + 1]
+    def update(self, layer, K_new, V_new):
+        """Write the new tokens' keys and values ``[n_rows, n_kv_head_local, d_head]`` (n_rows = n_batch n_seq)
+        after each sequence's; return views of every position so far, ``[n_batch, n_kv_head_local, n_kv, d_head]``.
+        ``advance`` commits the new positions after the forward."""
+        n_seq = len(K_new) // len(self.lengths)
+        for b, start in enumerate(self.lengths.tolist()):
+            self.K[layer, b, :, start:start + n_seq] = K_new[b * n_seq:(b + 1) * n_seq].swapaxes(0, 1)
+            self.V[layer, b, :, start:start + n_seq] = V_new[b * n_seq:(b + 1) * n_seq].swapaxes(0, 1)
+        n_kv = int(self.lengths.max()) + n_seq
+        return self.K[layer, :, :, :n_kv], self.V[layer, :, :, :n_kv]
 
     def advance(self, n_seq):
         self.lengths += n_seq

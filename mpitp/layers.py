@@ -106,15 +106,17 @@ def rope_inv_freq(rope, d_head):
 
 
 def rope_tables(inv_freq, positions, dtype):
-    """``cos, sin`` of shape ``[n_batch, n_seq, d_head // 2]`` for integer positions ``[n_batch, n_seq]``."""
+    """``(cos, sin)``, each ``[n_rows, d_head // 2]``, for integer positions ``[n_rows]``."""
     angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-def apply_rope(x, cos, sin):
-    # Hugging Face's rotate-half convention: dimension i is paired with i + d_head/2.
-    # [n_batch, n_seq, n_heads, d_head] -> [n_batch, n_seq, n_heads, d_head]
-    half = x.shape[-1] // 2
+def apply_rope(x, rope):
+    # Hugging Face's rotate-half convention: dimension i is paired with i + d_head/2; no tables, no rotation.
+    # [n_rows, n_heads, d_head] -> [n_rows, n_heads, d_head]
+    if rope is None:
+        return x
+    (cos, sin), half = rope, x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[..., None, :], sin[..., None, :]
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
@@ -130,12 +132,12 @@ def causal_mask(positions, n_kv, dtype):
 def attention(Q, K, V, mask, head_runs):
     """B = softmax(Q Kᵀ / √d_head + mask) V for this rank's heads, against every key and value so far.
 
-    Q ``[n_batch, n_seq, n_head_local, d_head]``; K, V ``[n_batch, n_kv_head_local, n_kv, d_head]``; mask
-    ``[n_batch, n_seq, n_kv]`` (``causal_mask``); ``head_runs`` (``Shard.head_runs``): query heads ``h0:h1``
-    share key/value heads ``k0:k1``, the same number each. Returns B ``[n_batch, n_seq, n_head_local d_head]``.
+    Q ``[n_rows, n_head_local, d_head]`` (n_rows = n_batch n_seq); K, V ``[n_batch, n_kv_head_local, n_kv,
+    d_head]``; mask ``[n_batch, n_seq, n_kv]`` (``causal_mask``); ``head_runs`` (``Shard.head_runs``): query heads
+    ``h0:h1`` share key/value heads ``k0:k1``, the same number each. Returns B ``[n_rows, n_head_local d_head]``.
     """
-    n_batch, n_seq, n_head_local, d_head = Q.shape
-    n_kv = K.shape[2]
+    (n_batch, n_seq, n_kv), (_, n_head_local, d_head) = mask.shape, Q.shape
+    Q = Q.reshape(n_batch, n_seq, n_head_local, d_head)
     scale = Q.dtype.type(1.0 / np.sqrt(d_head))  # scale the queries, not the scores: n_seq * d_head values
     B = []
     for h0, h1, k0, k1 in head_runs:
@@ -147,4 +149,4 @@ def attention(Q, K, V, mask, head_runs):
         out = softmax(scores) @ V[:, k0:k1]  # [n_batch, n_k, group * n_seq, d_head]
         B.append(out.reshape(n_batch, h1 - h0, n_seq, d_head))
     B = B[0] if len(B) == 1 else np.concatenate(B, axis=1)  # [n_batch, n_head_local, n_seq, d_head]
-    return B.transpose(0, 2, 1, 3).reshape(n_batch, n_seq, n_head_local * d_head)
+    return B.transpose(0, 2, 1, 3).reshape(n_batch * n_seq, n_head_local * d_head)

@@ -59,42 +59,37 @@ class Model:
                    "use more ranks, spread over more nodes" + (" or --dtype float32" if dtype == np.float64 else ""))
         return cls(config, shard, *load_weights(ckpt, config, shard, dtype, arena), comm, dtype)
 
-    def block(self, x, w, layer, cache, positions, mask):
+    def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.
 
-        ``x`` is the residual stream ``[n_batch, n_seq, n_embd]``, the same on every rank; ``w`` this rank's
-        ``BlockWeights``. Returns E, the next residual stream. Every product is local but the two Allreduce.
+        ``x`` is the residual stream ``[n_rows, n_embd]``, the same on every rank: a row per new token, a batch's
+        sequences one after the other (n_rows = n_batch n_seq). ``w`` is this rank's ``BlockWeights``. B is
+        ``[n_rows, n_head_local d_head]``. Every product is local but the two Allreduce.
         """
-        A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # [n_batch, n_seq, n_embd], replicated
+        A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # [n_rows, n_embd], replicated
         QKV = linear(A, w.W_QKV, w.b_QKV)  # column-parallel: [A W_Q | A W_K | A W_V], this rank's heads only
-        Q, K, V = self.split_heads(QKV)  # [n_batch, n_seq, n_head_local or n_kv_head_local, d_head]
-        Q, K = self.rotate(Q, positions), self.rotate(K, positions)  # Llama's RoPE; GPT-2 added positions to x
-        K_all, V_all = cache.update(layer, K, V, positions)  # [n_batch, n_kv_head_local, n_kv, d_head]
-        B = attention(Q, K_all, V_all, mask, self.head_runs)  # softmax(QK^T/sqrt(d_head))V: [.., n_head_local d_head]
-        B_partial = B @ w.W_B  # row-parallel: this rank's heads' share of the sum, [n_batch, n_seq, n_embd]
+        Q, K, V = self.split_heads(QKV)  # [n_rows, n_head_local (Q) or n_kv_head_local (K, V), d_head]
+        Q, K = apply_rope(Q, rope), apply_rope(K, rope)  # Llama's rotary positions; GPT-2's are in x
+        K_all, V_all = cache.update(layer, K, V)  # this rank's cache: [n_batch, n_kv_head_local, n_kv, d_head]
+        B = attention(Q, K_all, V_all, mask, self.head_runs)  # softmax(QK^T / sqrt(d_head)) V per head, [n_rows, ..]
+        B_partial = B @ w.W_B  # row-parallel: this rank's heads' share of the sum, [n_rows, n_embd]
         mpi.allreduce_sum(self.comm, B_partial)  # Allreduce #1: the sum over every rank's heads
         x = x + B_partial + w.b_B  # residual; the bias is added once, after the reduce
-        C = self.norm(x, w.norm_2_weight, w.norm_2_bias)  # [n_batch, n_seq, n_embd], replicated (C0 = C1)
-        D = self.activation(linear(C, w.W_C, w.b_C))  # column-parallel: [n_batch, n_seq, n_ffn_local]
-        E_partial = D @ w.W_D  # row-parallel: [n_batch, n_seq, n_embd]
+        C = self.norm(x, w.norm_2_weight, w.norm_2_bias)  # [n_rows, n_embd], replicated (the diagram's C0 = C1)
+        D = self.activation(linear(C, w.W_C, w.b_C))  # column-parallel: [n_rows, n_ffn_local]
+        E_partial = D @ w.W_D  # row-parallel: [n_rows, n_embd]
         mpi.allreduce_sum(self.comm, E_partial)  # Allreduce #2
-        E = x + E_partial + w.b_D  # [n_batch, n_seq, n_embd], the block's output
+        E = x + E_partial + w.b_D  # [n_rows, n_embd], the block's output
         return E
 
     def split_heads(self, QKV):
-        # [.., (n_head_local + 2 n_kv_head_local) d_head] -> views Q [.., n_head_local, d_head], K, V
-        heads = QKV.reshape(QKV.shape[:-1] + (-1, self.config.d_head))
+        # [n_rows, (n_head_local + 2 n_kv_head_local) d_head] -> views Q [n_rows, n_head_local, d_head], K, V
+        heads = QKV.reshape(len(QKV), -1, self.config.d_head)
         q, kv = self.shard.n_head_local, self.shard.n_kv_head_local
-        return heads[..., :q, :], heads[..., q:q + kv, :], heads[..., q + kv:, :]
-
-    def rotate(self, X, positions):
-        # Rotary position embedding (Llama) of queries or keys; GPT-2 has none. [.., n_heads, d_head] -> same
-        if self._inv_freq is None:
-            return X
-        return apply_rope(X, *rope_tables(self._inv_freq, positions, self.dtype))
+        return heads[:, :q], heads[:, q:q + kv], heads[:, q + kv:]
 
     def embed(self, ids, positions):
-        """``[n_batch, n_seq]`` token ids -> the residual stream ``[n_batch, n_seq, n_embd]``, on every rank.
+        """``[n_rows]`` token ids -> the residual stream ``[n_rows, n_embd]``, on every rank.
 
         Vocab-parallel: each rank fills the rows of the ids in its vocabulary range and an Allreduce
         combines them (on one rank, it holds every id).
@@ -123,14 +118,16 @@ class Model:
         vocabulary range ``[.., n_vocab_local]`` (what generation uses to choose the next token).
         """
         ids = np.asarray(token_ids)
-        ids2 = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]
-        positions = cache.positions(ids2.shape[1])  # [n_batch, n_seq]
+        n_batch, n_seq = ids.reshape(len(cache.lengths), -1).shape
+        positions = cache.positions(n_seq)  # [n_batch, n_seq]
         mask = causal_mask(positions, positions.max() + 1, self.dtype)  # [n_batch, n_seq, n_kv]
-        x = self.embed(ids2, positions)
+        rope = None if self._inv_freq is None else rope_tables(self._inv_freq, positions.ravel(), self.dtype)
+        x = self.embed(ids.ravel(), positions.ravel())  # [n_rows, n_embd]
         for layer, w in enumerate(self.blocks):
-            x = self.block(x, w, layer, cache, positions, mask)
-        cache.advance(ids2.shape[1])
-        logits = self.lm_head(x if all_logits else x[:, -1:])
+            x = self.block(x, w, layer, cache, rope, mask)
+        cache.advance(n_seq)
+        logits = self.lm_head(x if all_logits else x[n_seq - 1::n_seq])  # every row, or each sequence's last
+        logits = logits.reshape(n_batch, -1, logits.shape[-1])
         if gather:
             counts = [block_range(self.config.n_vocab, self.shard.size, r)[1] for r in range(self.shard.size)]
             logits = mpi.allgather_columns(self.comm, logits, counts)

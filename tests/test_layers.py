@@ -14,10 +14,10 @@ def test_rope_is_a_complex_rotation_of_half_pairs():
     # Rotate-half RoPE: dims i and i + d/2 form the complex number x_i + 1j*x_{i+d/2}, turned by pos * f_i.
     rng = np.random.default_rng(0)
     d_head, positions = 16, np.array([0, 1, 5, 1000])
-    x = rng.standard_normal((1, len(positions), 3, d_head))
+    x = rng.standard_normal((len(positions), 3, d_head))
     inv_freq = rope_inv_freq(RopeConfig(theta=10000.0), d_head)
     assert np.allclose(inv_freq, [10000.0 ** (-2 * i / d_head) for i in range(d_head // 2)], rtol=1e-15)
-    out = apply_rope(x, *rope_tables(inv_freq, positions[None], np.float64))
+    out = apply_rope(x, rope_tables(inv_freq, positions, np.float64))
     z = (x[..., :d_head // 2] + 1j * x[..., d_head // 2:]) * np.exp(1j * positions[:, None, None] * inv_freq)
     assert np.abs(out - np.concatenate([z.real, z.imag], axis=-1)).max() < 1e-12
 
@@ -60,7 +60,7 @@ def test_attention_against_explicit_loops(head_runs, kv_of_head):
     n_seq, n_head, d = 3, 4, 8
     starts = np.array([4, 1])
     n_kv_head = max(kv_of_head) + 1
-    Q = rng.standard_normal((2, n_seq, n_head, d))
+    Q = rng.standard_normal((2 * n_seq, n_head, d))  # rows: sequence 0's tokens, then sequence 1's
     K = rng.standard_normal((2, n_kv_head, starts.max() + n_seq, d))
     V = rng.standard_normal((2, n_kv_head, starts.max() + n_seq, d))
     positions = starts[:, None] + np.arange(n_seq)
@@ -70,7 +70,7 @@ def test_attention_against_explicit_loops(head_runs, kv_of_head):
             kv = kv_of_head[h]
             for i in range(n_seq):
                 visible = starts[b] + i + 1
-                s = K[b, kv, :visible] @ Q[b, i, h] / math.sqrt(d)
+                s = K[b, kv, :visible] @ Q[b * n_seq + i, h] / math.sqrt(d)
                 p = np.exp(s - s.max())
                 p /= p.sum()
                 assert np.allclose(out[b, i, h], p @ V[b, kv, :visible], atol=1e-14)
