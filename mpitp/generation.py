@@ -1,10 +1,9 @@
 """Generation: prefill the prompts, then decode one token per sequence per step against the KV cache.
 
-Several prompts run as one batch: each is prefilled alone into its row of the cache, then every step decodes
-one token of every sequence in one forward, so the weights are read once per step for all of them. Rank 0
-chooses every token from the ranks' slices of the logits (``mpitp.sampling``) and broadcasts the tokens with
-their stop flags, so every rank runs the same forwards and leaves the loop together.
-"""
+Each prompt of a batch is prefilled alone into its row of the cache; then each step decodes one token of every
+unfinished sequence in one forward, reading the weights once for all. Rank 0 chooses every token from the
+ranks' slices of the logits (``mpitp.sampling``) and broadcasts them with their stop flags: every rank runs
+the same forwards and leaves the loop together. A finished sequence leaves the batch (and the cache)."""
 
 import contextlib
 import time
@@ -52,9 +51,8 @@ def check_request(model, prompts, max_new_tokens):
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise RequestError(f"a prompt must be a non-empty list of token ids, got {prompt!r}.")
-        bad = ids[(ids < 0) | (ids >= n_vocab)]
-        if bad.size:
-            raise RequestError(f"token id {int(bad[0])} is outside the vocabulary 0..{n_vocab - 1}.")
+        for bad in ids[(ids < 0) | (ids >= n_vocab)][:1]:
+            raise RequestError(f"token id {int(bad)} is outside the vocabulary 0..{n_vocab - 1}.")
         if len(ids) + max_new_tokens > n_ctx:
             raise RequestError(f"the prompt ({len(ids)} tokens) plus max-new-tokens ({max_new_tokens}) is "
                                f"{len(ids) + max_new_tokens} tokens, more than the model's context of {n_ctx}.")
@@ -109,32 +107,33 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
     if max_new_tokens == 0:
         timing.prefill_seconds = time.perf_counter() - t0
         return results
-    active = np.ones(len(prompts), dtype=bool)
+    rows = list(range(len(prompts)))  # the sequence in each row of the cache: a finished one leaves the batch
     for step in range(max_new_tokens):
         # Every rank takes part in each choice; root decides, then tells every rank the tokens and stops.
-        tokens = [sampler.choose(model.comm, logits[b], model.shard.vocab_start, step, root) if active[b] else 0
-                  for b in range(len(prompts))]
+        tokens = [sampler.choose(model.comm, logits[k], model.shard.vocab_start, step, root) for k in range(len(rows))]
         dones = [is_root and (t in stop_ids or step + 1 >= max_new_tokens) for t in tokens]
         sent = mpi.bcast_ints(model.comm, [t if is_root else 0 for t in tokens] + dones, root=root)
-        for b in np.flatnonzero(active):
-            results[b].token_ids.append(sent[b])
+        tokens, dones = sent[:len(rows)], sent[len(rows):]
+        for b, token, done in zip(rows, tokens, dones):
+            results[b].token_ids.append(token)
             if on_token is not None:
-                on_token(int(b), sent[b])
-            if sent[len(prompts) + b]:
-                active[b] = False
-                results[b].finish_reason = "eos" if sent[b] in stop_ids else "length"
+                on_token(b, token)
+            if done:
+                results[b].finish_reason = "eos" if token in stop_ids else "length"
         if step == 0:
             t1 = time.perf_counter()
             timing.prefill_seconds = t1 - t0
-        if not active.any():
+        if all(dones):
             break
+        if any(dones):
+            cache.keep([k for k, done in enumerate(dones) if not done])
+            rows = [b for b, done in zip(rows, dones) if not done]
         if trace is not None:
             trace.next_step()
-        # Finished sequences ride along with their last token until the batch ends; their logits are unused.
-        feed = np.array([r.token_ids[-1] for r in results])[:, None]  # [n_batch, 1]
-        with recording:
-            logits = model.forward(feed, cache, all_logits=trace is not None, gather=False)[:, -1]
-        timing.decode_tokens += int(active.sum())
+        with recording:  # one token of every unfinished sequence: [n_batch, 1] ids
+            logits = model.forward(np.array([[results[b].token_ids[-1]] for b in rows]), cache,
+                                   all_logits=trace is not None, gather=False)[:, -1]
+        timing.decode_tokens += len(rows)
     timing.decode_seconds = time.perf_counter() - t1
     return results
 

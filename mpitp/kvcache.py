@@ -1,9 +1,6 @@
-"""The rank-local KV cache: keys and values of this rank's key/value heads, preallocated once.
-
-Each layer keeps ``K, V`` of ``[n_batch, n_kv_head_local, capacity, d_head]``, a row per sequence, each with
-its own length. A forward writes its new tokens' keys and values in place; nothing is reallocated while
-generating, so memory stays flat.
-"""
+"""The rank-local KV cache: keys and values of this rank's key/value heads, preallocated once, written in place
+(memory stays flat while generating). Each layer has ``[n_batch, n_kv_head_local, capacity, d_head]``: a row per
+sequence, each with its own length."""
 
 import numpy as np
 
@@ -30,6 +27,12 @@ class KVCache:
         view.capacity, view.lengths = self.capacity, self.lengths[b:b + 1]
         view.K, view.V = self.K[:, b:b + 1], self.V[:, b:b + 1]
         return view
+
+    def keep(self, rows):
+        """Keep only the sequences in cache rows ``rows``, in that order: the others leave the batch."""
+        n = len(rows)
+        self.K[:, :n], self.V[:, :n] = self.K[:, rows], self.V[:, rows]
+        self.K, self.V, self.lengths = self.K[:, :n], self.V[:, :n], self.lengths[rows]
 
     def positions(self, n_seq):
         """``[n_batch, n_seq]``: the positions of ``n_seq`` new tokens of each sequence."""
