@@ -31,7 +31,11 @@ _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "MPICH_", "I_
 
 
 def mpirun(n):
-    """The start of a command line that launches ``n`` ranks (the venv's mpirun when there is one)."""
+    """The start of a command line that launches ``n`` ranks (the venv's mpirun when there is one); with
+    ``MPITP_CLUSTER_NODES=N`` set (make test-cluster), across N emulated nodes (scripts/cluster.sh)."""
+    nodes = int(os.environ.get("MPITP_CLUSTER_NODES", "0"))
+    if nodes and n % nodes == 0:
+        return [str(REPO / "scripts" / "cluster.sh"), "run", str(nodes), str(n // nodes), "--"]
     path = Path(sys.executable).parent / "mpirun"
     return [str(path) if path.exists() else "mpirun", "-n", str(n)]
 

@@ -140,6 +140,16 @@ def test_bad_input_is_one_clear_line(args, expected):
     _one_error_line(r, expected)
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_blas_threads_per_rank_share_the_node(n):
+    # The node's cores shared among its ranks (make test-cluster: n ranks over MPITP_CLUSTER_NODES nodes).
+    import os
+    per_node = n // int(os.environ.get("MPITP_CLUSTER_NODES", "1"))
+    r = run_cli(["--prompt-ids", "1,2", "--max-new-tokens", "1"], n=n, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"BLAS threads per rank: {max(1, len(os.sched_getaffinity(0)) // per_node)};" in r.stderr
+
+
 def test_help():
     r = run_cli(["--help"])
     assert r.returncode == 0 and "--prompt-ids" in r.stdout and "--trace" in r.stdout

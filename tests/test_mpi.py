@@ -111,8 +111,13 @@ def test_world_random_models(tmp_path, name):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_ranks_on_node_counts_every_rank_on_this_machine():
-    # All test ranks run on one machine; this must hold over TCP too (make test-tcp), where a shared-memory
-    # split would see each rank alone and give each one all the cores.
+def test_ranks_on_node_counts_the_ranks_of_this_host():
+    # One machine: every rank (over TCP too, make test-tcp, where a shared-memory split would see each rank
+    # alone and give each one all the cores). make test-cluster says how many ranks it put on each node, and
+    # the nodes must have distinct host names.
+    import os
+    import socket
     from mpitp import comm as mpi
-    assert everywhere(mpi.ranks_on_node(WORLD) == WORLD.size)
+    per_node = int(os.environ.get("MPITP_RANKS_PER_NODE", WORLD.size))
+    assert everywhere(mpi.ranks_on_node(WORLD) == per_node)
+    assert everywhere(len(set(WORLD.allgather(socket.gethostname()))) == WORLD.size // per_node)
