@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 BENCH_OUT ?= bench/results
 MAX_NP ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_MODEL = $(if $(MODEL),--model $(MODEL),--preset $(PRESET))
-BENCH_NAME = $(if $(MODEL),$(notdir $(MODEL)),$(PRESET))
+BENCH_NAME = $(if $(MODEL),$(notdir $(patsubst %/,%,$(MODEL))),$(PRESET))
 # MPICH: force TCP sockets between ranks on one machine. Open MPI: make bench-tcp TCP_ENV= MPIFLAGS="--mca pml ob1 --mca btl tcp,self"
 TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 
@@ -81,14 +81,14 @@ bench: install
 		--json-out $(BENCH_OUT)/bench-$(BENCH_NAME)-np$(NP).json \
 		--batch-plot $(BENCH_OUT)/batch-$(BENCH_NAME)-np$(NP).png $(BENCH_ARGS)
 
-# The benchmark at 1..MAX_NP ranks, 1 BLAS thread each; speedup/efficiency table and a PNG plot.
+# The benchmark at 1..MAX_NP ranks, 1 BLAS thread each; speedup/efficiency table and PNG plots (scaling, batch).
 bench-scaling: install
 	$(BIN)/python -m pip install --quiet -e ".[plot]"
 	for n in $$(seq 1 $(MAX_NP)); do \
 		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n python -m bench $(BENCH_MODEL) --threads 1 \
 			--json-out $(BENCH_OUT)/scaling-$(BENCH_NAME)-np$$n.json $(BENCH_ARGS) || exit 1; done
 	python -m bench --summarize $$(seq -f "$(BENCH_OUT)/scaling-$(BENCH_NAME)-np%g.json" 1 $(MAX_NP)) \
-		--plot $(BENCH_OUT)/scaling-$(BENCH_NAME).png
+		--plot $(BENCH_OUT)/scaling-$(BENCH_NAME).png --batch-plot $(BENCH_OUT)/scaling-batch-$(BENCH_NAME).png
 
 # The benchmark with MPI forced onto TCP on this machine (a stand-in for a network), with an OSU-style
 # Allreduce latency table at the model's message sizes.

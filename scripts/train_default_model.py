@@ -18,11 +18,32 @@ import math
 import os
 import random
 import struct
+import sys
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+
+def parse_args():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=os.path.join(here, "..", "mpitp", "models", "digit-sorter"),
+                   help="the model folder to write")
+    p.add_argument("--steps", type=int, default=4000, help="training steps")
+    p.add_argument("--batch", type=int, default=128, help="sequences per step")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before importing torch: --help and argument errors work without it
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    sys.exit("scripts/train_default_model.py: error: training needs PyTorch, which is not installed: "
+             "pip install -e '.[train]'")
 
 EOS = 256  # "<|endoftext|>", after the 256 byte tokens
 VOCAB = 257
@@ -168,14 +189,7 @@ def write_folder(model, out):
         json.dump(tokenizer, f, ensure_ascii=False)
 
 
-def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(here, "..", "mpitp", "models", "digit-sorter"))
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+def main(args):
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     rng = random.Random(args.seed)
@@ -203,4 +217,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

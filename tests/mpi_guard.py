@@ -11,15 +11,30 @@ import sys
 import tempfile
 import time
 
+import pytest
 from mpi4py import MPI
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own terminal reporter exists
 def pytest_configure(config):
     # Under mpirun every rank is a separate pytest process: give each its own temporary folder, so that
     # pytest's numbered-folder cleanup in one rank cannot remove another rank's files.
     comm = MPI.COMM_WORLD
     if comm.Get_size() > 1 and not config.option.basetemp:
         config.option.basetemp = os.path.join(tempfile.gettempdir(), f"mpitp-pytest-{os.getpid()}-rank{comm.Get_rank()}")
+    # One readable report, rank 0's: the other ranks print no progress, headers or summary, and their
+    # failures go to stderr as they happen (pytest_runtest_logreport below).
+    if comm.Get_rank() > 0:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+
+
+def pytest_runtest_logreport(report):
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() > 0 and report.failed:
+        sys.stderr.write(f"\n[rank {comm.Get_rank()}] FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        sys.stderr.flush()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -33,7 +33,7 @@ def test_failure_on_one_rank_fails_the_run(tmp_path):
     (tmp_path / "conftest.py").write_text(textwrap.dedent(f'''
         import sys
         sys.path.insert(0, {str(tests_dir)!r})
-        from mpi_guard import pytest_configure, pytest_sessionfinish  # the guard under test
+        from mpi_guard import pytest_configure, pytest_runtest_logreport, pytest_sessionfinish  # under test
     '''))
     (tmp_path / "test_suite.py").write_text(FAILING_SUITE)
     env = child_env()
@@ -44,3 +44,6 @@ def test_failure_on_one_rank_fails_the_run(tmp_path):
     assert r.returncode != 0, r.stdout + r.stderr
     assert "aborting the MPI job" in r.stderr
     assert time.monotonic() - t0 < 30
+    # one report, rank 0's; the failure that happened on rank 1 alone is still shown, with its rank
+    assert "[rank 1] FAILED test_suite.py::test_fails_on_rank_1_only (call)" in r.stderr
+    assert r.stdout.count("MPI Information") <= 1
