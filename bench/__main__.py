@@ -1,12 +1,14 @@
 """The benchmark: ``mpirun -n P python -m bench`` from a clone's root (what ``make bench`` runs).
 
 Prefill (pp) and generation (tg) tokens/s in llama-bench's table shape, where a decode token's time goes, the
-Allreduce traffic against the model's shape, each rank's weights and a roofline measured in the same run.
+Allreduce traffic against the model's shape, each rank's weights and a roofline measured in the same run; then
+batched generation at several batch sizes in llama-batched-bench's columns, each against its ceiling.
 """
 
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -23,9 +25,10 @@ from mpitp.weights import n_params, shard_bytes
 
 from . import ceilings as ce
 from .models import PRESETS, random_model
-from .report import environment, format_long, format_osu, format_report, format_table, summarize
-from .timing import (rss_bytes, CATEGORIES, decode_breakdown, decode_run, long_run, mean_sd, measure_fixed_cost,
-                     prefill_breakdown, run_prefill)
+from .report import (environment, format_batch, format_long, format_osu, format_report, format_table,
+                     save_batch_plot, summarize)
+from .timing import (rss_bytes, CATEGORIES, batch_run, decode_breakdown, decode_run, long_run, mean_sd,
+                     measure_fixed_cost, prefill_breakdown, run_prefill)
 
 PROG = "bench"
 
@@ -50,6 +53,16 @@ def build_parser():
     p.add_argument("--roofline-mib", type=int, default=256,
                    help="size of the array read to measure DRAM bandwidth; keep it well above the caches")
     p.add_argument("--json-out", metavar="PATH", help="write the full JSON record (results and environment) here")
+    p.add_argument("--batch", default="1,2,4,8,16,32,64", metavar="LIST",
+                   help="batch sizes of the batched generation test, comma-separated; 'none' skips the test")
+    p.add_argument("--batch-prompt", type=int, default=64, metavar="N", help="prompt tokens of each sequence "
+                   "in the batch test")
+    p.add_argument("--batch-gen", type=int, default=32, metavar="N", help="new tokens of each sequence in the "
+                   "batch test (the first comes from the prefill)")
+    p.add_argument("--batch-repeats", type=int, default=1, metavar="N",
+                   help="timed runs of each batch size (after one warm-up run at the smallest)")
+    p.add_argument("--batch-plot", metavar="PNG", help="save aggregate decode tokens/s and its ceiling against "
+                   "batch size here (needs matplotlib); with --summarize, of every record")
     p.add_argument("--long", type=int, default=None, metavar="N",
                    help="instead of pp/tg: generate N tokens in one sequence and report time per token along the "
                         "run and memory growth after the KV cache was allocated")
@@ -67,7 +80,7 @@ def main(argv=None):
     parser.rank = comm.Get_rank()
     args = parser.parse_args(argv)
     if args.summarize:
-        return summarize(args.summarize, args.plot) if comm.Get_rank() == 0 else 0
+        return summarize(args.summarize, args.plot, args.batch_plot) if comm.Get_rank() == 0 else 0
     return run_guarded(comm, lambda: _run(args, comm), args.verbose, PROG)
 
 
@@ -79,10 +92,14 @@ def _validate(args, comm, tc):
         raise MpitpError("--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1.")
     if args.long is not None and args.long < 10:
         raise MpitpError(f"--long must be >= 10 (its report is by tenth of the run), got {args.long}.")
+    args.batches = parse_batches(args.batch) if args.long is None else []
+    if args.batches and (args.batch_prompt < 1 or args.batch_gen < 2 or args.batch_repeats < 1):
+        raise MpitpError("--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2 (a decode step "
+                         "follows the prefill's token).")
     model = None
     if args.model:
         model = Model.load(args.model, tc, args.dtype)
-        config, name = model.config, os.path.basename(os.path.normpath(args.model))
+        config, shard, name = model.config, model.shard, os.path.basename(os.path.normpath(args.model))
     else:
         config, name = config_from_dict(PRESETS[args.preset], f"preset {args.preset}"), f"{args.preset} (random)"
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())  # refuses a bad rank count
@@ -92,7 +109,55 @@ def _validate(args, comm, tc):
     if max(args.n_prompt, args.n_gen + 2, (args.long or 0) + 2) > config.n_ctx:
         raise MpitpError(f"--n-prompt must be at most {config.n_ctx} and --n-gen/--long at most {config.n_ctx - 2}: "
                          f"the model's context is {config.n_ctx} positions.")
+    if args.batches:
+        if args.batch_prompt + args.batch_gen > config.n_ctx:
+            raise MpitpError(f"--batch-prompt plus --batch-gen must be at most the model's context of "
+                             f"{config.n_ctx} positions, got {args.batch_prompt} + {args.batch_gen}.")
+        # The largest batch's cache, counted by the model's own method before the model exists (the bench
+        # allocates it with new_batch_cache, which checks it again), next to the weights if not loaded yet.
+        n, capacity = max(args.batches), args.batch_prompt + args.batch_gen - 1
+        dtype = model.dtype if model is not None else DTYPES[args.dtype]
+        kv = Model.cache_bytes(SimpleNamespace(config=config, shard=shard, dtype=dtype), capacity, n)
+        check_fits(kv + (0 if model is not None else shard_bytes(config, shard, dtype)),
+                   f"this rank's {'' if model is not None else 'shard of the model and its '}KV cache for "
+                   f"--batch {n} ({n} x {capacity} positions)",
+                   "use smaller --batch sizes, a shorter --batch-prompt or --batch-gen, or more ranks or nodes")
     return model, config, name
+
+
+def parse_batches(text):
+    """``--batch``: "1,2,4" -> [1, 2, 4] (sorted, each once); "none" -> []."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise MpitpError(f"--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got {text!r}.")
+    return sorted(set(sizes))
+
+
+def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng):
+    """The batched generation test: per batch size, ``repeats`` runs of ``generate_batch`` on that many random
+    prompts, each right after ``read_rate()`` (the DRAM read rate, bytes/s) was measured, against the ceiling
+    at that rate and at the GEMM rate of that batch's products. One warm-up run at the smallest size first.
+    Returns the record's "batch" list (``ceilings.batch_record`` per size)."""
+    n_kv = n_prompt + n_gen // 2  # positions each sequence's attention sees, on average over the decode steps
+    flops = ce.decode_flops(model, n_kv)
+    out = []
+    for b in sizes:
+        prompts = [rng.integers(0, model.config.n_vocab, n_prompt) for _ in range(b)]  # the same on every rank
+        if not out:
+            batch_run(model, prompts, n_gen)
+        gemm = ce.measure_gemm_rate(model, b)
+        rates, runs = [], []
+        for _ in range(repeats):
+            rates.append(read_rate())
+            runs.append(batch_run(model, prompts, n_gen))
+        out.append(ce.batch_record(b, n_prompt, n_gen, runs, rates, ce.decode_read_bytes(model, n_kv, b), flops,
+                                   gemm))
+    return out
 
 
 def _run(args, comm):
@@ -144,6 +209,8 @@ def _run(args, comm):
         tg_bw.append(probe.measure())
         products.append(ce.measure_decode_products(model))
         tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
+    batch = batch_test(model, args.batches, args.batch_prompt, args.batch_gen, args.batch_repeats, probe.measure,
+                       rng)
     probe = None  # its matrix is freed before the rest is measured
     fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
     gemm = ce.measure_gemm_rate(model, args.n_prompt)
@@ -180,6 +247,7 @@ def _run(args, comm):
                             "fixed_cost_ms_per_token": 1e3 * fixed_s,
                             "fixed_cost_percent": 100 * 1e3 * fixed_s / total_ms},
         "roofline": ce.roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm, head_bytes),
+        "batch": batch,
         "memory_per_rank": comm.allgather(memory),
         "environment": environment(comm, threads),
     }
@@ -191,6 +259,8 @@ def _run(args, comm):
                  threads=threads if threads is not None else "?", test=t["test"], mean=t["mean"], sd=t["sd"])
             for t in rec["tests"]]
     text = format_table(rows) + "\n\n" + format_report(rec)
+    if batch:
+        text += "\n\n" + format_batch(rec)
     if args.osu:
         text += "\n\n" + format_osu(rec["allreduce_latency_us"], model.dtype)
     return _output(args, rank, rec, text)
@@ -205,6 +275,9 @@ def _output(args, rank, rec, text):
             with open(args.json_out, "w") as f:
                 json.dump(rec, f, indent=1)
             print(f"\nJSON record: {args.json_out}")
+        if args.batch_plot:
+            os.makedirs(os.path.dirname(os.path.abspath(args.batch_plot)), exist_ok=True)
+            print(("" if args.json_out else "\n") + save_batch_plot([rec], args.batch_plot))
         sys.stdout.flush()
     return 0
 

@@ -30,26 +30,74 @@ def ring_wire_bytes(payload, size):
     return 0 if size == 1 else 2 * (size - 1) / size * payload
 
 
-def decode_read_bytes(model, n_kv):
-    """Bytes one rank must read from memory per decode token with ``n_kv`` cached positions: every weight
-    it holds once (of the embedding only one row, unless it doubles as the LM head), plus its KV cache."""
+def decode_read_bytes(model, n_kv, n_batch=1):
+    """Bytes one rank must read from memory per decode step of ``n_batch`` sequences with ``n_kv`` cached
+    positions each: every weight it holds once for the whole batch (of the embedding only one row per
+    sequence, not counted, unless it doubles as the LM head), plus the KV cache of every sequence."""
     g = model.weights
     arrays = [a for b in model.blocks for a in vars(b).values()]
     arrays += [g.norm_f_weight, g.norm_f_bias, g.W_vocab]
-    return sum(a.nbytes for a in arrays if a is not None) + model.cache_bytes(n_kv)
+    return sum(a.nbytes for a in arrays if a is not None) + model.cache_bytes(n_kv, n_batch)
+
+
+def _matmul_flops_per_token(model):
+    """Flops of one token through one block's products on this rank: W_QKV, W_B, the MLP's in and out."""
+    cfg, s = model.config, model.shard
+    d, dh = cfg.n_embd, cfg.d_head
+    q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
+    n_mlp_in = 2 if cfg.family == "llama" else 1
+    return 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
 
 
 def prefill_flops(model, n_seq, include_head=True):
     """Floating-point operations one rank performs in a prefill of ``n_seq`` tokens (with its LM-head columns for
     the last position unless ``include_head`` is False)."""
     cfg, s = model.config, model.shard
-    d, dh = cfg.n_embd, cfg.d_head
-    q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
-    n_mlp_in = 2 if cfg.family == "llama" else 1
-    per_token = 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
     # causal attention: Q K^T and P V, each 2 * d_head flops per (query, visible key) pair and head
-    attention = 2 * 2 * dh * s.n_head_local * n_seq * (n_seq + 1) / 2
-    return cfg.n_layer * (n_seq * per_token + attention) + (2 * d * s.n_vocab_local if include_head else 0)
+    attention = 2 * 2 * cfg.d_head * s.n_head_local * n_seq * (n_seq + 1) / 2
+    return (cfg.n_layer * (n_seq * _matmul_flops_per_token(model) + attention)
+            + (2 * cfg.n_embd * s.n_vocab_local if include_head else 0))
+
+
+def decode_flops(model, n_kv):
+    """Floating-point operations one rank performs for one decode token that sees ``n_kv`` positions (its
+    own included): every block's products, attention over the ``n_kv`` keys and values, its LM-head columns."""
+    cfg, s = model.config, model.shard
+    attention = 2 * 2 * cfg.d_head * s.n_head_local * n_kv
+    return cfg.n_layer * (_matmul_flops_per_token(model) + attention) + 2 * cfg.n_embd * s.n_vocab_local
+
+
+def batch_ceiling(n_batch, read_bytes, flops_per_token, read_rate, gemm_rate):
+    """``(tokens/s, "DRAM" or "GEMM")``: the fastest decode of ``n_batch`` sequences, and what sets it. A step
+    reads ``read_bytes`` (every weight once, the KV cache of every sequence) at ``read_rate`` bytes/s and
+    computes ``n_batch`` tokens of ``flops_per_token`` at ``gemm_rate`` flop/s; the slower of the two binds."""
+    read_s, compute_s = read_bytes / read_rate, n_batch * flops_per_token / gemm_rate
+    return n_batch / max(read_s, compute_s), "DRAM" if read_s >= compute_s else "GEMM"
+
+
+def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_per_token, gemm_rate):
+    """One batch size's entry of the record's "batch" list: its runs (``timing.batch_run``, raw), the means
+    of llama-batched-bench's figures over them, aggregate and per-sequence decode tokens/s, and each run
+    against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it)."""
+    agg = [r["decode_tokens"] / r["decode_seconds"] for r in runs]
+    ceilings = [batch_ceiling(n_batch, read_bytes, flops_per_token, bw, gemm_rate)[0] for bw in read_rates]
+    n_kv = n_batch * (n_prompt + n_gen - 1)  # positions cached at the end: the last token is never fed back
+
+    def mean(values):
+        return float(np.mean(values))
+
+    return {"batch": n_batch, "n_prompt": n_prompt, "n_gen": n_gen, "n_kv": n_kv, "runs": runs,
+            "prefill_seconds": mean([r["prefill_seconds"] for r in runs]),
+            "prefill_tokens_per_s": mean([r["prefill_tokens"] / r["prefill_seconds"] for r in runs]),
+            "decode_seconds": mean([r["decode_seconds"] for r in runs]),
+            "decode_tokens_per_s": mean(agg), "decode_tokens_per_s_per_sequence": mean(agg) / n_batch,
+            "total_seconds": mean([r["seconds"] for r in runs]),
+            "total_tokens_per_s": mean([n_kv / r["seconds"] for r in runs]),
+            "read_bytes_per_step": read_bytes, "flops_per_step": n_batch * flops_per_token,
+            "read_bandwidth_GBps": [bw / 1e9 for bw in read_rates], "gemm_GFps": gemm_rate / 1e9,
+            "ceiling_tokens_per_s": mean(ceilings),
+            "bound": batch_ceiling(n_batch, read_bytes, flops_per_token, mean(read_rates), gemm_rate)[1],
+            "percent_of_ceiling": 100 * mean(np.divide(agg, ceilings))}
 
 
 def imbalance(values):

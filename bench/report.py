@@ -1,6 +1,6 @@
-"""What the bench prints and records: the llama-bench style table, the report lines under it, the OSU table,
-the JSON record's environment entry, and for ``--summarize`` the scaling, ceiling and weights tables of
-several JSON records, with an optional plot. Nothing here measures.
+"""What the bench prints and records: the llama-bench style table, the report lines under it, the batch tables,
+the OSU table, the JSON record's environment entry, and for ``--summarize`` the scaling, ceiling, weights and
+batch tables of several JSON records, with optional plots. Nothing here measures.
 """
 
 import datetime
@@ -89,6 +89,56 @@ def format_report(rec):
     return "\n".join(out)
 
 
+def _markdown(head, rows, left=()):
+    """A markdown table of strings, columns padded to their widest cell, right-aligned but for ``left``."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i in left else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "| " + " | ".join("-" * w if i in left else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def batched_bench_table(batch):
+    """The record's "batch" entries in llama-batched-bench's columns: PP, TG, B, N_KV, T_PP s, S_PP t/s,
+    T_TG s, S_TG t/s (aggregate decode tokens/s), T s, S t/s (means over the runs)."""
+    head = ["PP", "TG", "B", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s", "T s", "S t/s"]
+    rows = [[str(r["n_prompt"]), str(r["n_gen"]), str(r["batch"]), str(r["n_kv"]), f"{r['prefill_seconds']:.3f}",
+             f"{r['prefill_tokens_per_s']:.2f}", f"{r['decode_seconds']:.3f}", f"{r['decode_tokens_per_s']:.2f}",
+             f"{r['total_seconds']:.3f}", f"{r['total_tokens_per_s']:.2f}"] for r in batch]
+    return _markdown(head, rows)
+
+
+def batch_ceiling_table(batch):
+    """Aggregate and per-sequence decode tokens/s per batch size, the speedup over the smallest batch, what a
+    step reads and computes per rank, the rates measured, the ceiling, what binds and the share reached."""
+    base = batch[0]
+    head = ["batch", "aggregate t/s", "per sequence t/s", f"x batch {base['batch']}", "MB read/step",
+            "MFLOP/step", "DRAM GB/s", "GEMM GFLOP/s", "ceiling t/s", "bound", "% of ceiling"]
+    rows = [[str(r["batch"]), f"{r['decode_tokens_per_s']:.2f}", f"{r['decode_tokens_per_s_per_sequence']:.2f}",
+             f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", f"{r['read_bytes_per_step'] / 1e6:.2f}",
+             f"{r['flops_per_step'] / 1e6:.1f}", f"{np.mean(r['read_bandwidth_GBps']):.1f}", f"{r['gemm_GFps']:.1f}",
+             f"{r['ceiling_tokens_per_s']:.2f}", r["bound"], f"{r['percent_of_ceiling']:.0f}%"] for r in batch]
+    return _markdown(head, rows, left={9})
+
+
+def format_batch(rec):
+    """The batched decode test's two tables with their headings."""
+    b = rec["batch"]
+    runs = len(b[0]["runs"])
+    return "\n".join([
+        f"# batched generation: generate_batch of B random prompts of {b[0]['n_prompt']} tokens, {b[0]['n_gen']} "
+        f"new tokens each (the first from the prefill, in T_PP), greedy; mean of {runs} run(s) per batch size, "
+        f"the slowest rank's times",
+        batched_bench_table(b), "",
+        "# batched decode against its ceiling, per rank: a step reads every weight once plus the KV cache of all B "
+        "sequences (DRAM rate measured right before each run) and computes B tokens (GEMM rate of [B, n_embd] "
+        "products with this model's block matrices); the slower binds",
+        batch_ceiling_table(b)])
+
+
 def format_long(rec):
     """The report of a ``--long`` run."""
     per = rec["seconds_per_token_by_tenth"]
@@ -172,8 +222,48 @@ def plot_scaling(records, path):
     return True
 
 
-def summarize(paths, plot=None):
-    """``--summarize``: print the scaling table of several JSON records (and save the plot)."""
+def plot_batch(records, path):
+    """Save aggregate decode tokens/s and its ceiling against batch size (one line pair per record) as a PNG,
+    y from 0; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rec in records:
+        b = rec["batch"]
+        sizes = [r["batch"] for r in b]
+        label = f"{rec['ranks']} rank{'s' if rec['ranks'] > 1 else ''}"
+        line, = ax.plot(sizes, [r["decode_tokens_per_s"] for r in b], marker="o", label=f"{label}: measured")
+        ax.plot(sizes, [r["ceiling_tokens_per_s"] for r in b], "--", color=line.get_color(),
+                label=f"{label}: ceiling (GEMM or DRAM)")
+    sizes = sorted({r["batch"] for rec in records for r in rec["batch"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_ylim(bottom=0)
+    first = records[0]["batch"][0]
+    ax.set(title=f"{records[0]['model']}: batched decode, pp{first['n_prompt']} tg{first['n_gen']}",
+           xlabel="batch size (sequences)", ylabel="aggregate decode tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def save_batch_plot(records, path):
+    """``--batch-plot``: the plot of the records that have a batch test, and one line saying what happened."""
+    records = [r for r in records if r.get("batch")]
+    if not records:
+        return "batch plot: skipped (no batch test in the record: it ran with --batch none or --long)"
+    return (f"batch plot: {path}" if plot_batch(records, path) else
+            "batch plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
+
+
+def summarize(paths, plot=None, batch_plot=None):
+    """``--summarize``: print the scaling table of several JSON records (and save the plots)."""
     records = []
     for p in paths:
         with open(p) as f:
@@ -188,9 +278,14 @@ def summarize(paths, plot=None):
     if all("weights" in r for r in records):
         print("\n# weights each rank holds")
         print(weights_table(records))
+    for r in sorted((r for r in records if r.get("batch")), key=lambda r: r["ranks"]):
+        print(f"\n# batched decode against its ceiling, {r['ranks']} rank{'s' if r['ranks'] > 1 else ''}")
+        print(batch_ceiling_table(r["batch"]))
     if plot:
         print(f"plot: {plot}" if plot_scaling(records, plot) else
               "plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
+    if batch_plot:
+        print(save_batch_plot(records, batch_plot))
     return 0
 
 

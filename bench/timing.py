@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from mpitp import comm as mpi
-from mpitp.generation import generate_sequence
+from mpitp.generation import generate_batch, generate_sequence, new_batch_cache
 from mpitp.sampling import Sampler
 
 from .models import fixed_cost_config, random_model
@@ -131,6 +131,21 @@ def run_prefill(model, n_prompt, repeats, rng, before=None):
             before()
         out += [n_prompt / t for t in timed_runs(model.comm, lambda: model.forward(prompt, cache, gather=False), 1)]
     return out
+
+
+def batch_run(model, prompts, n_gen):
+    """One ``generate_batch`` of ``prompts`` (greedy, no stop ids, ``n_gen`` new tokens each), between barriers,
+    its KV cache allocated before. Its token counts and, the slowest rank's each, the seconds of its prefill
+    (every prompt alone, and choosing the first tokens), of its decode steps (one forward for the whole batch
+    each, and choosing the tokens) and of the whole call."""
+    cache = new_batch_cache(model, prompts, n_gen)
+    model.comm.Barrier()
+    t = time.perf_counter()
+    tm = generate_batch(model, prompts, n_gen, Sampler(), cache=cache)[0].timing  # shared by the batch
+    own = (tm.prefill_seconds, tm.decode_seconds, time.perf_counter() - t)
+    prefill_s, decode_s, seconds = np.max(model.comm.allgather(own), axis=0).tolist()
+    return {"prefill_tokens": tm.prefill_tokens, "prefill_seconds": prefill_s, "decode_tokens": tm.decode_tokens,
+            "decode_seconds": decode_s, "seconds": seconds}
 
 
 def measure_fixed_cost(config, comm, dtype, n_gen, repeats=3):

@@ -16,19 +16,21 @@ import pytest
 from mpi4py import MPI
 
 from bench import ceilings, models, report, timing
-from bench.__main__ import main
+from bench.__main__ import batch_test, main, parse_batches
 from conftest import REPO, child_env, model_dir, mpirun, serial_only
 from mpitp.weights import n_params
 from mpitp import comm, load_model
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
+from mpitp.errors import MpitpError
 from mpitp.model import Model
 from mpitp.sharding import shard_for
 from threadcomm import run_ranks
 
 GPT2 = config_from_dict(models.PRESETS["gpt2-124m"])
 TINY = config_from_dict(models.PRESETS["tiny"])
-TINY_ARGS = ["--preset", "tiny", "-r", "2", "-p", "16", "-n", "8", "--roofline-mib", "8"]
+TINY_ARGS = ["--preset", "tiny", "-r", "2", "-p", "16", "-n", "8", "--roofline-mib", "8", "--batch", "3,1",
+             "--batch-prompt", "8", "--batch-gen", "4", "--batch-repeats", "2"]
 
 
 def tiny_weight_bytes(size):
@@ -102,6 +104,85 @@ def test_prefill_flops_count_only_this_ranks_share():
     assert sum(flops(3)) == full + 2 * 6 * 2 * (2 * 64 * 2 * 8)
 
 
+def test_batched_decode_flops_and_bytes_per_step_against_a_hand_count():
+    # The tiny preset over 2 ranks, each: 2 heads of 16 (q = k = v = 32 columns), MLP 128 columns, vocabulary 128.
+    # Per token and layer, 2 x (W_QKV 64 x 96 + W_B 32 x 64 + W_C 64 x 128 + W_D 128 x 64) = 49152 flops; attention
+    # over 80 positions (Q K^T and P V, 2 heads of 16) 2 x 2 x 16 x 2 x 80 = 10240; the LM head 2 x 64 x 128 = 16384.
+    # Read per step: every weight once, 234752 bytes (per layer 2 LayerNorms 256 values, W_QKV + b 6240, W_B + b
+    # 2112, W_C + b 8320, W_D + b 8256; the final LayerNorm 128 and the tied LM head 8192; the positions' and
+    # the embedding's rows are not counted), plus each sequence's K and V: 2 x 2 layers x 2 heads x 80 x 16 values.
+    for m in run_ranks(2, lambda c: models.random_model(TINY, c, np.float32)):
+        assert ceilings.decode_flops(m, 80) == 2 * (49152 + 10240) + 16384 == 135168
+        assert ceilings.decode_read_bytes(m, 80) == 234752 + 40960
+        assert ceilings.decode_read_bytes(m, 80, 4) == 234752 + 4 * 40960 == 398592
+        assert ceilings.decode_read_bytes(m, 80, 64) == 234752 + 64 * 40960 == 2856192
+        # a decode token is the next prefill position's work plus the LM head
+        step = ceilings.prefill_flops(m, 80, include_head=False) - ceilings.prefill_flops(m, 79, include_head=False)
+        assert ceilings.decode_flops(m, 80) == step + 16384
+    # batch 4 at 20 GB/s and 50 GFLOP/s: reading 398592 B takes 19.93 us, computing 4 x 135168 flops 10.81 us
+    assert ceilings.batch_ceiling(4, 398592, 135168, 20e9, 50e9) == (pytest.approx(4 / 19.9296e-6), "DRAM")
+    # batch 64: reading 2856192 B takes 142.8 us, computing 64 x 135168 flops 173.0 us
+    assert ceilings.batch_ceiling(64, 2856192, 135168, 20e9, 50e9) == (pytest.approx(64 / 173.01504e-6), "GEMM")
+
+
+def test_batch_record_from_raw_runs():
+    runs = [{"prefill_tokens": 256, "prefill_seconds": 0.5, "decode_tokens": 124, "decode_seconds": 2.0,
+             "seconds": 2.5},
+            {"prefill_tokens": 256, "prefill_seconds": 0.25, "decode_tokens": 124, "decode_seconds": 1.0,
+             "seconds": 1.25}]
+    # 1e6 bytes at 1e9 and 2e9 B/s: 1 and 0.5 ms a step; 4 x 1e5 flops at 1e9 flop/s: 0.4 ms. DRAM binds both
+    # times: ceilings 4000 and 8000 tok/s, against 62 and 124 measured.
+    rec = ceilings.batch_record(4, 64, 32, runs, [1e9, 2e9], 1e6, 1e5, 1e9)
+    assert rec["batch"] == 4 and rec["n_kv"] == 4 * (64 + 31) and rec["runs"] == runs
+    assert rec["prefill_tokens_per_s"] == pytest.approx((512 + 1024) / 2)
+    assert rec["decode_tokens_per_s"] == pytest.approx(93) and rec["decode_tokens_per_s_per_sequence"] == 93 / 4
+    assert rec["total_seconds"] == pytest.approx(1.875)
+    assert rec["total_tokens_per_s"] == pytest.approx((380 / 2.5 + 380 / 1.25) / 2)
+    assert rec["read_bytes_per_step"] == 1e6 and rec["flops_per_step"] == 4e5 and rec["gemm_GFps"] == 1
+    assert rec["read_bandwidth_GBps"] == [1, 2] and rec["bound"] == "DRAM"
+    assert rec["ceiling_tokens_per_s"] == pytest.approx(6000)
+    assert rec["percent_of_ceiling"] == pytest.approx(100 * (62 / 4000 + 124 / 8000) / 2)  # each run, own ceiling
+    assert ceilings.batch_record(4, 64, 32, runs, [1e9, 2e9], 1e5, 1e6, 1e9)["bound"] == "GEMM"
+    json.dumps(rec)  # plain numbers only
+
+
+def test_parse_batches():
+    assert parse_batches("1,2,4,8,16,32,64") == [1, 2, 4, 8, 16, 32, 64]
+    assert parse_batches("4, 1,4") == [1, 4] and parse_batches("None") == []
+    for bad in ("", "0", "1,-2", "1,,2", "x"):
+        with pytest.raises(MpitpError, match="--batch must be"):
+            parse_batches(bad)
+
+
+def test_batch_test_on_simulated_ranks():
+    class WithBarrier:  # the simulated communicator has no Barrier: an allgather is one
+        def __init__(self, c):
+            self.c = c
+
+        def Barrier(self):
+            self.c.allgather(None)
+
+        def __getattr__(self, name):
+            return getattr(self.c, name)
+
+    def run(c):
+        model = models.random_model(TINY, WithBarrier(c), np.float32)
+        return batch_test(model, [1, 2, 5], 6, 4, 2, lambda: 10e9, np.random.default_rng(0))
+
+    recs = run_ranks(2, run)
+    assert recs[0] == recs[1]  # the slowest rank's times, the same record on every rank
+    assert [r["batch"] for r in recs[0]] == [1, 2, 5]
+    for r in recs[0]:
+        b = r["batch"]
+        assert len(r["runs"]) == 2 and r["read_bandwidth_GBps"] == [10, 10]
+        assert all(x["prefill_tokens"] == 6 * b and x["decode_tokens"] == 3 * b for x in r["runs"])
+        assert r["decode_tokens_per_s"] == pytest.approx(b * r["decode_tokens_per_s_per_sequence"])
+        assert r["bound"] in ("DRAM", "GEMM") and r["ceiling_tokens_per_s"] > 0
+        # as in the hand count above, at the mean position a decode step sees, 6 + 4 // 2 = 8
+        assert r["n_kv"] == b * 9 and r["flops_per_step"] == b * (2 * (49152 + 2 * 2 * 16 * 2 * 8) + 16384)
+        assert r["read_bytes_per_step"] == 234752 + b * 2 * 2 * 2 * 8 * 16 * 4
+
+
 def test_imbalance_of_the_weights_over_ranks():
     assert ceilings.imbalance([5, 5]) == 1 and ceilings.imbalance([3, 1]) == 1.5
     for size in (1, 2, 3):  # 3: 4 heads split 2, 1, 1
@@ -148,6 +229,30 @@ def test_tables():
     lines = report.weights_table([{"ranks": 2, "weights": weights},
                                   {"ranks": 1, "weights": {"bytes_per_rank": [20 * 2**20], "imbalance": 1.0}}])
     assert lines.splitlines()[2:] == ["| 1 | 20 | 1.00 |", "| 2 | 10.2, 9.8 | 1.02 |"]
+
+
+def test_batch_tables():
+    def rec(b, agg, ceiling, bound):
+        return {"batch": b, "n_prompt": 64, "n_gen": 32, "n_kv": b * 95, "prefill_seconds": 0.07 * b,
+                "prefill_tokens_per_s": 914.3, "decode_seconds": 0.35, "decode_tokens_per_s": agg,
+                "decode_tokens_per_s_per_sequence": agg / b, "total_seconds": 0.07 * b + 0.35,
+                "total_tokens_per_s": b * 95 / (0.07 * b + 0.35), "read_bytes_per_step": 250e6 + b * 1e6,
+                "flops_per_step": b * 124e6, "read_bandwidth_GBps": [25.0, 27.0], "gemm_GFps": 80.0,
+                "ceiling_tokens_per_s": ceiling, "bound": bound, "percent_of_ceiling": 100 * agg / ceiling,
+                "runs": [{}, {}]}
+
+    batch = [rec(1, 88.57, 100.0, "DRAM"), rec(16, 708.6, 1000.0, "GEMM")]
+    lines = report.batched_bench_table(batch).splitlines()
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["PP", "TG", "B", "N_KV", "T_PP s", "S_PP t/s",
+                                                             "T_TG s", "S_TG t/s", "T s", "S t/s"]
+    assert lines[2] == "| 64 | 32 |  1 |   95 |  0.070 |   914.30 |  0.350 |    88.57 | 0.420 |  226.19 |"
+    lines = report.batch_ceiling_table(batch).splitlines()
+    assert lines[0].startswith("| batch | aggregate t/s | per sequence t/s | x batch 1 | MB read/step |")
+    assert lines[1].endswith("| ----- | -----------: |")  # the bound left-aligned, numbers right
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["16", "708.60", "44.29", "8.00x", "266.00", "1984.0",
+                                                             "26.0", "80.0", "1000.00", "GEMM", "71%"]
+    text = report.format_batch({"batch": batch})
+    assert text.count("| S_TG t/s |") == 1 and text.count("% of ceiling") == 1 and "mean of 2 run(s)" in text
 
 
 def test_random_model_has_the_shapes_of_a_loaded_checkpoint():
@@ -253,6 +358,13 @@ def check_record(rec, ranks):
     assert rec["lm_head"]["bytes_per_rank"] == 64 * rec["lm_head"]["n_vocab_local"] * 4
     assert rec["lm_head"]["n_vocab_local"] == -(-256 // ranks)
     assert "projection" not in rec and rec["environment"]["mpi_library"]
+    assert [r["batch"] for r in rec["batch"]] == [1, 3]  # --batch 3,1: sorted
+    for r in rec["batch"]:
+        b = r["batch"]
+        assert (r["n_prompt"], r["n_gen"], r["n_kv"], len(r["runs"])) == (8, 4, b * 11, 2)
+        assert [(x["prefill_tokens"], x["decode_tokens"]) for x in r["runs"]] == [(8 * b, 3 * b)] * 2
+        assert r["decode_tokens_per_s"] == pytest.approx(b * r["decode_tokens_per_s_per_sequence"])
+        assert r["bound"] in ("DRAM", "GEMM") and len(r["read_bandwidth_GBps"]) == 2
 
 
 def test_bench_end_to_end_on_every_rank(tmp_path):
@@ -285,10 +397,15 @@ def test_cli_runs_reports_and_summarizes(tmp_path):
     assert re.search(r"^\| tiny \(random\) \| +0\.12 M \| float32 \| +2 \| .* \| tg8 +\| ", r.stdout, re.M)
     mib = ", ".join(f"{b / 2**20:.3g}" for b in tiny_weight_bytes(2))
     assert f"weights per rank: {mib} MiB; imbalance (max/mean) 1.00" in r.stdout
-    s = run_bench(["--summarize", str(out), str(out), "--plot", str(tmp_path / "s.png")], 1)
+    assert re.search(r"^\|  8 \|  4 \| 3 \|   33 \| ", r.stdout, re.M)  # the batched-bench table, batch 3
+    assert re.search(r"^\|     3 \| .* \| (DRAM|GEMM)  \| +\d+% \|$", r.stdout, re.M)  # against its ceiling
+    s = run_bench(["--summarize", str(out), str(out), "--plot", str(tmp_path / "s.png"),
+                   "--batch-plot", str(tmp_path / "b.png")], 1)
     assert s.returncode == 0, s.stderr
     assert "| 2 | " in s.stdout and s.stdout.count("| 1.00x | 100% |") == 4  # pp and tg of both records
     assert (tmp_path / "s.png").exists() or "plot: skipped" in s.stdout
+    assert s.stdout.count("# batched decode against its ceiling, 2 ranks") == 2
+    assert (tmp_path / "b.png").exists() or "batch plot: skipped (matplotlib" in s.stdout
 
 
 @serial_only
@@ -307,6 +424,12 @@ def test_cli_long_run(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["-n", "200"], "--n-prompt must be at most 128 and --n-gen/--long at most 126"),
     (["--long", "5"], "--long must be >= 10"),
+    (["--batch", "1,x"], "--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got '1,x'"),
+    (["--batch", "0"], "--batch must be batch sizes >= 1"),
+    (["--batch-gen", "1"], "--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2"),
+    (["--batch-prompt", "100"], "--batch-prompt plus --batch-gen must be at most the model's context of 128"),
+    (["--batch", "1,100000000"], "this rank's shard of the model and its KV cache for --batch 100000000 "
+                                 "(100000000 x 95 positions) needs"),
 ])
 def test_cli_refuses_bad_input_once(args, message):
     r = run_bench(["--preset", "tiny", *args], 2)
