@@ -6,6 +6,7 @@ cleanly (status 2, the message printed once). Anything unexpected on any rank ab
 """
 
 import argparse
+import signal
 import sys
 import traceback
 
@@ -53,22 +54,30 @@ def failed_vote(comm, error, prog):
     return 2
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def run_guarded(comm, fn, verbose, prog):
     """``fn()``'s exit status; an unexpected exception on this rank aborts every rank of the job."""
     rank, size = comm.Get_rank(), comm.Get_size()
+    signal.signal(signal.SIGTERM, _terminated)  # what Slurm's scancel sends: end like Ctrl-C, in one line
     try:
         return fn()
     except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
         if isinstance(e, SystemExit) and not e.code:
             raise
-        interrupted = isinstance(e, KeyboardInterrupt)
-        what = "interrupted" if interrupted else f"unexpected error: {type(e).__name__}: {e}"
-        say(f"[rank {rank}] {prog}: {what}")
+        stopped = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}.get(type(e))
+        say(f"[rank {rank}] {prog}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
         if verbose:
             traceback.print_exc()
-        elif not interrupted:
+        elif not stopped:
             say(f"[rank {rank}] {prog}: run with --verbose for the traceback.")
-        code = 130 if interrupted else 1
+        code = stopped[1] if stopped else 1
         if size > 1:
             mpi.abort(comm, code)
         return code

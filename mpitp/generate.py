@@ -111,8 +111,10 @@ def _prepare(args, comm):
         prompts = args.prompt_ids
     longest = max(len(p) for p in prompts)
     max_new = args.max_new_tokens
+    if max_new is None and longest > model.config.n_ctx:
+        raise RequestError(f"the prompt ({longest} tokens) is longer than the model's context of {model.config.n_ctx}.")
     if max_new is None:
-        max_new = max(0, min(MAX_NEW_TOKENS_CAP, model.config.n_ctx - longest))
+        max_new = min(MAX_NEW_TOKENS_CAP, model.config.n_ctx - longest)
     elif max_new < 0:
         raise RequestError(f"--max-new-tokens must be >= 0, got {max_new}.")
     prompts = check_request(model, prompts, max_new)
@@ -196,13 +198,12 @@ def _run(args, comm):
         for i, r in enumerate(results):
             print(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
                   f"generated ids: {' '.join(map(str, r.token_ids))}", flush=True)
-
-    def rate(x):
-        return f"{x:.1f} tok/s" if x is not None else "n/a"
-    _say(args, rank, f"{len(results)} prompt(s), {t.prefill_tokens} tokens in {t.prefill_seconds * 1e3:.1f} ms "
-                     f"({rate(t.prefill_tokens_per_s)}); generated {sum(len(r.token_ids) for r in results)} tokens, "
-                     f"decode {rate(t.decode_tokens_per_s)}; Allreduce {allreduce_s * 1e3:.1f} ms (slowest rank); "
-                     f"finish: {', '.join(r.finish_reason for r in results)}")
+    rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
+    _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} prompt tokens, {t.prefill_seconds * 1e3:.1f}"
+                     f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "
+                     f"first, {t.decode_seconds * 1e3:.1f} ms ({rate(t.decode_tokens_per_s)}); Allreduce: "
+                     f"{allreduce_s * 1e3:.1f} ms inside the calls, waits for other ranks included (the rank with "
+                     f"most); finish: {', '.join(r.finish_reason for r in results)}")
     if args.trace:
         _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
     return 0

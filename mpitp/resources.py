@@ -44,10 +44,12 @@ def set_blas_threads(requested, ranks_on_node):
         return None, None if requested is None else (
             f"warning: --threads {requested} was not applied because threadpoolctl is not installed "
             "(pip install 'mpitp[threads]'); set OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) instead.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    warning = None if requested is None or requested * ranks_on_node <= cores else (f"warning: {requested} BLAS "
+               f"threads for each of {ranks_on_node} ranks on a node of {cores} cores oversubscribe it.")
     if requested is None and not any(os.environ.get(v) for v in _ENV_VARS):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         requested = max(1, cores // max(1, ranks_on_node))
     if requested is not None:
         threadpoolctl.threadpool_limits(limits=requested, user_api="blas")
     counts = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-    return (max(counts) if counts else None), None
+    return (max(counts) if counts else None), warning

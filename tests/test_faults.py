@@ -175,8 +175,10 @@ def test_bad_input_seen_by_one_rank_only():
     assert r.stderr.strip().splitlines() == ["[rank 1] mpitp: error: fault injected on this rank during input"]
 
 
-def test_sigint_to_mpirun_ends_every_rank(tmp_path):
-    # A long generation, interrupted: every rank exits, nothing is left running.
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_to_mpirun_ends_every_rank(tmp_path, sig, code, said):
+    # A long generation, interrupted (Ctrl-C) or terminated (what Slurm's scancel sends): every rank exits with
+    # mpitp's own line, nothing is left running.
     from random_models import write_random_model
     write_random_model(tmp_path / "long", "llama-mqa", max_position_embeddings=60000, hidden_size=192,
                        intermediate_size=512)
@@ -188,13 +190,14 @@ def test_sigint_to_mpirun_ends_every_rank(tmp_path):
     time.sleep(3)
     assert proc.poll() is None, f"the generation ended before it could be interrupted: {proc.stderr.read()}"
     t = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=LIMIT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert time.monotonic() - t < LIMIT and proc.returncode == 130 and "mpitp: interrupted" in err
+    assert time.monotonic() - t < LIMIT and proc.returncode == code and f"mpitp: {said}" in err, err
+    assert "BAD TERMINATION" not in err
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"
