@@ -67,28 +67,15 @@ def new_batch_cache(model, prompts, max_new_tokens):
 
 def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
                    on_token=None, cache=None):
-    """Generate up to ``max_new_tokens`` tokens after each of ``prompts``, as one batch, on every rank.
+    """Generate up to ``max_new_tokens`` tokens after each of ``prompts`` (lists of ids), as one batch, on every
+    rank; returns a ``Generation`` per prompt. Each sequence comes out as it would alone (its own positions, cache
+    row, stop and sampling steps).
 
-    Each sequence comes out as it would alone (its own positions, cache row, stop and sampling steps).
-    Returns a list of ``Generation``.
-
-    Parameters
-    ----------
-    model : Model
-    prompts : list of sequences of int
-    max_new_tokens : int
-    sampler : Sampler, optional
-        Default: greedy.
-    stop_ids : iterable of int
-        A sequence stops after generating one of these (e.g. the model's eos ids).
-    trace : Trace, optional
-        Records every forward; step 0 is the prefill with every prompt position (sequences stacked in order).
-    root : int
-        The rank that chooses tokens.
-    on_token : callable(sequence_index, token_id), optional
-        Called on every rank as soon as every rank knows a new token (for streaming).
-    cache : KVCache, optional
-        From ``new_batch_cache``, when the caller allocated it before its ranks agreed to go on.
+    ``sampler``: a ``Sampler`` (default greedy), whose choices the ``root`` rank makes. ``stop_ids``: a sequence
+    stops after generating one of these (e.g. the model's eos ids). ``trace``: a ``Trace`` that records every
+    forward. ``on_token(sequence_index, token_id)`` is called on every rank as soon as every rank knows a new
+    token (for streaming). ``cache``: from ``new_batch_cache``, when the caller allocated it before its ranks
+    agreed to go on.
     """
     prompts = check_request(model, prompts, max_new_tokens)
     cache = cache if cache is not None else new_batch_cache(model, prompts, max_new_tokens)
