@@ -1,0 +1,189 @@
+"""Writing GGUF files in tests, as llama.cpp's converter writes them, spelled out independently of mpitp.convert.
+
+``write_gguf`` turns a Hugging Face model folder into a GGUF file with the ``gguf`` package's writer: llama.cpp's
+tensor names, matrices in GGUF's order (the first dimension fastest: torch's [out, in]; GPT-2's Conv1D
+[in, out] transposed), Llama's W_Q / W_K rows put in llama.cpp's per-head order (``permute_rows``), each
+tensor in the GGUF type the test asks for, and optionally a byte-level BPE tokenizer as metadata.
+``dequantize`` reads the bytes of the supported types back from the format's definition (block layouts in
+ggml's ggml-common.h), for comparing against what the converter writes.
+"""
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from dense_reference import read_safetensors
+
+Q = gguf.GGMLQuantizationType
+BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32}
+
+
+def permute_rows(w, n_head):
+    """llama.cpp's row order for W_Q / W_K: in each head of d rows, GGUF row 2i + j is Hugging Face row
+    i + j * d/2 (j = 0, 1), so RoPE's pairs are adjacent rows."""
+    d = w.shape[0] // n_head
+    order = [h * d + j // 2 + (j % 2) * (d // 2) for h in range(n_head) for j in range(d)]
+    return w[order]
+
+
+def llama3_rope_freqs(cfg):
+    """The rope_freqs tensor llama.cpp's converter writes for Llama 3's RoPE scaling: per frequency, 1 for
+    wavelengths below original / high_freq_factor, factor above original / low_freq_factor, and between them
+    1 / ((1 - smooth) / factor + smooth) with smooth = (original / wavelength - low) / (high - low)."""
+    s, theta = cfg["rope_scaling"], cfg["rope_theta"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    n, lo, hi, f = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    out = []
+    for i in range(0, dim, 2):
+        wavelength = 2 * np.pi * theta ** (i / dim)
+        smooth = (n / wavelength - lo) / (hi - lo)
+        out.append(1.0 if wavelength < n / hi else f if wavelength > n / lo else 1 / ((1 - smooth) / f + smooth))
+    return np.array(out, np.float32)
+
+
+def llama_names(layers):
+    """Hugging Face name -> llama.cpp's name, for a Llama of ``layers`` layers."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for layer in range(layers):
+        for hf, gg in parts.items():
+            for p in ("weight", "bias"):
+                names[f"model.layers.{layer}.{hf}.{p}"] = f"blk.{layer}.{gg}.{p}"
+    return names
+
+
+def gpt2_names(layers):
+    """Hugging Face name (without ``transformer.``) -> llama.cpp's name, for a GPT-2 of ``layers`` layers."""
+    names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight"}
+    names.update({f"ln_f.{p}": f"output_norm.{p}" for p in ("weight", "bias")})
+    parts = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for layer in range(layers):
+        names.update({f"h.{layer}.{hf}.{p}": f"blk.{layer}.{gg}.{p}" for hf, gg in parts.items()
+                      for p in ("weight", "bias")})
+    return names
+
+
+def encode(a, kind):
+    """``a`` (float32, NumPy order) in GGUF type ``kind``: the array to hand to the writer, and its raw type."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if kind == "F32":
+        return a, None
+    if kind == "F16":
+        return a.astype(np.float16), None
+    return gguf.quants.quantize(a, Q[kind]), Q[kind]
+
+
+def dequantize(raw, kind, shape):
+    """The float32 values of the bytes ``raw`` of one tensor of GGUF type ``kind`` (NumPy ``shape``)."""
+    raw = np.frombuffer(bytes(raw), np.uint8)
+    if kind == "F32":
+        return raw.view("<f4").reshape(shape)
+    if kind == "F16":
+        return raw.view("<f2").astype(np.float32).reshape(shape)
+    if kind == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    n = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]  # bytes per block of 32 values
+    blocks = raw.reshape(-1, n)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # the scale, [n_blocks, 1]
+    if kind == "Q8_0":  # int8 values times d
+        values = blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d
+    else:  # 16 bytes: value j < 16 is the low nibble of byte j, value 16 + j its high nibble
+        packed = blocks[:, n - 16:]
+        q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+        values = (q - 8) * d if kind == "Q4_0" else q * d + blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return values.reshape(shape)
+
+
+def write_gguf(path, model_dir, types=lambda name: "F32", tokenizer=None, drop=(), meta=None, extra=None,
+               permute=True):
+    """Write the Hugging Face model in ``model_dir`` as the GGUF file ``path``.
+
+    ``types(gguf_name)`` is each tensor's GGUF type (norms and 1-D tensors are always F32, as llama.cpp keeps
+    them); ``tokenizer`` a dict of tokenizer metadata (``tokens``, ``merges``, ``token_type``, ``pre``, and
+    optional ``bos``/``eos``/``add_bos``/``chat_template``); ``drop`` metadata keys or tensor names to leave
+    out; ``meta`` metadata to add or replace, ``{key: (value, GGUFValueType or None)}``; ``extra`` more tensors
+    ``{gguf name: (array, type)}``. Returns ``{gguf name: (type, raw bytes, NumPy shape)}`` of what was written.
+    """
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tensors = read_safetensors(model_dir / "model.safetensors")
+    arch = "gpt2" if cfg["model_type"] == "gpt2" else "llama"
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "gpt2":
+        names = gpt2_names(cfg["n_layer"])
+        keys = {"block_count": cfg["n_layer"], "context_length": cfg["n_positions"],
+                "embedding_length": cfg["n_embd"], "feed_forward_length": cfg.get("n_inner") or 4 * cfg["n_embd"],
+                "attention.head_count": cfg["n_head"]}
+        floats = {"attention.layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5)}
+    else:
+        names = llama_names(cfg["num_hidden_layers"])
+        n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+        d_head = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+        keys = {"block_count": cfg["num_hidden_layers"], "context_length": cfg["max_position_embeddings"],
+                "embedding_length": cfg["hidden_size"], "feed_forward_length": cfg["intermediate_size"],
+                "attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": d_head}
+        rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0)}
+        floats = {"rope.freq_base": rope["rope_theta"], "attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"]}
+    meta = dict(meta or {})
+    for k, v in keys.items():
+        meta.setdefault(f"{arch}.{k}", (v, gguf.GGUFValueType.UINT32))
+    for k, v in floats.items():
+        meta.setdefault(f"{arch}.{k}", (v, gguf.GGUFValueType.FLOAT32))
+    if tokenizer is not None:
+        meta.setdefault("tokenizer.ggml.model", ("gpt2", None))
+        meta.setdefault("tokenizer.ggml.pre", (tokenizer["pre"], None))
+        meta.setdefault("tokenizer.ggml.tokens", (tokenizer["tokens"], None))
+        meta.setdefault("tokenizer.ggml.token_type", (tokenizer["token_type"], None))
+        if tokenizer["merges"]:
+            meta.setdefault("tokenizer.ggml.merges", (tokenizer["merges"], None))
+        for key in ("bos", "eos"):  # from the tokenizer dict, else the model's config
+            token_id = tokenizer.get(key, cfg.get(f"{key}_token_id"))
+            if token_id is not None:
+                meta.setdefault(f"tokenizer.ggml.{key}_token_id", (token_id, gguf.GGUFValueType.UINT32))
+        meta.setdefault("tokenizer.ggml.add_bos_token", (bool(tokenizer.get("add_bos")), None))
+        if tokenizer.get("chat_template"):
+            meta.setdefault("tokenizer.chat_template", (tokenizer["chat_template"], None))
+    for key, (value, vtype) in meta.items():
+        if key in drop:
+            continue
+        if vtype is None:
+            w.add_key_value(key, value, gguf.GGUFValueType.get_type(value),
+                            gguf.GGUFValueType.get_type(value[0]) if isinstance(value, list) else None)
+        else:
+            w.add_key_value(key, value, vtype)
+    written = {}
+    for hf_name, a in tensors.items():
+        hf_name = hf_name.removeprefix("transformer.")
+        if arch == "llama" and ".bias" in hf_name and not cfg.get(
+                "mlp_bias" if ".mlp." in hf_name else "attention_bias", False):
+            continue  # the random test models carry biases their config switches off
+        name = names[hf_name]
+        if arch == "llama" and cfg.get("tie_word_embeddings") and name == "output.weight" or name in drop:
+            continue
+        a = np.asarray(a, np.float32)
+        if arch == "llama" and permute and (".attn_q." in name or ".attn_k." in name):
+            a = permute_rows(a, n_head if ".attn_q." in name else n_kv)
+        if arch == "gpt2" and a.ndim == 2 and name.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+            a = a.T
+        kind = types(name) if a.ndim == 2 else "F32"
+        data, raw_type = encode(a, kind)
+        w.add_tensor(name, data, raw_dtype=raw_type)
+        written[name] = (kind, data.tobytes(), a.shape)
+    if arch == "llama" and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3" \
+            and "rope_freqs.weight" not in drop:
+        extra = {"rope_freqs.weight": (llama3_rope_freqs(cfg), "F32"), **(extra or {})}
+    for name, (a, kind) in (extra or {}).items():
+        data, raw_type = encode(a, kind)
+        w.add_tensor(name, data, raw_dtype=raw_type)
+        written[name] = (kind, data.tobytes(), a.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written

@@ -1,0 +1,394 @@
+"""mpitp.convert: GGUF files (written here with the gguf package's writer) to Hugging Face folders.
+
+The oracles: the Hugging Face folders the GGUF files were made from (tensors equal, configs equal, mpitp's logits
+equal to the transformers goldens), the GGUF bytes dequantized by the test itself from the block layouts, the
+tokenizer the vocabulary was trained as, and transformers itself where it is installed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import REPO, child_env, golden, model_dir, serial_only
+from dense_reference import read_safetensors
+from gguf_util import dequantize, llama_names, permute_rows, write_gguf
+from mpitp import CheckpointError, MpitpError, comm, load_model
+from mpitp.config import load_config
+from mpitp.convert import convert, main
+from mpitp.gguf_model import unpermute
+from mpitp.tokenizer import Tokenizer
+from random_models import write_random_model
+from st_util import to_bf16_bits
+
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
+TEXTS = ["Hello, world! A plain ASCII sentence; with (punctuation) [and] {brackets}...",
+         "runs of spaces:  two   three    four     five, trailing   ", "   leading spaces",
+         "tabs:\tone\t\ttwo\t\t\tthree \t mixed", "newlines:\none\n\ntwo\n\n\nthree\r\nwindows\n",
+         "accents: naïve café résumé Ångström Zürich señor crème brûlée",
+         "CJK: 日本語のテキスト、中文文本，한국어 텍스트", "emoji: 🎉🚀 👍🏽 👨‍👩‍👧‍👦 ❤️ ok🙂",
+         "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\tif (x >= 10 && y != 0) { printf(\"%d\\n\", x); }",
+         "numbers 2024 and 3.14159 and 1,000,000", "don't we'll they're I'M", "<|im_start|>user\nhi<|im_end|>", ""]
+
+
+def logits(folder, ids, dtype="float64"):
+    model = load_model(folder, comm.serial(), dtype)
+    return model.forward(ids, model.new_cache(len(ids)), all_logits=True)
+
+
+def run(*args):
+    """``main(args)``: the command's exit status."""
+    return main([str(a) for a in args])
+
+
+# --- weights, configs and the permutation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2-tiny"])
+def test_f32_round_trip_is_exact_and_matches_hugging_face(tmp_path, name):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, model_dir(name), tokenizer=_tokenizer_meta(model_dir(name)))
+    convert(src, tmp_path / "out")
+    original = {k.removeprefix("transformer."): v for k, v in read_safetensors(
+        os.path.join(model_dir(name), "model.safetensors")).items()}
+    converted = read_safetensors(tmp_path / "out" / "model.safetensors")
+    assert set(converted) == set(original)
+    for k in converted:
+        assert converted[k].dtype == np.float32 and np.array_equal(converted[k], original[k]), k
+    assert load_config(str(tmp_path / "out")) == load_config(model_dir(name))  # every field mpitp reads
+    g = golden(name)
+    for L in (7, 33):
+        assert np.abs(logits(str(tmp_path / "out"), g[f"prompt_L{L}"]) - g[f"logits_x64_L{L}"]).max() <= 1e-9
+
+
+def test_permutation_round_trip():
+    rng = np.random.default_rng(0)
+    for n_head, d_head, cols in ((8, 8, 64), (9, 64, 5), (3, 4, 1), (1, 16, 3)):
+        w = rng.standard_normal((n_head * d_head, cols))
+        stored = permute_rows(w, n_head)
+        assert not np.array_equal(stored, w)  # the GGUF order really differs
+        assert np.array_equal(unpermute(stored, n_head), w)
+        assert np.array_equal(unpermute(permute_rows(w[:, 0], n_head), n_head), w[:, 0])  # a bias
+
+
+def test_unpermuted_q_and_k_are_needed(tmp_path):
+    # Without llama.cpp's row order in the file the converted model is wrong: the goldens notice.
+    write_gguf(tmp_path / "m.gguf", model_dir("llama-gqa"), permute=False)
+    convert(tmp_path / "m.gguf", tmp_path / "out", tokenizer=False)
+    g = golden("llama-gqa")
+    assert np.abs(logits(str(tmp_path / "out"), g["prompt_L7"]) - g["logits_x64_L7"]).max() > 1e-3
+
+
+def test_biases_tied_head_and_one_kv_head(tmp_path):
+    src_dir = write_random_model(tmp_path / "hf", "llama-mqa", rope_scaling=None)
+    write_gguf(tmp_path / "m.gguf", src_dir)
+    convert(tmp_path / "m.gguf", tmp_path / "out", tokenizer=False)
+    assert load_config(str(tmp_path / "out")) == load_config(src_dir)
+    ids = [3, 14, 15, 92, 65, 35]
+    assert np.abs(logits(str(tmp_path / "out"), ids) - logits(src_dir, ids)).max() <= 1e-12
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    # llama.cpp stores Llama 3's RoPE scaling as a tensor of divisors, not as the parameters.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+    src_dir = write_random_model(tmp_path / "hf", "llama-9h", hidden_size=288, intermediate_size=64,
+                                 max_position_embeddings=1024, rope_scaling=scaling, tie_word_embeddings=True)
+    write_gguf(tmp_path / "m.gguf", src_dir)
+    convert(tmp_path / "m.gguf", tmp_path / "out", tokenizer=False)
+    assert load_config(str(tmp_path / "out")) == load_config(src_dir)
+    assert load_config(src_dir).rope.scaling == "llama3"
+    ids = list(range(1, 40, 3))
+    assert np.abs(logits(str(tmp_path / "out"), ids) - logits(src_dir, ids)).max() <= 1e-12
+    # An equivalent choice (every parameter but the factor doubled) gives the same divisors, hence the same model
+    write_random_model(tmp_path / "hf2", "llama-9h", hidden_size=288, intermediate_size=64,
+                       max_position_embeddings=1024, tie_word_embeddings=True, rope_scaling=dict(
+                           scaling, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=512))
+    write_gguf(tmp_path / "m2.gguf", tmp_path / "hf2")
+    convert(tmp_path / "m2.gguf", tmp_path / "out2", tokenizer=False)
+    assert load_config(str(tmp_path / "out2")) == load_config(src_dir)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_every_supported_tensor_type(tmp_path, kind):
+    # SmolLM2's layout (9 query heads, 3 key/value heads) with sizes that are whole quantization blocks.
+    src_dir = write_random_model(tmp_path / "hf", "llama-9h", hidden_size=288, intermediate_size=64)
+    written = write_gguf(tmp_path / "m.gguf", src_dir, types=lambda name: kind)
+    convert(tmp_path / "m.gguf", tmp_path / "out", tokenizer=False)
+    converted = read_safetensors(tmp_path / "out" / "model.safetensors")
+    original = read_safetensors(os.path.join(src_dir, "model.safetensors"))
+    cfg = load_config(src_dir)
+    tolerance = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q4_0": 0.2, "Q4_1": 0.2}[kind]
+    for name, (stored_kind, raw, shape) in written.items():
+        hf = next(k for k in converted if llama_names(2).get(k) == name)
+        expected = dequantize(raw, stored_kind, shape)
+        if ".attn_q." in name or ".attn_k." in name:
+            expected = _inverse_permutation(expected, cfg.n_head if ".attn_q." in name else cfg.n_kv_head)
+        assert np.array_equal(converted[hf], expected), name
+        error = np.linalg.norm(converted[hf] - original[hf]) / np.linalg.norm(original[hf])
+        assert error <= (tolerance if stored_kind == kind else 0), (name, error)
+    assert np.all(np.isfinite(logits(str(tmp_path / "out"), [1, 2, 3])))
+
+
+def _inverse_permutation(stored, n_head):
+    # The test's own inverse of permute_rows, by index: Hugging Face row i + j*d/2 is GGUF row 2i + j.
+    d = stored.shape[0] // n_head
+    out = np.empty_like(stored)
+    for h in range(n_head):
+        for i in range(d // 2):
+            for j in (0, 1):
+                out[h * d + i + j * d // 2] = stored[h * d + 2 * i + j]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_output_float_types(tmp_path, dtype):
+    write_gguf(tmp_path / "m.gguf", model_dir("llama-gqa"))
+    convert(tmp_path / "m.gguf", tmp_path / "f32", tokenizer=False)
+    assert main([str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--dtype", dtype, "--no-tokenizer", "--quiet"]) == 0
+    header = _header(tmp_path / "out" / "model.safetensors")
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16" if dtype == "float16" else "BF16"}
+    full = read_safetensors(tmp_path / "f32" / "model.safetensors")
+    for k, v in read_safetensors(tmp_path / "out" / "model.safetensors").items():
+        want = full[k].astype(np.float16) if dtype == "float16" else (
+            to_bf16_bits(full[k]).astype(np.uint32) << 16).view(np.float32)
+        assert np.array_equal(v.astype(np.float32), want.astype(np.float32)), k
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == dtype
+    ids = golden("llama-gqa")["prompt_L7"]
+    assert np.abs(logits(str(tmp_path / "out"), ids) - logits(str(tmp_path / "f32"), ids)).max() < 0.1
+
+
+def _header(path):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    assert (8 + n) % 8 == 0  # data 8-byte aligned
+    return json.loads(raw[8:8 + n])
+
+
+# --- the tokenizer ------------------------------------------------------------------------------------------
+
+
+def _tokenizer_meta(folder, pre="gpt-2"):
+    """The GGUF tokenizer metadata of a folder's byte-level BPE tokenizer.json."""
+    t = json.loads(open(os.path.join(folder, "tokenizer.json"), encoding="utf-8").read())
+    vocab = dict(t["model"]["vocab"], **{a["content"]: a["id"] for a in t["added_tokens"]})
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[k] for k in tokens] == list(range(len(tokens)))
+    special = {a["content"]: 3 if a["special"] else 4 for a in t["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in t["model"]["merges"]]
+    return {"tokens": tokens, "merges": merges, "token_type": [special.get(k, 1) for k in tokens], "pre": pre}
+
+
+def _trained_tokenizer(folder, style):
+    """A byte-level BPE tokenizer trained here on a little text, split before the merges as ``style`` says,
+    with two control tokens and one user-defined token; saved as ``folder/tokenizer.json``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama-bpe")
+    split = {"gpt-2": level,
+             "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level]),
+             "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(
+                 r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+"), "isolated"), level])}[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = split, decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [t * 3 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog 0123456789 " * 5,
+                                       "    indented code\n\t\ttabbed   spaced\n\n\n", "2024 1999 123456 3.14"] * 3
+    tok.train_from_iterator(corpus, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tok = Tokenizer(models.BPE(model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                for m in model["merges"]], ignore_merges=style == "llama-bpe"))
+    tok.pre_tokenizer, tok.decoder = split, decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return tok
+
+
+@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe"])
+def test_tokenizer_round_trip(tmp_path, style):
+    original = _trained_tokenizer(tmp_path / "tok", style)
+    n_vocab = original.get_vocab_size()
+    hf = write_random_model(tmp_path / "hf", "llama-9h", vocab_size=n_vocab, tie_word_embeddings=True)
+    meta = _tokenizer_meta(str(tmp_path / "tok"), pre=style)
+    assert sum(t == 3 for t in meta["token_type"]) == 3 and sum(t == 4 for t in meta["token_type"]) == 1
+    write_gguf(tmp_path / "m.gguf", hf, tokenizer=dict(meta, bos=1, eos=2, chat_template="{{ messages }}"))
+    convert(tmp_path / "m.gguf", tmp_path / "out")
+    ours = Tokenizer(str(tmp_path / "out"), bos_token_id=1)  # mpitp's own reading of the folder
+    for text in TEXTS + ["<think>why</think> 12345 x"]:
+        ids = original.encode(text).ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == original.decode(ids)
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
+    assert config["chat_template"] == "{{ messages }}"
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {"bos_token_id": 1,
+                                                                                     "eos_token_id": 2}
+
+
+def test_add_bos_token(tmp_path):
+    _trained_tokenizer(tmp_path / "tok", "llama-bpe")
+    meta = _tokenizer_meta(str(tmp_path / "tok"), pre="llama-bpe")
+    hf = write_random_model(tmp_path / "hf", "llama-9h", vocab_size=len(meta["tokens"]))
+    write_gguf(tmp_path / "m.gguf", hf, tokenizer=dict(meta, bos=0, eos=2, add_bos=True))
+    convert(tmp_path / "m.gguf", tmp_path / "out")
+    from tokenizers import Tokenizer as HFTokenizer
+    raw = HFTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert raw.encode("hello there").ids[0] == 0 and raw.encode("").ids == [0]
+    assert Tokenizer(str(tmp_path / "out"), bos_token_id=0).encode("hello") == raw.encode("hello").ids
+
+
+def test_transformers_loads_the_converted_folders(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    for name in ("llama-gqa", "gpt2-tiny"):
+        write_gguf(tmp_path / f"{name}.gguf", model_dir(name), tokenizer=_tokenizer_meta(model_dir(name)))
+        convert(tmp_path / f"{name}.gguf", tmp_path / name)
+        ids = torch.tensor([golden(name)["prompt_L33"].tolist()])
+        with torch.no_grad():
+            out, want = (transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)(ids).logits
+                         for folder in (str(tmp_path / name), model_dir(name)))
+        assert torch.equal(out, want)  # the same weights and config: the same computation
+        tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
+        ours = Tokenizer(str(tmp_path / name))
+        for text in TEXTS[:-2]:
+            assert tok(text)["input_ids"] == ours.encode(text), (name, text)
+
+
+# --- bad input: one line, status 2, nothing written ---------------------------------------------------------
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.gguf"
+    write_gguf(path, model_dir("llama-gqa"), tokenizer=_tokenizer_meta(model_dir("llama-gqa")))
+    return path
+
+
+def _fails(capsys, tmp_path, src, *words, args=(), out="out"):
+    out = tmp_path / out
+    assert run(src, out, *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mpitp.convert: error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    return err
+
+
+def test_truncated_files(capsys, tmp_path, good):
+    data = good.read_bytes()
+    for cut in (0, 10, 23, 40, 200, 2000, len(data) // 2, len(data) - 1):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        _fails(capsys, tmp_path, tmp_path / "cut.gguf", str(tmp_path / "cut.gguf"))
+
+
+def test_bad_headers(capsys, tmp_path, good):
+    data = good.read_bytes()
+    cases = {b"GGUX" + data[4:]: "not the GGUF magic", data[:4] + (1).to_bytes(4, "little") + data[8:]: "version 1",
+             data[:4] + (3 << 24).to_bytes(4, "little") + data[8:]: "big-endian",
+             data[:8] + (2**60).to_bytes(8, "little") + data[16:]: "more than the",
+             data[:16] + (2**62).to_bytes(8, "little") + data[24:]: "more than the"}
+    for blob, words in cases.items():
+        (tmp_path / "bad.gguf").write_bytes(blob)
+        _fails(capsys, tmp_path, tmp_path / "bad.gguf", words)
+
+
+def test_bad_metadata_and_tensors(capsys, tmp_path):
+    hf = model_dir("llama-gqa")
+    U32 = gguf.GGUFValueType.UINT32
+    cases = [({"meta": {"general.architecture": ("falcon", None)}}, ["architecture 'falcon'", "llama, gpt2"]),
+             ({"drop": ["llama.block_count"]}, ["'llama.block_count' is missing"]),
+             ({"meta": {"llama.block_count": ("two", None)}}, ["'llama.block_count' must be an integer, got STRING"]),
+             ({"meta": {"llama.attention.head_count": (0, U32)}}, ["positive integer"]),
+             ({"meta": {"llama.block_count": (3, U32)}}, ["blk.2.", "missing"]),
+             ({"drop": ["blk.1.ffn_up.weight"]}, ["blk.1.ffn_up.weight", "missing"]),
+             ({"types": lambda n: "Q5_0" if n == "blk.0.attn_v.weight" else "F32"},
+              ["blk.0.attn_v.weight", "Q5_0", "F32, F16, BF16, Q8_0, Q4_0, Q4_1"]),
+             ({"extra": {"blk.0.attn_x.weight": (np.ones((2, 4), np.float32), "F32")}}, ["blk.0.attn_x.weight"]),
+             ({"extra": {"rope_freqs.weight": (np.array([1, 2, 1, 3], np.float32), "F32")}},
+              ["rope_freqs.weight", "Llama 3"]),
+             ({"meta": {"llama.rope.scaling.type": ("linear", None)}}, ["RoPE scaling 'linear'"]),
+             ({"extra": {"blk.01.attn_q.weight": (np.ones((64, 64), np.float32), "F32")}}, ["blk.01.attn_q"]),
+             ({"meta": {"llama.rope.dimension_count": (4, U32)}}, ["partial rotary"]),
+             ({"meta": {"tokenizer.ggml.pre": ("qwen2", None)}, "tok": True}, ["'qwen2'", "--no-tokenizer"]),
+             ({"meta": {"tokenizer.ggml.merges": (["Ġ t", "x"], None)}, "tok": True},
+              ["merge", "tokenizer.ggml.merges"])]
+    for i, (kw, words) in enumerate(cases):
+        src = tmp_path / f"bad{i}.gguf"
+        tok = _tokenizer_meta(hf) if kw.pop("tok", False) else None
+        if kw.get("types"):  # Q5_0 needs whole blocks of 32: a model whose matrices are
+            hf_q = write_random_model(tmp_path / "hf32", "llama-9h", hidden_size=288, intermediate_size=64)
+            write_gguf(src, hf_q, **kw)
+        else:
+            write_gguf(src, hf, tokenizer=tok, **kw)
+        _fails(capsys, tmp_path, src, str(src), *words, args=[] if tok else ["--no-tokenizer"])
+
+
+def test_output_folder_rules(capsys, tmp_path, good):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert run(good, tmp_path / "out") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    assert run(good, tmp_path / "empty", "--quiet") == 0  # an empty folder is replaced
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                       "tokenizer.json", "tokenizer_config.json"]
+    missing = tmp_path / "nope.gguf"
+    assert "cannot be read" in _fails(capsys, tmp_path, missing, str(missing), out="other")
+
+
+def test_nothing_half_written_when_a_late_tensor_fails(capsys, tmp_path):
+    # A value float16 cannot hold, in the last tensor written: the error comes after the other files were
+    # written, and the partial folder is removed.
+    big = np.full((2, 64), 1e6, np.float32)
+    hf = model_dir("llama-gqa")
+    write_gguf(tmp_path / "m.gguf", hf, extra={})
+    src = tmp_path / "m.gguf"
+    tensors = read_safetensors(os.path.join(hf, "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].copy()
+    tensors["lm_head.weight"][:2] = big
+    from st_util import write_safetensors
+    (tmp_path / "hf").mkdir()
+    for f in ("config.json", "generation_config.json"):
+        (tmp_path / "hf" / f).write_text(open(os.path.join(hf, f)).read())
+    write_safetensors(tmp_path / "hf" / "model.safetensors", tensors)
+    write_gguf(src, tmp_path / "hf")
+    _fails(capsys, tmp_path, src, "output.weight", "float16", args=["--dtype", "float16", "--no-tokenizer"])
+
+
+@serial_only
+def test_cli_truncated_file_one_line_exit_2_fast(tmp_path, good):
+    data = good.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 100])
+    cmd = [sys.executable, "-m", "mpitp.convert", str(tmp_path / "cut.gguf"), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=child_env(), cwd=str(REPO))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "truncated" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+    help_ = subprocess.run(cmd[:3] + ["--help"], capture_output=True, text=True, timeout=60, env=child_env())
+    assert help_.returncode == 0 and "--dtype" in help_.stdout and "--no-tokenizer" in help_.stdout
+
+
+def test_missing_libraries_are_clear_errors(capsys, tmp_path, good, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    _fails(capsys, tmp_path, good, "'tokenizers'", "mpitp[gguf]", "--no-tokenizer")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    _fails(capsys, tmp_path, good, "'gguf' package", "pip install 'mpitp[gguf]'")
+
+
+def test_errors_are_mpitp_errors(tmp_path, good):
+    with pytest.raises(CheckpointError, match="not the GGUF magic"):
+        (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(40))
+        convert(tmp_path / "x.gguf", tmp_path / "out")
+    with pytest.raises(MpitpError, match="dtype"):
+        convert(good, tmp_path / "out", dtype="int8")
