@@ -18,13 +18,12 @@ import argparse
 import os
 import re
 import sys
-import traceback
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from .entry import HelpFormatter, say
+from .entry import HelpFormatter, run_guarded
 from .errors import MpitpError
 
 PROG = "mpitp.compare"
@@ -538,20 +537,7 @@ def _table(results, steps, layers, names):
 def main(argv=None):
     """Entry point; returns the exit status (0 within tolerance, 1 not, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except CompareError as e:
-        say(f"{PROG}: error: {e}")
-        if args.verbose:
-            traceback.print_exc()
-        return 2
-    except Exception as e:  # noqa: BLE001 -- a bug: one line, the traceback with --verbose
-        say(f"{PROG}: unexpected error: {type(e).__name__}: {e}")
-        if args.verbose:
-            traceback.print_exc()
-        else:
-            say(f"{PROG}: run with --verbose for the traceback.")
-        return 1
+    return run_guarded(None, lambda: run(args), args.verbose, PROG)
 
 
 if __name__ == "__main__":

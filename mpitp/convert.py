@@ -14,17 +14,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import struct
 import sys
 import tempfile
 import time
-import traceback
 
 import numpy as np
 
 from .config import config_from_dict
-from .entry import HelpFormatter, say
+from .entry import HelpFormatter, run_guarded, say
 from .errors import CheckpointError, MpitpError
 from .gguf_model import NAMES, hf_config, hf_tensors
 from .gguf_reader import GGUFFile, shown
@@ -160,27 +158,15 @@ def build_parser():
 
 
 def main(argv=None):
-    """Entry point; returns the exit status (0 ok, 2 bad input, 1 unexpected error, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 2 bad input, 1 unexpected error, 130/143 interrupted)."""
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill by timeout still removes the partial folder
+    # SIGTERM and Ctrl-C unwind through convert's cleanup: a kill leaves no partial folder either
+    return run_guarded(None, lambda: _run(args), args.verbose, "mpitp.convert")
+
+
+def _run(args):
     t0 = time.perf_counter()
-    try:
-        done = convert(args.src, args.out_dir, args.dtype, not args.no_tokenizer)
-    except MpitpError as e:
-        say(f"mpitp.convert: error: {e}")
-        if args.verbose:
-            traceback.print_exc()
-        return 2
-    except KeyboardInterrupt:
-        say("mpitp.convert: interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001 -- a bug: one line, the traceback with --verbose
-        say(f"mpitp.convert: unexpected error: {type(e).__name__}: {e}")
-        if args.verbose:
-            traceback.print_exc()
-        else:
-            say("mpitp.convert: run with --verbose for the traceback.")
-        return 1
+    done = convert(args.src, args.out_dir, args.dtype, not args.no_tokenizer)
     if not args.quiet:
         tokens = f"{done['tokens']} tokens" if done["tokens"] else "no tokenizer"
         say(f"mpitp.convert: wrote {args.out_dir} ({done['model_type']}, {done['params'] / 1e6:.2f}M parameters, "

@@ -11,6 +11,7 @@ import sys
 import traceback
 
 from . import comm as mpi
+from .errors import MpitpError
 
 
 def say(line):
@@ -63,20 +64,24 @@ def _terminated(signum, frame):
 
 
 def run_guarded(comm, fn, verbose, prog):
-    """``fn()``'s exit status; an unexpected exception on this rank aborts every rank of the job."""
-    rank, size = comm.Get_rank(), comm.Get_size()
+    """``fn()``'s exit status; an unexpected exception on this rank aborts every rank of the job. Without a
+    communicator (the serial tools), bad input (``MpitpError``) is one line and status 2."""
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     signal.signal(signal.SIGTERM, _terminated)  # what Slurm's scancel sends: end like Ctrl-C, in one line
+    who = f"[rank {rank}] {prog}" if comm is not None else prog
     try:
         return fn()
     except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
         if isinstance(e, SystemExit) and not e.code:
             raise
+        if comm is None and isinstance(e, MpitpError):
+            return say(f"{prog}: error: {e}") or 2
         stopped = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}.get(type(e))
-        say(f"[rank {rank}] {prog}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
+        say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
         if verbose:
             traceback.print_exc()
         elif not stopped:
-            say(f"[rank {rank}] {prog}: run with --verbose for the traceback.")
+            say(f"{who}: run with --verbose for the traceback.")
         code = stopped[1] if stopped else 1
         if size > 1:
             mpi.abort(comm, code)

@@ -30,11 +30,11 @@ import argparse
 import hashlib
 import os
 import sys
-import traceback
 
 import numpy as np
 
-from .entry import HelpFormatter, say
+from .entry import HelpFormatter, run_guarded, say
+from .errors import MpitpError
 from .generate import _ids
 
 PROG = "mpitp.hftrace"
@@ -45,10 +45,6 @@ _LLAMA = ("model.layers", {"A": "input_layernorm", "Q": "self_attn.q_proj", "K":
 _GPT2 = ("transformer.h", {"A": "ln_1", "QKV": "attn.c_attn", "B": "attn.c_proj", "C": "ln_2", "D": "mlp.c_proj"})
 FAMILIES = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
 INPUTS = ("B", "D")  # read from a module's input (a pre-hook); the rest from outputs
-
-
-class Error(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def build_parser():
@@ -79,39 +75,39 @@ def _import_hf():
         import torch
         import transformers
     except ImportError as e:
-        raise Error(f"needs torch and transformers, the 'hf' extra: pip install 'mpitp[hf]' ({e}).") from None
+        raise MpitpError(f"needs torch and transformers, the 'hf' extra: pip install 'mpitp[hf]' ({e}).") from None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return torch, transformers
 
 
 def _load(args):
-    """The model in eval mode and its config.json's bytes; every bad input is an ``Error``."""
+    """The model in eval mode and its config.json's bytes; every bad input is an ``MpitpError``."""
     if args.max_new_tokens < 1:
-        raise Error(f"--max-new-tokens must be >= 1 (the prefill is step 0), got {args.max_new_tokens}.")
+        raise MpitpError(f"--max-new-tokens must be >= 1 (the prefill is step 0), got {args.max_new_tokens}.")
     config_path = os.path.join(args.model, "config.json")
     try:
         with open(config_path, "rb") as f:
             config_bytes = f.read()
     except OSError as e:
-        raise Error(f"{config_path}: cannot read it ({e.strerror}); give a Hugging Face model folder.") from None
+        raise MpitpError(f"{config_path}: cannot read it ({e.strerror}); give a Hugging Face model folder.") from None
     torch, transformers = _import_hf()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                                   attn_implementation=args.attn_implementation)
     except Exception as e:  # noqa: BLE001 -- transformers raises many types for a bad folder; one line each
-        raise Error(f"{args.model}: transformers cannot load it: {str(e).strip().splitlines()[0]}") from None
+        raise MpitpError(f"{args.model}: transformers cannot load it: {str(e).strip().splitlines()[0]}") from None
     model_type = model.config.model_type
     if model_type not in FAMILIES:
-        raise Error(f"{args.model}: model_type '{model_type}' has no hook map here; hftrace knows "
+        raise MpitpError(f"{args.model}: model_type '{model_type}' has no hook map here; hftrace knows "
                     f"{', '.join(FAMILIES)}.")
     n_vocab, n_ctx = model.config.vocab_size, model.config.max_position_embeddings
     for ids in args.prompt_ids:
         bad = [i for i in ids if i >= n_vocab]
         if bad:
-            raise Error(f"token id {bad[0]} is outside the vocabulary 0..{n_vocab - 1} of {args.model}.")
+            raise MpitpError(f"token id {bad[0]} is outside the vocabulary 0..{n_vocab - 1} of {args.model}.")
         if len(ids) + args.max_new_tokens > n_ctx:  # as mpitp.generate counts
-            raise Error(f"the prompt ({len(ids)} tokens) plus max-new-tokens ({args.max_new_tokens}) is "
+            raise MpitpError(f"the prompt ({len(ids)} tokens) plus max-new-tokens ({args.max_new_tokens}) is "
                         f"{len(ids) + args.max_new_tokens} tokens, more than the model's context of {n_ctx}.")
     return torch, transformers, model.eval(), config_bytes
 
@@ -193,7 +189,7 @@ def _run(args):
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise Error(f"{args.out}: cannot create the trace folder ({e.strerror}).") from None
+        raise MpitpError(f"{args.out}: cannot create the trace folder ({e.strerror}).") from None
     arrays = trace_arrays(torch, model, args.prompt_ids, args.max_new_tokens)
     arrays["format/version"] = np.int64(1)
     arrays["meta/config_sha256"] = np.array(hashlib.sha256(config_bytes).hexdigest())
@@ -203,7 +199,7 @@ def _run(args):
     try:
         np.savez(path, **arrays)
     except OSError as e:
-        raise Error(f"{path}: cannot write it ({e.strerror}).") from None
+        raise MpitpError(f"{path}: cannot write it ({e.strerror}).") from None
     say(f"{PROG}: {len(args.prompt_ids)} prompt(s), {args.max_new_tokens} step(s) of {args.model} by "
         f"{arrays['meta/engine']} written to {path}")
     return 0
@@ -212,20 +208,7 @@ def _run(args):
 def main(argv=None):
     """Entry point; returns the exit status (0 written, 2 bad input, 1 unexpected error)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except Error as e:
-        say(f"{PROG}: error: {e}")
-        if args.verbose:
-            traceback.print_exc()
-        return 2
-    except Exception as e:  # noqa: BLE001 -- a bug: one line, the traceback with --verbose
-        say(f"{PROG}: unexpected error: {type(e).__name__}: {e}")
-        if args.verbose:
-            traceback.print_exc()
-        else:
-            say(f"{PROG}: run with --verbose for the traceback.")
-        return 1
+    return run_guarded(None, lambda: _run(args), args.verbose, PROG)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,7 @@ class Sampler:
     def _nucleus_size(self, mass, total, none_if_short=False):
         """How many of the (descending) masses the top-p set needs; None if they do not reach top_p yet."""
         reached = np.flatnonzero(np.cumsum(mass.astype(np.int64)) >= self.top_p * total)
-        if len(reached):
-            return int(reached[0]) + 1
-        return None if none_if_short else len(mass)
+        return int(reached[0]) + 1 if len(reached) else (None if none_if_short else len(mass))
 
     @staticmethod
     def _gather_top(comm, scaled, ids, m, root):

@@ -32,9 +32,7 @@ class Tokenizer:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the library raises its own exception type for every parse error
             raise ConfigError(f"{path}: not a valid tokenizer file ({e}).") from None
-        self._decode_stream = DecodeStream
-        self.bos_token_id = bos_token_id
-        self.add_bos = False
+        self._decode_stream, self.bos_token_id, self.add_bos = DecodeStream, bos_token_id, False
         config_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.exists(config_path):
             try:

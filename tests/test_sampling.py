@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from conftest import golden, model_dir
 from mpitp import RequestError, Sampler, comm, generate_sequence, load_model
 from mpitp.sampling import gumbel_noise
 from mpitp.sharding import block_range
