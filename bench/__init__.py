@@ -2,4 +2,20 @@
 
 ``__main__`` runs it; ``models`` builds the random-weight presets, ``timing`` times the model, ``ceilings``
 measures and predicts what bounds it, ``report`` prints and records it. ``memory.py`` is a separate script.
+Every bench tool names its errors ``bench: error: ...``, usage errors included (``BenchParser``).
 """
+
+import sys
+
+from mpitp.entry import RankParser
+
+PROG = "bench"
+
+
+class BenchParser(RankParser):
+    """The bench tools' argument parser: a usage error reads ``bench: error: ...`` like every other error of
+    the bench (argparse would name the ``prog`` of the usage line, e.g. ``python -m bench``)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")

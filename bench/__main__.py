@@ -1,8 +1,10 @@
 """The benchmark: ``mpirun -n P python -m bench`` from a clone's root (what ``make bench`` runs).
 
-Prefill (pp) and generation (tg) tokens/s in llama-bench's table shape, where a decode token's time goes, the
-Allreduce traffic against the model's shape, each rank's weights and a roofline measured in the same run; then
-batched generation at several batch sizes in llama-batched-bench's columns, each against its ceiling.
+Prefill (pp) and generation (tg) tokens/s in llama-bench's table shape, where a decode token's time goes (the
+wait for the slowest rank apart from the collectives), the Allreduce traffic against the model's shape, each
+rank's weights, a roofline and the link between the ranks measured in the same run, and decode projected from
+compute and the link; then batched generation at several batch sizes in llama-batched-bench's columns, each
+against its ceiling; warnings when the machine was busy, repeats disagree or a figure passes its ceiling.
 """
 
 import json
@@ -15,7 +17,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded, say
+from mpitp.entry import HelpFormatter, failed_vote, run_guarded, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, Model
@@ -23,18 +25,17 @@ from mpitp.sharding import shard_for
 from mpitp.resources import set_blas_threads
 from mpitp.weights import n_params, shard_bytes
 
+from . import PROG, BenchParser
 from . import ceilings as ce
 from .models import PRESETS, random_model
-from .report import (environment, format_batch, format_long, format_osu, format_report, format_table,
-                     save_batch_plot, summarize)
+from .report import (environment, find_warnings, format_batch, format_long, format_osu, format_report,
+                     format_table, format_warnings, machine_state, print_cluster_table, save_batch_plot, summarize)
 from .timing import (rss_bytes, CATEGORIES, batch_run, decode_breakdown, decode_run, long_run, mean_sd,
                      measure_fixed_cost, prefill_breakdown, run_prefill)
 
-PROG = "bench"
-
 
 def build_parser():
-    p = RankParser(prog="python -m bench",
+    p = BenchParser(prog="python -m bench",
                    description="Benchmark tensor-parallel prefill (pp) and generation (tg) on the MPI ranks, "
                                "with a per-token time breakdown and a roofline measured in the same run. Without "
                                "--model it builds a random-weight model of a preset's shapes, each rank only its "
@@ -69,6 +70,9 @@ def build_parser():
     p.add_argument("--summarize", nargs="+", metavar="JSON",
                    help="no benchmark: print speedup and efficiency of these JSON records (e.g. one per rank count)")
     p.add_argument("--plot", metavar="PNG", help="with --summarize: also save a scaling plot here (needs matplotlib)")
+    p.add_argument("--cluster-table", nargs="+", metavar="JSON",
+                   help="no benchmark: print decode measured and projected against the link of these JSON records "
+                        "(one per link rate: make bench-cluster)")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
 
@@ -81,6 +85,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.summarize:
         return summarize(args.summarize, args.plot, args.batch_plot) if comm.Get_rank() == 0 else 0
+    if args.cluster_table:
+        return print_cluster_table(args.cluster_table) if comm.Get_rank() == 0 else 0
     return run_guarded(comm, lambda: _run(args, comm), args.verbose, PROG)
 
 
@@ -160,8 +166,49 @@ def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng):
     return out
 
 
+def breakdown_entry(records, per):
+    """The mean of instrumented runs (``timing.combine`` records), in ms per ``per`` tokens: each rank's split,
+    the critical path's compute, and which rank had the most compute (the one the report shows)."""
+    n = len(records[0]["ranks"])
+    per_rank = [{k: 1e3 * float(np.mean([r["ranks"][i][k] for r in records])) / per for k in records[0]["ranks"][i]}
+                for i in range(n)]
+    rank = max(range(n), key=lambda i: sum(per_rank[i][k] for k in ("blocks", "lm_head", "other")))
+    return {"categories": list(CATEGORIES), "rank": rank, "runs": len(records), "per_rank_ms": per_rank,
+            "critical_compute_ms": 1e3 * float(np.mean([r["critical_s"] for r in records])) / per}
+
+
+def projection(cfg, size, itemsize, link, decode_records, n_gen, tg):
+    """The record's "projection": each timed repeat's decode time projected (``ceilings.project_decode``) from
+    the compute of the instrumented run right before it and the link measured in this run, against its
+    measurement."""
+    calls = decode_records[0]["calls"] / n_gen
+    choices = (decode_records[0]["collectives"] - decode_records[0]["calls"]) / (2 * n_gen)
+    wire = ce.ring_wire_bytes(ce.allreduce_payload_bytes(cfg, 1, itemsize), size)
+    compute = [r["critical_s"] / n_gen for r in decode_records]
+    costs = (calls, link["allreduce_s"], choices, link["gather_bcast_s"], link["back_to_back_s"])
+    projected = [ce.project_decode(c, *costs) for c in compute]
+    tokens_per_s = float(np.mean([1 / s for s, _ in projected]))
+    measured = float(np.mean(tg))
+    latency = float(np.mean(compute)) + calls * link["allreduce_s"] + choices * link["gather_bcast_s"]
+    bound = ce.project_decode(float(np.mean(compute)), *costs)[1]  # of the mean compute
+    in_situ = float(np.mean([np.mean([r["allreduce"] for r in d["ranks"]]) for d in decode_records])) / n_gen
+    return {"compute_ms_per_token": 1e3 * float(np.mean(compute)), "allreduce_calls_per_token": calls,
+            "allreduce_us": 1e6 * link["allreduce_s"], "allreduce_ms_per_token": 1e3 * calls * link["allreduce_s"],
+            "choices_per_token": choices, "gather_bcast_us": 1e6 * link["gather_bcast_s"],
+            "latency_ms_per_token": 1e3 * latency,
+            "link_sustained_MBps": link["sustained_Bps"] / 1e6 if link["sustained_Bps"] else None,
+            "wire_bytes_per_token": wire, "back_to_back_us": 1e6 * link["back_to_back_s"],
+            "link_ms_per_token": 1e3 * (calls * link["back_to_back_s"] + choices * link["gather_bcast_s"]),
+            "bound": bound, "allreduce_model_ms_per_token": 1e3 * calls * (
+                link["back_to_back_s"] if bound == "link rate" else link["allreduce_s"]),
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_repeat": [1 / s for s, _ in projected],
+            "measured_tokens_per_s": measured, "error_percent": 100 * (tokens_per_s - measured) / measured,
+            "allreduce_in_situ_ms_per_token": 1e3 * in_situ, "link": link}
+
+
 def _run(args, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
+    start = machine_state()  # load average and CPU time counters: how busy the machine was during the run
     rss_start = rss_bytes()  # the interpreter, NumPy and MPI, before any model memory
     tc = TimedComm(comm)  # the model runs on it: its Allreduce calls are timed and counted
     error = None
@@ -181,15 +228,15 @@ def _run(args, comm):
     if args.long:
         rec = long_run(model, args.long)
         rec.update(model=name, ranks=size, threads=threads, dtype=np.dtype(model.dtype).name,
-                   environment=environment(comm, threads))
-        return _output(args, rank, rec, format_long(rec))
+                   environment=environment(comm, threads, start))
+        rec["warnings"] = find_warnings(rec)
+        text = "\n\n".join(filter(None, [format_long(rec), format_warnings(rec["warnings"])]))
+        return _output(args, rank, rec, text)
 
-    # Warm-up, then one instrumented decode run (the breakdown, the Allreduce calls and bytes) and one prefill.
+    # Warm-up (a whole decode run: its cache is the largest), then one instrumented prefill (its breakdown).
     run_prefill(model, args.n_prompt, 1, rng)
-    decode_run(model, min(4, args.n_gen))
-    _, parts, calls, nbytes = decode_breakdown(model, args.n_gen)
-    breakdown = {k: 1e3 * parts[k] / args.n_gen for k in CATEGORIES}
-    _, prefill_parts = prefill_breakdown(model, args.n_prompt)
+    decode_run(model, args.n_gen)
+    prefill_bd = prefill_breakdown(model, args.n_prompt)
 
     # Memory: the peak so far covers loading, the caches and the activations of both tests (measured before
     # the bandwidth probe's array exists: that is the bench's instrument, not the model's memory).
@@ -199,38 +246,51 @@ def _run(args, comm):
     memory["peak_growth_over_weights_and_cache"] = (
         (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
     weights = comm.allgather(model.weight_bytes)
+    # The link between the ranks: its sustained rate, and a decode token's collectives on it when idle.
+    link = ce.measure_link(comm, model.dtype, cfg.n_embd * itemsize, ce.allreduce_calls(cfg))
 
     # The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same
-    # ranks and threads, and is compared with that ceiling.
+    # ranks and threads, and is compared with that ceiling; each decode repeat also right after an
+    # instrumented decode run (the breakdown, the wait apart from the collectives, the projection's compute).
     probe = ce.BandwidthProbe(comm, model.dtype, args.roofline_mib << 20)
-    pp_bw, tg_bw, tg, products = [], [], [], []
-    pp = run_prefill(model, args.n_prompt, args.repeats, rng, before=lambda: pp_bw.append(probe.measure()))
+    pp_bw, pp_gemm, tg_bw, tg, products, decode_bds = [], [], [], [], [], []
+
+    def before_prefill():  # its two ceilings: the DRAM rate and the GEMM rate of its own products
+        pp_bw.append(probe.measure())
+        pp_gemm.append(ce.measure_gemm_rate(model, args.n_prompt, n_kv=args.n_prompt))
+
+    pp = run_prefill(model, args.n_prompt, args.repeats, rng, before=before_prefill)
     for _ in range(args.repeats):
         tg_bw.append(probe.measure())
         products.append(ce.measure_decode_products(model))
+        decode_bds.append(decode_breakdown(model, args.n_gen))
         tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
     batch = batch_test(model, args.batches, args.batch_prompt, args.batch_gen, args.batch_repeats, probe.measure,
                        rng)
     probe = None  # its matrix is freed before the rest is measured
     fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
-    gemm = ce.measure_gemm_rate(model, args.n_prompt)
     read_bytes = ce.decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
     # The LM head of the last position is a matrix-vector product: the roofline counts it as a read, not as flops.
-    flops_per_token = ce.prefill_flops(model, args.n_prompt, include_head=False) / args.n_prompt
+    flops_per_token = ce.prefill_product_flops(model, args.n_prompt) / args.n_prompt
     head_bytes = model.weights.W_vocab.nbytes
     pp_mean, pp_sd = mean_sd(pp)
     tg_mean, tg_sd = mean_sd(tg)
     matrix_bytes = sum(m.nbytes for m in ce.decode_matrices(model))
+    decode_entry = breakdown_entry(decode_bds, args.n_gen)
+    breakdown = {k: decode_entry["per_rank_ms"][decode_entry["rank"]][k] for k in CATEGORIES}
+    prefill_entry = breakdown_entry([prefill_bd], 1)
     total_ms = sum(breakdown.values())
-    overhead_ms = breakdown["allreduce"] + breakdown["other"]
+    overhead_ms = breakdown["allreduce"] + breakdown["gather_bcast"] + breakdown["other"]
     predicted = ce.allreduce_payload_bytes(cfg, 1, itemsize)
+    calls, nbytes = decode_bds[0]["calls"], decode_bds[0]["bytes"]
     rec = {
         "model": name, "params": n_params(cfg), "dtype": np.dtype(model.dtype).name, "ranks": size,
         "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repeats": args.repeats,
         "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
                   {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
-        "decode_breakdown_ms": breakdown,
-        "prefill_breakdown_ms": {k: 1e3 * prefill_parts[k] for k in CATEGORIES},
+        "decode_breakdown_ms": breakdown, "decode_breakdown": decode_entry,
+        "prefill_breakdown_ms": {k: prefill_entry["per_rank_ms"][prefill_entry["rank"]][k] for k in CATEGORIES},
+        "prefill_breakdown": prefill_entry,
         "weights": {"bytes_per_rank": weights, "imbalance": ce.imbalance(weights)},
         "lm_head": {"n_vocab_local": model.shard.n_vocab_local, "bytes_per_rank": head_bytes,
                     "ms_per_decode_token": breakdown["lm_head"]},
@@ -246,15 +306,18 @@ def _run(args, comm):
         "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / total_ms,
                             "fixed_cost_ms_per_token": 1e3 * fixed_s,
                             "fixed_cost_percent": 100 * 1e3 * fixed_s / total_ms},
-        "roofline": ce.roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, gemm, head_bytes),
+        "roofline": ce.roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, pp_gemm,
+                                head_bytes),
+        "projection": projection(cfg, size, itemsize, link, decode_bds, args.n_gen, tg),
         "batch": batch,
         "memory_per_rank": comm.allgather(memory),
-        "environment": environment(comm, threads),
     }
     if args.osu:
         message = cfg.n_embd * itemsize  # a decode token's Allreduce; a prefill's is n_prompt times larger
         sizes = sorted({4 << i for i in range(0, 21, 2)} | {message, args.n_prompt * message})
         rec["allreduce_latency_us"] = ce.allreduce_latency(comm, sizes, model.dtype)
+    rec["environment"] = environment(comm, threads, start)
+    rec["warnings"] = find_warnings(rec)
     rows = [dict(model=name, params=n_params(cfg), dtype=rec["dtype"], ranks=size,
                  threads=threads if threads is not None else "?", test=t["test"], mean=t["mean"], sd=t["sd"])
             for t in rec["tests"]]
@@ -263,6 +326,8 @@ def _run(args, comm):
         text += "\n\n" + format_batch(rec)
     if args.osu:
         text += "\n\n" + format_osu(rec["allreduce_latency_us"], model.dtype)
+    if rec["warnings"]:
+        text += "\n\n" + format_warnings(rec["warnings"])
     return _output(args, rank, rec, text)
 
 

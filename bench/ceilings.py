@@ -1,6 +1,7 @@
-"""What bounds the model on this machine: the DRAM read rate, the matrix products alone, the GEMM rate and
-Allreduce latency (measured), and what the model's shape predicts (pure arithmetic, unit-tested): flops,
-bytes read per decode token, Allreduce payload, the roofline and the imbalance of the weights over ranks.
+"""What bounds the model on this machine: the DRAM read rate, the matrix products alone, the GEMM rate,
+Allreduce latency and the link between the ranks (measured), and what the model's shape predicts (pure
+arithmetic, unit-tested): flops, bytes read per decode token, Allreduce payload, the roofline, the imbalance of
+the weights over ranks, and the projection of decode time from compute and the link (docs/benchmark.md).
 """
 
 import time
@@ -59,6 +60,16 @@ def prefill_flops(model, n_seq, include_head=True):
             + (2 * cfg.n_embd * s.n_vocab_local if include_head else 0))
 
 
+def prefill_product_flops(model, n_seq):
+    """Floating-point operations of the products one rank executes in a prefill of ``n_seq`` tokens, as the
+    model computes them: every block's W_QKV, W_B, W_C, W_D on [n_seq, in], and attention's Q Kᵀ and P V over
+    every key of the prompt (the whole n_seq x n_seq square: the causal mask hides half of it after the
+    product). What ``measure_gemm_rate(model, n_seq, n_kv=n_seq)`` times, block by block."""
+    cfg, s = model.config, model.shard
+    attention = 2 * 2 * cfg.d_head * s.n_head_local * n_seq * n_seq
+    return cfg.n_layer * (n_seq * _matmul_flops_per_token(model) + attention)
+
+
 def decode_flops(model, n_kv):
     """Floating-point operations one rank performs for one decode token that sees ``n_kv`` positions (its
     own included): every block's products, attention over the ``n_kv`` keys and values, its LM-head columns."""
@@ -110,16 +121,20 @@ def roofline(tg, tg_bw, decode_bytes, pp, pp_bw, n_prompt, flops_per_token, gemm
 
     ``tg``, ``pp``: tokens/s of each repeat; ``tg_bw``, ``pp_bw``: bytes/s one rank read just before each.
     Decode is bound by reading ``decode_bytes`` per token; a prefill of ``n_prompt`` tokens by its
-    ``flops_per_token`` at ``gemm`` flop/s plus reading the LM head (``head_bytes``) once.
+    ``flops_per_token`` at ``gemm`` flop/s (one rate, or one measured before each repeat) plus reading the LM
+    head (``head_bytes``) once.
     """
+    gemms = np.broadcast_to(np.asarray(gemm, dtype=np.float64), (len(pp_bw),))
+    gemm = float(np.mean(gemms))
     roof_decode = [bw / decode_bytes for bw in tg_bw]
-    roof_prefill = [n_prompt / (n_prompt * flops_per_token / gemm + head_bytes / bw) for bw in pp_bw]
+    roof_prefill = [n_prompt / (n_prompt * flops_per_token / g + head_bytes / bw) for bw, g in zip(pp_bw, gemms)]
     return {"read_bandwidth_GBps": float(np.mean(tg_bw)) / 1e9,
             "read_bandwidth_GBps_per_repeat": {"pp": [b / 1e9 for b in pp_bw], "tg": [b / 1e9 for b in tg_bw]},
             "decode_bytes_per_token": decode_bytes,
             "decode_bound_tokens_per_s": float(np.mean(roof_decode)), "decode_tokens_per_s": float(np.mean(tg)),
             "decode_percent": 100 * float(np.mean(np.divide(tg, roof_decode))),
-            "gemm_GFps": gemm / 1e9, "prefill_flops_per_token": flops_per_token,
+            "gemm_GFps": gemm / 1e9, "gemm_GFps_per_repeat": [g / 1e9 for g in gemms.tolist()],
+            "prefill_flops_per_token": flops_per_token,
             "prefill_lm_head_read_seconds": head_bytes / float(np.mean(pp_bw)),
             "prefill_bound_tokens_per_s": float(np.mean(roof_prefill)), "prefill_tokens_per_s": float(np.mean(pp)),
             "prefill_percent": 100 * float(np.mean(np.divide(pp, roof_prefill)))}
@@ -170,19 +185,30 @@ def measure_decode_products(model, repeats=3):
     return min(timed_runs(model.comm, run, repeats))
 
 
-def measure_gemm_rate(model, n_seq, repeats=5):
-    """Flop/s one rank reaches on the matrix products of one block at ``n_seq`` tokens (all ranks at once)."""
-    w = model.blocks[0]
+def measure_gemm_rate(model, n_seq, n_kv=None, repeats=5):
+    """Flop/s one rank reaches on the matrix products of one block at ``n_seq`` tokens (all ranks at once):
+    [n_seq, in] times its W_QKV, W_B, W_C and W_D, and with ``n_kv`` also attention's products at the shapes
+    the model multiplies (per group of query heads sharing a key/value head, [group n_seq, d_head] times
+    Kᵀ [d_head, n_kv], then [group n_seq, n_kv] times V [n_kv, d_head], for every group at once)."""
+    w, cfg = model.blocks[0], model.config
     mats = [w.W_QKV, w.W_B, w.W_C, w.W_D]
-    inputs = [np.ones((n_seq, m.shape[0]), model.dtype) for m in mats]
+    pairs = [(np.ones((n_seq, m.shape[0]), model.dtype), m) for m in mats]
+    flops = sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats)
+    if n_kv is not None:
+        dh = cfg.d_head
+        for h0, h1, k0, k1 in model.head_runs:
+            n_k, rows = k1 - k0, (h1 - h0) // (k1 - k0) * n_seq
+            K = np.ones((1, n_k, n_kv, dh), model.dtype)
+            pairs += [(np.ones((1, n_k, rows, dh), model.dtype), K.transpose(0, 1, 3, 2)),
+                      (np.ones((1, n_k, rows, n_kv), model.dtype), np.ones((1, n_k, n_kv, dh), model.dtype))]
+            flops += 2 * 2 * n_k * rows * n_kv * dh
 
     def run():
-        for x, m in zip(inputs, mats):
+        for x, m in pairs:
             x @ m
 
     run()
-    t = min(timed_runs(model.comm, run, repeats))
-    return sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats) / t
+    return flops / min(timed_runs(model.comm, run, repeats))
 
 
 def allreduce_latency(comm, sizes, dtype, iterations=200):
@@ -198,3 +224,77 @@ def allreduce_latency(comm, sizes, dtype, iterations=200):
             mpi.allreduce_sum(comm, buf)
         out.append((buf.nbytes, mpi.max_over_ranks(comm, (time.perf_counter() - t) / iterations) * 1e6))
     return out
+
+
+# --- the link and the projection -----------------------------------------------------------------------
+
+
+def measure_link(comm, dtype, message_bytes, n_calls, bulk_bytes=1_000_000, burst_bytes=1_000_000, rounds=8,
+                 min_seconds=0.2):
+    """What the ranks' link does, for ``project_decode`` (seconds, bytes/s; the slowest rank's):
+
+    - "sustained_Bps": bytes each rank sends per second (ring wire bytes, ``ring_wire_bytes``) in back-to-back
+      Allreduce calls of ``bulk_bytes``, after one that spends any burst a token bucket (tc's tbf) allows;
+    - "back_to_back_s": one Allreduce of ``message_bytes`` (a decode token's) in calls back to back, timed
+      after the first ``burst_bytes`` of them have spent any burst a bucket allows: what a call costs when the
+      link's rate, not its latency, sets the pace (on an unlimited link, its latency still does);
+    - "allreduce_s": the same call on an idle link: the median over ``rounds`` rounds of ``n_calls`` calls
+      back to back (a token's worth), each after a pause long enough for a bucket to refill at the sustained
+      rate;
+    - "gather_bcast_s": the Gather and Bcast that choose a token (16 bytes each), in the same rounds.
+    """
+    itemsize, size = np.dtype(dtype).itemsize, comm.Get_size()
+
+    def back_to_back(buf, batch, after=0):  # seconds per call, in batches of calls until min_seconds passed
+        for _ in range(after):
+            mpi.allreduce_sum(comm, buf)
+        comm.Barrier()
+        n, busy = 0, 0.0
+        while True:
+            t = time.perf_counter()
+            for _ in range(batch):
+                mpi.allreduce_sum(comm, buf)
+            busy += time.perf_counter() - t
+            n += batch
+            elapsed = mpi.max_over_ranks(comm, busy)  # between batches, untimed: every rank stops together
+            if elapsed >= min_seconds:
+                return elapsed / n
+
+    bulk = np.ones(max(1, bulk_bytes // itemsize), dtype)
+    mpi.allreduce_sum(comm, bulk)
+    wire = ring_wire_bytes(bulk.nbytes, size)
+    sustained = wire / back_to_back(bulk, 3) if wire else None
+    msg = np.ones(max(1, message_bytes // itemsize), dtype)
+    msg_wire = ring_wire_bytes(msg.nbytes, size)
+    busy = back_to_back(msg, n_calls, after=int(-(-burst_bytes // msg_wire)) if msg_wire else 0)
+    pause = max(2e-3, 2 * ring_wire_bytes(n_calls * msg.nbytes, size) / sustained) if sustained else 0.0
+    time.sleep(min(2.0, 2 * wire / sustained) if sustained else 0.0)  # an emptied bucket refills
+    per_call, per_choice = [], []
+    for _ in range(rounds + 1):  # the first round is a warm-up
+        time.sleep(pause)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(n_calls):
+            mpi.allreduce_sum(comm, msg)
+        t1 = time.perf_counter()
+        mpi.gather_to_root(comm, np.zeros(2))
+        mpi.bcast_ints(comm, [0, 0])
+        t2 = time.perf_counter()
+        per_call.append(mpi.max_over_ranks(comm, (t1 - t0) / n_calls))
+        per_choice.append(mpi.max_over_ranks(comm, t2 - t1))
+    return {"sustained_Bps": sustained, "bulk_bytes": bulk.nbytes, "message_bytes": msg.nbytes,
+            "back_to_back_s": busy, "allreduce_s": float(np.median(per_call[1:])),
+            "gather_bcast_s": float(np.median(per_choice[1:])), "pause_s": pause, "rounds": rounds,
+            "calls_per_round": n_calls}
+
+
+def project_decode(compute_s, n_allreduce, allreduce_s, n_choice, choice_s, back_to_back_s):
+    """``(seconds per decode token, what binds)``. A token is ``compute_s`` (the critical path outside the
+    collectives, imbalance included) plus ``n_allreduce`` Allreduce calls of ``allreduce_s`` each and
+    ``n_choice`` token choices (Gather and Bcast) of ``choice_s`` each, at their idle-link cost: the
+    collectives are blocking, so nothing overlaps. Unless the link cannot carry the calls that often: a token
+    takes at least its Allreduce calls back to back at ``back_to_back_s`` each, the cost of one when the link's
+    rate sets the pace (a token bucket's burst spent), and then the link binds."""
+    latency = compute_s + n_allreduce * allreduce_s + n_choice * choice_s
+    link = n_allreduce * back_to_back_s + n_choice * choice_s
+    return (link, "link rate") if link > latency else (latency, "compute + latency")

@@ -11,18 +11,17 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mpitp import comm as mpi  # noqa: E402
-from mpitp.entry import HelpFormatter, RankParser, failed_vote, run_guarded  # noqa: E402
+from mpitp.entry import HelpFormatter, failed_vote, run_guarded  # noqa: E402
 from mpitp.errors import MpitpError  # noqa: E402
+from bench import PROG, BenchParser  # noqa: E402 -- its errors read "bench: error: ..." like the bench's
 from bench.timing import rss_bytes  # noqa: E402
 from mpitp.model import DTYPES, Model  # noqa: E402
 from mpitp.weights import n_params  # noqa: E402
 
-PROG = "bench/memory.py"
-
 
 def main(argv=None):
     comm = mpi.world()
-    p = RankParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = BenchParser(prog="python bench/memory.py", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.rank = comm.Get_rank()
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the weights are cast to")
@@ -52,11 +51,11 @@ def _run(args, comm):
             print(json.dumps({"model": args.model, "ranks": comm.Get_size(), "dtype": args.dtype,
                               "full_model_bytes": full, "per_rank": rows}))
         else:
-            print(f"# {args.model}: {n_params(model.config) / 1e6:.1f}M params, {full / 2**20:.1f} MiB in "
+            print(f"# {args.model}: {n_params(model.config) / 1e6:.1f}M params, {full / 1e6:.1f} MB in "
                   f"{args.dtype}, {comm.Get_size()} ranks")
-            print(f"# {'rank':>4} {'weights held (MiB)':>19} {'peak RSS growth at load (MiB)':>30} {'growth/held':>12}")
+            print(f"# {'rank':>4} {'weights held (MB)':>18} {'peak RSS growth at load (MB)':>29} {'growth/held':>12}")
             for r in rows:
-                print(f"  {r['rank']:>4} {r['shard_bytes'] / 2**20:>19.1f} {r['peak_growth_bytes'] / 2**20:>30.1f} "
+                print(f"  {r['rank']:>4} {r['shard_bytes'] / 1e6:>18.1f} {r['peak_growth_bytes'] / 1e6:>29.1f} "
                       f"{r['peak_growth_bytes'] / r['shard_bytes']:>12.2f}")
     return 0
 

@@ -1,7 +1,9 @@
 """Timing the model itself: prefill and decode runs between barriers, and where a token's time goes.
 
 The breakdown is measured from outside the model: whole calls of ``Model.block`` and ``Model.lm_head`` are
-timed by wrapping the instance's bound methods, and the Allreduce calls by the ``TimedComm`` it runs on.
+timed by wrapping the instance's bound methods, and the collectives by a ``WaitComm`` put around the
+communicator for the instrumented runs only, which separates the wait for the slowest rank from the
+collective itself.
 """
 
 import time
@@ -14,7 +16,9 @@ from mpitp.sampling import Sampler
 
 from .models import fixed_cost_config, random_model
 
-CATEGORIES = ("blocks", "allreduce", "lm_head", "other")
+# Where a token's time goes. "wait" is the time a rank would wait for the slowest rank before a collective (the
+# imbalance); "allreduce" and "gather_bcast" are the collectives alone, every rank having arrived.
+CATEGORIES = ("blocks", "lm_head", "other", "wait", "allreduce", "gather_bcast")
 
 
 def timed_runs(comm, fn, repeats):
@@ -33,29 +37,73 @@ def mean_sd(values):
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-class Breakdown:
-    """While active (``with``), times every call of ``model.block`` and ``model.lm_head``; ``model.comm``
-    must be a ``TimedComm``. ``parts(total)`` splits ``total`` seconds into ``CATEGORIES``: "blocks" is the
-    time inside blocks less their Allreduce calls, "allreduce" every Allreduce (the embedding's too), and
-    "other" the rest (embedding, mask, choosing the token, the Python loop)."""
+class WaitComm:
+    """The instrument of the breakdown runs (never of the timed ones): wraps the model's communicator so that
+    every collective of a forward and of the generation loop (``Allreduce``, and the ``Gather`` and ``Bcast``
+    that choose each token) first waits in a Barrier, then runs. Each call is logged as (entered, Barrier
+    done, collective done, name): the collective's time is the collective alone, every rank having arrived;
+    the Barrier's time is the wait for the slowest rank plus the Barrier's own latency, which ``combine``
+    tells apart. Every other call passes straight through."""
 
-    def __init__(self, model):
-        self.model, self.tc = model, model.comm
+    KINDS = {"Allreduce": "allreduce", "Gather": "gather_bcast", "Bcast": "gather_bcast"}
+
+    def __init__(self, comm):
+        self.comm = comm
         self.reset()
 
     def reset(self):
-        self.block_s = self.block_allreduce_s = self.head_s = 0.0
+        self.log, self.start, self.seconds = [], time.perf_counter(), 0.0  # seconds: Barrier + collective
+
+    def _call(self, name, *args, **kwargs):
+        t0 = time.perf_counter()
+        self.comm.Barrier()
+        t1 = time.perf_counter()
+        out = getattr(self.comm, name)(*args, **kwargs)
+        t2 = time.perf_counter()
+        self.log.append((t0, t1, t2, name))
+        self.seconds += t2 - t0
+        return out
+
+    def Allreduce(self, *args, **kwargs):
+        return self._call("Allreduce", *args, **kwargs)
+
+    def Gather(self, *args, **kwargs):
+        return self._call("Gather", *args, **kwargs)
+
+    def Bcast(self, *args, **kwargs):
+        return self._call("Bcast", *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+
+class Breakdown:
+    """While active (``with``), the model runs on a ``WaitComm`` around its communicator (a ``TimedComm``,
+    which still counts the Allreduce calls and bytes), and every call of ``model.block`` and ``model.lm_head``
+    is timed. ``own(total)`` splits this rank's ``total`` seconds (from the last ``reset``) into "blocks" (the
+    blocks' time less their collectives), "lm_head", "allreduce", "gather_bcast", "barrier" (the Barriers'
+    time: wait and the Barrier's own latency) and "other" (embedding, mask, choosing the token, the Python
+    loop), and returns them with the compute segments between collectives that ``combine`` needs."""
+
+    def __init__(self, model):
+        self.model, self.tc = model, model.comm
+        self.wc = WaitComm(model.comm)
+        self.reset()
+
+    def reset(self):
+        self.block_s = self.block_comm_s = self.head_s = 0.0
         self.tc.reset()
+        self.wc.reset()
 
     def __enter__(self):
         self.saved = {k: vars(self.model)[k] for k in ("block", "lm_head") if k in vars(self.model)}
         block, head = self.model.block, self.model.lm_head
 
         def timed_block(*args, **kwargs):
-            t, ar = time.perf_counter(), self.tc.seconds
+            t, comm_s = time.perf_counter(), self.wc.seconds
             out = block(*args, **kwargs)
             self.block_s += time.perf_counter() - t
-            self.block_allreduce_s += self.tc.seconds - ar
+            self.block_comm_s += self.wc.seconds - comm_s
             return out
 
         def timed_head(*args, **kwargs):
@@ -64,23 +112,51 @@ class Breakdown:
             self.head_s += time.perf_counter() - t
             return out
 
-        self.model.block, self.model.lm_head = timed_block, timed_head
+        self.model.block, self.model.lm_head, self.model.comm = timed_block, timed_head, self.wc
         self.reset()
         return self
 
     def __exit__(self, *exc):
         del self.model.block, self.model.lm_head  # the class's methods again, or what was there before
         vars(self.model).update(self.saved)
+        self.model.comm = self.tc
 
-    def parts(self, total):
-        p = {"blocks": self.block_s - self.block_allreduce_s, "allreduce": self.tc.seconds, "lm_head": self.head_s}
-        p["other"] = total - sum(p.values())
-        return p
+    def own(self, total):
+        parts = {"blocks": self.block_s - self.block_comm_s, "lm_head": self.head_s, "allreduce": 0.0,
+                 "gather_bcast": 0.0, "barrier": 0.0}
+        segments, prev = [], self.wc.start
+        for entered, arrived, done, name in self.wc.log:
+            segments.append(entered - prev)  # computing since the last collective ended
+            parts["barrier"] += arrived - entered
+            parts[WaitComm.KINDS[name]] += done - arrived
+            prev = done
+        segments.append(self.wc.start + total - prev)  # after the last collective
+        parts["other"] = total - sum(parts.values())
+        return parts, segments
 
 
-def slowest(comm, own_seconds, parts):
-    """``(seconds, {category: seconds})`` of the slowest rank."""
-    return max(comm.allgather((own_seconds, parts)), key=lambda r: r[0])
+def combine(comm, total, parts, segments):
+    """Every rank's split of its time (``Breakdown.own``), with the wait told apart from the Barrier's own
+    latency; the same record on every rank (seconds):
+
+    - "critical_s": the compute on the critical path, the sum over the segments between collectives of the
+      slowest rank's segment: what the run would take with collectives that cost nothing;
+    - "ranks": per rank, ``CATEGORIES`` plus "barrier" (the instrument's own cost, in no timed run) and
+      "total" (without it): "wait" is the critical path less the rank's own compute (blocks, LM head, other);
+    - "seconds": the slowest rank's ``total``; "rank": the rank with the most compute (it waits least).
+    """
+    everyone = comm.allgather((total, parts, segments))
+    if len({len(s) for _, _, s in everyone}) != 1:
+        raise RuntimeError("the ranks made different numbers of collective calls")  # one code path: cannot happen
+    critical = float(np.sum(np.max([s for _, _, s in everyone], axis=0)))
+    ranks = []
+    for total_r, p, _ in everyone:
+        wait = critical - (p["blocks"] + p["lm_head"] + p["other"])
+        r = {k: p[k] for k in CATEGORIES if k != "wait"}
+        r.update(wait=wait, barrier=p["barrier"] - wait, total=total_r - (p["barrier"] - wait))
+        ranks.append({k: r[k] for k in CATEGORIES + ("barrier", "total")})
+    rank = max(range(len(ranks)), key=lambda i: sum(ranks[i][k] for k in ("blocks", "lm_head", "other")))
+    return {"seconds": max(r["total"] for r in ranks), "critical_s": critical, "ranks": ranks, "rank": rank}
 
 
 def decode_run(model, n_gen, on_token=None):
@@ -91,8 +167,9 @@ def decode_run(model, n_gen, on_token=None):
 
 
 def decode_breakdown(model, n_gen):
-    """One decode run of ``n_gen`` tokens, instrumented: ``(seconds, parts, allreduce calls, bytes)`` of the
-    decode forwards alone (the counters restart when the prompt's token arrives), the slowest rank's time."""
+    """One decode run of ``n_gen`` tokens, instrumented (``Breakdown``): ``combine``'s record of the decode
+    forwards alone (the counters restart when the prompt's token arrives), plus this rank's Allreduce "calls"
+    and "bytes" and its "collectives" (every collective the instrument saw)."""
     with Breakdown(model) as b:
         first = []
 
@@ -102,21 +179,22 @@ def decode_breakdown(model, n_gen):
                 b.reset()
 
         own = decode_run(model, n_gen, on_token)
-        calls, nbytes = b.tc.calls, b.tc.bytes
-        seconds, parts = slowest(model.comm, own, b.parts(own))
-    return seconds, parts, calls, nbytes
+        calls, nbytes, collectives = b.tc.calls, b.tc.bytes, len(b.wc.log)
+        rec = combine(model.comm, own, *b.own(own))
+    return dict(rec, calls=calls, bytes=nbytes, collectives=collectives)
 
 
 def prefill_breakdown(model, n_prompt):
-    """One prefill of ``n_prompt`` tokens, instrumented: ``(seconds, parts)`` of the slowest rank."""
+    """One prefill of ``n_prompt`` tokens, instrumented: ``combine``'s record."""
     prompt = np.arange(n_prompt) % model.config.n_vocab
     cache = model.new_cache(n_prompt)
     with Breakdown(model) as b:
         model.comm.Barrier()
+        b.reset()
         t = time.perf_counter()
         model.forward(prompt, cache, gather=False)
         own = time.perf_counter() - t
-        return slowest(model.comm, own, b.parts(own))
+        return combine(model.comm, own, *b.own(own))
 
 
 def run_prefill(model, n_prompt, repeats, rng, before=None):

@@ -4,7 +4,8 @@
 # iproute2 and util-linux's unshare. Every address lives inside the namespaces made here.
 #
 #   scripts/cluster.sh run NODES PPN [RATE] -- CMD...   make the nodes, run CMD under mpiexec (-n NODES*PPN,
-#                                                       PPN ranks per node, links limited to RATE, e.g. 1gbit),
+#                                                       PPN ranks per node, links limited to RATE, e.g. 1gbit,
+#                                                       which CMD sees as MPITP_CLUSTER_RATE, else unlimited),
 #                                                       then remove everything (also on failure and Ctrl-C)
 #   scripts/cluster.sh down                             remove what a killed run left behind
 #   scripts/cluster.sh nodeI CMD...                     (mpiexec's launcher: run a proxy on node I)
@@ -71,7 +72,8 @@ run)
     hostfile=/tmp/$PREFIX-hostfile  # MPICH's format, as on a real cluster: "host:ranks" per line
     seq -f "node%g:$ppn" 0 $((nodes - 1)) > "$hostfile"
     ip netns exec "$PREFIX-head" unshare --uts sh -c "hostname head && exec \"\$@\"" sh \
-        env MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp "$mpiexec" -launcher rsh -launcher-exec "$HERE/cluster.sh" \
+        env MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp MPITP_CLUSTER_RATE="${rate:-unlimited}" \
+        "$mpiexec" -launcher rsh -launcher-exec "$HERE/cluster.sh" \
         -f "$hostfile" -localhost "$NET.254" -n $((nodes * ppn)) "$@" &
     pid=$!  # mpiexec, once the exec chain is done: Ctrl-C and SIGTERM go to it, and it stops the ranks
     trap 'kill -INT $pid 2>/dev/null' INT
@@ -81,5 +83,5 @@ run)
     while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done  # a trap ends a wait early: wait again
     exit $status ;;
 *)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

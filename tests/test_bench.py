@@ -1,11 +1,13 @@
 """The benchmark (the top-level ``bench`` package): its arithmetic against hand counts, the breakdown's
 bookkeeping, the random-weight models, the outputs, and the command end to end.
 
-No timing is asserted. The in-process end-to-end test runs the benchmark on every rank of the session (so
-under ``mpirun -n P pytest`` it is a real P-rank run); the CLI tests launch their own ``mpirun``.
+No timing is asserted but lower bounds that sleeps set. The in-process end-to-end test runs the benchmark on
+every rank of the session (so under ``mpirun -n P pytest`` it is a real P-rank run); the CLI tests launch their
+own ``mpirun``.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -92,6 +94,17 @@ def test_prefill_flops_against_a_hand_count():
     assert ceilings.prefill_flops(model, n, include_head=False) == layers * (matmuls + attention)
 
 
+def test_prefill_product_flops_count_the_whole_attention_square():
+    # what the model multiplies: Q K^T and P V over every key of the prompt, before the mask hides half
+    model = load_model(model_dir("gpt2-tiny"), comm.serial(), "float32")
+    n, d, f, h, dh, layers = 5, 64, 256, 4, 16, 2
+    matmuls = 2 * n * (d * 3 * d + d * d + d * f + f * d)
+    assert ceilings.prefill_product_flops(model, n) == layers * (matmuls + 2 * 2 * dh * h * n * n)
+    assert ceilings.prefill_product_flops(model, n) - ceilings.prefill_flops(model, n, include_head=False) == (
+        layers * 2 * 2 * dh * h * (n * n - n * (n + 1) // 2))
+    assert ceilings.measure_gemm_rate(model, n, n_kv=n) > 0 and ceilings.measure_gemm_rate(model, 3) > 0
+
+
 def test_prefill_flops_count_only_this_ranks_share():
     def flops(size):
         return run_ranks(size, lambda c: ceilings.prefill_flops(load_model(model_dir("llama-gqa"), c, "float32"), 6))
@@ -154,17 +167,20 @@ def test_parse_batches():
             parse_batches(bad)
 
 
+class WithBarrier:
+    """A simulated rank's communicator with a Barrier (an allgather is one), which the bench's timing needs."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def Barrier(self):
+        self.c.allgather(None)
+
+    def __getattr__(self, name):
+        return getattr(self.c, name)
+
+
 def test_batch_test_on_simulated_ranks():
-    class WithBarrier:  # the simulated communicator has no Barrier: an allgather is one
-        def __init__(self, c):
-            self.c = c
-
-        def Barrier(self):
-            self.c.allgather(None)
-
-        def __getattr__(self, name):
-            return getattr(self.c, name)
-
     def run(c):
         model = models.random_model(TINY, WithBarrier(c), np.float32)
         return batch_test(model, [1, 2, 5], 6, 4, 2, lambda: 10e9, np.random.default_rng(0))
@@ -223,12 +239,110 @@ def test_tables():
     assert lines[-1] == "| 2 | 60.00 | 1.50x | 80.00 | 1.60x | 80.00 | 1.60x |"
     osu = report.format_osu([(4, 1.5), (3072, 4.25)], np.float32).splitlines()
     assert osu[2].startswith("# Size") and osu[-1].split() == ["3072", "4.25"]
-    held = [10.2 * 2**20, 9.8 * 2**20]
+    held = [10.2e6, 9.8e6]
     weights = {"bytes_per_rank": held, "imbalance": ceilings.imbalance(held)}
-    assert report.format_weights(weights) == "weights per rank: 10.2, 9.8 MiB; imbalance (max/mean) 1.02"
+    assert report.format_weights(weights) == "weights per rank: 10.2, 9.8 MB; imbalance (max/mean) 1.02"
     lines = report.weights_table([{"ranks": 2, "weights": weights},
-                                  {"ranks": 1, "weights": {"bytes_per_rank": [20 * 2**20], "imbalance": 1.0}}])
+                                  {"ranks": 1, "weights": {"bytes_per_rank": [20e6], "imbalance": 1.0}}])
     assert lines.splitlines()[2:] == ["| 1 | 20 | 1.00 |", "| 2 | 10.2, 9.8 | 1.02 |"]
+
+
+def test_a_share_above_its_ceiling_always_has_a_warning_beside_it():
+    assert report.percent(99.6) == "100%" and report.percent(100) == "100%"
+    assert report.percent(100.4) == "100% (warning: above its ceiling)"
+    assert report.percent(161.2) == "161% (warning: above its ceiling)"
+
+
+def machine(load_start, load_end, steal, cores=2):
+    return {"hosts": ["node0", "node1"], "machine_id": "x", "cores": cores, "load_start": load_start,
+            "load_end": load_end, "steal_percent": steal}
+
+
+def test_warnings_name_a_busy_machine_disagreeing_repeats_and_shares_above_a_ceiling():
+    quiet = {"environment": {"machine": [machine([0.3, 0.5, 0.5], [2.2, 1.0, 0.6], 0.1)]},
+             "tests": [{"test": "pp128", "tokens_per_s": [100.0, 105.0]}, {"test": "tg64", "tokens_per_s": [50.0]}]}
+    assert report.find_warnings(quiet) == []  # the bench's own 2 ranks at the end: 2.2 on 2 cores is not busy
+    busy = {"environment": {"machine": [machine([3.1, 2.0, 1.0], [2.6, 2.0, 1.0], 7.5)]},
+            "tests": [{"test": "pp128", "tokens_per_s": [100.0, 125.0]}],
+            "roofline": {"decode_percent": 94.0, "prefill_percent": 161.0},
+            "decode_products": {"percent_of_read_bandwidth": 101.0, "forward_percent_of_products": 80.0},
+            "batch": [{"batch": 4, "percent_of_ceiling": 120.0,
+                       "runs": [{"decode_tokens": 12, "decode_seconds": 1.0}, {"decode_tokens": 12,
+                                                                               "decode_seconds": 1.5}]}]}
+    w = report.find_warnings(busy)
+    assert len(w) == 8
+    assert "load average 3.10 (1 minute) at the start of the run on node0, node1 (2 cores" in w[0]
+    assert "load average 2.60 (1 minute) at the end" in w[1] and "stole 7.5% of the CPU time" in w[2]
+    assert w[3].startswith("pp128's 2 repeats disagree by 22% ((max - min) / mean, more than 10%)")
+    assert w[4].startswith("batch 4's 2 repeats disagree by 40%")
+    assert w[5].startswith("prefill (pp) against its roofline is 161%: above 100% the ceiling")
+    assert w[6].startswith("decode's products alone against the DRAM read rate is 101%")
+    assert w[7].startswith("batch 4's decode against its ceiling is 120%")
+    assert report.format_warnings(w[:2]).count("\nwarning: ") == 1
+
+
+def test_machine_state_and_environment():
+    state = report.machine_state()
+    if os.path.exists("/proc/loadavg"):
+        assert len(state["load"]) == 3 and state["jiffies"] >= state["steal_jiffies"] >= 0
+    (m,) = report.machine_entry(comm.serial(), state)
+    assert m["cores"] >= 1 and m["hosts"] and (m["steal_percent"] is None or 0 <= m["steal_percent"] <= 100)
+    env = report.environment(comm.serial(), 1, state)
+    assert env["machine"][0]["load_start"] == state["load"] and "load_end" in env["machine"][0]
+    assert env["cluster_rate"] == os.environ.get("MPITP_CLUSTER_RATE")
+
+
+def fake_record(rate, tg, projected, allreduce_ms, waits):
+    per_rank = [dict(blocks=8.0, lm_head=3.0, other=0.2, wait=w, allreduce=allreduce_ms, gather_bcast=0.05,
+                     barrier=0.9, total=11.25 + w + allreduce_ms) for w in waits]
+    return {"model": "gpt2-124m (random)", "dtype": "float32", "ranks": 2, "threads": 1, "repeats": 3,
+            "tests": [{"test": "pp128", "mean": 1000.0, "sd": 5.0}, {"test": "tg64", "mean": tg, "sd": 0.5}],
+            "environment": {"hosts": ["node0", "node1"], "cluster_rate": rate},
+            "decode_breakdown": {"categories": list(timing.CATEGORIES), "rank": 1, "runs": 3,
+                                 "per_rank_ms": per_rank, "critical_compute_ms": 11.2 + max(waits)},
+            "projection": {"tokens_per_s": projected, "error_percent": 100 * (projected - tg) / tg,
+                           "compute_ms_per_token": 11.5, "allreduce_in_situ_ms_per_token": allreduce_ms,
+                           "allreduce_model_ms_per_token": 1.25, "link_sustained_MBps": 12.1 if rate else None,
+                           "bound": "compute + latency"},
+            "warnings": ["tg64's 3 repeats disagree by 12%"] if rate == "100mbit" else []}
+
+
+def test_cluster_table(tmp_path, capsys):
+    recs = [fake_record(None, 80.0, 78.0, 1.5, [0.4, 0.1]), fake_record("100mbit", 75.0, 77.5, 2.0, [0.2, 0.6])]
+    lines = report.cluster_table(recs).splitlines()
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
+        "link", "pp t/s", "tg t/s", "projected t/s", "error", "compute ms/tok", "Allreduce ms/tok",
+        "modelled ms/tok", "wait ms/tok", "link MB/s", "bound"]
+    assert [c.strip() for c in lines[2].split("|")[1:-1]] == [
+        "2 hosts", "1000.0", "80.00 ± 0.50", "78.00", "-2.5%", "11.500", "1.500", "1.250", "0.400", "-",
+        "compute + latency"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]][:5] == ["100mbit", "1000.0", "75.00 ± 0.50", "77.50",
+                                                                 "+3.3%"]
+    assert lines[3].split("|")[9].strip() == "0.600" and lines[3].split("|")[10].strip() == "12.1"
+    paths = []
+    for i, r in enumerate(recs):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(r, f)
+    assert report.print_cluster_table(paths) == 0
+    out = capsys.readouterr().out
+    assert "largest projection error: 3.3%" in out and "warning (100mbit): tg64's 3 repeats" in out
+
+
+def test_scaling_plot_starts_at_zero_and_shows_the_ceilings():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    recs = [{"model": "m", "ranks": n, "tests": [{"test": "pp128", "mean": pp, "sd": 1.0},
+                                                {"test": "tg64", "mean": tg, "sd": 1.0}],
+             "roofline": {"prefill_bound_tokens_per_s": 1.2 * pp, "decode_bound_tokens_per_s": 1.1 * tg},
+             "decode_products": {"ms_per_token": 900 / tg}} for n, pp, tg in ((1, 500.0, 48.0), (2, 900.0, 80.0))]
+    fig = report.scaling_figure(recs, plt)
+    pp_ax, tg_ax = fig.axes
+    for ax in (pp_ax, tg_ax):
+        assert ax.get_ylim()[0] == 0
+    labels = [line.get_label() for line in tg_ax.get_lines()]
+    assert "ceiling: DRAM roofline" in labels and "ceiling: products alone" in labels
+    assert any(label.startswith("ceiling: prefill roofline") for label in [x.get_label() for x in pp_ax.get_lines()])
+    plt.close(fig)
 
 
 def test_batch_tables():
@@ -305,14 +419,67 @@ def test_breakdown_counts_the_decode_forwards_only_and_adds_up():
 
     model.lm_head = slow_head
     n = 6
-    seconds, parts, calls, nbytes = timing.decode_breakdown(model, n)
-    assert calls == n * 5 and nbytes == n * ceilings.allreduce_payload_bytes(TINY, 1, 4)  # not the prompt's
-    assert set(parts) == set(timing.CATEGORIES)
-    assert sum(parts.values()) == pytest.approx(seconds, rel=1e-12)
-    assert parts["lm_head"] >= n * head_sleep and min(parts.values()) >= 0
-    assert vars(model)["lm_head"] is slow_head and "block" not in vars(model)  # instance restored
-    seconds, parts = timing.prefill_breakdown(model, 8)
-    assert parts["lm_head"] >= head_sleep and sum(parts.values()) == pytest.approx(seconds, rel=1e-12)
+    rec = timing.decode_breakdown(model, n)
+    assert rec["calls"] == n * 5  # not the prompt's
+    assert rec["bytes"] == n * ceilings.allreduce_payload_bytes(TINY, 1, 4)
+    assert rec["collectives"] == n * (5 + 2)  # and each token's choice: a Gather and a Bcast
+    (parts,) = rec["ranks"]
+    assert list(parts) == list(timing.CATEGORIES) + ["barrier", "total"] and rec["rank"] == 0
+    assert sum(parts[k] for k in timing.CATEGORIES) == pytest.approx(parts["total"], rel=1e-12)
+    assert rec["seconds"] == parts["total"] and parts["lm_head"] >= n * head_sleep
+    assert parts["wait"] == pytest.approx(0, abs=1e-9)  # one rank waits for nobody
+    assert rec["critical_s"] == pytest.approx(parts["blocks"] + parts["lm_head"] + parts["other"], rel=1e-9)
+    assert min(parts[k] for k in ("blocks", "lm_head", "other", "allreduce", "gather_bcast")) >= 0
+    assert vars(model)["lm_head"] is slow_head and "block" not in vars(model) and model.comm is tc  # restored
+    rec = timing.prefill_breakdown(model, 8)
+    (parts,) = rec["ranks"]
+    assert parts["lm_head"] >= head_sleep and parts["gather_bcast"] == 0
+    assert sum(parts[k] for k in timing.CATEGORIES) == pytest.approx(rec["seconds"], rel=1e-12)
+
+
+def test_wait_for_the_slowest_rank_is_not_counted_as_communication():
+    # Rank 1's LM head sleeps 20 ms a token: rank 0 waits for it at the next collective (the token's choice).
+    # The old breakdown counted that wait as Allreduce time; the instrument puts it under "wait".
+    n, sleep = 4, 0.02
+
+    def run(c):
+        model = models.random_model(TINY, TimedComm(WithBarrier(c)), np.float32)
+        if c.Get_rank() == 1:
+            def slow_head(x):
+                time.sleep(sleep)
+                return Model.lm_head(model, x)
+
+            model.lm_head = slow_head
+        return timing.decode_breakdown(model, n)
+
+    recs = run_ranks(2, run)
+    assert recs[0]["ranks"] == recs[1]["ranks"] and recs[0]["critical_s"] >= n * sleep
+    fast, slow = recs[0]["ranks"]
+    assert recs[0]["rank"] == 1  # the rank with the most compute
+    assert fast["wait"] > 0.5 * n * sleep > slow["wait"]
+    assert fast["allreduce"] + fast["gather_bcast"] < 0.5 * n * sleep  # the collectives alone: no wait in them
+    for r in (fast, slow):
+        assert sum(r[k] for k in timing.CATEGORIES) == pytest.approx(r["total"], rel=1e-9)
+        # every rank's compute plus its wait is the critical path
+        assert r["blocks"] + r["lm_head"] + r["other"] + r["wait"] == pytest.approx(recs[0]["critical_s"], rel=1e-9)
+
+
+def test_projection_adds_each_collective_or_lets_the_link_bind():
+    # 10 ms of compute, 25 Allreduce of 50 us and one choice of 80 us: 11.33 ms a token; back to back the
+    # calls take 50 us too (latency sets the pace), 1.33 ms
+    assert ceilings.project_decode(0.010, 25, 50e-6, 1, 80e-6, 50e-6) == (pytest.approx(0.01133),
+                                                                            "compute + latency")
+    # the same token over a link that takes 3 ms a call once its burst is spent: 75.08 ms, and the link binds
+    assert ceilings.project_decode(0.010, 25, 50e-6, 1, 80e-6, 3e-3) == (pytest.approx(0.07508), "link rate")
+    assert ceilings.project_decode(0.010, 0, 0, 0, 0, 0) == (0.010, "compute + latency")  # one rank
+
+
+def test_link_measurement_on_one_rank():
+    link = ceilings.measure_link(comm.serial(), np.float32, 3072, 5, bulk_bytes=1 << 16, rounds=2, min_seconds=0.01)
+    assert link["bulk_bytes"] == 1 << 16
+    assert link["sustained_Bps"] is None and link["pause_s"] == 0  # nothing crosses a link
+    assert link["message_bytes"] == 3072 and min(link["allreduce_s"], link["gather_bcast_s"],
+                                                 link["back_to_back_s"]) > 0
 
 
 def test_roofline_compares_each_repeat_with_its_own_ceiling():
@@ -325,6 +492,10 @@ def test_roofline_compares_each_repeat_with_its_own_ceiling():
     assert rf["prefill_bound_tokens_per_s"] == pytest.approx(100 / 0.202)
     assert rf["prefill_percent"] == pytest.approx(100 * 400 * 0.202 / 100)
     assert rf["prefill_lm_head_read_seconds"] == pytest.approx(0.002)
+    # a GEMM rate measured before each prefill repeat: each against its own
+    rf = ceilings.roofline([50.0], [10e9], 100e6, [400.0, 400.0], [10e9, 10e9], 100, 1e8, [50e9, 25e9], 20e6)
+    assert rf["gemm_GFps"] == 37.5 and rf["gemm_GFps_per_repeat"] == [50, 25]
+    assert rf["prefill_percent"] == pytest.approx(100 * 400 * (0.202 + 0.402) / 2 / 100)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "qwen2-0.5b"])
@@ -352,12 +523,29 @@ def check_record(rec, ranks):
     assert ar["measured_calls_per_token"] == ar["calls_per_token"] == 5
     assert ar["measured_bytes_per_token"] == ar["predicted_bytes_per_token"] == 5 * 64 * 4
     assert list(rec["decode_breakdown_ms"]) == list(rec["prefill_breakdown_ms"]) == list(timing.CATEGORIES)
+    for key, runs in (("decode_breakdown", 2), ("prefill_breakdown", 1)):
+        b = rec[key]
+        assert b["runs"] == runs and len(b["per_rank_ms"]) == ranks and 0 <= b["rank"] < ranks
+        for r in b["per_rank_ms"]:
+            assert sum(r[k] for k in timing.CATEGORIES) == pytest.approx(r["total"])
+            assert r["blocks"] + r["lm_head"] + r["other"] + r["wait"] == pytest.approx(b["critical_compute_ms"],
+                                                                                        rel=0.02)
+    pj = rec["projection"]
+    assert pj["allreduce_calls_per_token"] == 5 and pj["choices_per_token"] == 1
+    assert pj["wire_bytes_per_token"] == ceilings.ring_wire_bytes(5 * 64 * 4, ranks)
+    assert pj["error_percent"] == pytest.approx(100 * (pj["tokens_per_s"] / rec["tests"][1]["mean"] - 1))
+    assert len(pj["tokens_per_s_per_repeat"]) == 2 and pj["bound"] in ("compute + latency", "link rate")
+    assert (pj["link_sustained_MBps"] is None) == (ranks == 1)
+    (m,) = rec["environment"]["machine"]  # every rank of this test runs on this machine
+    assert m["cores"] >= 1 and len(m["hosts"]) == len(rec["environment"]["hosts"])
+    assert rec["warnings"] == report.find_warnings(rec)
+    assert len(rec["roofline"]["gemm_GFps_per_repeat"]) == 2
     held = tiny_weight_bytes(ranks)
     assert rec["weights"]["bytes_per_rank"] == held == [m["weight_bytes"] for m in rec["memory_per_rank"]]
     assert rec["weights"]["imbalance"] == pytest.approx(max(held) * ranks / sum(held))
     assert rec["lm_head"]["bytes_per_rank"] == 64 * rec["lm_head"]["n_vocab_local"] * 4
     assert rec["lm_head"]["n_vocab_local"] == -(-256 // ranks)
-    assert "projection" not in rec and rec["environment"]["mpi_library"]
+    assert rec["environment"]["mpi_library"]
     assert [r["batch"] for r in rec["batch"]] == [1, 3]  # --batch 3,1: sorted
     for r in rec["batch"]:
         b = r["batch"]
@@ -395,8 +583,13 @@ def test_cli_runs_reports_and_summarizes(tmp_path):
         rec = json.load(f)
     check_record(rec, 2)
     assert re.search(r"^\| tiny \(random\) \| +0\.12 M \| float32 \| +2 \| .* \| tg8 +\| ", r.stdout, re.M)
-    mib = ", ".join(f"{b / 2**20:.3g}" for b in tiny_weight_bytes(2))
-    assert f"weights per rank: {mib} MiB; imbalance (max/mean) 1.00" in r.stdout
+    mb = ", ".join(f"{b / 1e6:.3g}" for b in tiny_weight_bytes(2))
+    assert f"weights per rank: {mb} MB; imbalance (max/mean) 1.00" in r.stdout
+    assert "MiB" not in r.stdout  # one unit family: decimal, like the rates
+    assert re.search(r"^  wait for the slowest rank before the collectives, by rank: [\d.]+, [\d.]+ ms", r.stdout, re.M)
+    assert re.search(r"^projection, decode: compute .* measured \([+-]\d+\.\d%\)", r.stdout, re.M)
+    for share in re.findall(r"(\d+)%( \(warning: above its ceiling\))?", r.stdout):
+        assert int(share[0]) <= 100 or share[1]  # never above 100% without the warning beside it
     assert re.search(r"^\|  8 \|  4 \| 3 \|   33 \| ", r.stdout, re.M)  # the batched-bench table, batch 3
     assert re.search(r"^\|     3 \| .* \| (DRAM|GEMM)  \| +\d+% \|$", r.stdout, re.M)  # against its ceiling
     s = run_bench(["--summarize", str(out), str(out), "--plot", str(tmp_path / "s.png"),
@@ -406,6 +599,9 @@ def test_cli_runs_reports_and_summarizes(tmp_path):
     assert (tmp_path / "s.png").exists() or "plot: skipped" in s.stdout
     assert s.stdout.count("# batched decode against its ceiling, 2 ranks") == 2
     assert (tmp_path / "b.png").exists() or "batch plot: skipped (matplotlib" in s.stdout
+    c = run_bench(["--cluster-table", str(out), str(out)], 1)
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.count("| 1 host ") == 2 and "largest projection error" in c.stdout
 
 
 @serial_only
@@ -430,8 +626,18 @@ def test_cli_long_run(tmp_path):
     (["--batch-prompt", "100"], "--batch-prompt plus --batch-gen must be at most the model's context of 128"),
     (["--batch", "1,100000000"], "this rank's shard of the model and its KV cache for --batch 100000000 "
                                  "(100000000 x 95 positions) needs"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),  # argparse's own errors too
 ])
 def test_cli_refuses_bad_input_once(args, message):
     r = run_bench(["--preset", "tiny", *args], 2)
     assert r.returncode == 2
     assert r.stderr.count("bench: error:") == 1 and f"bench: error: {message}" in r.stderr
+
+
+@serial_only
+def test_memory_script_errors_read_like_the_benchs(tmp_path):
+    for args, message in (([], "the following arguments are required: --model"),
+                          (["--model", str(tmp_path / "none")], "model folder not found")):
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), *args], capture_output=True,
+                           text=True, timeout=60, env=child_env(), cwd=str(REPO))
+        assert r.returncode == 2 and r.stderr.count("bench: error:") == 1 and message in r.stderr
