@@ -1,12 +1,9 @@
 """Checkpoint reading: safetensors files, validated strictly, read one slice at a time.
 
-A model folder holds either one ``model.safetensors`` or several files listed in
-``model.safetensors.index.json``'s ``weight_map``. Headers are checked as strictly as the reference
-safetensors library checks them (size cap, offsets in range, no overlaps or holes, shape x dtype = bytes),
-so a hostile or truncated file raises ``CheckpointError`` before anything is allocated. A slice of a tensor
-is read with positioned reads of just its bytes, straight into the result: each rank reads only its own
-bytes, and its memory holds only its shard (a memory map would keep every touched page resident as well).
-Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary code.
+One ``model.safetensors``, or the files ``model.safetensors.index.json`` names. Headers are checked as strictly
+as the reference library checks them, so a hostile or truncated file raises ``CheckpointError`` before anything
+is allocated. A rank reads its slices with positioned reads of just their bytes (a memory map would keep every
+touched page resident). Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary code.
 """
 
 import json

@@ -369,8 +369,9 @@ def _row(ref, other, step, row):
     if tokens is None:
         return f"row {row}"
     token, position = (int(x) for x in tokens[row])
-    sequence = int(np.sum(tokens[:row + 1, 1] == 0)) - 1 if step == 0 else row
-    return f"row {row} (prompt {sequence}, position {position}, token {token})"
+    if step > 0:  # a decode step has a row per sequence still generating: which prompt is not recorded
+        return f"row {row} (the {row + 1}. sequence still generating, position {position}, token {token})"
+    return f"row {row} (prompt {int(np.sum(tokens[:row + 1, 1] == 0)) - 1}, position {position}, token {token})"
 
 
 def _check_pair(ref, other, args):

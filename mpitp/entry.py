@@ -8,6 +8,7 @@ cleanly (status 2, the message printed once). Anything unexpected on any rank ab
 import argparse
 import signal
 import sys
+import threading
 import traceback
 
 from . import comm as mpi
@@ -67,7 +68,8 @@ def run_guarded(comm, fn, verbose, prog):
     """``fn()``'s exit status; an unexpected exception on this rank aborts every rank of the job. Without a
     communicator (the serial tools), bad input (``MpitpError``) is one line and status 2."""
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    signal.signal(signal.SIGTERM, _terminated)  # what Slurm's scancel sends: end like Ctrl-C, in one line
+    main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None  # Slurm's scancel: like Ctrl-C
     who = f"[rank {rank}] {prog}" if comm is not None else prog
     try:
         return fn()
@@ -86,3 +88,6 @@ def run_guarded(comm, fn, verbose, prog):
         if size > 1:
             mpi.abort(comm, code)
         return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

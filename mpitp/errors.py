@@ -1,8 +1,7 @@
 """The exception types mpitp raises for bad input.
 
-Every error a user can cause (a bad model folder, a rank count the model cannot be split over, a request
-longer than the context) is an ``MpitpError`` whose message is one full sentence naming the file, tensor or
-value and saying what would be valid. Entry points print it on one line; anything else is a bug and aborts.
+Every error a user can cause is an ``MpitpError`` whose message is one sentence naming the file, tensor or
+value and what would be valid. Entry points print it on one line; anything else is a bug and aborts.
 """
 
 

@@ -199,11 +199,11 @@ def _run(args, comm):
             print(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
                   f"generated ids: {' '.join(map(str, r.token_ids))}", flush=True)
     rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
-    _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} prompt tokens, {t.prefill_seconds * 1e3:.1f}"
+    _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} tokens, {t.prefill_seconds * 1e3:.1f}"
                      f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "
                      f"first, {t.decode_seconds * 1e3:.1f} ms ({rate(t.decode_tokens_per_s)}); Allreduce: "
-                     f"{allreduce_s * 1e3:.1f} ms inside the calls, waits for other ranks included (the rank with "
-                     f"most); finish: {', '.join(r.finish_reason for r in results)}")
+                     f"{allreduce_s * 1e3:.1f} ms in the calls, waits for other ranks included (the rank with most);"
+                     f" finish: {', '.join(r.finish_reason for r in results)}")
     if args.trace:
         _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
     return 0

@@ -78,7 +78,12 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
     agreed to go on.
     """
     prompts = check_request(model, prompts, max_new_tokens)
-    cache = cache if cache is not None else new_batch_cache(model, prompts, max_new_tokens)
+    if cache is None:  # the memory check can fail on some ranks only: they agree before the first collective
+        try:
+            cache = new_batch_cache(model, prompts, max_new_tokens)
+        finally:  # a rank that failed takes part too, then raises its own error
+            if mpi.max_over_ranks(model.comm, cache is None) and cache is not None:  # another failed
+                raise RequestError("another rank could not allocate its KV cache; see its error.")
     sampler = sampler or Sampler()
     stop_ids = set(stop_ids)
     timing = Timing(prefill_tokens=sum(len(p) for p in prompts))

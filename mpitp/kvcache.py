@@ -14,8 +14,7 @@ class KVCache:
     def __init__(self, n_layer, n_batch, n_kv_head_local, d_head, capacity, dtype):
         self.capacity = capacity
         self.lengths = np.zeros(n_batch, dtype=np.int64)  # positions written and committed, per sequence
-        # Written once now, so that every page is resident from the start: memory stays flat while
-        # generating, and a cache too large for the machine fails here, not halfway through a run.
+        # Written once now: every page is resident from the start, so a cache too large fails here, not mid-run.
         self.K = np.empty((n_layer, n_batch, n_kv_head_local, capacity, d_head), dtype=dtype)
         self.V = np.empty_like(self.K)
         self.K.fill(0)
@@ -30,9 +29,9 @@ class KVCache:
 
     def keep(self, rows):
         """Keep only the sequences in cache rows ``rows``, in that order: the others leave the batch."""
-        n = len(rows)
-        self.K[:, :n], self.V[:, :n] = self.K[:, rows], self.V[:, rows]
-        self.K, self.V, self.lengths = self.K[:, :n], self.V[:, :n], self.lengths[rows]
+        for i, r in enumerate(rows):  # ascending, r >= i: moved down in place, with no temporary copy
+            self.K[:, i], self.V[:, i] = self.K[:, r], self.V[:, r]
+        self.K, self.V, self.lengths = self.K[:, :len(rows)], self.V[:, :len(rows)], self.lengths[rows]
 
     def positions(self, n_seq):
         """``[n_batch, n_seq]``: the positions of ``n_seq`` new tokens of each sequence."""

@@ -1,9 +1,8 @@
 """Layer math: small pure functions of arrays and weights, no state, no communication.
 
-Shape comments use named dims: n_batch (sequences), n_seq (new tokens of each), n_kv (keys visible after the
-cache update), n_embd, n_head_local, n_kv_head_local, d_head, n_ffn_local. Every function computes in its
-inputs' dtype; the elementwise ones work in place on one temporary, since each avoided temporary is one pass
-less over memory on the hot path.
+Shapes use named dims: n_rows (new tokens, n_batch sequences of n_seq), n_kv (keys visible after the cache
+update), n_embd, n_head_local, n_kv_head_local, d_head. Functions compute in their inputs' dtype; elementwise
+ones work in place on one temporary (each avoided one is a pass less over memory on the hot path).
 """
 
 import numpy as np

@@ -32,8 +32,7 @@ class Model:
     def __init__(self, config, shard, blocks, weights, comm, dtype):
         self.config, self.shard, self.blocks, self.weights, self.comm, self.dtype = (
             config, shard, blocks, weights, comm, dtype)
-        gpt2 = config.family == "gpt2"
-        eps = config.norm_eps
+        gpt2, eps = config.family == "gpt2", config.norm_eps
         self.norm = (lambda x, w, b: layer_norm(x, w, b, eps)) if gpt2 else (lambda x, w, b: rms_norm(x, w, b, eps))
         self.activation = gelu_tanh if gpt2 else swiglu
         self._inv_freq = None if gpt2 else rope_inv_freq(config.rope, config.d_head)
@@ -112,10 +111,10 @@ class Model:
     def forward(self, token_ids, cache, all_logits=False, gather=True):
         """Run new tokens through the model, writing their keys and values into ``cache``; return the logits.
 
-        ``token_ids`` ``[n_seq]`` or ``[n_batch, n_seq]``: a prompt or the newly chosen token of each of the
-        cache's sequences (trusted: generation validates requests). Logits ``[(n_batch,) n_seq or 1, n_vocab]``:
-        of every new position with ``all_logits``, else of the last; with ``gather=False`` only this rank's
-        vocabulary range ``[.., n_vocab_local]`` (what generation uses to choose the next token).
+        ``token_ids`` ``[n_seq]`` (a one-sequence cache) or ``[n_batch, n_seq]``: a prompt or the newly chosen token
+        of each of the cache's sequences (trusted: generation validates requests). Logits ``[(n_batch,) n_seq or 1,
+        n_vocab]``: of every new position with ``all_logits``, else of the last; with ``gather=False`` only this
+        rank's vocabulary range ``[.., n_vocab_local]`` (what generation uses to choose the next token).
         """
         ids = np.asarray(token_ids)
         n_batch, n_seq = ids.reshape(len(cache.lengths), -1).shape

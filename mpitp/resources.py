@@ -1,10 +1,9 @@
 """What a rank may use of its node: memory, checked before allocating, and BLAS threads.
 
-Large NumPy allocations succeed lazily and fail later, in the middle of a forward (or the kernel's OOM killer
-ends one rank and the others wait), so a shard's weights and a KV cache are checked against the memory
-available first. BLAS threads per rank default to the node's cores shared among its ranks, never more, unless
-the user chose (``--threads``, or ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``); they
-are set at run time with threadpoolctl, an optional extra made for this (``pip install mpitp[threads]``).
+Large NumPy allocations fail lazily, mid-forward (or the OOM killer ends one rank and the others wait), so a
+shard's weights and a KV cache are checked against the memory available first. BLAS threads per rank default to
+the node's cores shared among its ranks unless the user chose (``--threads``, ``OPENBLAS_NUM_THREADS`` ...), set
+at run time with threadpoolctl, an optional extra made for this (``pip install mpitp[threads]``).
 """
 
 import os

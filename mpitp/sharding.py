@@ -1,11 +1,10 @@
 """Sharding: which query heads, key/value heads, MLP columns and vocabulary ids rank r of P owns. Pure math.
 
 ``shard_for(config, rank, size)`` is the single source of truth for the split: weights, KV cache and trace
-all use it. Storage layout: inside mpitp every linear weight is stored ``[in, out]`` so that a layer is
-``x @ W``. A *column-parallel* weight (W_Q, W_K, W_V, W_C) is split along its last axis and its output stays
-local; a *row-parallel* weight (W_B, W_D) is split along its first axis and its output is a partial sum that
-an Allreduce completes. (Megatron's paper calls the *weights* A and B; here A..E are activations, as in the
-seed diagram, and W_X is the weight that multiplies X.)
+all use it. Every linear weight is stored ``[in, out]`` (a layer is ``x @ W``): a *column-parallel* weight (W_Q,
+W_K, W_V, W_C) is split along its last axis, a *row-parallel* one (W_B, W_D) along its first, and its output is a
+partial sum that an Allreduce completes. (Megatron's paper calls the *weights* A and B; here A..E are the seed
+diagram's activations, and W_X is the weight that multiplies X.)
 
 Every range is a contiguous block of near-equal size (``block_range``), so any P from 1 to the number of
 query heads runs: 9 heads over 2 ranks are 5 and 4. A rank holds the key/value heads its query heads use;

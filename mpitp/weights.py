@@ -1,8 +1,7 @@
 """Weights: from Hugging Face checkpoint names to this rank's shard of each mpitp weight.
 
-Policy lives in tables: ``_NAMES`` maps mpitp names to checkpoint tensors (per model family) and ``SPLIT``
-says how each mpitp weight is split over ranks. One function, ``read_weight``, turns a table entry and the
-rank's ``Shard`` into the one slice of the checkpoint this rank reads.
+Policy lives in tables: ``_GPT2`` and ``_LLAMA`` map mpitp names to checkpoint tensors, ``SPLIT`` says how
+each is split; ``read_weight`` turns an entry and the rank's ``Shard`` into the one slice this rank reads.
 
 Orientation: mpitp stores every linear weight ``[in, out]`` (a layer is ``x @ W``). GPT-2's Conv1D weights
 are already ``[in, out]``; torch ``nn.Linear`` weights (Llama) are ``[out, in]`` and are transposed here, in

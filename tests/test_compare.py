@@ -414,8 +414,8 @@ def test_a_perturbed_hugging_face_tensor_is_located(traces, hf_traces, tmp_path)
     bad = edit(hf_traces["llama-gqa"], tmp_path / "bad", _set("step1/layer0/K", 3.0, (1, 11)))
     code, out, _ = run_compare(traces["llama-gqa", 3], bad)
     assert code == 1
-    assert first_divergence(out).startswith("first divergence: step 1, layer 0, tensor K, row 1 (prompt 1, "
-                                            "position 3, token ")
+    assert first_divergence(out).startswith("first divergence: step 1, layer 0, tensor K, row 1 (the 2. sequence "
+                                            "still generating, position 3, token ")
     assert ", key/value head 1 (its element 3 of 8; column 11): " in first_divergence(out)
     assert first_divergence(out).endswith("held by ranks 1 and 2 of 3 in REF and rank 0 of 1 in OTHER")
 

@@ -15,7 +15,7 @@ pytestmark = serial_only
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for peak RSS")
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2, 3, 4])  # 3: uneven heads, a key/value head held by two ranks
 def test_peak_rss_per_rank_is_its_shard(tmp_path, n):
     path = write_random_model(tmp_path / "m", "llama-large")
     cmd = [*mpirun(n), sys.executable, str(REPO / "bench" / "memory.py"), "--model", path, "--json"]

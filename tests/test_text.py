@@ -95,3 +95,29 @@ def test_batch_stops_each_sequence_on_its_own():
     # A finished sequence leaves the batch: decode steps after its last token run the other one alone.
     rows = [trace.arrays[f"step{s}/logits"].shape[0] for s in range(1, 10)]
     assert rows == [2] * first.index(eos) + [1] * (9 - first.index(eos))
+
+
+def test_a_cache_refused_on_one_rank_only_is_refused_on_every_rank(monkeypatch):
+    # Library use: the memory check reads each machine's own free memory, so it can fail on one rank alone.
+    # The ranks agree before the first collective, instead of the others waiting in it for ever.
+    import threading
+    from mpitp import RequestError
+    from mpitp import model as model_module
+    from mpitp.resources import check_fits
+    local = threading.local()
+
+    def fits_except_on_rank_1(nbytes, what, hint):
+        if what.startswith("a KV cache") and local.rank == 1:
+            raise RequestError("a KV cache of 1 x 8 positions needs more memory than rank 1 has.")
+        return check_fits(nbytes, what, hint)
+
+    def run(c):
+        local.rank = c.Get_rank()
+        model = load_model(model_dir("gpt2-tiny"), c, "float32")
+        with pytest.raises(RequestError) as refused:
+            generate_sequence(model, [1, 2, 3], 5)
+        return str(refused.value)
+
+    monkeypatch.setattr(model_module, "check_fits", fits_except_on_rank_1)
+    assert run_ranks(2, run) == ["another rank could not allocate its KV cache; see its error.",
+                                 "a KV cache of 1 x 8 positions needs more memory than rank 1 has."]
