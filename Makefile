@@ -8,6 +8,9 @@ MPIFLAGS ?=
 TIMEOUT ?= 900
 EXTRAS ?= mpich,threads,text,test
 ARGS ?=
+# make test-mpi / test-tcp: MPI_TESTS="-m mpi" runs only the tests that need several ranks (what CI does at 3,
+# 4 and 8 ranks and over TCP: the rest already ran serially and at 2 ranks in make test).
+MPI_TESTS ?=
 PRESET ?= gpt2-124m
 MODEL ?=
 BENCH_ARGS ?=
@@ -43,11 +46,11 @@ test: install
 
 # The suite on NP ranks (e.g. make test-mpi NP=4).
 test-mpi: install
-	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest
+	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest $(MPI_TESTS)
 
 # The suite on NP ranks with MPI forced onto TCP sockets (a stand-in for ranks on different nodes).
 test-tcp: install
-	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest
+	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest $(MPI_TESTS)
 
 # The MPI suite across 2 emulated nodes (network namespaces on a bridge, each with its own host name, TCP
 # between them; scripts/cluster.sh): 2 nodes x 1 rank and 2 x 2, then every command-line and fault test with
@@ -100,10 +103,10 @@ fuzz: install
 # TCP and across emulated nodes; then every bench target once on the tiny preset, to prove they run end to end.
 SMOKE = PRESET=tiny BENCH_OUT=$(BENCH_OUT)/smoke BENCH_ARGS="-r 2 -p 16 -n 8 --roofline-mib 16"
 ci: test
-	$(MAKE) test-mpi NP=3
-	$(MAKE) test-mpi NP=4
-	$(MAKE) test-mpi NP=8
-	$(MAKE) test-tcp NP=2
+	$(MAKE) test-mpi NP=3 MPI_TESTS="-m mpi"
+	$(MAKE) test-mpi NP=4 MPI_TESTS="-m mpi"
+	$(MAKE) test-mpi NP=8 MPI_TESTS="-m mpi"
+	$(MAKE) test-tcp NP=2 MPI_TESTS="-m mpi"
 	$(MAKE) test-cluster
 	$(MAKE) check-hf
 	$(MAKE) check-real
