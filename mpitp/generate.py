@@ -39,9 +39,9 @@ def _ids(text):
 
 
 def build_parser():
-    p = RankParser(prog="python -m mpitp.generate",
-                description="Generate tokens with a tensor-parallel transformer split over the MPI ranks "
-                            "(run under mpirun -n P; without mpirun it runs on one rank).",
+    p = RankParser(prog="mpitp-generate" if sys.argv[0].endswith("mpitp-generate") else "python -m mpitp.generate",
+                description="Generate tokens with a tensor-parallel transformer split over the MPI ranks (run "
+                            "under mpirun -n P; without mpirun it runs on one rank).",
                 formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                    help="Hugging Face model folder (config.json + model.safetensors or an index and shards); "
