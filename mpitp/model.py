@@ -20,6 +20,7 @@ from .sharding import block_range, shard_for
 from .weights import load_weights, shard_bytes
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+SCORES_BYTES = 64 << 20  # attention scores of one chunk of a long prompt, at most (one chunk: at least a row)
 
 
 class Model:
@@ -115,9 +116,25 @@ class Model:
         of each of the cache's sequences (trusted: generation validates requests). Logits ``[(n_batch,) n_seq or 1,
         n_vocab]``: of every new position with ``all_logits``, else of the last; with ``gather=False`` only this
         rank's vocabulary range ``[.., n_vocab_local]`` (what generation uses to choose the next token).
+
+        A long prompt goes through in chunks of positions, each against the cache so far: the attention scores
+        of a chunk are ``[n_batch, n_head_local, chunk, n_kv]``, so memory grows with the prompt, not its square.
         """
         ids = np.asarray(token_ids)
-        n_batch, n_seq = ids.reshape(len(cache.lengths), -1).shape
+        rows = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]
+        n_batch, n_seq = rows.shape
+        n_kv = int(cache.lengths.max()) + n_seq
+        chunk = max(1, SCORES_BYTES // (n_batch * self.shard.n_head_local * n_kv * np.dtype(self.dtype).itemsize))
+        logits = [self.forward_chunk(rows[:, i:i + chunk], cache, all_logits) for i in range(0, n_seq, chunk)]
+        logits = np.concatenate(logits, axis=1) if len(logits) > 1 and all_logits else logits[-1]
+        if gather:
+            counts = [block_range(self.config.n_vocab, self.shard.size, r)[1] for r in range(self.shard.size)]
+            logits = mpi.allgather_columns(self.comm, logits, counts)
+        return logits[0] if ids.ndim == 1 else logits
+
+    def forward_chunk(self, ids, cache, all_logits):
+        """``forward`` of new tokens ``[n_batch, n_seq]``: this rank's logits ``[n_batch, n_seq or 1, n_vocab_local]``."""
+        n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
         mask = causal_mask(positions, positions.max() + 1, self.dtype)  # [n_batch, n_seq, n_kv]
         rope = None if self._inv_freq is None else rope_tables(self._inv_freq, positions.ravel(), self.dtype)
@@ -126,11 +143,7 @@ class Model:
             x = self.block(x, w, layer, cache, rope, mask)
         cache.advance(n_seq)
         logits = self.lm_head(x if all_logits else x[n_seq - 1::n_seq])  # every row, or each sequence's last
-        logits = logits.reshape(n_batch, -1, logits.shape[-1])
-        if gather:
-            counts = [block_range(self.config.n_vocab, self.shard.size, r)[1] for r in range(self.shard.size)]
-            logits = mpi.allgather_columns(self.comm, logits, counts)
-        return logits[0] if ids.ndim == 1 else logits
+        return logits.reshape(n_batch, -1, logits.shape[-1])
 
     @property
     def weight_bytes(self):

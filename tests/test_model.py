@@ -15,6 +15,7 @@ from conftest import MODELS, golden, model_dir
 from mpitp import Sampler, Trace, comm, generate_sequence, load_model
 from mpitp.comm import TimedComm
 from mpitp.config import load_config
+from mpitp.model import Model
 from st_util import write_safetensors
 from random_models import write_random_model
 from threadcomm import run_ranks
@@ -278,3 +279,20 @@ def test_gathered_logits_are_whole_contiguous_rows():
     for logits in run_ranks(3, run):
         assert logits.shape == (3, 258) and logits.flags.c_contiguous
         np.testing.assert_allclose(logits, serial, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", MODELS)
+def test_a_long_prompt_in_chunks_equals_one_pass(name, dtype, monkeypatch):
+    # Chunked prefill (bounded attention memory) gives the logits of the prompt in one pass, and the HF goldens.
+    g, model = golden(name), load_model(model_dir(name), comm.serial(), dtype)
+    ids = g["prompt_L33"]
+    whole = prefill_logits(model, ids)
+    chunks = []
+    monkeypatch.setattr("mpitp.model.SCORES_BYTES", 1)  # one position per chunk
+    run = Model.forward_chunk
+    monkeypatch.setattr(Model, "forward_chunk", lambda self, *a: chunks.append(1) or run(self, *a))
+    chunked = prefill_logits(model, ids)
+    assert len(chunks) == len(ids)
+    assert np.abs(chunked - whole).max() <= {"float64": 1e-12, "float32": 1e-5}[dtype]
+    assert np.abs(chunked - g["logits_x64_L33"]).max() <= TOL[dtype]
