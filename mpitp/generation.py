@@ -85,6 +85,8 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
             if mpi.max_over_ranks(model.comm, cache is None) and cache is not None:  # another failed
                 raise RequestError("another rank could not allocate its KV cache; see its error.")
     sampler = sampler or Sampler()
+    if sampler.top_k >= model.config.n_vocab:  # every token: no limit, without gathering k candidates per rank
+        sampler = Sampler(sampler.temperature, 0, sampler.top_p, sampler.seed)
     stop_ids = set(stop_ids)
     timing = Timing(prefill_tokens=sum(len(p) for p in prompts))
     results = [Generation(prompt_ids=p.tolist(), timing=timing) for p in prompts]

@@ -23,6 +23,7 @@ from . import comm as mpi
 from .errors import RequestError
 
 _QUANTUM = 2.0 ** 40  # fixed-point scale of the exact probability mass used by top-p
+MIN_TEMPERATURE = 1e-6  # logits / T must stay finite: smaller temperatures are refused (0 is greedy)
 
 
 def _splitmix64(x):
@@ -39,6 +40,13 @@ def gumbel_noise(seed, step, ids):
     h = _splitmix64(key ^ np.asarray(ids, dtype=np.uint64))
     u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53  # uniform in (0, 1)
     return -np.log(-np.log(u))
+
+
+def _check_finite(values):
+    """On the root: refuse logits that are NaN or infinite (the rank that chose aborts the job with this line)."""
+    if not np.isfinite(values).all():
+        raise RequestError("the model's logits are NaN or infinite: its weights or activations overflow in this "
+                           "dtype (try --dtype float64), or the checkpoint is broken.")
 
 
 def _best(values, ids):
@@ -65,8 +73,10 @@ class Sampler:
     (1: all). The same ``seed`` and logits give the same tokens at any rank count."""
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, seed=0):
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise RequestError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}.")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+            raise RequestError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got "
+                               f"{temperature!r}.")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise RequestError(f"top-k must be an integer >= 0 (0 means no limit), got {top_k!r}.")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -98,7 +108,10 @@ class Sampler:
         ``values[j]`` belongs to id ``vocab_start + j``."""
         i = int(np.argmax(values))  # the first of equal maxima: the lowest id of this rank
         pairs = mpi.gather_to_root(comm, np.array([values[i], vocab_start + i], dtype=np.float64), root)
-        return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1]) if comm.Get_rank() == root else None
+        if pairs is None:
+            return None
+        _check_finite(pairs[:, 0])  # NaN is the largest to argmax, +inf is the largest: either shows here
+        return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1])
 
     def _candidates(self, comm, scaled, ids, root):
         """The kept (scaled logit, id) pairs, on root: the top k, then the top-p share of them."""
@@ -113,7 +126,8 @@ class Sampler:
             return kept[:, 0], kept[:, 1]
         # top-p over the whole vocabulary: exact total mass first, then candidates in growing rounds.
         top = mpi.allreduce_scalar(comm, scaled.max(), "max", np.float64)
-        mass_local = np.floor(np.exp(scaled - top) * _QUANTUM).astype(np.int64)
+        with np.errstate(invalid="ignore"):  # non-finite logits: refused below, by the root (_gather_top)
+            mass_local = np.floor(np.exp(scaled - top) * _QUANTUM).astype(np.int64)
         total = mpi.allreduce_scalar(comm, int(mass_local.sum()), "sum", np.int64)
         m = 64
         while True:
@@ -138,10 +152,11 @@ class Sampler:
         order = _top(scaled, m)
         mine = np.full((m, 3), -np.inf)  # rows: scaled logit, id, 1 if the rank sent all it has
         mine[:len(order), 0], mine[:len(order), 1] = scaled[order], ids[order]
-        mine[:, 2] = 1.0 if len(scaled) <= m else 0.0
+        mine[:, 2] = (1.0 if len(scaled) <= m else 0.0) if np.isfinite(scaled).all() else np.nan
         parts = mpi.gather_to_root(comm, mine, root)
         if parts is None:
             return None, 0
+        _check_finite(parts[:, 0, 2])
         rows = parts.reshape(-1, 3)
         rows = rows[np.isfinite(rows[:, 0])]
         rows = rows[np.lexsort((rows[:, 1], -rows[:, 0]))]

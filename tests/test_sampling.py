@@ -82,11 +82,32 @@ def test_noise_is_a_pure_function_of_seed_step_and_id():
     assert abs(a.mean() - 0.5772) < 0.1  # Gumbel(0, 1) mean: the Euler-Mascheroni constant
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=-2),
-                                 dict(top_p=0), dict(top_p=1.5), dict(seed=-1)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=1e-320),
+                                 dict(temperature=1e-7), dict(top_k=-2), dict(top_p=0), dict(top_p=1.5), dict(seed=-1)])
 def test_bad_sampling_values_are_refused(bad):
     with pytest.raises(RequestError):
         Sampler(**bad)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: f"T{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_non_finite_logits_on_any_rank_are_refused_by_the_root(sampler, bad):
+    # One rank's slice holds the bad value; -inf fills it (a row with nothing finite, as if fully masked).
+    for size in (1, 3):
+        logits = np.random.default_rng(0).standard_normal(90)
+        if bad == -np.inf:
+            logits[60 if size == 3 else 0:] = bad  # the whole slice of rank 2, or of the only rank
+        else:
+            logits[75] = bad
+        with pytest.raises(RequestError, match="NaN or infinite"):
+            split_choose(sampler, logits, size, 0)
+
+
+def test_top_k_above_the_vocabulary_means_every_token(tmp_path):
+    # A huge k is the same request as no limit, and costs no k-sized buffers.
+    model = load_model(write_random_model(tmp_path / "m", "gpt2-6h"), comm.serial())
+    runs = [generate_sequence(model, [1, 2, 3], 8, Sampler(1.0, top_k=k, seed=7)).token_ids for k in (0, 10**12)]
+    assert runs[0] == runs[1]
 
 
 
