@@ -256,6 +256,9 @@ class Checkpoint:
     def shape(self, name):
         return self._where[name].entries[name][1]
 
+    def dtype(self, name):
+        return self._where[name].entries[name][0]  # as the header says: "F32", "BF16", ...
+
     def read(self, name, dtype, index=()):
         """Read ``tensor[index]`` (only those bytes) as a new C-contiguous array of ``dtype``."""
         return self._where[name].read(name, dtype, index)

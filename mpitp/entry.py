@@ -65,8 +65,9 @@ def _terminated(signum, frame):
 
 
 def run_guarded(comm, fn, verbose, prog):
-    """``fn()``'s exit status; an unexpected exception on this rank aborts every rank of the job. Without a
-    communicator (the serial tools), bad input (``MpitpError``) is one line and status 2."""
+    """``fn()``'s exit status; an exception on this rank aborts every rank of the job: status 2 with one line
+    for bad input (``MpitpError``, found after the ranks agreed to go on, by this rank alone), 1 for anything
+    unexpected."""
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = signal.signal(signal.SIGTERM, _terminated) if main else None  # Slurm's scancel: like Ctrl-C
@@ -76,8 +77,11 @@ def run_guarded(comm, fn, verbose, prog):
     except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
         if isinstance(e, SystemExit) and not e.code:
             raise
-        if comm is None and isinstance(e, MpitpError):
-            return say(f"{prog}: error: {e}") or 2
+        if isinstance(e, MpitpError):  # after the vote, found by this rank alone: it ends the job for all
+            say(f"{who if rank else prog}: error: {e}")
+            if size > 1:
+                mpi.abort(comm, 2)
+            return 2
         stopped = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}.get(type(e))
         say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
         if verbose:

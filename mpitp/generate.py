@@ -8,11 +8,14 @@ Diagnostics and timings go to stderr.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import sys
 import time
+
+import numpy as np
 
 from . import comm as mpi
 from .entry import HelpFormatter, RankParser, failed_vote, run_guarded, say
@@ -82,14 +85,22 @@ def _say(args, rank, message):
         say(f"mpitp: {message}")
 
 
-def _prepare(args, comm):
+def _prepare(args, comm, node_ranks):
     """Everything that bad input can fail, with no communication: load, validate, allocate the KV cache,
     ready the trace folder."""
     if args.threads is not None and args.threads < 1:
         raise RequestError(f"--threads must be >= 1, got {args.threads}.")
     if args.prompt and args.prompt_ids:
         raise RequestError("give the prompts either as text (--prompt) or as token ids (--prompt-ids), not both.")
-    model = Model.load(args.model, comm, args.dtype)
+    if args.trace == "":
+        raise RequestError("--trace needs a folder name; leave the option out for no trace.")
+    for text in args.prompt or ():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
+            raise RequestError(f"a prompt is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at character "
+                               f"{e.start}); give text in UTF-8, or --prompt-ids.") from None
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:
@@ -120,14 +131,17 @@ def _prepare(args, comm):
     prompts = check_request(model, prompts, max_new)
     cache = new_batch_cache(model, prompts, max_new)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.trace:
-        try:
-            os.makedirs(args.trace, exist_ok=True)
-        except OSError as e:
-            raise MpitpError(f"--trace {args.trace}: cannot create the folder ({e.strerror}).") from None
-        if not os.access(args.trace, os.W_OK):
-            raise MpitpError(f"--trace {args.trace}: the folder is not writable.")
+    if args.trace:  # created once every rank agrees to go on
+        existing = next(p for p in _ancestors(os.path.abspath(args.trace)) if os.path.exists(p))
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise RequestError(f"--trace {args.trace}: {existing} is not a writable folder.")
     return model, tokenizer, texts, prompts, max_new, sampler, cache
+
+
+def _ancestors(path):
+    while True:
+        yield path
+        path = os.path.dirname(path)
 
 
 class _Printer:
@@ -151,19 +165,42 @@ class _Printer:
         print(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text, flush=True)
 
 
-def _run(args, comm):
+def _agreement(args, model, prompts, max_new):
+    """What every rank must share, as (what, value) pairs: the model it loaded and the whole request. Each rank
+    parses its own command line and is compared (not told by rank 0), so a mistaken launch is refused."""
+    ids = hashlib.sha256(b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in prompts)).hexdigest()[:16]
+    return [("model (digest of config.json and every checkpoint header)", model.fingerprint),
+            ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new), ("--temperature", args.temperature),
+            ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed), ("--dtype", args.dtype),
+            ("--ignore-eos", args.ignore_eos), ("--trace (given or not)", bool(args.trace))]
+
+
+def _disagree(comm, facts):
+    """True on every rank if any rank's ``facts`` differ from rank 0's; rank 0 names the first difference."""
+    every = comm.allgather(facts)
+    for r, theirs in enumerate(every):
+        for (what, ours), (_, their) in zip(every[0], theirs):
+            if ours != their:
+                if comm.Get_rank() == 0:
+                    say(f"mpitp: error: rank {r} differs from rank 0 in its {what}: {their} against {ours}; every "
+                        "rank must load the same model and be given the same request.")
+                return True
+    return False
+
+
+def _run(args, comm, node_ranks):
     rank, size = comm.Get_rank(), comm.Get_size()
     t_load = time.perf_counter()
     comm = mpi.TimedComm(comm)  # times the model's Allreduce calls
     error = None
     try:
-        model, tokenizer, texts, prompts, max_new, sampler, cache = _prepare(args, comm)
+        model, tokenizer, texts, prompts, max_new, sampler, cache = _prepare(args, comm, node_ranks)
     except MpitpError as e:
         error = e
-    if failed_vote(comm, error, "mpitp"):  # the first collective
+    if failed_vote(comm, error, "mpitp") or _disagree(comm, _agreement(args, model, prompts, max_new)):
         return 2
     load_seconds = time.perf_counter() - t_load
-    threads, warning = set_blas_threads(args.threads, mpi.ranks_on_node(comm))
+    threads, warning = set_blas_threads(args.threads, node_ranks)
     if warning and rank == 0:
         say(f"mpitp: {warning}")
     cfg = model.config
@@ -171,6 +208,8 @@ def _run(args, comm):
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
                      f"BLAS threads per rank: {threads if threads is not None else 'unknown'}; "
                      f"MPI: {mpi.library_version()}")
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
     trace = Trace(args.model) if args.trace else None
     printer = _Printer(args, rank, tokenizer, texts)
     comm.reset()
@@ -212,10 +251,24 @@ def _run(args, comm):
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
     comm = mpi.world()
+    node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
     parser = build_parser()
     parser.rank = comm.Get_rank()
-    args = parser.parse_args(argv)
-    return run_guarded(comm, lambda: _run(args, comm), args.verbose, "mpitp")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (printed by rank 0)
+        args = e
+    exits = comm.allgather(args.code if isinstance(args, SystemExit) else None)
+    if any(code is not None for code in exits):  # every rank ends here, with one status
+        if len(set(exits)) == 1:
+            return exits[0]
+        if comm.Get_rank() == 0:
+            r = next(r for r, code in enumerate(exits) if code != exits[0])
+            what = {None: "a valid command line", 0: "--help"}  # any other status: a usage error
+            say(f"mpitp: error: rank {r} was given {what.get(exits[r], 'a bad command line')} where rank 0 was "
+                f"given {what.get(exits[0], 'a bad command line')}; every rank must be given the same arguments.")
+        return 2
+    return run_guarded(comm, lambda: _run(args, comm, node_ranks), args.verbose, "mpitp")
 
 
 if __name__ == "__main__":

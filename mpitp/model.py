@@ -6,6 +6,8 @@ beside it. One rank runs this very same code on a 1-rank communicator; there is 
 and the vocabulary is always split over the ranks (on one rank, the split is the whole vocabulary).
 """
 
+import hashlib
+
 import numpy as np
 
 from . import comm as mpi
@@ -38,12 +40,15 @@ class Model:
         self.activation = gelu_tanh if gpt2 else swiglu
         self._inv_freq = None if gpt2 else rope_inv_freq(config.rope, config.d_head)
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
+        self.node_ranks, self.fingerprint = 1, None  # set by Model.load
 
     @classmethod
-    def load(cls, model_dir, comm, dtype="float32", arena=True):
+    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1):
         """This rank's shard of a Hugging Face model folder (config.json, model.safetensors or an index and its
         files), for the ranks of ``comm`` (``mpitp.comm.serial()``: this process alone), cast to ``dtype``
         ("float32" or "float64"), in the fast layout of ``mpitp.arena`` or (``arena=False``) plain arrays.
+        ``node_ranks``: how many ranks load on this node at once (``mpitp.comm.ranks_on_node``), for the memory
+        checks. ``model.fingerprint`` digests the config and every checkpoint header, for ranks to compare.
 
         Every check that bad input can fail runs here, on every rank, with no communication: the config, the
         rank count, the memory, every checkpoint header and shape.
@@ -55,9 +60,11 @@ class Model:
         config = load_config(model_dir)
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())
         ckpt = Checkpoint(model_dir)
-        check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}",
-                   "use more ranks, spread over more nodes" + (" or --dtype float32" if dtype == np.float64 else ""))
-        return cls(config, shard, *load_weights(ckpt, config, shard, dtype, arena), comm, dtype)
+        hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
+        check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}", hint, node_ranks)
+        model = cls(config, shard, *load_weights(ckpt, config, shard, dtype, arena), comm, dtype)
+        model.node_ranks, model.fingerprint = node_ranks, fingerprint(config, ckpt)
+        return model
 
     def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.
@@ -165,9 +172,17 @@ class Model:
             raise RequestError(f"a sequence of {capacity} positions does not fit the model's context of "
                                f"{self.config.n_ctx} positions.")
         check_fits(self.cache_bytes(capacity, n_batch), f"a KV cache of {n_batch} x {capacity} positions",
-                   "ask for fewer tokens or prompts, or use more ranks or nodes")
+                   "ask for fewer tokens or prompts, or use more ranks, on more nodes", self.node_ranks)
         return KVCache(self.config.n_layer, n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity,
                        self.dtype)
+
+
+def fingerprint(config, ckpt):
+    """A short digest of a model as loaded: its config and every tensor's name, dtype and shape."""
+    digest = hashlib.sha256(repr(config).encode())
+    for name in sorted(ckpt.names()):
+        digest.update(repr((name, ckpt.dtype(name), ckpt.shape(name))).encode())
+    return digest.hexdigest()[:16]
 
 
 def load_model(model_dir, comm=None, dtype="float32", arena=True):

@@ -26,12 +26,14 @@ def available_bytes():
         return None
 
 
-def check_fits(nbytes, what, hint):
-    """Raise ``RequestError`` if ``nbytes`` more bytes cannot fit in the available memory."""
+def check_fits(nbytes, what, hint, node_ranks=1):
+    """Raise ``RequestError`` unless ``nbytes`` more bytes for each of this node's ``node_ranks`` ranks (which
+    ask for about as much at the same time) fit in the memory available."""
     free = available_bytes()
-    if free is not None and nbytes > free:
-        raise RequestError(f"{what} needs {nbytes / 2**30:.2f} GiB but this machine has {free / 2**30:.2f} GiB "
-                           f"available; {hint}.")
+    if free is not None and nbytes * node_ranks > free:
+        each = f" ({nbytes / 2**30:.2f} GiB for each of this node's {node_ranks} ranks)" if node_ranks > 1 else ""
+        raise RequestError(f"{what} needs {nbytes * node_ranks / 2**30:.2f} GiB{each} but this node has "
+                           f"{free / 2**30:.2f} GiB available; {hint}.")
 
 
 def set_blas_threads(requested, ranks_on_node):

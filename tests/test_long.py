@@ -1,11 +1,14 @@
 """Long runs: 2,000 generated tokens keep memory flat and stay exact against a full recompute."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from mpitp import Sampler, comm, generate_sequence, load_model
+from conftest import child_env
 from random_models import write_random_model
 
 
@@ -38,3 +41,31 @@ def test_2000_tokens_flat_memory_and_exact_against_recompute(tmp_path):
     model.forward(tokens[:-2], decoded)
     last = model.forward([tokens[-2]], decoded)  # the final step against a cache of 1,998 positions
     assert np.abs(cached[-1] - last[0]).max() < 1e-9
+
+
+PEAK_SCRIPT = """
+import sys, numpy as np
+from mpitp import comm, load_model
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+n = int(sys.argv[2])
+model = load_model(sys.argv[1], comm.serial())
+cache = model.new_cache(n)
+base = status("VmRSS:")  # weights and the whole cache (written when allocated): resident
+logits = model.forward(np.arange(n) % model.config.n_vocab, cache)
+print(status("VmHWM:") - base, np.isfinite(logits).all())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for RSS")
+def test_a_16k_prompt_runs_in_bounded_memory(tmp_path):
+    # In one pass the attention scores alone would take 9 heads x 16384^2 x 4 bytes = 9 GiB; in chunks the
+    # whole prefill stays under 1 GiB above the weights and the cache.
+    n = 16384
+    path = write_random_model(tmp_path / "m", "llama-9h", max_position_embeddings=n, num_hidden_layers=1)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), str(n)], capture_output=True, text=True,
+                         timeout=300, env=child_env())
+    assert out.returncode == 0, out.stderr
+    grown, finite = out.stdout.split()
+    assert int(grown) < 2**30 and finite == "True", out.stdout

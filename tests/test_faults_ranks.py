@@ -1,0 +1,126 @@
+"""The fault catalogue, part 2: ranks that disagree, requests that do not fit, values that cannot work.
+
+Each case launches the real command on 2 ranks, most with different arguments per rank (``mpirun -n 1 A : -n 1
+B``, as a stale model copy on one node or a mistaken launch gives): the job must end within 10 seconds with
+status 2 and one line naming the rank and what differs, never a hang or a silent wrong result.
+"""
+
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, child_env, model_dir, mpirun, run_cli, serial_only
+from random_models import write_random_model
+from st_util import write_safetensors
+import dense_reference
+
+pytestmark = serial_only
+LIMIT = 10  # seconds
+PROMPT = ["--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
+
+
+def mpmd(a, b):
+    """Rank 0 runs the generate command with arguments ``a``, rank 1 with ``b``."""
+    cmd = [sys.executable, "-m", "mpitp.generate"]
+    launcher = mpirun(1)  # mpirun -n 1
+    t = time.monotonic()
+    r = subprocess.run([*launcher, *cmd, *a, ":", "-n", "1", *cmd, *b], capture_output=True, text=True,
+                       timeout=LIMIT + 5, env=child_env(), cwd=str(REPO))
+    assert time.monotonic() - t < LIMIT, r.stderr
+    return r
+
+
+def one_error_line(r, expected, code=2):
+    assert r.returncode == code, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and expected in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def other_model(tmp_path, **changes):
+    return str(write_random_model(tmp_path / "other", "gpt2-6h", **changes))
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    (PROMPT + ["--max-new-tokens", "20"], PROMPT + ["--max-new-tokens", "5"], "rank 1 differs from rank 0 in its "
+     "--max-new-tokens: 5 against 20"),
+    (PROMPT + ["--trace", "TMP"], PROMPT, "--trace (given or not): False against True"),
+    (PROMPT + ["--temperature", "1"], PROMPT + ["--temperature", "0.5"], "--temperature: 0.5 against 1.0"),
+    (PROMPT + ["--top-k", "5"], PROMPT, "--top-k: 0 against 5"),
+    (PROMPT + ["--seed", "1"], PROMPT, "--seed: 0 against 1"),
+    (PROMPT, ["--prompt-ids", "1,2,4", "--max-new-tokens", "4"], "prompt token ids"),
+    (PROMPT + ["--ignore-eos"], PROMPT, "--ignore-eos: False against True"),
+    (PROMPT, PROMPT + ["--dtype", "float64"], "--dtype: float64 against float32"),
+    (PROMPT, PROMPT + ["--help"], "rank 1 was given --help where rank 0 was given a valid command line"),
+    (PROMPT, PROMPT + ["--bogus"], "rank 1 was given a bad command line"),
+], ids=["max-new-tokens", "trace-on-rank-0-only", "temperature", "top-k-on-rank-0-only", "seed", "prompt",
+        "ignore-eos", "dtype", "help-on-rank-1", "usage-error-on-rank-1"])
+def test_ranks_given_different_requests_refuse_together(tmp_path, a, b, expected):
+    a = [str(tmp_path / "trace") if x == "TMP" else x for x in a]
+    r = mpmd(a, b)
+    one_error_line(r, expected)
+    assert r.stdout == "" and not (tmp_path / "trace").exists()
+
+
+@pytest.mark.parametrize("changes", [dict(n_layer=3), dict(n_embd=36), dict(vocab_size=101), dict()],
+                         ids=["layers", "width", "vocabulary", "same-shapes-other-name"])
+def test_ranks_that_loaded_different_models_refuse_together(tmp_path, changes):
+    # A stale copy on one node: the same command line, another model folder on rank 1.
+    base = str(write_random_model(tmp_path / "base", "gpt2-6h"))
+    other = other_model(tmp_path, **changes)
+    if not changes:  # identical shapes, one tensor renamed in the checkpoint: the headers differ
+        tensors = dense_reference.read_safetensors(f"{other}/model.safetensors")
+        tensors["extra.weight"] = np.zeros(1, np.float32)
+        write_safetensors(f"{other}/model.safetensors", tensors)
+    r = mpmd(["--model", base] + PROMPT, ["--model", other] + PROMPT)
+    one_error_line(r, "rank 1 differs from rank 0 in its model (digest of config.json and every checkpoint header)")
+    assert r.stdout == ""
+
+
+def test_the_same_model_in_two_folders_is_accepted(tmp_path):
+    # Each node's own copy at its own path: what is compared is the content, not the path.
+    shutil.copytree(model_dir("gpt2-tiny"), tmp_path / "copy")
+    r = mpmd(["--model", model_dir("gpt2-tiny")] + PROMPT, ["--model", str(tmp_path / "copy")] + PROMPT)
+    assert r.returncode == 0 and "generated ids" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--temperature", "1e-320"], "temperature must be 0 (greedy) or a finite number >= 1e-06, got 1e-320"),
+    (["--trace", ""], "--trace needs a folder name"),
+    (["--prompt", "sort:1\udcff2="], "a prompt is not valid UTF-8 (byte 0xff at character 6)"),
+], ids=["tiny-temperature", "empty-trace", "invalid-utf8-prompt"])
+def test_values_that_cannot_work_are_refused(args, expected):
+    t = time.monotonic()
+    r = run_cli(args + ([] if "--prompt" in args else PROMPT), n=2, timeout=LIMIT + 5)
+    assert time.monotonic() - t < LIMIT
+    one_error_line(r, expected)
+    assert r.stdout == ""
+
+
+def test_a_huge_top_k_is_every_token(tmp_path):
+    # --top-k 10^9 on a 97-token vocabulary is no limit: the same tokens, at once, not k rows per rank.
+    path = str(write_random_model(tmp_path / "m", "gpt2-6h"))
+    args = ["--model", path, "--prompt-ids", "1,2,3", "--max-new-tokens", "16", "--temperature", "1", "--seed", "3"]
+    t = time.monotonic()
+    huge, plain = run_cli(args + ["--top-k", "1000000000"], n=2), run_cli(args, n=2)
+    assert time.monotonic() - t < 2 * LIMIT
+    assert huge.returncode == plain.returncode == 0 and huge.stdout == plain.stdout, huge.stderr
+
+
+def test_logits_that_overflow_are_refused(tmp_path):
+    # Finite weights whose logits overflow float32: one clear line, status 2; in float64 the same model runs.
+    path = str(write_random_model(tmp_path / "m", "llama-9h"))
+    tensors = dense_reference.read_safetensors(f"{path}/model.safetensors")
+    tensors["model.norm.weight"][:] = 1e30  # logits of about 1e40: beyond float32 (3.4e38)
+    tensors["lm_head.weight"] *= 1e10
+    write_safetensors(f"{path}/model.safetensors", tensors)
+    args = ["--model", path] + PROMPT
+    t = time.monotonic()
+    r = run_cli(args, n=2, timeout=LIMIT + 5)
+    assert time.monotonic() - t < LIMIT
+    one_error_line(r, "the model's logits are NaN or infinite")
+    assert run_cli(args + ["--dtype", "float64"], n=2).returncode == 0
