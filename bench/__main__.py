@@ -17,7 +17,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.entry import HelpFormatter, failed_vote, run_guarded, say
+from mpitp.entry import HelpFormatter, check_writable, failed_vote, run_guarded, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, Model
@@ -98,6 +98,9 @@ def _validate(args, comm, tc):
         raise MpitpError("--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1.")
     if args.long is not None and args.long < 10:
         raise MpitpError(f"--long must be >= 10 (its report is by tenth of the run), got {args.long}.")
+    for option, path in (("--json-out", args.json_out), ("--batch-plot", args.batch_plot)):
+        if path and comm.Get_rank() == 0:  # rank 0 writes them
+            check_writable(path, option)
     args.batches = parse_batches(args.batch) if args.long is None else []
     if args.batches and (args.batch_prompt < 1 or args.batch_gen < 2 or args.batch_repeats < 1):
         raise MpitpError("--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2 (a decode step "
@@ -335,10 +338,11 @@ def _output(args, rank, rec, text):
     """Print ``text`` and write the JSON record, on rank 0."""
     if rank == 0:
         print(text)
-        if args.json_out:
+        if args.json_out:  # whole or not at all: a temporary file, renamed
             os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(args.json_out, "w") as f:
+            with open(f"{args.json_out}.tmp-{os.getpid()}", "w") as f:
                 json.dump(rec, f, indent=1)
+            os.replace(f.name, args.json_out)
             print(f"\nJSON record: {args.json_out}")
         if args.batch_plot:
             os.makedirs(os.path.dirname(os.path.abspath(args.batch_plot)), exist_ok=True)

@@ -6,8 +6,10 @@ cleanly (status 2, the message printed once). Anything unexpected on any rank ab
 """
 
 import argparse
+import os
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 
@@ -95,3 +97,19 @@ def run_guarded(comm, fn, verbose, prog):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def check_writable(path, option, folder=False):
+    """Raise ``MpitpError`` unless ``path`` (a file, or with ``folder`` a folder, written at the end of a run)
+    can be created or replaced: checked before the work, so that a long run is not lost to a bad destination."""
+    target = existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing == target and os.path.isdir(target) != folder:
+        raise MpitpError(f"{option} {path}: it exists and is {'not ' if folder else ''}a folder.")
+    into = existing if existing != target or folder else os.path.dirname(target)
+    try:
+        with tempfile.TemporaryFile(dir=into):  # even for root: a read-only file system, /proc, a full quota
+            pass
+    except OSError as e:
+        raise MpitpError(f"{option} {path}: cannot write in {into} ({e.strerror}).") from None

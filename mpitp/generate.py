@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from . import comm as mpi
-from .entry import HelpFormatter, RankParser, failed_vote, run_guarded, say
+from .entry import HelpFormatter, RankParser, check_writable, failed_vote, run_guarded, say
 from .errors import MpitpError, RequestError
 from .generation import check_request, generate_batch, new_batch_cache
 from .model import DTYPES, Model
@@ -132,16 +132,8 @@ def _prepare(args, comm, node_ranks):
     cache = new_batch_cache(model, prompts, max_new)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     if args.trace:  # created once every rank agrees to go on
-        existing = next(p for p in _ancestors(os.path.abspath(args.trace)) if os.path.exists(p))
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            raise RequestError(f"--trace {args.trace}: {existing} is not a writable folder.")
+        check_writable(args.trace, "--trace", folder=True)
     return model, tokenizer, texts, prompts, max_new, sampler, cache
-
-
-def _ancestors(path):
-    while True:
-        yield path
-        path = os.path.dirname(path)
 
 
 class _Printer:

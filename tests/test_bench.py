@@ -620,6 +620,10 @@ def test_cli_long_run(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["-n", "200"], "--n-prompt must be at most 128 and --n-gen/--long at most 126"),
     (["--long", "5"], "--long must be >= 10"),
+    (["--long", "-5"], "--long must be >= 10"),
+    (["--roofline-mib", "0"], "--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1"),
+    (["--json-out", "/proc/mpitp.json"], "--json-out /proc/mpitp.json: cannot write in /proc"),
+    (["--batch-plot", "/proc/self/x/b.png"], "--batch-plot /proc/self/x/b.png: cannot write in /proc/self"),
     (["--batch", "1,x"], "--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got '1,x'"),
     (["--batch", "0"], "--batch must be batch sizes >= 1"),
     (["--batch-gen", "1"], "--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2"),

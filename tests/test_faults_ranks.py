@@ -91,8 +91,10 @@ def test_the_same_model_in_two_folders_is_accepted(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--temperature", "1e-320"], "temperature must be 0 (greedy) or a finite number >= 1e-06, got 1e-320"),
     (["--trace", ""], "--trace needs a folder name"),
+    (["--trace", "/proc/mpitp-trace"], "--trace /proc/mpitp-trace: cannot write in /proc"),
+    (["--trace", "README.md"], "--trace README.md: it exists and is not a folder"),
     (["--prompt", "sort:1\udcff2="], "a prompt is not valid UTF-8 (byte 0xff at character 6)"),
-], ids=["tiny-temperature", "empty-trace", "invalid-utf8-prompt"])
+], ids=["tiny-temperature", "empty-trace", "unwritable-trace", "trace-is-a-file", "invalid-utf8-prompt"])
 def test_values_that_cannot_work_are_refused(args, expected):
     t = time.monotonic()
     r = run_cli(args + ([] if "--prompt" in args else PROMPT), n=2, timeout=LIMIT + 5)
