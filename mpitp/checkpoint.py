@@ -3,16 +3,18 @@
 One ``model.safetensors``, or the files ``model.safetensors.index.json`` names. Headers are checked as strictly
 as the reference library checks them, so a hostile or truncated file raises ``CheckpointError`` before anything
 is allocated. A rank reads its slices with positioned reads of just their bytes (a memory map would keep every
-touched page resident). Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary code.
+touched page resident), through the descriptor its header was read from, and refuses NaN and inf as it reads.
+Pickle formats (``*.bin``, ``*.pt``) are refused: loading them can run arbitrary code.
 """
 
 import json
 import math
 import os
+import weakref
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, open_regular, read_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
 INDEX_NAME = "model.safetensors.index.json"
@@ -30,30 +32,43 @@ CHUNK_BYTES = 1 << 20  # reads that cannot go straight into their destination go
 
 
 class SafetensorsFile:
-    """One safetensors file at ``path``: its header is read and validated here, tensor data on request."""
+    """One safetensors file at ``path``, opened once: its header is read and validated here, and every tensor
+    is read on request through the same descriptor. A file replaced on disk meanwhile cannot mix into what was
+    read; one changed in place (truncated or rewritten: its size or modification time moved) is refused.
+    ``close()`` closes the descriptor (so does the end of the object)."""
 
     def __init__(self, path):
         self.path = str(path)
-        try:
-            file_size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(self.path, None, f"file is {file_size} bytes, too short for a "
-                                          "safetensors header (at least 8 bytes).")
-                n = int.from_bytes(head, "little")
-                if n > MAX_HEADER_BYTES:
-                    raise CheckpointError(self.path, None, f"header length {n} is above the {MAX_HEADER_BYTES}"
-                                          "-byte cap; the file is not a valid safetensors file.")
-                if 8 + n > file_size:
-                    raise CheckpointError(self.path, None, f"header length {n} runs past the end of the "
-                                          f"{file_size}-byte file; the file is truncated or not safetensors.")
-                raw_header = f.read(n)
-        except OSError as e:
-            raise CheckpointError(self.path, None, f"cannot be read ({e.strerror or e}).") from None
+        self.fd = open_regular(self.path, CheckpointError)
+        self.close = weakref.finalize(self, os.close, self.fd)  # close(): at once, and only once
+        st = os.fstat(self.fd)
+        file_size, self._identity = st.st_size, (st.st_size, st.st_mtime_ns)  # what a change would move
+        head = self._pread_bytes(0, 8)
+        if len(head) < 8:
+            self._fail(None, f"file is {file_size} bytes, too short for a safetensors header (at least 8 bytes).")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            self._fail(None, f"header length {n} is above the {MAX_HEADER_BYTES}-byte cap; the file is not a valid "
+                             "safetensors file.")
+        if 8 + n > file_size:
+            self._fail(None, f"header length {n} runs past the end of the {file_size}-byte file; the file is "
+                             "truncated or not safetensors.")
+        raw_header = self._pread_bytes(8, n)
         self.data_offset = 8 + n
         self.data_len = file_size - self.data_offset
         self.metadata, self.entries = self._parse_header(raw_header)
+
+    def _check_unchanged(self):
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self._identity:
+            self._fail(None, "the file changed (its size or modification time) while it was being read; load it "
+                             "again once nothing writes to it.")
+
+    def _pread_bytes(self, offset, n):
+        try:
+            return os.pread(self.fd, n, offset)
+        except OSError as e:
+            self._fail(None, f"read failed ({e.strerror or e}).")
 
     def _fail(self, tensor, reason):
         raise CheckpointError(self.path, tensor, reason)
@@ -67,7 +82,7 @@ class SafetensorsFile:
 
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or an integer of > 4300 digits
             self._fail(None, f"header is not valid UTF-8 JSON ({type(e).__name__}).")
         if not isinstance(header, dict):
             self._fail(None, f"header must be a JSON object, got {type(header).__name__}.")
@@ -126,9 +141,12 @@ class SafetensorsFile:
 
         Only the block's own bytes are read, with positioned reads: straight into ``out`` when its layout and
         dtype allow, otherwise through ``chunk`` (a reused byte buffer of ``CHUNK_BYTES``). Memory use is
-        ``out`` itself, never the whole tensor, and no file mapping stays resident.
+        ``out`` itself, never the whole tensor, and no file mapping stays resident. Each chunk is checked for
+        NaN and inf as it is read, and the file, after the block, for a change since its header was read.
         """
         code, shape, begin, _ = self.entries[name]
+        if not self.close.alive:  # its descriptor's number may belong to another file by now
+            raise ValueError(f"{self.path} is closed")
         if code not in _FLOAT_VIEW:
             self._fail(name, f"dtype {code} is not a floating-point weight dtype; supported: {', '.join(_FLOAT_VIEW)}.")
         raw = _FLOAT_VIEW[code]
@@ -147,30 +165,48 @@ class SafetensorsFile:
         if chunk is None:
             chunk = np.empty(CHUNK_BYTES, np.uint8)
         rows_per_chunk = max(1, len(chunk) // max(1, (c1 - c0) * raw.itemsize))
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for r in range(r0, r1, rows_per_chunk):
-                n = min(r1, r + rows_per_chunk) - r
-                dest = out2[r - r0:r - r0 + n] if direct else _view(chunk, (n, c1 - c0), raw)
-                for k in range(1 if c1 - c0 == n_cols else n):  # whole rows are one contiguous range
-                    offset = self.data_offset + begin + ((r + k) * n_cols + c0) * raw.itemsize
-                    self._pread(fd, dest if c1 - c0 == n_cols else dest[k], offset, name)
-                if not direct:
-                    values = (dest.astype(np.uint32) << 16).view(np.float32) if code == "BF16" else dest  # exact
-                    if transpose:
-                        out2[:, r - r0:r - r0 + n] = values.T
-                    else:
-                        out2[r - r0:r - r0 + n] = values
-        finally:
-            os.close(fd)
+        for r in range(r0, r1, rows_per_chunk):
+            n = min(r1, r + rows_per_chunk) - r
+            dest = out2[r - r0:r - r0 + n] if direct else _view(chunk, (n, c1 - c0), raw)
+            for k in range(1 if c1 - c0 == n_cols else n):  # whole rows are one contiguous range
+                offset = self.data_offset + begin + ((r + k) * n_cols + c0) * raw.itemsize
+                self._pread(dest if c1 - c0 == n_cols else dest[k], offset, name)
+            values = (dest.astype(np.uint32) << 16).view(np.float32) if code == "BF16" else dest  # exact
+            if values.dtype.itemsize > out.dtype.itemsize:  # float64 into float32: what is too large becomes inf
+                with np.errstate(over="ignore"):
+                    values = values.astype(out.dtype)
+            if not _all_finite(values):
+                self._check_unchanged()  # NaN from a file being rewritten is said as that
+                self._fail(name, "has values that are not finite (NaN or inf); the file is damaged, or the model "
+                                 "diverged in training.")
+            if not direct:
+                if transpose:
+                    out2[:, r - r0:r - r0 + n] = values.T
+                else:
+                    out2[r - r0:r - r0 + n] = values
+        self._check_unchanged()
 
-    def _pread(self, fd, dest, offset, name):
+    def _pread(self, dest, offset, name):
         view = memoryview(dest).cast("B")
         while len(view):
-            n = os.preadv(fd, [view], offset)
+            try:
+                n = os.preadv(self.fd, [view], offset)
+            except OSError as e:
+                self._fail(name, f"read failed ({e.strerror or e}).")
             if n == 0:
+                self._check_unchanged()
                 self._fail(name, "the file ended before the tensor's data; it was truncated or changed while reading.")
             view, offset = view[n:], offset + n
+
+
+def _all_finite(a):
+    # No NaN or inf in ``a``, in one fast pass: the dot product a.a is finite when every value is (if it is not,
+    # or it overflowed, isfinite decides). float16 has no fast dot: its NaN and inf have all exponent bits set.
+    if a.dtype == np.float16:
+        return not ((a.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    flat = a.reshape(-1)
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.dot(flat, flat)) or np.isfinite(a).all())
 
 
 def _view(buffer, shape, dtype):
@@ -181,7 +217,8 @@ def _view(buffer, shape, dtype):
 
 class Checkpoint:
     """The safetensors files of a Hugging Face model folder (``model.safetensors``, or the files that
-    ``model.safetensors.index.json`` names), with a tensor name -> file map."""
+    ``model.safetensors.index.json`` names), with a tensor name -> file map. Each file is opened once, and
+    ``close()`` closes them all."""
 
     def __init__(self, model_dir):
         self.model_dir = str(model_dir)
@@ -203,11 +240,11 @@ class Checkpoint:
         self._where = {}
         self._chunk = np.empty(CHUNK_BYTES, np.uint8)  # one chunk buffer for every read of this checkpoint
         if weight_map is None:
-            f = self._open(SINGLE_NAME)
-            self._where = {name: f for name in f.entries}
+            f = self._files[SINGLE_NAME] = SafetensorsFile(single_path)
+            self._where = dict.fromkeys(f.entries, f)
         else:
             for name, file_name in weight_map.items():
-                f = self._open(file_name)
+                f = self._shard(file_name)
                 if name not in f.entries:
                     raise CheckpointError(f.path, name, f"{INDEX_NAME} places the tensor in this file but it "
                                                         "is not there.")
@@ -215,16 +252,16 @@ class Checkpoint:
 
     def _read_index(self, path):
         try:
-            with open(path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            index = json.loads(read_regular(path, CheckpointError))
+        except (ValueError, RecursionError) as e:
             raise CheckpointError(path, None, f"not readable as JSON ({type(e).__name__}).") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(path, None, "'weight_map' must be an object mapping tensor names to file names.")
         return weight_map
 
-    def _open(self, file_name):
+    def _shard(self, file_name):
+        # The file that the index names ``file_name``, opened once.
         if file_name in self._files:
             return self._files[file_name]
         if not file_name or "\0" in file_name:
@@ -238,11 +275,15 @@ class Checkpoint:
                                   f"shard file {file_name!r} lies outside the model folder; shard files must be "
                                   "plain names inside it.")
         path = os.path.join(self.model_dir, file_name)
-        if not os.path.isfile(path):
-            raise CheckpointError(os.path.join(self.model_dir, file_name), None,
-                                  f"shard file not found (named in {INDEX_NAME}).")
+        if not os.path.exists(path):
+            raise CheckpointError(path, None, f"shard file not found (named in {INDEX_NAME}).")
         f = self._files[file_name] = SafetensorsFile(path)
         return f
+
+    def close(self):
+        """Close every file (reading a tensor afterwards is an error)."""
+        for f in self._files.values():
+            f.close()
 
     def __contains__(self, name):
         return name in self._where

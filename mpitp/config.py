@@ -6,11 +6,11 @@ sentence that names the key, not later inside a matmul.
 """
 
 import json
-import math
 import os
+import sys
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, read_regular
 
 # model_type values whose math mpitp implements, and the family each maps to. Mistral and Qwen2 are
 # Llama's math (Qwen2 with biases on q, k, v only); their sliding window is handled by capping the context.
@@ -19,6 +19,7 @@ _ACTIVATIONS = {
     "gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all the tanh approximation of GELU
     "llama": ("silu", "swish"),
 }
+MAX_SIZE = 2**31  # no model has a size or token id above this; refused before anything is computed from it
 
 
 @dataclass(frozen=True)
@@ -58,39 +59,49 @@ class ModelConfig:
     eos_token_ids: tuple = ()
 
 
+def _shown(value):
+    # repr(value), cut short: JSON integers have any number of digits
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _is_int(value, low):
+    return type(value) is int and low <= value <= MAX_SIZE
+
+
 def _get(cfg, key, kind, path, default=None, required=True):
     if key not in cfg or cfg[key] is None:
         if required and default is None:
             raise ConfigError(f"{path}: required key '{key}' is missing.")
         return default
     value = cfg[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ConfigError(f"{path}: '{key}' must be a positive integer, got {value!r}.")
-    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
-                          or not math.isfinite(value) or value <= 0):
-        raise ConfigError(f"{path}: '{key}' must be a positive number, got {value!r}.")
+    if kind is int and not _is_int(value, 1):
+        raise ConfigError(f"{path}: '{key}' must be a positive integer (at most {MAX_SIZE}), got {_shown(value)}.")
+    if kind is float and not (type(value) in (int, float) and 0 < value <= sys.float_info.max):  # not NaN or inf
+        raise ConfigError(f"{path}: '{key}' must be a positive number (finite), got {_shown(value)}.")
     if kind is bool and not isinstance(value, bool):
-        raise ConfigError(f"{path}: '{key}' must be true or false, got {value!r}.")
+        raise ConfigError(f"{path}: '{key}' must be true or false, got {_shown(value)}.")
     return kind(value)
 
 
 def _token_ids(value, key, path):
+    # A token id or a list of them; an empty list is no id (for eos: no end-of-sequence token).
     ids = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ConfigError(f"{path}: '{key}' must be a token id or a list of them, got {value!r}.")
+    if not all(_is_int(i, 0) for i in ids):
+        raise ConfigError(f"{path}: '{key}' must be a token id (an integer from 0 to {MAX_SIZE}) or a list of them, "
+                          f"got {_shown(value)}.")
     return tuple(ids)
 
 
 def _rope(cfg, path):
     # transformers 5 writes {"rope_parameters": {"rope_theta", "rope_type", ...}};
     # transformers 4 writes a top-level "rope_theta" and an optional "rope_scaling" dict.
-    params = cfg.get("rope_parameters")
-    if params is None:
-        params = dict(cfg.get("rope_scaling") or {})
-        if "rope_theta" in cfg:
-            params.setdefault("rope_theta", cfg["rope_theta"])
+    key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    params = {} if cfg.get(key) is None else cfg[key]
     if not isinstance(params, dict):
-        raise ConfigError(f"{path}: 'rope_parameters' must be an object, got {params!r}.")
+        raise ConfigError(f"{path}: '{key}' must be an object (or null), got {_shown(params)}.")
+    if key == "rope_scaling" and "rope_theta" in cfg:
+        params = {"rope_theta": cfg["rope_theta"], **params}
     kind = params.get("rope_type", params.get("type", "default"))
     theta = _get(params, "rope_theta", float, path, default=10000.0)
     if kind == "default":
@@ -113,15 +124,18 @@ def config_from_dict(cfg, path="config.json", generation=None):
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
     model_type = cfg.get("model_type")
-    family = _FAMILIES.get(model_type)
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise ConfigError(f"{path}: model_type {model_type!r} is not supported; supported: "
+        raise ConfigError(f"{path}: model_type {_shown(model_type)} is not supported; supported: "
                           f"{', '.join(sorted(_FAMILIES))}.")
-    gen = generation or {}
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
-    eos_ids = () if eos is None else _token_ids(eos, "eos_token_id", path)
-    bos_id = None if bos is None else _token_ids(bos, "bos_token_id", path)[0]
+    # The ids of generation_config.json, where it has them. eos [] is no end-of-sequence token; bos [] is refused.
+    gen, gen_path = generation or {}, os.path.join(os.path.dirname(path), "generation_config.json")
+    (eos_path, eos), (bos_path, bos) = ((gen_path, gen[key]) if key in gen else (path, cfg.get(key))
+                                        for key in ("eos_token_id", "bos_token_id"))
+    eos_ids = () if eos is None else _token_ids(eos, "eos_token_id", eos_path)
+    if bos == []:
+        raise ConfigError(f"{bos_path}: 'bos_token_id' is an empty list; give a token id, or null for none.")
+    bos_id = None if bos is None else _token_ids(bos, "bos_token_id", bos_path)[0]
 
     if family == "gpt2":
         n_embd, n_head = _get(cfg, "n_embd", int, path), _get(cfg, "n_head", int, path)
@@ -177,10 +191,9 @@ def _read_json(path, required):
             raise ConfigError(f"{path}: file not found; a model folder needs a Hugging Face config.json.")
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable as JSON ({e}).") from None
+        return json.loads(read_regular(path))
+    except (ValueError, RecursionError) as e:  # not UTF-8 JSON, nested too deep, or an integer of > 4300 digits
+        raise ConfigError(f"{path}: not readable as JSON ({str(e).split(';')[0]}).") from None  # not Python's advice
 
 
 def load_config(model_dir):

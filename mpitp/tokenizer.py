@@ -8,7 +8,7 @@ printing half a character: a token may end in the middle of a multi-byte UTF-8 s
 import json
 import os
 
-from .errors import ConfigError
+from .errors import ConfigError, read_regular
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -28,17 +28,18 @@ class Tokenizer:
         except ImportError:
             raise ConfigError(f"{path}: text prompts need the 'tokenizers' library, which is not installed; "
                               "install it with: pip install 'mpitp[text]' (or pass --prompt-ids).") from None
+        text = read_regular(path)  # read here, so that a FIFO or a folder is refused before the library opens it
         try:
-            self._tok = tokenizers.Tokenizer.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_str(text.decode("utf-8"))
         except Exception as e:  # the library raises its own exception type for every parse error
             raise ConfigError(f"{path}: not a valid tokenizer file ({e}).") from None
         self._decode_stream, self.bos_token_id, self.add_bos = DecodeStream, bos_token_id, False
         config_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.exists(config_path):
             try:
-                with open(config_path, encoding="utf-8") as f:
-                    self.add_bos = bool(json.load(f).get("add_bos_token", False)) and bos_token_id is not None
-            except (OSError, ValueError, AttributeError):
+                add_bos = json.loads(read_regular(config_path)).get("add_bos_token", False)
+                self.add_bos = bool(add_bos) and bos_token_id is not None
+            except (ValueError, RecursionError, AttributeError):
                 raise ConfigError(f"{config_path}: not readable as a JSON object.") from None
 
     def encode(self, text):

@@ -4,11 +4,14 @@ calls: inside ``with trace:`` a profile hook (``sys.setprofile``) reads the loca
 ``Model.embed`` and the result of ``Model.lm_head`` as they return.
 """
 
+import contextlib
 import hashlib
+import os
 import sys
 
 import numpy as np
 
+from .errors import FileError, read_regular
 from .model import Model
 
 _BLOCK, _LM_HEAD, _EMBED = Model.block.__code__, Model.lm_head.__code__, Model.embed.__code__
@@ -21,8 +24,8 @@ class Trace:
     def __init__(self, model_dir=None):
         self.arrays, self.step = {"format/version": np.int64(1)}, 0  # docs/trace.md: the format's version
         if model_dir is not None:  # the model's identity: compare refuses traces of different config.json files
-            with open(f"{model_dir}/config.json", "rb") as f:
-                self.arrays["meta/config_sha256"] = np.array(hashlib.sha256(f.read()).hexdigest())
+            config = read_regular(os.path.join(model_dir, "config.json"))
+            self.arrays["meta/config_sha256"] = np.array(hashlib.sha256(config).hexdigest())
 
     def record(self, name, value):
         # [.., width] -> [rows, width]; a second record in the same step adds rows (the next sequence)
@@ -61,4 +64,19 @@ class Trace:
         self.step += 1
 
     def save(self, path):
-        np.savez(path, **self.arrays)
+        """Write the trace to ``path`` (``.npz`` is appended if missing) atomically: into a new temporary file in
+        the same folder, renamed over ``path`` once whole. A failed write (a full disk) leaves the previous file
+        as it was and no temporary, and two jobs writing the same path each leave a whole, loadable file."""
+        path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
+        temporary = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            with open(temporary, "xb") as f:
+                np.savez(f, **self.arrays)
+            os.replace(temporary, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            if isinstance(e, OSError):
+                raise FileError(path, f"cannot write the trace ({e.strerror or e}); a trace already there is "
+                                      "unchanged.") from None
+            raise

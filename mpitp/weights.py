@@ -9,6 +9,7 @@ this one place. GPT-2 fuses Q, K and V in one ``c_attn`` weight ``[n_embd, 3 * n
 three parts *before* a rank's head columns are taken (a plain P-way split of the fused matrix is wrong).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,7 +175,7 @@ def checkpoint_shapes(config, prefix=""):
 
 def n_params(config):
     """Parameters as the checkpoint stores them (a tied LM head counted once)."""
-    return sum(int(np.prod(shape)) for shape in checkpoint_shapes(config).values())
+    return sum(math.prod(shape) for shape in checkpoint_shapes(config).values())
 
 
 def read_weight(ckpt, config, shard, name, layer, out, prefix=""):
@@ -203,9 +204,11 @@ def _stored(config, shard, parts):
 def shard_bytes(config, shard, dtype):
     """Bytes of weights one rank will hold, known before reading any of them: the size of its arena."""
     block, glob = _fields(config)
-    shapes = [_stored(config, shard, p) for p in block.values()] * config.n_layer
-    shapes += [(padded_shape if f == "W_vocab" else tuple)(_stored(config, shard, p)) for f, p in glob.items()]
-    return Arena.size_of(shapes, dtype)
+    block_shapes = [_stored(config, shard, p) for p in block.values()]
+    glob_shapes = [(padded_shape if f == "W_vocab" else tuple)(_stored(config, shard, p)) for f, p in glob.items()]
+    # Every block is the same size, and sizes are Python integers: an absurd config is measured exactly, at once.
+    return sum(Arena.size_of([(math.prod(s),) for s in shapes], dtype) * n
+               for shapes, n in ((block_shapes, config.n_layer), (glob_shapes, 1)))
 
 
 def load_weights(ckpt, config, shard, dtype, arena=True):
@@ -213,7 +216,7 @@ def load_weights(ckpt, config, shard, dtype, arena=True):
 
     With ``arena`` (the default) the arrays are placed in one huge-page ``Arena`` in the order a forward
     reads them, the LM head's rows padded to whole cache lines (see ``mpitp.arena``); without it each is a
-    plain NumPy array. Both hold the same values.
+    plain NumPy array. Both hold the same values. The checkpoint's files are closed once read.
     """
     take = Arena(shard_bytes(config, shard, dtype)).take if arena else (lambda shape, dtype, padded=False:
                                                                           np.empty(shape, dtype))
@@ -232,9 +235,12 @@ def load_weights(ckpt, config, shard, dtype, arena=True):
             col += width
         return out
 
-    blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}, **dict.fromkeys(
-        set(BlockWeights.__dataclass_fields__) - set(block))) for layer in range(config.n_layer)]
-    arrays = {f: read(f, p, None) for f, p in glob.items()}
+    try:
+        blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}, **dict.fromkeys(
+            set(BlockWeights.__dataclass_fields__) - set(block))) for layer in range(config.n_layer)]
+        arrays = {f: read(f, p, None) for f, p in glob.items()}
+    finally:
+        getattr(ckpt, "close", lambda: None)()  # a stand-in for a checkpoint (the bench's) may hold no files
     if config.tie_word_embeddings:
         arrays["W_embed"] = arrays["W_vocab"].T  # [n_vocab_local, n_embd]: a view
     return blocks, GlobalWeights(**{f: arrays.get(f) for f in GlobalWeights.__dataclass_fields__})
