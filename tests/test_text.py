@@ -106,10 +106,10 @@ def test_a_cache_refused_on_one_rank_only_is_refused_on_every_rank(monkeypatch):
     from mpitp.resources import check_fits
     local = threading.local()
 
-    def fits_except_on_rank_1(nbytes, what, hint):
+    def fits_except_on_rank_1(nbytes, what, hint, node_ranks=1):
         if what.startswith("a KV cache") and local.rank == 1:
             raise RequestError("a KV cache of 1 x 8 positions needs more memory than rank 1 has.")
-        return check_fits(nbytes, what, hint)
+        return check_fits(nbytes, what, hint, node_ranks)
 
     def run(c):
         local.rank = c.Get_rank()
