@@ -39,18 +39,27 @@ $(VENV)/.installed: setup.cfg setup.py
 run: install
 	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate $(ARGS)
 
+# $(call mpi_pytest,N,ARGS[,PREFIX]): `PREFIX timeout mpirun -n N pytest ARGS`, failed unless every rank reached
+# the end of the run. MPICH exits 0 when a rank leaves early with status 0 (it kills the others and records them
+# as 0), so the status alone cannot be trusted: rank 0 writes MPITP_PYTEST_DONE once all ranks agreed at the end
+# (tests/mpi_guard.py).
+mpi_pytest = done=$(abspath $(VENV))/.pytest-done-$$$$ && rm -f $$done && \
+	$(3) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(1) env MPITP_PYTEST_DONE=$$done pytest $(2) && \
+	{ test -e $$done || { echo "make: mpirun -n $(1) pytest exited 0 but not every rank reached the end" >&2; exit 1; }; } && \
+	rm -f $$done
+
 # The serial suite, then the same suite as `mpirun -n 2 pytest` (which runs the MPI tests).
 test: install
 	timeout $(TIMEOUT) pytest
-	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n 2 pytest
+	$(call mpi_pytest,2,)
 
 # The suite on NP ranks (e.g. make test-mpi NP=4).
 test-mpi: install
-	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest $(MPI_TESTS)
+	$(call mpi_pytest,$(NP),$(MPI_TESTS))
 
 # The suite on NP ranks with MPI forced onto TCP sockets (a stand-in for ranks on different nodes).
 test-tcp: install
-	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) pytest $(MPI_TESTS)
+	$(call mpi_pytest,$(NP),$(MPI_TESTS),env $(TCP_ENV))
 
 # The MPI suite across 2 emulated nodes (network namespaces on a bridge, each with its own host name, TCP
 # between them; scripts/cluster.sh): 2 nodes x 1 rank and 2 x 2, then every command-line and fault test with

@@ -2,15 +2,18 @@
 
 Bad input is found on every rank before any collective, and the first collective is a vote on it: the job exits
 cleanly (status 2, the message printed once). Anything unexpected on any rank aborts the whole job (status 1;
-130 on Ctrl-C) instead of leaving the others waiting in a collective.
+130 on Ctrl-C, 143 on SIGTERM) instead of leaving the others waiting in a collective, and a watchdog thread ends
+a rank that cannot act on a signal itself, or whose launcher is gone.
 """
 
 import argparse
 import os
+import select
 import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 
 from . import comm as mpi
@@ -66,25 +69,88 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
+STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+LAUNCHER_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")  # MPICH's Hydra (and Slurm's PMI), PMIx, Open MPI
+
+
+class Watchdog:
+    """A daemon thread that ends this process when the main thread cannot act on a signal, or the launcher died.
+
+    Python runs a signal handler only between bytecodes of the main thread, so a rank blocked in a C call (waiting
+    inside a collective for a stopped rank, or in a read that never returns) never reaches it, and a second Ctrl-C
+    then makes MPICH's mpiexec tear the job down and exit 0 or 255 by a race. The C-level handler still writes the
+    signal's number to a pipe (``signal.set_wakeup_fd``) that this thread watches: when the main thread has not
+    begun to handle the signal within ``GRACE`` seconds (or not finished within ``FINISH``), it says the same one
+    line the main thread would and exits with 130 (143 for SIGTERM); MPICH then ends the other ranks. Under an
+    MPI launcher it also exits when its parent process (Hydra's proxy) is gone, which would otherwise leave the
+    rank spinning in a collective for ever, orphaned.
+    """
+
+    GRACE, FINISH, TICK = 0.5, 5.0, 0.25  # seconds
+
+    def __init__(self, who):
+        self.who, self.handling = who, False
+        self.parent = os.getppid() if any(v in os.environ for v in LAUNCHER_VARS) else None
+        self.reader, self.writer = os.pipe()
+        os.set_blocking(self.writer, False)
+        self.previous = signal.set_wakeup_fd(self.writer, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="mpitp-watchdog", daemon=True).start()
+
+    def _watch(self):
+        stop = since = None
+        while True:
+            due = since + (self.FINISH if self.handling else self.GRACE) - time.monotonic() if stop else self.TICK
+            if due <= 0:
+                self._exit(None if self.handling else f"{self.who}: {stop[0]}", stop[1])
+            if select.select([self.reader], [], [], min(due, self.TICK))[0]:
+                signums = os.read(self.reader, 64)
+                if not signums:  # close(): the guarded call returned
+                    return os.close(self.reader)
+                if not stop and any(s in STOPS for s in signums):
+                    stop, since = next(STOPS[s] for s in signums if s in STOPS), time.monotonic()
+            if self.parent is not None and os.getppid() != self.parent:
+                self._exit(f"{self.who}: the MPI launcher is gone (its process {self.parent} ended)", 1)
+
+    def _exit(self, line, code):
+        threading.Timer(1.0, os._exit, (code,)).start()  # even if writing to stderr is what blocks
+        try:
+            if line:
+                say(line)
+        except (OSError, ValueError):  # the launcher's end of the pipe may be gone
+            pass
+        os._exit(code)
+
+    def close(self):
+        signal.set_wakeup_fd(self.previous)
+        os.close(self.writer)  # the thread reads end-of-file and returns
+
+
 def run_guarded(comm, fn, verbose, prog):
     """``fn()``'s exit status; an exception on this rank aborts every rank of the job: status 2 with one line
     for bad input (``MpitpError``, found after the ranks agreed to go on, by this rank alone), 1 for anything
     unexpected."""
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous = signal.signal(signal.SIGTERM, _terminated) if main else None  # Slurm's scancel: like Ctrl-C
     who = f"[rank {rank}] {prog}" if comm is not None else prog
+    main = threading.current_thread() is threading.main_thread()  # signals can only be handled there
+    saved = {s: signal.getsignal(s) for s in STOPS} if main else {}
+    if main:
+        signal.signal(signal.SIGTERM, _terminated)  # Slurm's scancel: like Ctrl-C
+    watchdog = Watchdog(who) if main else None
     try:
         return fn()
     except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
         if isinstance(e, SystemExit) and not e.code:
             raise
+        if main:  # from here on, a second signal must not cut the ending short with a traceback
+            watchdog.handling = True
+            for s in STOPS:
+                signal.signal(s, signal.SIG_IGN)
         if isinstance(e, MpitpError):  # after the vote, found by this rank alone: it ends the job for all
             say(f"{who if rank else prog}: error: {e}")
             if size > 1:
                 mpi.abort(comm, 2)
             return 2
-        stopped = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}.get(type(e))
+        stopped = {KeyboardInterrupt: STOPS[signal.SIGINT], Terminated: STOPS[signal.SIGTERM]}.get(type(e))
         say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
         if verbose:
             traceback.print_exc()
@@ -95,8 +161,11 @@ def run_guarded(comm, fn, verbose, prog):
             mpi.abort(comm, code)
         return code
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main:
+            watchdog.close()
+            for s, handler in saved.items():
+                if handler is not None:
+                    signal.signal(s, handler)
 
 
 def check_writable(path, option, folder=False):

@@ -1,15 +1,29 @@
 """Test-only: the generate command with a fault on one rank. ``python tests/inject.py RANK:PHASE [ARGS]``.
 
-PHASE is ``load``, ``prefill`` or ``decode`` (an unexpected error there: the job must abort) or ``input``
-(a bad-input error only that rank sees, as a file missing on one node: every rank must exit cleanly).
+PHASE is ``load``, ``prefill`` or ``decode`` (an unexpected error there: the job must abort), ``input`` (a
+bad-input error only that rank sees, as a file missing on one node: every rank must exit cleanly), ``stop``
+(the rank stops itself with SIGSTOP at the second decode step, as if suspended) or ``stall`` (there it blocks
+for ever in a read that no signal interrupts, as on a hung network file system); while one rank is stopped or
+stalled, the others wait inside an MPI collective.
 """
 
+import os
+import signal
 import sys
 
 from mpi4py import MPI
 
 from mpitp import MpitpError, generate
 from mpitp.model import Model
+
+
+def stall():
+    # The signals are blocked in this thread, so the kernel delivers them to another one: the read is never
+    # interrupted and Python's handlers never run in this thread, as when a C library retries on EINTR.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    r, w = os.pipe()  # nobody writes to w, and it stays open: the read waits for ever
+    os.read(r, 1)
+
 
 fault_rank, _, phase = sys.argv.pop(1).partition(":")
 if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
@@ -23,7 +37,11 @@ if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
 
     def faulty_forward(self, *args, **kwargs):
         calls.append(1)
-        if phase == "prefill" or len(calls) == 3:  # decode: fail on the second decode step of one prompt
+        if phase == "stop" and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif phase == "stall" and len(calls) == 3:
+            stall()
+        elif phase == "prefill" or (phase == "decode" and len(calls) == 3):  # decode: the second decode step
             raise RuntimeError(f"fault injected on this rank during {phase}")
         return forward(self, *args, **kwargs)
 

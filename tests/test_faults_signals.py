@@ -1,0 +1,244 @@
+"""The fault catalogue, signals and lost ranks: Ctrl-C must end a job whose ranks cannot act on it, a rank whose
+launcher dies must exit too, and a test run with a rank missing must never pass.
+
+Each job is the generate command on 2 ranks through tests/inject.py, which stops one rank (SIGSTOP) or blocks it
+in a read that no signal interrupts, while the other waits inside an MPI collective: neither can run Python's
+signal handler. The test finds the job's processes in /proc by a folder name unique to the test.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, child_env, model_dir, mpirun, serial_only
+from mpitp import entry
+
+pytestmark = serial_only
+LIMIT = 5  # seconds from the first signal to the end of the job
+
+
+def job_processes(marker):
+    """{pid: (state, parent pid)} of the live processes whose command line holds ``marker``."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():  # a zombie's is empty: it is gone
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        found[int(pid)] = (state, int(ppid))
+    return found
+
+
+def start_job(tmp_path, phase):
+    """``mpirun -n 2`` of the generate command with ``1:phase`` injected, once rank 1 is stopped or stalled;
+    returns the mpirun process, the marker and the ranks' pids."""
+    marker = shutil.copytree(model_dir("gpt2-tiny"), tmp_path / "signals-model")
+    proc = subprocess.Popen([*mpirun(2), sys.executable, str(REPO / "tests" / "inject.py"), f"1:{phase}",
+                             "--model", str(marker), "--prompt-ids", "1,2,3", "--max-new-tokens", "20",
+                             "--ignore-eos"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), cwd=str(REPO), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        ranks = {pid: v for pid, v in job_processes(str(marker)).items() if pid != proc.pid}
+        if len(ranks) == 2 and any(stuck(pid, state, phase) for pid, (state, _) in ranks.items()):
+            return proc, str(marker), ranks
+        time.sleep(0.1)
+    _, err = stop_job(proc)
+    pytest.fail(f"rank 1 never reached its {phase}: {err}")
+
+
+def stuck(pid, state, phase):
+    if phase == "stop":
+        return state == "T"
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe_read" in f.read()  # "pipe_read", or "anon_pipe_read" on newer kernels
+    except OSError:
+        return False
+
+
+def stop_job(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()
+
+
+def assert_all_gone(marker, ranks):
+    deadline = time.monotonic() + 2
+    while job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = job_processes(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == {}, f"processes left running: {left} (ranks were {sorted(ranks)})"
+
+
+@pytest.mark.parametrize("to", ["mpirun", "group"])  # mpirun alone, or its process group as a terminal does
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("phase", ["stop", "stall"])
+def test_ctrl_c_ends_a_job_whose_ranks_cannot_act(tmp_path, phase, count, to):
+    # Before: one Ctrl-C did nothing for more than 40 s; a second, 2 s later, made MPICH's mpiexec kill the job
+    # and exit 0 (6 runs of 6 here) or 255 by a race. Now each rank that cannot run its handler is ended by its
+    # watchdog within a second, with status 130, and the later Ctrl-Cs find the job gone.
+    proc, marker, ranks = start_job(tmp_path, phase)
+    t = time.monotonic()
+    try:
+        for _ in range(count):
+            if proc.poll() is None:
+                (os.killpg if to == "group" else os.kill)(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        proc.wait(timeout=max(0.1, t + LIMIT - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    took = time.monotonic() - t
+    _, err = stop_job(proc)
+    assert took < LIMIT and proc.returncode == 130, (took, proc.returncode, err)
+    assert "] mpitp: interrupted" in err and "Traceback" not in err and "BAD TERMINATION" not in err, err
+    assert_all_gone(marker, ranks)
+
+
+def test_sigterm_ends_a_job_with_a_stalled_rank(tmp_path):
+    proc, marker, ranks = start_job(tmp_path, "stall")
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        pass
+    took = time.monotonic() - t
+    _, err = stop_job(proc)
+    assert took < LIMIT and proc.returncode == 143 and "] mpitp: terminated" in err, (took, proc.returncode, err)
+    assert "Traceback" not in err
+    assert_all_gone(marker, ranks)
+
+
+def test_ranks_whose_launcher_dies_exit(tmp_path):
+    # Before: kill -9 of MPICH's proxy left both ranks running, rank 0 at 100% CPU in a collective, orphaned.
+    proc, marker, ranks = start_job(tmp_path, "stall")  # rank 1 in a read, rank 0 waiting inside Allreduce
+    proxies = {ppid for _, ppid in ranks.values()}
+    assert len(proxies) == 1
+    proxy = proxies.pop()
+    with open(f"/proc/{proxy}/comm") as f:
+        assert f.read().strip() == "hydra_pmi_proxy"
+    t = time.monotonic()
+    os.kill(proxy, signal.SIGKILL)
+    while any(pid in job_processes(marker) for pid in ranks) and time.monotonic() - t < LIMIT:
+        time.sleep(0.1)
+    took = time.monotonic() - t
+    stop_job(proc)
+    left = {pid: v for pid, v in job_processes(marker).items() if pid in ranks}
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == {} and took < LIMIT, f"ranks left running {took:.1f} s after their proxy died: {left}"
+
+
+def test_the_launcher_check_is_only_made_under_a_launcher(monkeypatch):
+    # A plain serial run may outlive its parent (nohup, a closed terminal); a rank must not.
+    for var in entry.LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    watchdog = entry.Watchdog("test")
+    watchdog.close()
+    assert watchdog.parent is None
+    monkeypatch.setenv("PMI_RANK", "0")
+    watchdog = entry.Watchdog("test")
+    watchdog.close()
+    assert watchdog.parent == os.getppid()
+
+
+# A test run with a rank missing must fail. MPICH kills the other ranks at once when one exits before
+# MPI_Finalize, and records them as status 0, so one rank's os._exit(0) made `mpirun -n 2 pytest` exit 0.
+SUITES = {
+    "os_exit": '''
+        def test_leaves_on_rank_1():
+            if MPI.COMM_WORLD.rank == 1:
+                os._exit(0)
+            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, np.ones(2))  # where rank 0 waits for it
+
+        def test_after():
+            pass
+    ''',
+    "session_ends_early": '''
+        def test_leaves_on_rank_1():
+            if MPI.COMM_WORLD.rank == 1:
+                pytest.exit("rank 1 leaves", returncode=0)
+
+        def test_after():
+            pass
+    ''',
+    "session_ends_early_collective_after": '''
+        def test_leaves_on_rank_1():
+            if MPI.COMM_WORLD.rank == 1:
+                pytest.exit("rank 1 leaves", returncode=0)
+
+        def test_collective_after():  # rank 0 waits here for a rank that is waiting at the end of the run
+            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, np.ones(2))
+    ''',
+    "c_exit": '''
+        def test_leaves_on_rank_1():  # an exit no Python hook sees: only the missing proof tells
+            if MPI.COMM_WORLD.rank == 1:
+                ctypes.CDLL(None)._exit(0)
+
+        def test_after():
+            pass
+    ''',
+    "good": '''
+        def test_collective():
+            buf = np.ones(2)
+            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf)
+            assert buf[0] == MPI.COMM_WORLD.size
+    ''',
+}
+
+
+def run_suite(tmp_path, name):
+    """``mpirun -n 2 pytest`` of ``SUITES[name]`` with the repository's MPI guard; the result, how long it took,
+    and whether rank 0 wrote the proof that every rank reached the end (what the Makefile requires)."""
+    (tmp_path / "conftest.py").write_text(textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from mpi_guard import pytest_configure, pytest_runtest_logreport, pytest_sessionfinish  # under test
+    '''))
+    (tmp_path / "test_suite.py").write_text("import ctypes, os\nimport numpy as np\nimport pytest\n"
+                                            "from mpi4py import MPI\n" + textwrap.dedent(SUITES[name]))
+    done = tmp_path / "done"
+    cmd = [*mpirun(2), sys.executable, "-m", "pytest", "--with-mpi", "-p", "no:cacheprovider", "-q",
+           "--rootdir", str(tmp_path), str(tmp_path)]
+    t = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env=child_env(MPITP_PYTEST_DONE=str(done), MPITP_PYTEST_FINAL_S="3"))
+    return r, time.monotonic() - t, done.exists()
+
+
+@pytest.mark.parametrize("name, said", [
+    ("os_exit", "[rank 1] os._exit(0) in test_suite.py::test_leaves_on_rank_1, before the end of the MPI test run"),
+    ("session_ends_early", "[rank 0] the ranks finished different numbers of tests (rank 0: 2, rank 1:"),
+    ("session_ends_early_collective_after", "[rank 1] not every rank reached the end of the MPI test run within 3 s"),
+])
+def test_a_run_with_a_rank_missing_fails(tmp_path, name, said):
+    r, took, done = run_suite(tmp_path, name)
+    assert r.returncode != 0 and not done and took < 30, (r.returncode, took, r.stdout + r.stderr)
+    assert said in r.stderr, r.stderr
+
+
+def test_an_exit_no_hook_sees_leaves_no_proof(tmp_path):
+    r, _, done = run_suite(tmp_path, "c_exit")
+    assert not done, r.stdout + r.stderr  # and MPICH's status is 0: why the Makefile requires the proof
+
+
+def test_a_good_run_leaves_the_proof(tmp_path):
+    r, _, done = run_suite(tmp_path, "good")
+    assert r.returncode == 0 and done and "1 passed" in r.stdout, r.stdout + r.stderr
