@@ -77,6 +77,7 @@ def _abort(line, say=True):
         _say(f"{line}: aborting the MPI job.")
     time.sleep(0.5)  # let the launcher forward the report before the job is torn down
     MPI.COMM_WORLD.Abort(1)
+    _exit(1)  # MPI_Abort can return (seen when mpirun was started by an MPI process): never go on to the end
 
 
 def pytest_sessionfinish(session, exitstatus):
