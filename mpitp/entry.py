@@ -86,7 +86,7 @@ class Watchdog:
     rank spinning in a collective for ever, orphaned.
     """
 
-    GRACE, FINISH, TICK = 0.5, 5.0, 0.25  # seconds
+    GRACE, FINISH, TICK = 0.05, 5.0, 0.25  # seconds
 
     def __init__(self, who):
         self.who, self.handling = who, False
@@ -157,6 +157,8 @@ def run_guarded(comm, fn, verbose, prog):
         elif not stopped:
             say(f"{who}: run with --verbose for the traceback.")
         code = stopped[1] if stopped else 1
+        if stopped and size > 1:  # every rank got the signal from the launcher: each ends itself, at once, so
+            os._exit(code)        # that a second Ctrl-C cannot find the job still running (MPICH may exit 0)
         if size > 1:
             mpi.abort(comm, code)
         return code

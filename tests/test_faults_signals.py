@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, child_env, model_dir, mpirun, serial_only
 from mpitp import entry
+from random_models import write_random_model
 
 pytestmark = serial_only
 LIMIT = 5  # seconds from the first signal to the end of the job
@@ -41,17 +42,24 @@ def job_processes(marker):
 
 
 def start_job(tmp_path, phase):
-    """``mpirun -n 2`` of the generate command with ``1:phase`` injected, once rank 1 is stopped or stalled;
-    returns the mpirun process, the marker and the ranks' pids."""
-    marker = shutil.copytree(model_dir("gpt2-tiny"), tmp_path / "signals-model")
+    """``mpirun -n 2`` of the generate command with ``1:phase`` injected, once rank 1 is stopped or stalled (or,
+    ``healthy``, 2 s into a long generation); returns the mpirun process, the marker and the ranks' pids."""
+    marker, max_new = tmp_path / "signals-model", "20"
+    if phase == "healthy":
+        write_random_model(marker, "llama-mqa", max_position_embeddings=60000, hidden_size=192,
+                           intermediate_size=512)
+        max_new = "50000"
+    else:
+        shutil.copytree(model_dir("gpt2-tiny"), marker)
     proc = subprocess.Popen([*mpirun(2), sys.executable, str(REPO / "tests" / "inject.py"), f"1:{phase}",
-                             "--model", str(marker), "--prompt-ids", "1,2,3", "--max-new-tokens", "20",
+                             "--model", str(marker), "--prompt-ids", "1,2,3", "--max-new-tokens", max_new,
                              "--ignore-eos"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=str(REPO), start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
+    start = time.monotonic()
+    while time.monotonic() < start + 60 and proc.poll() is None:
         ranks = {pid: v for pid, v in job_processes(str(marker)).items() if pid != proc.pid}
-        if len(ranks) == 2 and any(stuck(pid, state, phase) for pid, (state, _) in ranks.items()):
+        if len(ranks) == 2 and (phase == "healthy" and time.monotonic() > start + 2
+                                or any(stuck(pid, state, phase) for pid, (state, _) in ranks.items())):
             return proc, str(marker), ranks
         time.sleep(0.1)
     _, err = stop_job(proc)
@@ -85,12 +93,13 @@ def assert_all_gone(marker, ranks):
 
 
 @pytest.mark.parametrize("to", ["mpirun", "group"])  # mpirun alone, or its process group as a terminal does
-@pytest.mark.parametrize("count", [1, 2, 3])
-@pytest.mark.parametrize("phase", ["stop", "stall"])
-def test_ctrl_c_ends_a_job_whose_ranks_cannot_act(tmp_path, phase, count, to):
+@pytest.mark.parametrize("count, gap", [(1, 0), (2, 2.0), (3, 2.0), (3, 0.3)])
+@pytest.mark.parametrize("phase", ["stop", "stall", "healthy"])
+def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, count, gap, to):
     # Before: one Ctrl-C did nothing for more than 40 s; a second, 2 s later, made MPICH's mpiexec kill the job
-    # and exit 0 (6 runs of 6 here) or 255 by a race. Now each rank that cannot run its handler is ended by its
-    # watchdog within a second, with status 130, and the later Ctrl-Cs find the job gone.
+    # and exit 0 (6 runs of 6 here) or 255 by a race, and even with no rank stuck two Ctrl-Cs 0.2 s apart gave 0
+    # (4 of 8) or 255. Now a rank ends itself at once on the signal, or its watchdog ends it when it
+    # cannot run its handler (0.05 s): status 130, and the later Ctrl-Cs, even 0.3 s apart, find the job gone.
     proc, marker, ranks = start_job(tmp_path, phase)
     t = time.monotonic()
     try:
@@ -98,7 +107,7 @@ def test_ctrl_c_ends_a_job_whose_ranks_cannot_act(tmp_path, phase, count, to):
             if proc.poll() is None:
                 (os.killpg if to == "group" else os.kill)(proc.pid, signal.SIGINT)
             try:
-                proc.wait(timeout=2)
+                proc.wait(timeout=gap)
             except subprocess.TimeoutExpired:
                 pass
         proc.wait(timeout=max(0.1, t + LIMIT - time.monotonic()))
