@@ -19,6 +19,7 @@ from .errors import CheckpointError, open_regular, read_regular
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CHUNK_BYTES = 1 << 20  # reads that cannot go straight into their destination go through chunks of this size
 
 # safetensors dtype -> bytes per element. Any of these may appear in a header.
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -28,14 +29,10 @@ _FLOAT_VIEW = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype(
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-CHUNK_BYTES = 1 << 20  # reads that cannot go straight into their destination go through chunks of this size
-
-
 class SafetensorsFile:
     """One safetensors file at ``path``, opened once: its header is read and validated here, and every tensor
-    is read on request through the same descriptor. A file replaced on disk meanwhile cannot mix into what was
-    read; one changed in place (truncated or rewritten: its size or modification time moved) is refused.
-    ``close()`` closes the descriptor (so does the end of the object)."""
+    is read on request through the same descriptor, so a file replaced on disk meanwhile cannot mix into what was
+    read; one changed in place (its size or modification time moved) is refused. ``close()`` closes it."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -43,17 +40,16 @@ class SafetensorsFile:
         self.close = weakref.finalize(self, os.close, self.fd)  # close(): at once, and only once
         st = os.fstat(self.fd)
         file_size, self._identity = st.st_size, (st.st_size, st.st_mtime_ns)  # what a change would move
-        head = self._pread_bytes(0, 8)
-        if len(head) < 8:
+        if file_size < 8:
             self._fail(None, f"file is {file_size} bytes, too short for a safetensors header (at least 8 bytes).")
-        n = int.from_bytes(head, "little")
+        n = int.from_bytes(self._pread(bytearray(8), 0, None), "little")
         if n > MAX_HEADER_BYTES:
             self._fail(None, f"header length {n} is above the {MAX_HEADER_BYTES}-byte cap; the file is not a valid "
                              "safetensors file.")
         if 8 + n > file_size:
             self._fail(None, f"header length {n} runs past the end of the {file_size}-byte file; the file is "
                              "truncated or not safetensors.")
-        raw_header = self._pread_bytes(8, n)
+        raw_header = self._pread(bytearray(n), 8, None)
         self.data_offset = 8 + n
         self.data_len = file_size - self.data_offset
         self.metadata, self.entries = self._parse_header(raw_header)
@@ -64,19 +60,12 @@ class SafetensorsFile:
             self._fail(None, "the file changed (its size or modification time) while it was being read; load it "
                              "again once nothing writes to it.")
 
-    def _pread_bytes(self, offset, n):
-        try:
-            return os.pread(self.fd, n, offset)
-        except OSError as e:
-            self._fail(None, f"read failed ({e.strerror or e}).")
-
     def _fail(self, tensor, reason):
         raise CheckpointError(self.path, tensor, reason)
 
     def _parse_header(self, raw):
         def no_duplicates(pairs):
-            keys = [k for k, _ in pairs]
-            if len(keys) != len(set(keys)):
+            if len(dict(pairs)) != len(pairs):
                 self._fail(None, "header repeats a key.")
             return dict(pairs)
 
@@ -98,8 +87,7 @@ class SafetensorsFile:
                 self._fail(name, f"dtype {dtype!r} is unknown; safetensors dtypes are {', '.join(_ITEMSIZE)}.")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 self._fail(name, f"shape {shape!r} must be a list of non-negative integers.")
-            if (not isinstance(offsets, list) or len(offsets) != 2
-                    or not all(type(o) is int for o in offsets)):
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
                 self._fail(name, f"data_offsets {offsets!r} must be two integers [begin, end].")
             begin, end = offsets
             if not 0 <= begin <= end <= self.data_len:
@@ -116,8 +104,7 @@ class SafetensorsFile:
                 self._fail(name, f"data_offsets start at {begin} where {cursor} was expected: the tensor {what}.")
             cursor = end
         if cursor != self.data_len:
-            self._fail(None, f"tensors cover {cursor} of the {self.data_len} data bytes; the rest is "
-                             "unaccounted for.")
+            self._fail(None, f"tensors cover {cursor} of the {self.data_len} data bytes; the rest is unaccounted for.")
         return metadata, entries
 
     def read(self, name, dtype, index=()):
@@ -137,13 +124,9 @@ class SafetensorsFile:
         return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
     def read_into(self, name, out, index=(), transpose=False, chunk=None):
-        """Read ``tensor[index]`` (of a 1-D or 2-D tensor), transposed if asked, into the array ``out``.
-
-        Only the block's own bytes are read, with positioned reads: straight into ``out`` when its layout and
-        dtype allow, otherwise through ``chunk`` (a reused byte buffer of ``CHUNK_BYTES``). Memory use is
-        ``out`` itself, never the whole tensor, and no file mapping stays resident. Each chunk is checked for
-        NaN and inf as it is read, and the file, after the block, for a change since its header was read.
-        """
+        """Read ``tensor[index]`` (of a 1-D or 2-D tensor), transposed if asked, into the array ``out``: straight
+        into it when its layout and dtype allow, else through ``chunk`` (a reused byte buffer of ``CHUNK_BYTES``),
+        so memory use is ``out`` itself. Each chunk is checked for NaN and inf as it is read."""
         code, shape, begin, _ = self.entries[name]
         if not self.close.alive:  # its descriptor's number may belong to another file by now
             raise ValueError(f"{self.path} is closed")
@@ -154,12 +137,11 @@ class SafetensorsFile:
         block = tuple(s.stop - s.start for s in index)
         if tuple(out.shape) != (block[::-1] if transpose else block):
             raise ValueError(f"{name}: destination shape {out.shape} does not match the block {block}")
-        # A 2-D view: rows r0:r1 and columns c0:c1 of a [n_rows, n_cols] tensor.
-        if len(shape) == 2:
-            (r0, r1), (c0, c1), n_cols = (index[0].start, index[0].stop), (index[1].start, index[1].stop), shape[1]
-        else:  # a vector, or a whole tensor of another rank: one row
-            n_cols = int(np.prod(shape, dtype=np.int64))
-            (r0, r1), (c0, c1) = (0, 1), ((index[0].start, index[0].stop) if len(shape) == 1 else (0, n_cols))
+        # A 2-D view: rows r0:r1 and columns c0:c1 of a [n_rows, n_cols] tensor; a tensor of another rank (only
+        # ever read whole, or a vector's range) is one row.
+        n_cols = shape[1] if len(shape) == 2 else math.prod(shape)
+        rows, cols = index if len(shape) == 2 else (slice(0, 1), index[0] if len(shape) == 1 else slice(0, n_cols))
+        (r0, r1), (c0, c1) = (rows.start, rows.stop), (cols.start, cols.stop)
         out2 = out.reshape(r1 - r0, c1 - c0) if not transpose else out
         direct = not transpose and out.dtype == raw and out.flags.c_contiguous
         if chunk is None:
@@ -179,14 +161,14 @@ class SafetensorsFile:
                 self._check_unchanged()  # NaN from a file being rewritten is said as that
                 self._fail(name, "has values that are not finite (NaN or inf); the file is damaged, or the model "
                                  "diverged in training.")
-            if not direct:
-                if transpose:
-                    out2[:, r - r0:r - r0 + n] = values.T
-                else:
-                    out2[r - r0:r - r0 + n] = values
+            if transpose:
+                out2[:, r - r0:r - r0 + n] = values.T
+            elif not direct:
+                out2[r - r0:r - r0 + n] = values
         self._check_unchanged()
 
     def _pread(self, dest, offset, name):
+        # Fill the buffer ``dest`` with the file's bytes from ``offset`` on; return it.
         view = memoryview(dest).cast("B")
         while len(view):
             try:
@@ -197,6 +179,7 @@ class SafetensorsFile:
                 self._check_unchanged()
                 self._fail(name, "the file ended before the tensor's data; it was truncated or changed while reading.")
             view, offset = view[n:], offset + n
+        return dest
 
 
 def _all_finite(a):
@@ -222,12 +205,20 @@ class Checkpoint:
 
     def __init__(self, model_dir):
         self.model_dir = str(model_dir)
+        self._files, self._where = {}, {}
+        self._chunk = np.empty(CHUNK_BYTES, np.uint8)  # one chunk buffer for every read of this checkpoint
         index_path = os.path.join(self.model_dir, INDEX_NAME)
         single_path = os.path.join(self.model_dir, SINGLE_NAME)
         if os.path.exists(index_path):
-            weight_map = self._read_index(index_path)
+            for name, file_name in self._read_index(index_path).items():
+                f = self._shard(file_name)
+                if name not in f.entries:
+                    raise CheckpointError(f.path, name, f"{INDEX_NAME} places the tensor in this file but it "
+                                                        "is not there.")
+                self._where[name] = f
         elif os.path.exists(single_path):
-            weight_map = None
+            f = self._files[SINGLE_NAME] = SafetensorsFile(single_path)
+            self._where = dict.fromkeys(f.entries, f)
         else:
             pickles = sorted(f for f in os.listdir(self.model_dir) if f.endswith(_PICKLE_SUFFIXES))
             if pickles:
@@ -236,19 +227,6 @@ class Checkpoint:
                                       "code; convert the model to safetensors (e.g. in transformers: "
                                       "model.save_pretrained(dir, safe_serialization=True)).")
             raise CheckpointError(self.model_dir, None, f"no {SINGLE_NAME} or {INDEX_NAME} in this folder.")
-        self._files = {}
-        self._where = {}
-        self._chunk = np.empty(CHUNK_BYTES, np.uint8)  # one chunk buffer for every read of this checkpoint
-        if weight_map is None:
-            f = self._files[SINGLE_NAME] = SafetensorsFile(single_path)
-            self._where = dict.fromkeys(f.entries, f)
-        else:
-            for name, file_name in weight_map.items():
-                f = self._shard(file_name)
-                if name not in f.entries:
-                    raise CheckpointError(f.path, name, f"{INDEX_NAME} places the tensor in this file but it "
-                                                        "is not there.")
-                self._where[name] = f
 
     def _read_index(self, path):
         try:
@@ -261,24 +239,20 @@ class Checkpoint:
         return weight_map
 
     def _shard(self, file_name):
-        # The file that the index names ``file_name``, opened once.
-        if file_name in self._files:
-            return self._files[file_name]
-        if not file_name or "\0" in file_name:
-            raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
-                                  f"shard file name {file_name!r} is not a valid file name.")
-        # The name must stay inside the folder as written: no absolute path, no "..". (The file itself may
-        # be a symbolic link, as every file of a Hugging Face cache snapshot is.)
-        parts = file_name.replace("\\", "/").split("/")
-        if os.path.isabs(file_name) or ".." in parts or all(p in ("", ".") for p in parts):
-            raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
-                                  f"shard file {file_name!r} lies outside the model folder; shard files must be "
-                                  "plain names inside it.")
-        path = os.path.join(self.model_dir, file_name)
-        if not os.path.exists(path):
-            raise CheckpointError(path, None, f"shard file not found (named in {INDEX_NAME}).")
-        f = self._files[file_name] = SafetensorsFile(path)
-        return f
+        # The file that the index names ``file_name``, opened once. The name must stay inside the folder as
+        # written: no absolute path, no "..". (The file itself may be a symbolic link, as every file of a Hugging
+        # Face cache snapshot is.) A name with a NUL byte names no file: it is not found.
+        if file_name not in self._files:
+            parts = file_name.replace("\\", "/").split("/")
+            if os.path.isabs(file_name) or ".." in parts or all(p in ("", ".") for p in parts):
+                raise CheckpointError(os.path.join(self.model_dir, INDEX_NAME), None,
+                                      f"shard file {file_name!r} lies outside the model folder; shard files must be "
+                                      "plain names inside it.")
+            path = os.path.join(self.model_dir, file_name)
+            if not os.path.exists(path):
+                raise CheckpointError(path, None, f"shard file not found (named in {INDEX_NAME}).")
+            self._files[file_name] = SafetensorsFile(path)
+        return self._files[file_name]
 
     def close(self):
         """Close every file (reading a tensor afterwards is an error)."""
@@ -301,9 +275,7 @@ class Checkpoint:
         return self._where[name].entries[name][0]  # as the header says: "F32", "BF16", ...
 
     def read(self, name, dtype, index=()):
-        """Read ``tensor[index]`` (only those bytes) as a new C-contiguous array of ``dtype``."""
         return self._where[name].read(name, dtype, index)
 
     def read_into(self, name, out, index=(), transpose=False):
-        """Read ``tensor[index]``, transposed if asked, into ``out`` (see ``SafetensorsFile.read_into``)."""
         self._where[name].read_into(name, out, index, transpose, self._chunk)
