@@ -1,16 +1,10 @@
 """The fast layout: one block of memory for all of a rank's weights, in the order a forward reads them.
 
-Decoding reads every weight once per token, so its speed is the speed of reading memory. Three things about
-where the weights live bring that closer to the machine's bandwidth; none changes a value:
-
-- Huge pages: 2 MiB pages cost 512 times fewer TLB misses than 4 KiB ones. NumPy asks for them only for
-  arrays of 4 MiB and more, and a rank's matrices are often smaller; the arena asks for all of its memory.
-- Read order. Laid out in the order a forward reads them, the weights make one long sequential stream.
-- Padded rows. The LM head's rows are padded to whole cache lines (``ROW_ALIGN`` values); ``take`` returns
-  the unpadded view, so the forward never sees the padding.
-
-Measured gains: docs/benchmark.md. Without huge pages this is one ordinary allocation; without anonymous
-memory maps (Windows), a NumPy buffer.
+Decoding reads every weight once per token, so it runs at the speed of memory. None of this changes a value:
+huge pages (2 MiB: 512 times fewer TLB misses than 4 KiB; NumPy asks for them only for arrays of 4 MiB and more)
+for all of the arena; the weights in the order a forward reads them, one sequential stream; the LM head's rows
+padded to whole cache lines (``ROW_ALIGN`` values), which ``take`` hides. Measured gains: docs/benchmark.md.
+Without anonymous memory maps (Windows) the arena is a NumPy buffer.
 """
 
 import mmap
@@ -31,10 +25,8 @@ def padded_shape(shape):
 
 
 class Arena:
-    """Hands out consecutive, aligned arrays from one anonymous memory map of ``nbytes``.
-
-    Its pages are zero and only committed when written (loading writes every one).
-    """
+    """Hands out consecutive, aligned arrays from one anonymous memory map of ``nbytes``; its pages are zero and
+    only committed when written (loading writes every one)."""
 
     def __init__(self, nbytes):
         self.nbytes = nbytes

@@ -34,9 +34,8 @@ def allreduce_sum(comm, buf):
 
 def allreduce_scalar(comm, value, op, dtype):
     """``value`` reduced over all ranks with ``op`` ("max" or "sum"), exactly, on every rank."""
-    MPI = _mpi()
     buf = np.array([value], dtype=dtype)
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX if op == "max" else MPI.SUM)
+    comm.Allreduce(_mpi().IN_PLACE, buf, op=getattr(_mpi(), op.upper()))
     return buf[0]
 
 
@@ -73,21 +72,15 @@ def max_over_ranks(comm, value):
 
 
 def ranks_on_node(comm):
-    """How many ranks of ``comm`` run on this node (and share its cores and memory).
-
-    Counted by host name: with MPI forced onto TCP on one machine (MPIR_CVAR_NOLOCAL=1) the shared-memory
-    split would see every rank alone.
-    """
+    """How many ranks of ``comm`` run on this node (and share its cores and memory), by host name: with MPI
+    forced onto TCP on one machine (MPIR_CVAR_NOLOCAL=1) the shared-memory split would see every rank alone."""
     name = _mpi().Get_processor_name()
     return comm.allgather(name).count(name)
 
 
 class TimedComm:
-    """A communicator that times and counts its Allreduce calls; every other call passes straight through.
-
-    Wrap the communicator a model is loaded with, and read ``seconds``, ``calls`` and ``bytes`` afterwards:
-    the model's code does not change.
-    """
+    """A communicator that times and counts its Allreduce calls (``seconds``, ``calls``, ``bytes``); every other
+    call passes straight through. Load a model with it: the model's code does not change."""
 
     def __init__(self, comm):
         self.comm, self.seconds, self.calls, self.bytes = comm, 0.0, 0, 0

@@ -15,10 +15,8 @@ from .errors import ConfigError, read_regular
 # model_type values whose math mpitp implements, and the family each maps to. Mistral and Qwen2 are
 # Llama's math (Qwen2 with biases on q, k, v only); their sliding window is handled by capping the context.
 _FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-_ACTIVATIONS = {
-    "gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all the tanh approximation of GELU
-    "llama": ("silu", "swish"),
-}
+_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all the tanh approximation of GELU
+                "llama": ("silu", "swish")}
 MAX_SIZE = 2**31  # no model has a size or token id above this; refused before anything is computed from it
 
 
@@ -69,9 +67,10 @@ def _is_int(value, low):
     return type(value) is int and low <= value <= MAX_SIZE
 
 
-def _get(cfg, key, kind, path, default=None, required=True):
-    if key not in cfg or cfg[key] is None:
-        if required and default is None:
+def _get(cfg, key, kind, path, default=None):
+    # cfg[key] checked to be of ``kind``; ``default`` where it is missing or null (required if None)
+    if cfg.get(key) is None:
+        if default is None:
             raise ConfigError(f"{path}: required key '{key}' is missing.")
         return default
     value = cfg[key]
@@ -120,7 +119,7 @@ def _rope(cfg, path):
 
 def config_from_dict(cfg, path="config.json", generation=None):
     """A ``ModelConfig`` from the parsed ``config.json`` (``path`` names it in errors); the eos/bos ids of a
-    parsed ``generation_config.json`` (``generation``) take precedence."""
+    parsed ``generation_config.json`` (``generation``, ignored unless a JSON object) take precedence."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}.")
     model_type = cfg.get("model_type")
@@ -129,7 +128,8 @@ def config_from_dict(cfg, path="config.json", generation=None):
         raise ConfigError(f"{path}: model_type {_shown(model_type)} is not supported; supported: "
                           f"{', '.join(sorted(_FAMILIES))}.")
     # The ids of generation_config.json, where it has them. eos [] is no end-of-sequence token; bos [] is refused.
-    gen, gen_path = generation or {}, os.path.join(os.path.dirname(path), "generation_config.json")
+    gen = generation if isinstance(generation, dict) else {}
+    gen_path = os.path.join(os.path.dirname(path), "generation_config.json")
     (eos_path, eos), (bos_path, bos) = ((gen_path, gen[key]) if key in gen else (path, cfg.get(key))
                                         for key in ("eos_token_id", "bos_token_id"))
     eos_ids = () if eos is None else _token_ids(eos, "eos_token_id", eos_path)
@@ -165,7 +165,7 @@ def config_from_dict(cfg, path="config.json", generation=None):
         d_head = _get(cfg, "head_dim", int, path, default=n_embd // n_head)
         if d_head % 2:
             raise ConfigError(f"{path}: head_dim={d_head} must be even for rotary embeddings.")
-        attn_bias = _get(cfg, "attention_bias", bool, path, default=False, required=False)
+        attn_bias = _get(cfg, "attention_bias", bool, path, default=False)
         n_ctx = _get(cfg, "max_position_embeddings", int, path)
         if cfg.get("sliding_window") is not None and (model_type != "qwen2" or cfg.get("use_sliding_window")):
             # Within the window, sliding-window attention is ordinary causal attention: serve only that.
@@ -176,9 +176,9 @@ def config_from_dict(cfg, path="config.json", generation=None):
             n_ffn=_get(cfg, "intermediate_size", int, path), n_vocab=_get(cfg, "vocab_size", int, path),
             n_ctx=n_ctx, norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
             activation=cfg.get("hidden_act", "silu"), qkv_bias=attn_bias or model_type == "qwen2",
-            out_bias=attn_bias, mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False, required=False),
-            tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False, required=False),
-            rope=_rope(cfg, path), bos_token_id=bos_id, eos_token_ids=eos_ids)
+            out_bias=attn_bias, mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False),
+            tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False), rope=_rope(cfg, path),
+            bos_token_id=bos_id, eos_token_ids=eos_ids)
     if conf.activation not in _ACTIVATIONS[family]:
         raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
                           f"supported: {', '.join(_ACTIVATIONS[family])}.")
@@ -202,6 +202,4 @@ def load_config(model_dir):
         raise ConfigError(f"{model_dir}: model folder not found (or not a folder).")
     cfg = _read_json(os.path.join(model_dir, "config.json"), required=True)
     gen = _read_json(os.path.join(model_dir, "generation_config.json"), required=False)
-    if gen is not None and not isinstance(gen, dict):
-        gen = None
     return config_from_dict(cfg, os.path.join(model_dir, "config.json"), gen)

@@ -56,8 +56,8 @@ def failed_vote(comm, error, prog):
         return None
     rank = comm.Get_rank()
     if error is not None and (rank == 0 or not failed[0]):
-        prefix = "" if rank == 0 else f"[rank {rank}] "
-        say(f"{prefix}{prog}: error: {error}")
+        who = f"[rank {rank}] {prog}" if rank else prog
+        say(f"{who}: error: {error}")
     return 2
 
 
@@ -76,14 +76,12 @@ LAUNCHER_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")  # MPICH's Hyd
 class Watchdog:
     """A daemon thread that ends this process when the main thread cannot act on a signal, or the launcher died.
 
-    Python runs a signal handler only between bytecodes of the main thread, so a rank blocked in a C call (waiting
-    inside a collective for a stopped rank, or in a read that never returns) never reaches it, and a second Ctrl-C
-    then makes MPICH's mpiexec tear the job down and exit 0 or 255 by a race. The C-level handler still writes the
-    signal's number to a pipe (``signal.set_wakeup_fd``) that this thread watches: when the main thread has not
-    begun to handle the signal within ``GRACE`` seconds (or not finished within ``FINISH``), it says the same one
-    line the main thread would and exits with 130 (143 for SIGTERM); MPICH then ends the other ranks. Under an
-    MPI launcher it also exits when its parent process (Hydra's proxy) is gone, which would otherwise leave the
-    rank spinning in a collective for ever, orphaned.
+    Python runs a signal handler only between bytecodes of the main thread, so a rank blocked in a C call (in a
+    collective, or a read that never returns) never reaches it, and a second Ctrl-C then makes MPICH's mpiexec exit
+    0 or 255 by a race. The signal's number still reaches a pipe (``signal.set_wakeup_fd``) that this thread
+    watches: when the main thread has not begun to handle it within ``GRACE`` seconds (or not finished within
+    ``FINISH``), it says the main thread's line and exits with 130 (143 for SIGTERM). Under an MPI launcher it
+    also exits when its parent (Hydra's proxy) is gone, which would leave the rank spinning in a collective.
     """
 
     GRACE, FINISH, TICK = 0.05, 5.0, 0.25  # seconds
@@ -147,18 +145,17 @@ def run_guarded(comm, fn, verbose, prog):
                 signal.signal(s, signal.SIG_IGN)
         if isinstance(e, MpitpError):  # after the vote, found by this rank alone: it ends the job for all
             say(f"{who if rank else prog}: error: {e}")
-            if size > 1:
-                mpi.abort(comm, 2)
-            return 2
-        stopped = {KeyboardInterrupt: STOPS[signal.SIGINT], Terminated: STOPS[signal.SIGTERM]}.get(type(e))
-        say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
-        if verbose:
-            traceback.print_exc()
-        elif not stopped:
-            say(f"{who}: run with --verbose for the traceback.")
-        code = stopped[1] if stopped else 1
-        if stopped and size > 1:  # every rank got the signal from the launcher: each ends itself, at once, so
-            os._exit(code)        # that a second Ctrl-C cannot find the job still running (MPICH may exit 0)
+            code = 2
+        else:
+            stopped = {KeyboardInterrupt: STOPS[signal.SIGINT], Terminated: STOPS[signal.SIGTERM]}.get(type(e))
+            say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
+            if verbose:
+                traceback.print_exc()
+            elif not stopped:
+                say(f"{who}: run with --verbose for the traceback.")
+            code = stopped[1] if stopped else 1
+            if stopped and size > 1:  # every rank got the signal from the launcher: each ends itself, at once, so
+                os._exit(code)        # that a second Ctrl-C cannot find the job still running (MPICH may exit 0)
         if size > 1:
             mpi.abort(comm, code)
         return code

@@ -31,7 +31,7 @@ class FileError(MpitpError):
 
 class CheckpointError(FileError):
     """A checkpoint file (``path``) or one of its tensors (``tensor``, or None) is missing, malformed, or does
-    not match config.json; ``reason`` says what is wrong and, where it helps, what would be valid."""
+    not match config.json."""
 
     def __init__(self, path, tensor=None, reason=""):
         super().__init__(f"{path}" + (f", tensor '{tensor}'" if tensor else ""), reason)

@@ -1,10 +1,8 @@
 """The generate command: ``mpirun -n 2 python -m mpitp.generate [options]``.
 
-Every rank parses the same arguments, loads its shard and validates the request; the first collective
-is a vote on whether every rank succeeded, so bad input exits cleanly (status 2, the message printed once)
-instead of leaving ranks waiting. Anything unexpected aborts the whole job (status 1). Only rank 0 writes
-to stdout: the text (streamed as it is generated), the ids, or with ``--json`` one JSON object.
-Diagnostics and timings go to stderr.
+Every rank parses its arguments, loads its shard and validates the request, then the ranks vote and compare
+(``mpitp.entry``). Only rank 0 writes to stdout: the text (streamed as it is generated), the ids, or with
+``--json`` one JSON object. Diagnostics and timings go to stderr.
 """
 
 import argparse
@@ -95,6 +93,8 @@ def _prepare(args, comm, node_ranks):
     if args.trace == "":
         raise RequestError("--trace needs a folder name; leave the option out for no trace.")
     for text in args.prompt or ():
+        if not text:
+            raise RequestError("a prompt is empty; give some text to continue.")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
@@ -113,21 +113,12 @@ def _prepare(args, comm, node_ranks):
         except MpitpError:
             if texts:
                 raise
-    if texts:
-        for text in texts:
-            if not text:
-                raise RequestError("a prompt is empty; give some text to continue.")
-        prompts = [tokenizer.encode(text) for text in texts]
-    else:
-        prompts = args.prompt_ids
-    longest = max(len(p) for p in prompts)
-    max_new = args.max_new_tokens
+    prompts = [tokenizer.encode(text) for text in texts] if texts else args.prompt_ids
+    longest, max_new = max(len(p) for p in prompts), args.max_new_tokens
     if max_new is None and longest > model.config.n_ctx:
         raise RequestError(f"the prompt ({longest} tokens) is longer than the model's context of {model.config.n_ctx}.")
     if max_new is None:
         max_new = min(MAX_NEW_TOKENS_CAP, model.config.n_ctx - longest)
-    elif max_new < 0:
-        raise RequestError(f"--max-new-tokens must be >= 0, got {max_new}.")
     prompts = check_request(model, prompts, max_new)
     cache = new_batch_cache(model, prompts, max_new)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
@@ -204,7 +195,6 @@ def _run(args, comm, node_ranks):
         os.makedirs(args.trace, exist_ok=True)
     trace = Trace(args.model) if args.trace else None
     printer = _Printer(args, rank, tokenizer, texts)
-    comm.reset()
     results = generate_batch(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids, trace,
                              on_token=printer.on_token, cache=cache)
     if trace is not None:

@@ -68,14 +68,12 @@ def new_batch_cache(model, prompts, max_new_tokens):
 def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
                    on_token=None, cache=None):
     """Generate up to ``max_new_tokens`` tokens after each of ``prompts`` (lists of ids), as one batch, on every
-    rank; returns a ``Generation`` per prompt. Each sequence comes out as it would alone (its own positions, cache
-    row, stop and sampling steps).
+    rank; returns a ``Generation`` per prompt, each as it would come out alone.
 
     ``sampler``: a ``Sampler`` (default greedy), whose choices the ``root`` rank makes. ``stop_ids``: a sequence
     stops after generating one of these (e.g. the model's eos ids). ``trace``: a ``Trace`` that records every
-    forward. ``on_token(sequence_index, token_id)`` is called on every rank as soon as every rank knows a new
-    token (for streaming). ``cache``: from ``new_batch_cache``, when the caller allocated it before its ranks
-    agreed to go on.
+    forward. ``on_token(sequence_index, token_id)`` is called on every rank once every rank knows a new token (for
+    streaming). ``cache``: from ``new_batch_cache``, when the caller allocated it before its ranks agreed to go on.
     """
     prompts = check_request(model, prompts, max_new_tokens)
     if cache is None:  # the memory check can fail on some ranks only: they agree before the first collective
@@ -132,8 +130,7 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
     return results
 
 
-def generate_sequence(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
-                      on_token=None):
+def generate_sequence(model, prompt_ids, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0, on_token=None):
     """``generate_batch`` of one prompt; ``on_token`` takes just the token id. Returns a ``Generation``."""
     callback = None if on_token is None else (lambda b, token: on_token(token))
     return generate_batch(model, [prompt_ids], max_new_tokens, sampler, stop_ids, trace, root, callback)[0]

@@ -8,17 +8,15 @@ from .errors import RequestError
 
 
 class KVCache:
-    """Keys and values of ``n_batch`` sequences of up to ``capacity`` positions (prompt plus generated
-    tokens) for one rank, in the run's ``dtype``."""
+    """Keys and values of ``n_batch`` sequences of up to ``capacity`` positions (prompt and new tokens)."""
 
     def __init__(self, n_layer, n_batch, n_kv_head_local, d_head, capacity, dtype):
         self.capacity = capacity
         self.lengths = np.zeros(n_batch, dtype=np.int64)  # positions written and committed, per sequence
-        # Written once now: every page is resident from the start, so a cache too large fails here, not mid-run.
-        self.K = np.empty((n_layer, n_batch, n_kv_head_local, capacity, d_head), dtype=dtype)
-        self.V = np.empty_like(self.K)
-        self.K.fill(0)
-        self.V.fill(0)
+        # Written once now (not np.zeros): every page is resident from the start, so a cache too large fails
+        # here, not mid-run.
+        shape = (n_layer, n_batch, n_kv_head_local, capacity, d_head)
+        self.K, self.V = np.full(shape, 0, dtype), np.full(shape, 0, dtype)
 
     def row(self, b):
         """Sequence ``b`` alone, as a 1-sequence cache that shares this one's memory."""

@@ -7,7 +7,6 @@ ones work in place on one temporary (each avoided one is a pass less over memory
 
 import numpy as np
 
-
 _MEAN_VECTORS = {}
 
 

@@ -1,9 +1,8 @@
 """The model: one rank's shard of the weights and the forward pass of the seed diagram.
 
-``Model.block`` is the diagram: one line per arrow, with exactly two Allreduce calls (after the row-parallel
-W_B of attention and after the row-parallel W_D of the MLP). ``embed``, ``lm_head`` and ``forward`` sit
-beside it. One rank runs this very same code on a 1-rank communicator; there is no separate serial model,
-and the vocabulary is always split over the ranks (on one rank, the split is the whole vocabulary).
+``Model.block`` is the diagram, with its two Allreduce calls; ``embed``, ``lm_head`` and ``forward`` sit beside
+it. One rank runs this very same code on a 1-rank communicator (there is no separate serial model), and the
+vocabulary is always split over the ranks (on one rank, the split is the whole vocabulary).
 """
 
 import hashlib
@@ -44,15 +43,11 @@ class Model:
 
     @classmethod
     def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1):
-        """This rank's shard of a Hugging Face model folder (config.json, model.safetensors or an index and its
-        files), for the ranks of ``comm`` (``mpitp.comm.serial()``: this process alone), cast to ``dtype``
-        ("float32" or "float64"), in the fast layout of ``mpitp.arena`` or (``arena=False``) plain arrays.
-        ``node_ranks``: how many ranks load on this node at once (``mpitp.comm.ranks_on_node``), for the memory
-        checks. ``model.fingerprint`` digests the config and every checkpoint header, for ranks to compare.
-
-        Every check that bad input can fail runs here, on every rank, with no communication: the config, the
-        rank count, the memory, every checkpoint header and shape.
-        """
+        """This rank's shard of a Hugging Face model folder for the ranks of ``comm`` (``mpitp.comm.serial()``:
+        this process alone), cast to ``dtype``, in the layout of ``mpitp.arena`` or (``arena=False``) plain arrays.
+        ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the memory check counts them.
+        Every check bad input can fail runs here, with no communication; ``model.fingerprint`` is for the ranks
+        to compare."""
         try:
             dtype = DTYPES[np.dtype(dtype).name]
         except (TypeError, KeyError):
@@ -96,11 +91,8 @@ class Model:
         return heads[:, :q], heads[:, q:q + kv], heads[:, q + kv:]
 
     def embed(self, ids, positions):
-        """``[n_rows]`` token ids -> the residual stream ``[n_rows, n_embd]``, on every rank.
-
-        Vocab-parallel: each rank fills the rows of the ids in its vocabulary range and an Allreduce
-        combines them (on one rank, it holds every id).
-        """
+        """``[n_rows]`` token ids -> the residual stream ``[n_rows, n_embd]``, on every rank. Vocab-parallel: each
+        rank fills the rows of the ids in its vocabulary range and an Allreduce combines them."""
         g, s = self.weights, self.shard
         local = ids - s.vocab_start
         mine = (local >= 0) & (local < s.n_vocab_local)
@@ -119,13 +111,11 @@ class Model:
     def forward(self, token_ids, cache, all_logits=False, gather=True):
         """Run new tokens through the model, writing their keys and values into ``cache``; return the logits.
 
-        ``token_ids`` ``[n_seq]`` (a one-sequence cache) or ``[n_batch, n_seq]``: a prompt or the newly chosen token
-        of each of the cache's sequences (trusted: generation validates requests). Logits ``[(n_batch,) n_seq or 1,
-        n_vocab]``: of every new position with ``all_logits``, else of the last; with ``gather=False`` only this
-        rank's vocabulary range ``[.., n_vocab_local]`` (what generation uses to choose the next token).
-
-        A long prompt goes through in chunks of positions, each against the cache so far: the attention scores
-        of a chunk are ``[n_batch, n_head_local, chunk, n_kv]``, so memory grows with the prompt, not its square.
+        ``token_ids`` ``[n_seq]`` (a one-sequence cache) or ``[n_batch, n_seq]``, trusted (generation validates
+        requests). Logits ``[(n_batch,) n_seq or 1, n_vocab]``: of every new position with ``all_logits``, else of
+        the last; with ``gather=False`` only this rank's vocabulary range ``[.., n_vocab_local]``. A long prompt
+        goes through in chunks of positions against the cache so far: a chunk's attention scores are ``[n_batch,
+        n_head_local, chunk, n_kv]``, so memory grows with the prompt, not its square.
         """
         ids = np.asarray(token_ids)
         rows = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]
@@ -140,7 +130,7 @@ class Model:
         return logits[0] if ids.ndim == 1 else logits
 
     def forward_chunk(self, ids, cache, all_logits):
-        """``forward`` of new tokens ``[n_batch, n_seq]``: this rank's logits ``[n_batch, n_seq or 1, n_vocab_local]``."""
+        # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq or 1, n_vocab_local]
         n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
         mask = causal_mask(positions, positions.max() + 1, self.dtype)  # [n_batch, n_seq, n_kv]

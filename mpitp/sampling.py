@@ -1,18 +1,12 @@
-"""Sampling: choosing the next token from logits split by vocabulary over the ranks, exactly.
+"""Sampling: choosing the next token, exactly, from logits split by vocabulary over the ranks.
 
-Each rank holds the logits of its own vocabulary range; only O(k x P) numbers ever cross the wire, never
-the whole vocabulary, and the token chosen is the same for any split, 1 rank included:
-
-- greedy: the largest logit, the lowest id among equal ones (a (value, id) pair per rank);
-- temperature: the Gumbel-max trick, argmax of logit / T + g, where the noise g of vocabulary id i at
-  generation step s is drawn from a counter-based generator keyed by (seed, s, i). It does not depend on
-  which rank holds i, so no rank needs the others' logits: again one (value, id) pair per rank;
-- top-k: each rank sends its k best (logit, id); the root merges them into the global top k;
-- top-p: the probability mass is summed exactly (each exp(logit/T - max) as an integer multiple of
-  2**-40, added as int64, so the sum is identical in any order), and candidates are gathered in rounds
-  of growing size until the smallest set holding ``top_p`` of the mass is certain;
-
-then the Gumbel-max among the kept candidates on the root, which samples in proportion to exp(logit / T).
+Only O(k x P) numbers cross the wire, never the whole vocabulary, and the token chosen is the same for any
+split, 1 rank included. Greedy: the largest logit, the lowest id among equal ones (a (value, id) pair per rank).
+Temperature: the Gumbel-max trick, argmax of logit / T + g, where the noise g of id i at step s comes from a
+counter-based generator keyed by (seed, s, i), whichever rank holds i: again one pair per rank. Top-k: each rank
+sends its k best, the root merges them. Top-p: the mass is summed exactly (each exp(logit/T - max) as an int64
+multiple of 2**-40, the same sum in any order) and candidates are gathered in growing rounds until the smallest
+set holding ``top_p`` of it is certain. Then the root takes the Gumbel-max of the kept candidates.
 """
 
 import math
@@ -90,14 +84,12 @@ class Sampler:
         of one position, for ids ``vocab_start ..``; ``step`` keys the noise. Collective over ``comm``."""
         if self.temperature == 0:  # greedy: no copy of the logits, no array of ids (this runs every token)
             return self._argmax_over_ranks(comm, np.asarray(logits), vocab_start, root)
-        logits = np.asarray(logits, dtype=np.float64)
-        ids = vocab_start + np.arange(len(logits))
-        is_root = comm.Get_rank() == root
-        scaled = logits / self.temperature
+        scaled = np.asarray(logits, dtype=np.float64) / self.temperature
+        ids = vocab_start + np.arange(len(scaled))
         if not self.top_k and self.top_p == 1:  # plain temperature: Gumbel-max over every id
             return self._argmax_over_ranks(comm, scaled + gumbel_noise(self.seed, step, ids), vocab_start, root)
         cand_scaled, cand_ids = self._candidates(comm, scaled, ids, root)
-        if not is_root:
+        if comm.Get_rank() != root:
             return None
         perturbed = cand_scaled + gumbel_noise(self.seed, step, cand_ids.astype(np.int64))
         return int(cand_ids[_best(perturbed, cand_ids)])
@@ -122,7 +114,7 @@ class Sampler:
             kept = merged[:self.top_k]
             if self.top_p < 1:
                 mass = np.floor(np.exp(kept[:, 0] - kept[0, 0]) * _QUANTUM)
-                kept = kept[:self._nucleus_size(mass, mass.sum())]
+                kept = kept[:self._nucleus_size(mass, mass.sum())]  # None: every one
             return kept[:, 0], kept[:, 1]
         # top-p over the whole vocabulary: exact total mass first, then candidates in growing rounds.
         top = mpi.allreduce_scalar(comm, scaled.max(), "max", np.float64)
@@ -135,15 +127,15 @@ class Sampler:
             n_keep = 0
             if merged is not None:
                 mass = np.floor(np.exp(merged[:certain, 0] - top) * _QUANTUM)
-                n_keep = self._nucleus_size(mass, float(total), none_if_short=True) or 0
+                n_keep = self._nucleus_size(mass, float(total)) or 0
             if mpi.bcast_ints(comm, [n_keep], root)[0]:
                 return (merged[:n_keep, 0], merged[:n_keep, 1]) if merged is not None else (None, None)
             m *= 4
 
-    def _nucleus_size(self, mass, total, none_if_short=False):
+    def _nucleus_size(self, mass, total):
         """How many of the (descending) masses the top-p set needs; None if they do not reach top_p yet."""
         reached = np.flatnonzero(np.cumsum(mass.astype(np.int64)) >= self.top_p * total)
-        return int(reached[0]) + 1 if len(reached) else (None if none_if_short else len(mass))
+        return int(reached[0]) + 1 if len(reached) else None
 
     @staticmethod
     def _gather_top(comm, scaled, ids, m, root):

@@ -26,7 +26,7 @@ def block_range(n, size, rank):
 def check_rank_count(config, size):
     """Raise ``ShardingError`` if ``size`` ranks cannot split the model: each rank needs a query head."""
     limit = min(config.n_head, config.n_ffn, config.n_vocab)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= limit:
+    if not 1 <= size <= limit:
         raise ShardingError(f"cannot run this model on {size} ranks (mpirun -n {size}): each rank needs at least "
                             f"one of its {config.n_head} attention heads; use -n 1 to {limit}.")
 
@@ -58,12 +58,9 @@ class Shard:
 
     @cached_property  # attention asks every block
     def head_runs(self):
-        """How the local query heads share the local key/value heads, for attention.
-
-        A tuple of ``(h0, h1, k0, k1)`` in local indices: query heads ``h0:h1`` use key/value heads ``k0:k1``,
-        the same number each. One run when the split is even; a rank whose range cuts a group gets a run
-        for the cut group at either end.
-        """
+        """How the local query heads share the local key/value heads, for attention: ``(h0, h1, k0, k1)`` runs in
+        local indices, query heads ``h0:h1`` using key/value heads ``k0:k1``, the same number each. One run when the
+        split is even; a rank whose range cuts a group gets a run for the cut group at either end."""
         kv = [(self.head_start + h) // self.group - self.kv_head_start for h in range(self.n_head_local)]
         counts = [kv.count(k) for k in range(self.n_kv_head_local)]  # query heads per local key/value head
         runs, h0 = [], 0
@@ -79,8 +76,6 @@ class Shard:
 def shard_for(config, rank, size):
     """The ``Shard`` of rank ``rank`` of ``size``; raises ``ShardingError`` for an invalid ``size``."""
     check_rank_count(config, size)
-    if not 0 <= rank < size:
-        raise ShardingError(f"rank {rank} is outside 0..{size - 1}.")
     group = config.n_head // config.n_kv_head
     head_start, n_head_local = block_range(config.n_head, size, rank)
     kv_head_start = head_start // group

@@ -56,8 +56,4 @@ class Tokenizer:
     def stream(self):
         """A function ``step(token_id) -> str``: the text that token completes ('' while a character is cut)."""
         stream = self._decode_stream(skip_special_tokens=True)
-
-        def step(token_id):
-            return stream.step(self._tok, int(token_id)) or ""
-
-        return step
+        return lambda token_id: stream.step(self._tok, int(token_id)) or ""

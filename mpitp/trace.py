@@ -30,15 +30,12 @@ class Trace:
     def record(self, name, value):
         # [.., width] -> [rows, width]; a second record in the same step adds rows (the next sequence)
         key = f"step{self.step}/{name}"
-        value = np.array(value).reshape(-1, value.shape[-1]) if name == "logits" else np.array(value).reshape(
-            len(value), -1)
+        value = np.array(value).reshape((-1, value.shape[-1]) if name == "logits" else (len(value), -1))
         self.arrays[key] = np.concatenate([self.arrays[key], value]) if key in self.arrays else value
 
     def record_shard(self, shard):
         """Store what this rank owns (``shard/head_start``, ``shard/n_head_local``, ...) as int64 scalars."""
-        for name, value in vars(shard).items():
-            if isinstance(value, int):
-                self.arrays[f"shard/{name}"] = np.int64(value)
+        self.arrays.update((f"shard/{k}", np.int64(v)) for k, v in vars(shard).items() if isinstance(v, int))
 
     def _hook(self, frame, event, value):
         code = frame.f_code if event == "return" else None
@@ -73,10 +70,9 @@ class Trace:
             with open(temporary, "xb") as f:
                 np.savez(f, **self.arrays)
             os.replace(temporary, path)
-        except BaseException as e:
+        except OSError as e:
+            raise FileError(path, f"cannot write the trace ({e.strerror or e}); a trace already there is "
+                                  "unchanged.") from None
+        finally:  # after a failure (or Ctrl-C), the temporary is still there
             with contextlib.suppress(OSError):
                 os.remove(temporary)
-            if isinstance(e, OSError):
-                raise FileError(path, f"cannot write the trace ({e.strerror or e}); a trace already there is "
-                                      "unchanged.") from None
-            raise

@@ -10,27 +10,20 @@ three parts *before* a rank's head columns are taken (a plain P-way split of the
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .arena import Arena, padded_shape
 from .errors import CheckpointError
 
-# How each weight is split, and which range of the Shard it takes. "column": the output (last) axis;
-# "row": the input (first) axis, whose product is a partial sum that an Allreduce completes. A column's bias
-# is split with it; a row's bias is replicated and added once, after the reduce. Anything else (the norms,
-# GPT-2's learned positions) is replicated. The vocabulary splits W_vocab's columns and W_embed's rows.
+# How each weight is split ("column": its last axis, "row": its first; see mpitp.sharding), and which range of the
+# Shard it takes. A column's bias is split with it; a row's bias is replicated and added once, after the reduce.
+# Anything else (the norms, GPT-2's learned positions) is replicated.
 SPLIT = {"W_Q": ("column", "q_cols"), "W_K": ("column", "kv_cols"), "W_V": ("column", "kv_cols"),
          "W_B": ("row", "q_cols"), "W_C": ("column", "ffn_cols"), "W_gate": ("column", "ffn_cols"),
          "W_up": ("column", "ffn_cols"), "W_D": ("row", "ffn_cols"),
          "W_vocab": ("column", "vocab_cols"), "W_embed": ("row", "vocab_cols")}
-
-
-def split_of(name):
-    """``(kind, Shard range)`` of an mpitp weight or bias; ``("replicate", None)`` for what every rank holds."""
-    kind, rng = SPLIT.get(name.replace("b_", "W_", 1), ("replicate", None))
-    return ("replicate", None) if name.startswith("b_") and kind == "row" else (kind, rng)
 
 
 @dataclass(frozen=True)
@@ -45,12 +38,8 @@ class Source:
 
 _GPT2 = {
     "norm_1_weight": Source("h.{l}.ln_1.weight"), "norm_1_bias": Source("h.{l}.ln_1.bias"),
-    "W_Q": Source("h.{l}.attn.c_attn.weight", part=0, n_parts=3),
-    "W_K": Source("h.{l}.attn.c_attn.weight", part=1, n_parts=3),
-    "W_V": Source("h.{l}.attn.c_attn.weight", part=2, n_parts=3),
-    "b_Q": Source("h.{l}.attn.c_attn.bias", part=0, n_parts=3),
-    "b_K": Source("h.{l}.attn.c_attn.bias", part=1, n_parts=3),
-    "b_V": Source("h.{l}.attn.c_attn.bias", part=2, n_parts=3),
+    **{f"W_{x}": Source("h.{l}.attn.c_attn.weight", part=i, n_parts=3) for i, x in enumerate("QKV")},
+    **{f"b_{x}": Source("h.{l}.attn.c_attn.bias", part=i, n_parts=3) for i, x in enumerate("QKV")},
     "W_B": Source("h.{l}.attn.c_proj.weight"), "b_B": Source("h.{l}.attn.c_proj.bias"),
     "norm_2_weight": Source("h.{l}.ln_2.weight"), "norm_2_bias": Source("h.{l}.ln_2.bias"),
     "W_C": Source("h.{l}.mlp.c_fc.weight"), "b_C": Source("h.{l}.mlp.c_fc.bias"),
@@ -70,7 +59,7 @@ _LLAMA = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BlockWeights:
     """One transformer block's weights on one rank.
 
@@ -80,27 +69,27 @@ class BlockWeights:
     """
 
     norm_1_weight: np.ndarray  # [n_embd]
-    norm_1_bias: np.ndarray | None  # [n_embd] (LayerNorm only)
+    norm_1_bias: np.ndarray | None = None  # [n_embd] (LayerNorm only)
     W_QKV: np.ndarray  # [n_embd, (n_head_local + 2 n_kv_head_local) d_head]  column-parallel
     b_QKV: np.ndarray  # [(n_head_local + 2 n_kv_head_local) d_head]
     W_B: np.ndarray  # [n_head_local d_head, n_embd]  row-parallel
     b_B: np.ndarray  # [n_embd]  added once, after Allreduce #1
     norm_2_weight: np.ndarray  # [n_embd]
-    norm_2_bias: np.ndarray | None  # [n_embd]
+    norm_2_bias: np.ndarray | None = None  # [n_embd]
     W_C: np.ndarray  # [n_embd, n_ffn_local] (GPT-2) or [n_embd, 2 n_ffn_local] = [W_gate | W_up]  column-parallel
     b_C: np.ndarray  # [n_ffn_local] or [2 n_ffn_local]
     W_D: np.ndarray  # [n_ffn_local, n_embd]  row-parallel
     b_D: np.ndarray  # [n_embd]  added once, after Allreduce #2
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GlobalWeights:
     """The weights outside the blocks."""
 
     W_embed: np.ndarray  # [n_vocab_local, n_embd]  vocab-parallel; a transposed view of W_vocab when tied
-    W_pos: np.ndarray | None  # [n_ctx, n_embd]  GPT-2's learned positions
+    W_pos: np.ndarray | None = None  # [n_ctx, n_embd]  GPT-2's learned positions
     norm_f_weight: np.ndarray  # [n_embd]
-    norm_f_bias: np.ndarray | None  # [n_embd]
+    norm_f_bias: np.ndarray | None = None  # [n_embd]
     W_vocab: np.ndarray  # [n_embd, n_vocab_local]  vocab-parallel LM head
 
 
@@ -138,10 +127,10 @@ def full_shape(config, name):
 
 
 def _index(config, shard, name):
-    # This rank's block of the full mpitp weight ``name``, as one slice per axis.
+    # This rank's block of the full mpitp weight ``name``, as one slice per axis (SPLIT says how).
     index = [slice(0, n) for n in full_shape(config, name)]
-    kind, rng = split_of(name)
-    if kind != "replicate":
+    kind, rng = SPLIT.get(name.replace("b_", "W_", 1), (None, None))
+    if kind == "column" or (kind == "row" and not name.startswith("b_")):
         index[-1 if kind == "column" else 0] = getattr(shard, rng)
     return index
 
@@ -153,10 +142,9 @@ def local_shape(config, shard, name):
 def _source(config, name, prefix):
     # Where ``name`` is in the checkpoint, and the shape the checkpoint stores that tensor in.
     table = _GPT2 if config.family == "gpt2" else _LLAMA
-    if name == "W_vocab" and config.tie_word_embeddings:  # the embedding [n_vocab, n_embd], read transposed
-        src = Source(prefix + table["W_embed"].name, torch_linear=True)
-    else:
-        src = Source(prefix + table[name].name, table[name].torch_linear, table[name].part, table[name].n_parts)
+    tied = name == "W_vocab" and config.tie_word_embeddings  # the embedding [n_vocab, n_embd], read transposed
+    src = Source(table["W_embed"].name, torch_linear=True) if tied else table[name]
+    src = replace(src, name=prefix + src.name)
     full = full_shape(config, name)
     stored = full[:-1] + (full[-1] * src.n_parts,)  # fused parts widen the output axis
     return src, stored[::-1] if src.torch_linear else stored
@@ -219,7 +207,7 @@ def load_weights(ckpt, config, shard, dtype, arena=True):
     plain NumPy array. Both hold the same values. The checkpoint's files are closed once read.
     """
     take = Arena(shard_bytes(config, shard, dtype)).take if arena else (lambda shape, dtype, padded=False:
-                                                                          np.empty(shape, dtype))
+                                                                          np.zeros(shape, dtype))
     prefix = "transformer." if config.family == "gpt2" and "transformer.wte.weight" in ckpt else ""
     block, glob = _fields(config)
 
@@ -228,19 +216,16 @@ def load_weights(ckpt, config, shard, dtype, arena=True):
         col = 0
         for name in parts:
             width = local_shape(config, shard, name)[-1]
-            if _has(config, name):
+            if _has(config, name):  # a bias the model does not have stays zero
                 read_weight(ckpt, config, shard, name, layer, out[..., col:col + width], prefix)
-            else:
-                out[..., col:col + width] = 0
             col += width
         return out
 
     try:
-        blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}, **dict.fromkeys(
-            set(BlockWeights.__dataclass_fields__) - set(block))) for layer in range(config.n_layer)]
+        blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}) for layer in range(config.n_layer)]
         arrays = {f: read(f, p, None) for f, p in glob.items()}
     finally:
         getattr(ckpt, "close", lambda: None)()  # a stand-in for a checkpoint (the bench's) may hold no files
     if config.tie_word_embeddings:
         arrays["W_embed"] = arrays["W_vocab"].T  # [n_vocab_local, n_embd]: a view
-    return blocks, GlobalWeights(**{f: arrays.get(f) for f in GlobalWeights.__dataclass_fields__})
+    return blocks, GlobalWeights(**arrays)

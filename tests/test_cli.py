@@ -122,7 +122,7 @@ def test_request_beyond_context_is_refused():
     (["--prompt-ids", "1,2,999"], "token id 999 is outside the vocabulary 0..255"),
     (["--prompt", ""], "a prompt is empty"),
     (["--prompt", "a", "--prompt-ids", "1"], "either as text (--prompt) or as token ids (--prompt-ids), not both"),
-    (["--prompt", "a", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
+    (["--prompt", "a", "--max-new-tokens", "-3"], "max-new-tokens must be an integer >= 0, got -3"),
     (["--prompt", "a", "--temperature", "-1"], "temperature must be 0 (greedy) or a finite number >= 1e-06"),
     (["--prompt", "a", "--temperature", "nan"], "temperature must be 0 (greedy) or a finite number >= 1e-06"),
     (["--prompt-ids", "1,,2"], "expected comma-separated integers like 15,7,201, got '1,,2'"),
