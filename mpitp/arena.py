@@ -7,6 +7,7 @@ padded to whole cache lines (``ROW_ALIGN`` values), which ``take`` hides. Measur
 Without anonymous memory maps (Windows) the arena is a NumPy buffer.
 """
 
+import contextlib
 import mmap
 
 import numpy as np
@@ -42,10 +43,8 @@ class Arena:
         # whole, so the tail keeps small pages and resident memory stays the bytes used.
         huge = nbytes // _HUGE_PAGE * _HUGE_PAGE
         if anonymous and huge and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
+            with contextlib.suppress(OSError):  # THP compiled out: ordinary pages
                 self._map.madvise(mmap.MADV_HUGEPAGE, start, huge)
-            except OSError:  # THP compiled out: ordinary pages
-                pass
         self._buf = raw[start:start + nbytes]
         self._used = 0
 

@@ -7,6 +7,7 @@ a rank that cannot act on a signal itself, or whose launcher is gone.
 """
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -111,11 +112,9 @@ class Watchdog:
 
     def _exit(self, line, code):
         threading.Timer(1.0, os._exit, (code,)).start()  # even if writing to stderr is what blocks
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the launcher's end of the pipe may be gone
             if line:
                 say(line)
-        except (OSError, ValueError):  # the launcher's end of the pipe may be gone
-            pass
         os._exit(code)
 
     def close(self):

@@ -31,7 +31,7 @@ class Model:
     ``BlockWeights``), ``weights`` (``GlobalWeights``: embedding, final norm, LM head), ``comm``, ``dtype``.
     """
 
-    def __init__(self, config, shard, blocks, weights, comm, dtype):
+    def __init__(self, config, shard, blocks, weights, comm, dtype, node_ranks=1, fingerprint=None):
         self.config, self.shard, self.blocks, self.weights, self.comm, self.dtype = (
             config, shard, blocks, weights, comm, dtype)
         gpt2, eps = config.family == "gpt2", config.norm_eps
@@ -39,15 +39,15 @@ class Model:
         self.activation = gelu_tanh if gpt2 else swiglu
         self._inv_freq = None if gpt2 else rope_inv_freq(config.rope, config.d_head)
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
-        self.node_ranks, self.fingerprint = 1, None  # set by Model.load
+        self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
     @classmethod
     def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1):
         """This rank's shard of a Hugging Face model folder for the ranks of ``comm`` (``mpitp.comm.serial()``:
-        this process alone), cast to ``dtype``, in the layout of ``mpitp.arena`` or (``arena=False``) plain arrays.
-        ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the memory check counts them.
-        Every check bad input can fail runs here, with no communication; ``model.fingerprint`` is for the ranks
-        to compare."""
+        this process alone), cast to ``dtype`` ("float32" or "float64"), in the layout of ``mpitp.arena`` or
+        (``arena=False``) plain arrays. ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the
+        memory check counts them. Every check that bad input can fail (config, rank count, memory, checkpoint
+        headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare."""
         try:
             dtype = DTYPES[np.dtype(dtype).name]
         except (TypeError, KeyError):
@@ -57,9 +57,8 @@ class Model:
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
         check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}", hint, node_ranks)
-        model = cls(config, shard, *load_weights(ckpt, config, shard, dtype, arena), comm, dtype)
-        model.node_ranks, model.fingerprint = node_ranks, fingerprint(config, ckpt)
-        return model
+        weights = load_weights(ckpt, config, shard, dtype, arena)
+        return cls(config, shard, *weights, comm, dtype, node_ranks, _fingerprint(config, ckpt))
 
     def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.
@@ -167,7 +166,7 @@ class Model:
                        self.dtype)
 
 
-def fingerprint(config, ckpt):
+def _fingerprint(config, ckpt):
     """A short digest of a model as loaded: its config and every tensor's name, dtype and shape."""
     digest = hashlib.sha256(repr(config).encode())
     for name in sorted(ckpt.names()):

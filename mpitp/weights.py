@@ -2,11 +2,10 @@
 
 Policy lives in tables: ``_GPT2`` and ``_LLAMA`` map mpitp names to checkpoint tensors, ``SPLIT`` says how
 each is split; ``read_weight`` turns an entry and the rank's ``Shard`` into the one slice this rank reads.
-
-Orientation: mpitp stores every linear weight ``[in, out]`` (a layer is ``x @ W``). GPT-2's Conv1D weights
-are already ``[in, out]``; torch ``nn.Linear`` weights (Llama) are ``[out, in]`` and are transposed here, in
-this one place. GPT-2 fuses Q, K and V in one ``c_attn`` weight ``[n_embd, 3 * n_embd]``: it is cut into its
-three parts *before* a rank's head columns are taken (a plain P-way split of the fused matrix is wrong).
+GPT-2's Conv1D weights are already mpitp's ``[in, out]``; torch ``nn.Linear`` weights (Llama) are ``[out, in]``
+and are transposed here, in this one place. GPT-2 fuses Q, K and V in one ``c_attn`` weight ``[n_embd, 3 *
+n_embd]``: it is cut into its three parts *before* a rank's head columns are taken (a plain P-way split of the
+fused matrix is wrong).
 """
 
 import math
