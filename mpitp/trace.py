@@ -38,7 +38,8 @@ class Trace:
         self.arrays.update((f"shard/{k}", np.int64(v)) for k, v in vars(shard).items() if isinstance(v, int))
 
     def _hook(self, frame, event, value):
-        code = frame.f_code if event == "return" else None
+        # A frame that an exception unwinds also "returns", with None and some locals unset: not a result.
+        code = frame.f_code if event == "return" and value is not None else None
         if code is _BLOCK:
             tensors = frame.f_locals
             for name in NAMES:

@@ -296,3 +296,15 @@ def test_a_long_prompt_in_chunks_equals_one_pass(name, dtype, monkeypatch):
     assert len(chunks) == len(ids)
     assert np.abs(chunked - whole).max() <= {"float64": 1e-12, "float32": 1e-5}[dtype]
     assert np.abs(chunked - g["logits_x64_L33"]).max() <= TOL[dtype]
+
+
+def test_the_trace_does_not_mask_an_error_inside_a_block(monkeypatch):
+    # A frame that an exception unwinds "returns" too, with B unset: the hook said KeyError: 'B' instead.
+    model = load_model(model_dir("gpt2-tiny"), comm.serial())
+
+    def attention(*args):
+        raise MemoryError("no memory for the scores")
+
+    monkeypatch.setattr("mpitp.model.attention", attention)
+    with pytest.raises(MemoryError, match="no memory for the scores"), Trace():
+        model.forward([1, 2, 3], model.new_cache(3))
