@@ -195,8 +195,15 @@ def _run(args, comm, node_ranks):
         os.makedirs(args.trace, exist_ok=True)
     trace = Trace(args.model) if args.trace else None
     printer = _Printer(args, rank, tokenizer, texts)
-    results = generate_batch(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids, trace,
-                             on_token=printer.on_token, cache=cache)
+    # A float overflow makes garbage that can still look finite (a norm of inf is 0): rank 0, which every NaN or
+    # inf reaches through the Allreduce, refuses the first one; the others stay quiet (one line, not P).
+    try:
+        with np.errstate(over="raise", invalid="raise") if rank == 0 else np.errstate(all="ignore"):
+            results = generate_batch(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids,
+                                     trace, on_token=printer.on_token, cache=cache)
+    except FloatingPointError as e:
+        raise RequestError(f"the model's activations overflow {args.dtype} ({e}); try --dtype float64, or check "
+                           "the checkpoint.") from None
     if trace is not None:
         trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
     allreduce_s = mpi.max_over_ranks(comm, comm.seconds)

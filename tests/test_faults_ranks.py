@@ -113,16 +113,22 @@ def test_a_huge_top_k_is_every_token(tmp_path):
     assert huge.returncode == plain.returncode == 0 and huge.stdout == plain.stdout, huge.stderr
 
 
-def test_logits_that_overflow_are_refused(tmp_path):
-    # Finite weights whose logits overflow float32: one clear line, status 2; in float64 the same model runs.
+@pytest.mark.parametrize("where", ["logits", "norm"])
+def test_activations_that_overflow_are_refused(tmp_path, where):
+    # Finite weights whose activations overflow float32: one clear line, status 2; in float64 the same model runs.
+    # "norm": a norm's variance overflows, which used to give finite garbage tokens and exit 0.
     path = str(write_random_model(tmp_path / "m", "llama-9h"))
     tensors = dense_reference.read_safetensors(f"{path}/model.safetensors")
-    tensors["model.norm.weight"][:] = 1e30  # logits of about 1e40: beyond float32 (3.4e38)
-    tensors["lm_head.weight"] *= 1e10
+    if where == "logits":
+        tensors["model.norm.weight"][:] = 1e30  # logits of about 1e40: beyond float32 (3.4e38)
+        tensors["lm_head.weight"] *= 1e10
+    else:
+        tensors["model.embed_tokens.weight"] *= 3e37
     write_safetensors(f"{path}/model.safetensors", tensors)
     args = ["--model", path] + PROMPT
     t = time.monotonic()
     r = run_cli(args, n=2, timeout=LIMIT + 5)
     assert time.monotonic() - t < LIMIT
-    one_error_line(r, "the model's logits are NaN or infinite")
+    one_error_line(r, "mpitp: error: the model's activations overflow float32 (overflow encountered in ")
+    assert "RuntimeWarning" not in r.stderr and r.stdout == ""
     assert run_cli(args + ["--dtype", "float64"], n=2).returncode == 0
