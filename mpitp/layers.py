@@ -60,7 +60,8 @@ def gelu_tanh(x):
 def silu(x):
     # x * sigmoid(x). [...] -> [...] (overwrites x)
     t = np.negative(x)
-    np.exp(t, out=t)
+    with np.errstate(over="ignore"):  # x below -88 in float32: exp(-x) is inf, and x / inf is the right -0
+        np.exp(t, out=t)
     t += 1.0
     x /= t
     return x

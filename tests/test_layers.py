@@ -7,7 +7,7 @@ import pytest
 
 import dense_reference
 from mpitp.config import RopeConfig, config_from_dict
-from mpitp.layers import apply_rope, attention, causal_mask, rope_inv_freq, rope_tables
+from mpitp.layers import apply_rope, attention, causal_mask, rope_inv_freq, rope_tables, silu
 
 
 def test_rope_is_a_complex_rotation_of_half_pairs():
@@ -74,3 +74,12 @@ def test_attention_against_explicit_loops(head_runs, kv_of_head):
                 p = np.exp(s - s.max())
                 p /= p.sum()
                 assert np.allclose(out[b, i, h], p @ V[b, kv, :visible], atol=1e-14)
+
+
+def test_silu_of_large_negative_values_is_exact_and_raises_nothing():
+    # exp(-x) overflows float32 below -88: a legitimate inf, which must not trip the overflow check of a run.
+    x = np.array([-500.0, -100.0, -89.0, -1.0, 0.0, 1.0, 100.0], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise"):  # as generate runs
+        got = silu(x.copy())
+    expected = x.astype(np.float64) / (1.0 + np.exp(-x.astype(np.float64)))
+    assert np.allclose(got, expected, rtol=1e-6, atol=1e-30)
