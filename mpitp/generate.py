@@ -152,7 +152,7 @@ def _agreement(args, model, prompts, max_new):
     """What every rank must share, as (what, value) pairs: the model it loaded and the whole request. Each rank
     parses its own command line and is compared (not told by rank 0), so a mistaken launch is refused."""
     ids = hashlib.sha256(b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in prompts)).hexdigest()[:16]
-    return [("model (digest of config.json and every checkpoint header)", model.fingerprint),
+    return [("model (digest of config.json, the checkpoint headers and each weight's first and last rows)", model.fingerprint),
             ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new), ("--temperature", args.temperature),
             ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed), ("--dtype", args.dtype),
             ("--ignore-eos", args.ignore_eos), ("--trace (given or not)", bool(args.trace))]

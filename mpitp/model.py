@@ -57,8 +57,9 @@ class Model:
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
         check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}", hint, node_ranks)
+        fingerprint = _fingerprint(config, ckpt)
         weights = load_weights(ckpt, config, shard, dtype, arena)
-        return cls(config, shard, *weights, comm, dtype, node_ranks, _fingerprint(config, ckpt))
+        return cls(config, shard, *weights, comm, dtype, node_ranks, fingerprint)
 
     def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.
@@ -167,10 +168,15 @@ class Model:
 
 
 def _fingerprint(config, ckpt):
-    """A short digest of a model as loaded: its config and every tensor's name, dtype and shape."""
+    """A short digest of a model as stored: its config, every tensor's name, dtype and shape, and the values of
+    its first and last rows (which every rank reads, whatever its slice: a stale copy differs there)."""
     digest = hashlib.sha256(repr(config).encode())
     for name in sorted(ckpt.names()):
-        digest.update(repr((name, ckpt.dtype(name), ckpt.shape(name))).encode())
+        kind, shape = ckpt.dtype(name), ckpt.shape(name)
+        digest.update(repr((name, kind, shape)).encode())
+        if kind in ("F16", "BF16", "F32", "F64") and len(shape) in (1, 2) and all(shape):  # a weight
+            for r in sorted({0, shape[0] - 1}):
+                digest.update(ckpt.read(name, np.float64, (slice(r, r + 1),)).tobytes())
     return digest.hexdigest()[:16]
 
 

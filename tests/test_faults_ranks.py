@@ -66,18 +66,19 @@ def test_ranks_given_different_requests_refuse_together(tmp_path, a, b, expected
     assert r.stdout == "" and not (tmp_path / "trace").exists()
 
 
-@pytest.mark.parametrize("changes", [dict(n_layer=3), dict(n_embd=36), dict(vocab_size=101), dict()],
-                         ids=["layers", "width", "vocabulary", "same-shapes-other-name"])
+@pytest.mark.parametrize("changes", [dict(n_layer=3), dict(n_embd=36), dict(vocab_size=101), dict(),
+                                     dict(seed=1)],
+                         ids=["layers", "width", "vocabulary", "same-shapes-other-name", "same-headers-other-values"])
 def test_ranks_that_loaded_different_models_refuse_together(tmp_path, changes):
     # A stale copy on one node: the same command line, another model folder on rank 1.
     base = str(write_random_model(tmp_path / "base", "gpt2-6h"))
     other = other_model(tmp_path, **changes)
-    if not changes:  # identical shapes, one tensor renamed in the checkpoint: the headers differ
+    if not changes:  # identical shapes, one tensor added to the checkpoint: the headers differ
         tensors = dense_reference.read_safetensors(f"{other}/model.safetensors")
         tensors["extra.weight"] = np.zeros(1, np.float32)
         write_safetensors(f"{other}/model.safetensors", tensors)
     r = mpmd(["--model", base] + PROMPT, ["--model", other] + PROMPT)
-    one_error_line(r, "rank 1 differs from rank 0 in its model (digest of config.json and every checkpoint header)")
+    one_error_line(r, "rank 1 differs from rank 0 in its model (digest of config.json, the checkpoint headers and each weight's first and last rows)")
     assert r.stdout == ""
 
 
