@@ -240,6 +240,11 @@ def _run(args, comm, node_ranks):
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
     comm = mpi.world()
+    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    return run_guarded(comm, lambda: _start(comm, argv), verbose, "mpitp")  # Ctrl-C is handled from here on
+
+
+def _start(comm, argv):
     node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
     parser = build_parser()
     parser.rank = comm.Get_rank()
@@ -257,7 +262,7 @@ def main(argv=None):
             say(f"mpitp: error: rank {r} was given {what.get(exits[r], 'a bad command line')} where rank 0 was "
                 f"given {what.get(exits[0], 'a bad command line')}; every rank must be given the same arguments.")
         return 2
-    return run_guarded(comm, lambda: _run(args, comm, node_ranks), args.verbose, "mpitp")
+    return _run(args, comm, node_ranks)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 PHASE is ``load``, ``prefill`` or ``decode`` (an unexpected error there: the job must abort), ``input`` (a
 bad-input error only that rank sees, as a file missing on one node: every rank must exit cleanly), ``stop``
-(the rank stops itself with SIGSTOP at the second decode step, as if suspended) or ``stall`` (there it blocks
+(the rank stops itself with SIGSTOP at the second decode step, as if suspended; ``startstop``: before the
+first collective) or ``stall`` (there it blocks
 for ever in a read that no signal interrupts, as on a hung network file system); while one rank is stopped or
 stalled, the others wait inside an MPI collective.
 """
@@ -46,4 +47,6 @@ if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
         return forward(self, *args, **kwargs)
 
     Model.load, Model.forward = classmethod(faulty_load), faulty_forward
+    if phase == "startstop":  # stopped before the first collective, as on a hung file system at start-up
+        os.kill(os.getpid(), signal.SIGSTOP)
 sys.exit(generate.main())
