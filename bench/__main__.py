@@ -17,10 +17,10 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.entry import HelpFormatter, check_writable, failed_vote, run_guarded, say
+from mpitp.entry import HelpFormatter, agreed_args, check_writable, disagree, failed_vote, run_guarded, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
-from mpitp.model import DTYPES, Model
+from mpitp.model import DTYPES, FINGERPRINTED, Model
 from mpitp.sharding import shard_for
 from mpitp.resources import set_blas_threads
 from mpitp.weights import n_params, shard_bytes
@@ -80,22 +80,35 @@ def build_parser():
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
     comm = mpi.world()
+    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    return run_guarded(comm, lambda: _start(comm, argv), verbose, PROG)  # Ctrl-C is handled from here on
+
+
+def _start(comm, argv):
+    node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
     parser = build_parser()
     parser.rank = comm.Get_rank()
-    args = parser.parse_args(argv)
+    args = agreed_args(parser, comm, argv, PROG)
+    if isinstance(args, int):
+        return args
     if args.summarize:
         return summarize(args.summarize, args.plot, args.batch_plot) if comm.Get_rank() == 0 else 0
     if args.cluster_table:
         return print_cluster_table(args.cluster_table) if comm.Get_rank() == 0 else 0
-    return run_guarded(comm, lambda: _run(args, comm), args.verbose, PROG)
+    return _run(args, comm, node_ranks)
 
 
-def _validate(args, comm, tc):
+PER_RANK = {"threads", "json_out", "batch_plot", "verbose", "plot", "model"}  # may differ (the model: by content)
+
+
+def _validate(args, comm, tc, node_ranks):
     """Every check bad input can fail, on every rank, without communicating: ``(model or None, config, name)``."""
     if args.threads is not None and args.threads < 1:
         raise MpitpError(f"--threads must be >= 1, got {args.threads}.")
     if min(args.n_prompt, args.n_gen, args.repeats, args.roofline_mib) < 1:
         raise MpitpError("--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1.")
+    check_fits(2 * args.roofline_mib << 20, f"--roofline-mib {args.roofline_mib} (the probe's matrix, twice)",
+               "give a smaller --roofline-mib", node_ranks)
     if args.long is not None and args.long < 10:
         raise MpitpError(f"--long must be >= 10 (its report is by tenth of the run), got {args.long}.")
     for option, path in (("--json-out", args.json_out), ("--batch-plot", args.batch_plot)):
@@ -107,13 +120,13 @@ def _validate(args, comm, tc):
                          "follows the prefill's token).")
     model = None
     if args.model:
-        model = Model.load(args.model, tc, args.dtype)
+        model = Model.load(args.model, tc, args.dtype, node_ranks=node_ranks)
         config, shard, name = model.config, model.shard, os.path.basename(os.path.normpath(args.model))
     else:
         config, name = config_from_dict(PRESETS[args.preset], f"preset {args.preset}"), f"{args.preset} (random)"
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())  # refuses a bad rank count
         check_fits(shard_bytes(config, shard, DTYPES[args.dtype]), f"this rank's shard of {name}",
-                   "use more ranks, spread over more nodes")
+                   "use more ranks, on more nodes", node_ranks)
     # a decode test is a 1-token prompt and n_gen + 1 generated tokens (the first comes from the prompt's forward)
     if max(args.n_prompt, args.n_gen + 2, (args.long or 0) + 2) > config.n_ctx:
         raise MpitpError(f"--n-prompt must be at most {config.n_ctx} and --n-gen/--long at most {config.n_ctx - 2}: "
@@ -130,7 +143,8 @@ def _validate(args, comm, tc):
         check_fits(kv + (0 if model is not None else shard_bytes(config, shard, dtype)),
                    f"this rank's {'' if model is not None else 'shard of the model and its '}KV cache for "
                    f"--batch {n} ({n} x {capacity} positions)",
-                   "use smaller --batch sizes, a shorter --batch-prompt or --batch-gen, or more ranks or nodes")
+                   "use smaller --batch sizes, a shorter --batch-prompt or --batch-gen, or more ranks or nodes",
+                   node_ranks)
     return model, config, name
 
 
@@ -209,19 +223,22 @@ def projection(cfg, size, itemsize, link, decode_records, n_gen, tg):
             "allreduce_in_situ_ms_per_token": 1e3 * in_situ, "link": link}
 
 
-def _run(args, comm):
+def _run(args, comm, node_ranks):
     rank, size = comm.Get_rank(), comm.Get_size()
     start = machine_state()  # load average and CPU time counters: how busy the machine was during the run
     rss_start = rss_bytes()  # the interpreter, NumPy and MPI, before any model memory
     tc = TimedComm(comm)  # the model runs on it: its Allreduce calls are timed and counted
     error = None
     try:
-        model, config, name = _validate(args, comm, tc)
+        model, config, name = _validate(args, comm, tc, node_ranks)
     except MpitpError as e:
         error = e
-    if failed_vote(comm, error, PROG):  # the first collective
+    if failed_vote(comm, error, PROG):
         return 2
-    threads, warning = set_blas_threads(args.threads, mpi.ranks_on_node(comm))
+    facts = [(f"--{k.replace('_', '-')}", v) for k, v in sorted(vars(args).items()) if k not in PER_RANK]
+    if disagree(comm, facts + ([(FINGERPRINTED, model.fingerprint)] if model is not None else []), PROG):
+        return 2
+    threads, warning = set_blas_threads(args.threads, node_ranks)
     if warning and rank == 0:
         say(f"{PROG}: {warning}")
     if model is None:

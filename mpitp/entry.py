@@ -62,6 +62,40 @@ def failed_vote(comm, error, prog):
     return 2
 
 
+def agreed_args(parser, comm, argv, prog):
+    """Parse this rank's command line and agree with the others: the arguments, or (on every rank alike) the exit
+    status when a rank got ``--help`` or a usage error (printed by rank 0; rank 0 names a rank that differs)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        args = e
+    exits = comm.allgather(args.code if isinstance(args, SystemExit) else None)
+    if all(code is None for code in exits):
+        return args
+    if len(set(exits)) == 1:
+        return exits[0]
+    if comm.Get_rank() == 0:
+        r = next(r for r, code in enumerate(exits) if code != exits[0])
+        what = {None: "a valid command line", 0: "--help"}  # any other status: a usage error
+        say(f"{prog}: error: rank {r} was given {what.get(exits[r], 'a bad command line')} where rank 0 was given "
+            f"{what.get(exits[0], 'a bad command line')}; every rank must be given the same arguments.")
+    return 2
+
+
+def disagree(comm, facts, prog):
+    """True on every rank if any rank's ``facts`` ((what, value) pairs) differ from rank 0's; rank 0 names the
+    first difference."""
+    every = comm.allgather(facts)
+    for r, theirs in enumerate(every):
+        for (what, ours), (_, their) in zip(every[0], theirs):
+            if ours != their:
+                if comm.Get_rank() == 0:
+                    say(f"{prog}: error: rank {r} differs from rank 0 in its {what}: {their} against {ours}; every "
+                        "rank must load the same model and be given the same request.")
+                return True
+    return False
+
+
 class Terminated(BaseException):
     """SIGTERM arrived."""
 

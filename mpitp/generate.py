@@ -16,10 +16,10 @@ import time
 import numpy as np
 
 from . import comm as mpi
-from .entry import HelpFormatter, RankParser, check_writable, failed_vote, run_guarded, say
+from .entry import HelpFormatter, RankParser, agreed_args, check_writable, disagree, failed_vote, run_guarded, say
 from .errors import MpitpError, RequestError
 from .generation import check_request, generate_batch, new_batch_cache
-from .model import DTYPES, Model
+from .model import DTYPES, FINGERPRINTED, Model
 from .sampling import Sampler
 from .resources import set_blas_threads
 from .tokenizer import Tokenizer
@@ -152,23 +152,10 @@ def _agreement(args, model, prompts, max_new):
     """What every rank must share, as (what, value) pairs: the model it loaded and the whole request. Each rank
     parses its own command line and is compared (not told by rank 0), so a mistaken launch is refused."""
     ids = hashlib.sha256(b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in prompts)).hexdigest()[:16]
-    return [("model (digest of config.json, the checkpoint headers and each weight's first and last rows)", model.fingerprint),
-            ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new), ("--temperature", args.temperature),
-            ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed), ("--dtype", args.dtype),
-            ("--ignore-eos", args.ignore_eos), ("--trace (given or not)", bool(args.trace))]
-
-
-def _disagree(comm, facts):
-    """True on every rank if any rank's ``facts`` differ from rank 0's; rank 0 names the first difference."""
-    every = comm.allgather(facts)
-    for r, theirs in enumerate(every):
-        for (what, ours), (_, their) in zip(every[0], theirs):
-            if ours != their:
-                if comm.Get_rank() == 0:
-                    say(f"mpitp: error: rank {r} differs from rank 0 in its {what}: {their} against {ours}; every "
-                        "rank must load the same model and be given the same request.")
-                return True
-    return False
+    return [(FINGERPRINTED, model.fingerprint), ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new),
+            ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+            ("--seed", args.seed), ("--dtype", args.dtype), ("--ignore-eos", args.ignore_eos),
+            ("--trace (given or not)", bool(args.trace))]
 
 
 def _run(args, comm, node_ranks):
@@ -180,7 +167,7 @@ def _run(args, comm, node_ranks):
         model, tokenizer, texts, prompts, max_new, sampler, cache = _prepare(args, comm, node_ranks)
     except MpitpError as e:
         error = e
-    if failed_vote(comm, error, "mpitp") or _disagree(comm, _agreement(args, model, prompts, max_new)):
+    if failed_vote(comm, error, "mpitp") or disagree(comm, _agreement(args, model, prompts, max_new), "mpitp"):
         return 2
     load_seconds = time.perf_counter() - t_load
     threads, warning = set_blas_threads(args.threads, node_ranks)
@@ -248,21 +235,8 @@ def _start(comm, argv):
     node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
     parser = build_parser()
     parser.rank = comm.Get_rank()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error (printed by rank 0)
-        args = e
-    exits = comm.allgather(args.code if isinstance(args, SystemExit) else None)
-    if any(code is not None for code in exits):  # every rank ends here, with one status
-        if len(set(exits)) == 1:
-            return exits[0]
-        if comm.Get_rank() == 0:
-            r = next(r for r, code in enumerate(exits) if code != exits[0])
-            what = {None: "a valid command line", 0: "--help"}  # any other status: a usage error
-            say(f"mpitp: error: rank {r} was given {what.get(exits[r], 'a bad command line')} where rank 0 was "
-                f"given {what.get(exits[0], 'a bad command line')}; every rank must be given the same arguments.")
-        return 2
-    return _run(args, comm, node_ranks)
+    args = agreed_args(parser, comm, argv, "mpitp")
+    return args if isinstance(args, int) else _run(args, comm, node_ranks)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ class Model:
                        self.dtype)
 
 
+FINGERPRINTED = "model (digest of config.json, the checkpoint headers and each weight's first and last rows)"
+
+
 def _fingerprint(config, ckpt):
     """A short digest of a model as stored: its config, every tensor's name, dtype and shape, and the values of
     its first and last rows (which every rank reads, whatever its slice: a stale copy differs there)."""

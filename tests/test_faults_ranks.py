@@ -23,9 +23,9 @@ LIMIT = 10  # seconds
 PROMPT = ["--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
 
 
-def mpmd(a, b):
-    """Rank 0 runs the generate command with arguments ``a``, rank 1 with ``b``."""
-    cmd = [sys.executable, "-m", "mpitp.generate"]
+def mpmd(a, b, module="mpitp.generate"):
+    """Rank 0 runs ``python -m module`` (the generate command) with arguments ``a``, rank 1 with ``b``."""
+    cmd = [sys.executable, "-m", module]
     launcher = mpirun(1)  # mpirun -n 1
     t = time.monotonic()
     r = subprocess.run([*launcher, *cmd, *a, ":", "-n", "1", *cmd, *b], capture_output=True, text=True,
@@ -80,6 +80,22 @@ def test_ranks_that_loaded_different_models_refuse_together(tmp_path, changes):
     r = mpmd(["--model", base] + PROMPT, ["--model", other] + PROMPT)
     one_error_line(r, "rank 1 differs from rank 0 in its model (digest of config.json, the checkpoint headers and each weight's first and last rows)")
     assert r.stdout == ""
+
+
+BENCH = ["--preset", "tiny", "-r", "1", "-p", "8", "-n", "4", "--roofline-mib", "16", "--batch", "1"]
+
+
+@pytest.mark.parametrize("b, expected", [
+    (["--help"], "bench: error: rank 1 was given --help where rank 0 was given a valid command line"),
+    (["--bogus"], "bench: error: rank 1 was given a bad command line"),
+    (["-n", "8"], "bench: error: rank 1 differs from rank 0 in its --n-gen: 8 against 4"),
+    (["--osu"], "bench: error: rank 1 differs from rank 0 in its --osu: True against False"),
+    (["--preset", "gpt2-124m"], "bench: error: rank 1 differs from rank 0 in its --preset: gpt2-124m against tiny"),
+], ids=["help", "usage-error", "n-gen", "osu", "preset"])
+def test_bench_ranks_given_different_arguments_refuse_together(b, expected):
+    # These hung, exited 0 with a report, or printed MPI's truncation stacks.
+    r = mpmd(BENCH, BENCH + b, module="bench")
+    one_error_line(r, expected)
 
 
 def test_the_same_model_in_two_folders_is_accepted(tmp_path):
