@@ -16,6 +16,7 @@ import numpy as np
 
 from mpitp import __version__
 from mpitp import comm as mpi
+from mpitp.errors import MpitpError, read_regular
 
 
 def format_table(rows):
@@ -385,12 +386,23 @@ def save_batch_plot(records, path):
             "batch plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
 
 
-def summarize(paths, plot=None, batch_plot=None):
-    """``--summarize``: print the scaling table of several JSON records (and save the plots)."""
+def read_records(paths):
+    """The bench's JSON records in ``paths``; a file that is not one is an ``MpitpError`` naming it."""
     records = []
     for p in paths:
-        with open(p) as f:
-            records.append(json.load(f))
+        try:
+            record = json.loads(read_regular(p))
+        except (ValueError, RecursionError) as e:
+            raise MpitpError(f"{p}: not a JSON record of the bench ({type(e).__name__}).") from None
+        if not isinstance(record, dict) or "tests" not in record:
+            raise MpitpError(f"{p}: not a JSON record of the bench (written by python -m bench --json-out).")
+        records.append(record)
+    return records
+
+
+def summarize(paths, plot=None, batch_plot=None):
+    """``--summarize``: print the scaling table of several JSON records (and save the plots)."""
+    records = read_records(paths)
     print(f"# scaling: {records[0]['model']}, {records[0]['dtype']}, threads per rank "
           f"{sorted({r['threads'] for r in records}, key=str)}")
     print(scaling_table(records))
@@ -441,10 +453,7 @@ def cluster_table(records):
 
 def print_cluster_table(paths):
     """``--cluster-table``: the table of several JSON records (one per link rate) and their warnings."""
-    records = []
-    for p in paths:
-        with open(p) as f:
-            records.append(json.load(f))
+    records = read_records(paths)
     first = records[0]
     print(f"# decode against the link: {first['model']}, {first['dtype']}, {first['ranks']} ranks on "
           f"{len(first['environment']['hosts'])} hosts, {first['threads']} BLAS thread(s) each, "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .entry import HelpFormatter, run_guarded
-from .errors import MpitpError
+from .errors import MpitpError, open_regular
 
 PROG = "mpitp.compare"
 VERSION = 1  # the trace format this reads (format/version)
@@ -121,7 +121,7 @@ class TraceDir:
 
     def _open(self, r):
         try:
-            f = np.load(self.where(r), allow_pickle=False)
+            f = np.load(os.fdopen(open_regular(self.where(r)), "rb"), allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise CompareError(f"{self.where(r)}: not a NumPy .npz archive ({e}).") from None
         if not isinstance(f, np.lib.npyio.NpzFile):

@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, open_regular
 
 # Fixed-size value types (GGUF's numbering) as struct codes; 8 is a string, 9 an array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -98,8 +98,8 @@ def check_structure(path, gguf):
     when every count, length, type and offset fits the file; raises ``CheckpointError`` naming the first that
     does not."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, CheckpointError), "rb") as f:  # not a FIFO: that would hang
+            size = os.fstat(f.fileno()).st_size
             if size < 24:
                 raise CheckpointError(path, None, f"file is {size} bytes, too short for a GGUF header (24 bytes).")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:

@@ -34,7 +34,7 @@ import sys
 import numpy as np
 
 from .entry import HelpFormatter, run_guarded, say
-from .errors import MpitpError
+from .errors import MpitpError, read_regular
 from .generate import _ids
 
 PROG = "mpitp.hftrace"
@@ -86,11 +86,7 @@ def _load(args):
     if args.max_new_tokens < 1:
         raise MpitpError(f"--max-new-tokens must be >= 1 (the prefill is step 0), got {args.max_new_tokens}.")
     config_path = os.path.join(args.model, "config.json")
-    try:
-        with open(config_path, "rb") as f:
-            config_bytes = f.read()
-    except OSError as e:
-        raise MpitpError(f"{config_path}: cannot read it ({e.strerror}); give a Hugging Face model folder.") from None
+    config_bytes = read_regular(config_path)
     torch, transformers = _import_hf()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),

@@ -422,3 +422,31 @@ def test_two_jobs_writing_one_trace_each_leave_a_whole_file(tmp_path):
     with np.load(path, allow_pickle=False) as f:
         logits = [f[name] for name in f.files if name.endswith("/logits")]
     assert len(logits) == 200 and np.unique(logits).tolist() in ([1.0], [2.0])
+
+
+@serial_only
+@pytest.mark.parametrize("command, given, expected", [
+    (["-m", "mpitp.compare", "{d}", "{d}"], "fifo-trace", "rank0.npz: not a regular file but a FIFO"),
+    (["-m", "mpitp.convert", "{f}", "{d}/out"], "fifo", "in: not a regular file but a FIFO"),
+    (["-m", "bench", "--summarize", "{f}"], "fifo", "in: not a regular file but a FIFO"),
+    (["-m", "bench", "--summarize", "{d}/none.json"], "", "none.json: cannot be opened (No such file or directory)"),
+    (["-m", "bench", "--summarize", "{f}"], "{}", "in: not a JSON record of the bench"),
+    (["-m", "bench", "--cluster-table", "{f}"], "[1", "in: not a JSON record of the bench (JSONDecodeError)"),
+], ids=["compare-fifo", "convert-fifo", "summarize-fifo", "summarize-missing", "summarize-not-a-record",
+        "cluster-table-not-json"])
+def test_the_tools_refuse_files_that_lie_in_one_line(tmp_path, command, given, expected):
+    # A FIFO hung compare, convert and the bench's --summarize; a missing or foreign record was a traceback.
+    f = tmp_path / "in"
+    if given == "fifo-trace":
+        os.mkfifo(tmp_path / "rank0.npz")
+    elif given == "fifo":
+        os.mkfifo(f)
+    elif given:
+        f.write_text(given)
+    args = [a.format(d=tmp_path, f=f) for a in command]
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=LIMIT + 5, env=child_env(),
+                       cwd=str(REPO))
+    assert time.monotonic() - t < LIMIT and r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in r.stderr, r.stderr
