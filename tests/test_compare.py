@@ -422,7 +422,8 @@ def test_a_perturbed_hugging_face_tensor_is_located(traces, hf_traces, tmp_path)
 
 @needs_hf
 def test_hftrace_bad_input_is_one_line_and_status_2(tmp_path):
-    for args, expected in (([tmp_path / "none", tmp_path / "out", "--prompt-ids", "1"], "config.json: cannot read it"),
+    for args, expected in (([tmp_path / "none", tmp_path / "out", "--prompt-ids", "1"],
+                            "config.json: cannot be opened"),
                            ([model_dir("llama-gqa"), tmp_path / "out", "--prompt-ids", "1,300"],
                             "token id 300 is outside the vocabulary 0..257"),
                            ([model_dir("gpt2-tiny"), tmp_path / "out", "--prompt-ids", "1", "--max-new-tokens",

@@ -344,7 +344,7 @@ def test_output_folder_rules(capsys, tmp_path, good):
     assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "generation_config.json", "model.safetensors",
                                                        "tokenizer.json", "tokenizer_config.json"]
     missing = tmp_path / "nope.gguf"
-    assert "cannot be read" in _fails(capsys, tmp_path, missing, str(missing), out="other")
+    assert "cannot be opened" in _fails(capsys, tmp_path, missing, str(missing), out="other")
 
 
 def test_nothing_half_written_when_a_late_tensor_fails(capsys, tmp_path):
