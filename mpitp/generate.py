@@ -21,7 +21,7 @@ from .errors import MpitpError, RequestError
 from .generation import check_request, generate_batch, new_batch_cache
 from .model import DTYPES, FINGERPRINTED, Model
 from .sampling import Sampler
-from .resources import set_blas_threads
+from .resources import check_fits, set_blas_threads
 from .tokenizer import Tokenizer
 from .trace import Trace
 from .weights import n_params
@@ -124,6 +124,11 @@ def _prepare(args, comm, node_ranks):
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     if args.trace:  # created once every rank agrees to go on
         check_writable(args.trace, "--trace", folder=True)
+        cfg, s = model.config, model.shard  # the trace keeps A..E of every layer and the logits, of every row
+        width = cfg.n_layer * (3 * cfg.n_embd + 2 * cfg.d_head * (s.n_head_local + s.n_kv_head_local) + s.n_ffn_local)
+        rows = sum(len(p) for p in prompts) + len(prompts) * max_new
+        check_fits(2 * rows * (width + s.n_vocab_local) * np.dtype(model.dtype).itemsize,  # 2: its final copies
+                   f"--trace of {rows} tokens", "trace fewer or shorter prompts, or use more ranks", node_ranks)
     return model, tokenizer, texts, prompts, max_new, sampler, cache
 
 

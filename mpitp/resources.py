@@ -31,9 +31,10 @@ def check_fits(nbytes, what, hint, node_ranks=1):
     ask for about as much at the same time) fit in the memory available."""
     free = available_bytes()
     if free is not None and nbytes * node_ranks > free:
-        each = f" ({nbytes / 2**30:.2f} GiB for each of this node's {node_ranks} ranks)" if node_ranks > 1 else ""
-        raise RequestError(f"{what} needs {nbytes * node_ranks / 2**30:.2f} GiB{each} but this node has "
-                           f"{free / 2**30:.2f} GiB available; {hint}.")
+        size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        each = f" ({size(nbytes)} for each of this node's {node_ranks} ranks)" if node_ranks > 1 else ""
+        raise RequestError(f"{what} needs {size(nbytes * node_ranks)}{each} but this node has {size(free)} "
+                           f"available; {hint}.")
 
 
 def set_blas_threads(requested, ranks_on_node):

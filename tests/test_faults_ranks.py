@@ -5,6 +5,7 @@ B``, as a stale model copy on one node or a mistaken launch gives): the job must
 status 2 and one line naming the rank and what differs, never a hang or a silent wrong result.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,17 @@ def test_activations_that_overflow_are_refused(tmp_path, where):
     one_error_line(r, "mpitp: error: the model's activations overflow float32 (overflow encountered in ")
     assert "RuntimeWarning" not in r.stderr and r.stdout == ""
     assert run_cli(args + ["--dtype", "float64"], n=2).returncode == 0
+
+
+def test_a_trace_too_large_for_the_node_is_refused_before_the_run(monkeypatch, capsys):
+    # --trace keeps every layer's tensors of every token: about 1.3 MB here, more than the 1 MB said to be free
+    # (the weights, 0.5 MB, and the KV cache, 0.1 MB, fit). Long prompts with --trace were OOM kills.
+    from mpitp import generate
+    monkeypatch.setattr("mpitp.resources.available_bytes", lambda: 1 << 20)
+    code = generate.main(["--model", model_dir("gpt2-tiny"), "--prompt-ids", ",".join(["5"] * 90),
+                          "--max-new-tokens", "10", "--trace", "/tmp/never-written"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == ["mpitp: error: --trace of 100 tokens needs 1.3 MiB but this "
+                                                      "node has 1.0 MiB available; trace fewer or shorter prompts, "
+                                                      "or use more ranks."], err
+    assert not os.path.exists("/tmp/never-written")
