@@ -112,8 +112,8 @@ def _validate(args, comm, tc, node_ranks):
     if args.long is not None and args.long < 10:
         raise MpitpError(f"--long must be >= 10 (its report is by tenth of the run), got {args.long}.")
     for option, path in (("--json-out", args.json_out), ("--batch-plot", args.batch_plot)):
-        if path and comm.Get_rank() == 0:  # rank 0 writes them
-            check_writable(path, option)
+        if path is not None and comm.Get_rank() == 0:  # rank 0 writes them
+            check_writable(path, f"{option} {path}".strip())
     args.batches = parse_batches(args.batch) if args.long is None else []
     if args.batches and (args.batch_prompt < 1 or args.batch_gen < 2 or args.batch_repeats < 1):
         raise MpitpError("--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2 (a decode step "

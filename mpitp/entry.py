@@ -200,17 +200,19 @@ def run_guarded(comm, fn, verbose, prog):
                     signal.signal(s, handler)
 
 
-def check_writable(path, option, folder=False):
-    """Raise ``MpitpError`` unless ``path`` (a file, or with ``folder`` a folder, written at the end of a run)
-    can be created or replaced: checked before the work, so that a long run is not lost to a bad destination."""
+def check_writable(path, what):
+    """Raise ``MpitpError`` (``what``: the option and its value) unless the file ``path``, written at the end of a
+    run, can be created or replaced: checked before the work, so that a long run is not lost to a bad destination."""
+    if not path:
+        raise MpitpError(f"{what}: give a file name, or leave the option out.")
     target = existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if existing == target and os.path.isdir(target) != folder:
-        raise MpitpError(f"{option} {path}: it exists and is {'not ' if folder else ''}a folder.")
-    into = existing if existing != target or folder else os.path.dirname(target)
+    if os.path.isdir(target):
+        raise MpitpError(f"{what}: {path} is a folder.")
+    into = os.path.dirname(target) if existing == target else existing
     try:
         with tempfile.TemporaryFile(dir=into):  # even for root: a read-only file system, /proc, a full quota
             pass
     except OSError as e:
-        raise MpitpError(f"{option} {path}: cannot write in {into} ({e.strerror}).") from None
+        raise MpitpError(f"{what}: cannot write in {into} ({e.strerror}).") from None

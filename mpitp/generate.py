@@ -34,8 +34,9 @@ MAX_NEW_TOKENS_CAP = 256  # without --max-new-tokens: the rest of the context, a
 
 
 def _ids(text):
-    if not re.fullmatch(r"[0-9]+(,[0-9]+)*", text.replace(" ", "")):  # ASCII digits: not "1,,2", "1_0" or "١"
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 15,7,201, got {text!r}")
+    if not re.fullmatch(r"[0-9]{1,18}(,[0-9]{1,18})*", text.replace(" ", "")):  # not "1,,2", "1_0", "١", 10**5000
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (of up to 18 digits) like 15,7,201, "
+                                         f"got {text if len(text) < 60 else text[:60] + '...'!r}")
     return [int(t) for t in text.replace(" ", "").split(",")]
 
 
@@ -123,7 +124,7 @@ def _prepare(args, comm, node_ranks):
     cache = new_batch_cache(model, prompts, max_new)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     if args.trace:  # created once every rank agrees to go on
-        check_writable(args.trace, "--trace", folder=True)
+        check_writable(os.path.join(args.trace, f"rank{comm.Get_rank()}.npz"), f"--trace {args.trace}")
         cfg, s = model.config, model.shard  # the trace keeps A..E of every layer and the logits, of every row
         width = cfg.n_layer * (3 * cfg.n_embd + 2 * cfg.d_head * (s.n_head_local + s.n_kv_head_local) + s.n_ffn_local)
         rows = sum(len(p) for p in prompts) + len(prompts) * max_new

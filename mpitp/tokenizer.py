@@ -38,9 +38,11 @@ class Tokenizer:
         if os.path.exists(config_path):
             try:
                 add_bos = json.loads(read_regular(config_path)).get("add_bos_token", False)
-                self.add_bos = bool(add_bos) and bos_token_id is not None
             except (ValueError, RecursionError, AttributeError):
                 raise ConfigError(f"{config_path}: not readable as a JSON object.") from None
+            if not isinstance(add_bos, bool):  # "no" would be true
+                raise ConfigError(f"{config_path}: 'add_bos_token' must be true or false, got {add_bos!r}.")
+            self.add_bos = add_bos and bos_token_id is not None
 
     def encode(self, text):
         """Token ids of ``text``, with the special tokens the tokenizer adds."""

@@ -624,6 +624,7 @@ def test_cli_long_run(tmp_path):
     (["--roofline-mib", "0"], "--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1"),
     (["--roofline-mib", "100000000"], "--roofline-mib 100000000 (the probe's matrix, twice) needs 390625.00 GiB"),
     (["--json-out", "/proc/mpitp.json"], "--json-out /proc/mpitp.json: cannot write in /proc"),
+    (["--json-out", ""], "--json-out: give a file name, or leave the option out."),
     (["--batch-plot", "/proc/self/x/b.png"], "--batch-plot /proc/self/x/b.png: cannot write in /proc/self"),
     (["--batch", "1,x"], "--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got '1,x'"),
     (["--batch", "0"], "--batch must be batch sizes >= 1"),

@@ -125,9 +125,11 @@ def test_request_beyond_context_is_refused():
     (["--prompt", "a", "--max-new-tokens", "-3"], "max-new-tokens must be an integer >= 0, got -3"),
     (["--prompt", "a", "--temperature", "-1"], "temperature must be 0 (greedy) or a finite number >= 1e-06"),
     (["--prompt", "a", "--temperature", "nan"], "temperature must be 0 (greedy) or a finite number >= 1e-06"),
-    (["--prompt-ids", "1,,2"], "expected comma-separated integers like 15,7,201, got '1,,2'"),
-    (["--prompt-ids", "\u0661"], "expected comma-separated integers like 15,7,201"),  # an Arabic-Indic digit
-    (["--prompt-ids", "1_0"], "expected comma-separated integers like 15,7,201, got '1_0'"),
+    (["--prompt-ids", "1,,2"], "expected comma-separated integers (of up to 18 digits) like 15,7,201, got '1,,2'"),
+    (["--prompt-ids", "\u0661"], "expected comma-separated integers"),  # an Arabic-Indic digit
+    (["--prompt-ids", "1_0"], "expected comma-separated integers (of up to 18 digits) like 15,7,201, got '1_0'"),
+    (["--prompt-ids", "1" * 30], "expected comma-separated integers (of up to 18 digits)"),
+    (["--prompt-ids", "1" * 5000], "got '" + "1" * 60 + "...'"),
     (["--prompt", "a", "--top-k", "-5"], "top-k must be an integer >= 0"),
     (["--prompt", "a", "--top-p", "1.5"], "top-p must be in (0, 1]"),
     (["--prompt", "a", "--top-p", "0"], "top-p must be in (0, 1]"),

@@ -119,6 +119,11 @@ def case_tokenizer_config_fifo(tmp):
     return tmp / "m", "tokenizer_config.json: not a regular file but a FIFO", ["--prompt", "hello"]
 
 
+def case_add_bos_token_a_string(tmp):
+    (base_model(tmp / "m") / "tokenizer_config.json").write_text('{"add_bos_token": "no"}')  # was taken as true
+    return tmp / "m", "tokenizer_config.json: 'add_bos_token' must be true or false, got 'no'", ["--prompt", "hello"]
+
+
 # --- weights that are not numbers -----------------------------------------------------------------------
 
 def case_nan_weight(tmp):
@@ -195,6 +200,7 @@ def case_integer_of_5000_digits(tmp):
 
 CASES = [case_config_fifo, case_config_device, case_generation_config_fifo, case_index_fifo, case_shard_fifo,
          case_safetensors_fifo, case_safetensors_folder, case_tokenizer_fifo, case_tokenizer_config_fifo,
+         case_add_bos_token_a_string,
          case_nan_weight, case_inf_in_float16_checkpoint, case_model_type_list,
          case_rope_scaling_string, case_bos_empty_list, case_eos_huge, case_n_layer_10_to_400,
          case_n_embd_10_to_20, case_epsilon_1e400, case_rope_theta_10_to_400, case_integer_of_5000_digits]

@@ -110,7 +110,7 @@ def test_the_same_model_in_two_folders_is_accepted(tmp_path):
     (["--temperature", "1e-320"], "temperature must be 0 (greedy) or a finite number >= 1e-06, got 1e-320"),
     (["--trace", ""], "--trace needs a folder name"),
     (["--trace", "/proc/mpitp-trace"], "--trace /proc/mpitp-trace: cannot write in /proc"),
-    (["--trace", "README.md"], "--trace README.md: it exists and is not a folder"),
+    (["--trace", "README.md"], "--trace README.md: cannot write in"),
     (["--prompt", "sort:1\udcff2="], "a prompt is not valid UTF-8 (byte 0xff at character 6)"),
 ], ids=["tiny-temperature", "empty-trace", "unwritable-trace", "trace-is-a-file", "invalid-utf8-prompt"])
 def test_values_that_cannot_work_are_refused(args, expected):
@@ -164,3 +164,10 @@ def test_a_trace_too_large_for_the_node_is_refused_before_the_run(monkeypatch, c
                                                       "node has 1.0 MiB available; trace fewer or shorter prompts, "
                                                       "or use more ranks."], err
     assert not os.path.exists("/tmp/never-written")
+
+
+def test_a_trace_file_that_is_a_folder_is_refused_before_the_run(tmp_path):
+    (tmp_path / "rank1.npz").mkdir()  # rank 1's file: found after the whole run, before
+    r = run_cli(["--trace", str(tmp_path)] + PROMPT, n=2, timeout=LIMIT + 5)
+    one_error_line(r, f"[rank 1] mpitp: error: --trace {tmp_path}: {tmp_path}/rank1.npz is a folder.")
+    assert r.stdout == "" and not (tmp_path / "rank0.npz").exists()
