@@ -17,7 +17,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.entry import HelpFormatter, agreed_args, check_writable, disagree, failed_vote, run_guarded, say
+from mpitp.entry import HelpFormatter, check_writable, disagree, failed_vote, run_command, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
@@ -79,18 +79,10 @@ def build_parser():
 
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
-    comm = mpi.world()
-    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
-    return run_guarded(comm, lambda: _start(comm, argv), verbose, PROG)  # Ctrl-C is handled from here on
+    return run_command(build_parser, _dispatch, PROG, argv)
 
 
-def _start(comm, argv):
-    node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
-    parser = build_parser()
-    parser.rank = comm.Get_rank()
-    args = agreed_args(parser, comm, argv, PROG)
-    if isinstance(args, int):
-        return args
+def _dispatch(args, comm, node_ranks):
     if args.summarize:
         return summarize(args.summarize, args.plot, args.batch_plot) if comm.Get_rank() == 0 else 0
     if args.cluster_table:

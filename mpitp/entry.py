@@ -62,6 +62,21 @@ def failed_vote(comm, error, prog):
     return 2
 
 
+def run_command(build_parser, run, prog, argv=None):
+    """A command's entry point on every rank: Ctrl-C is handled from the first collective on, the ranks count
+    their node's ranks and agree on their command lines, then ``run(args, comm, node_ranks)``'s exit status."""
+    comm = mpi.world()
+
+    def start():
+        node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
+        parser = build_parser()
+        parser.rank = comm.Get_rank()
+        args = agreed_args(parser, comm, argv, prog)
+        return args if isinstance(args, int) else run(args, comm, node_ranks)
+
+    return run_guarded(comm, start, "--verbose" in (sys.argv[1:] if argv is None else argv), prog)
+
+
 def agreed_args(parser, comm, argv, prog):
     """Parse this rank's command line and agree with the others: the arguments, or (on every rank alike) the exit
     status when a rank got ``--help`` or a usage error (printed by rank 0; rank 0 names a rank that differs)."""

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from . import comm as mpi
-from .entry import HelpFormatter, RankParser, agreed_args, check_writable, disagree, failed_vote, run_guarded, say
+from .entry import HelpFormatter, RankParser, check_writable, disagree, failed_vote, run_command, say
 from .errors import MpitpError, RequestError
 from .generation import check_request, generate_batch, new_batch_cache
 from .model import DTYPES, FINGERPRINTED, Model
@@ -232,17 +232,7 @@ def _run(args, comm, node_ranks):
 
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
-    comm = mpi.world()
-    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
-    return run_guarded(comm, lambda: _start(comm, argv), verbose, "mpitp")  # Ctrl-C is handled from here on
-
-
-def _start(comm, argv):
-    node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
-    parser = build_parser()
-    parser.rank = comm.Get_rank()
-    args = agreed_args(parser, comm, argv, "mpitp")
-    return args if isinstance(args, int) else _run(args, comm, node_ranks)
+    return run_command(build_parser, _run, "mpitp", argv)
 
 
 if __name__ == "__main__":
