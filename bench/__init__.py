@@ -7,7 +7,7 @@ Every bench tool names its errors ``bench: error: ...``, usage errors included (
 
 import sys
 
-from mpitp.entry import RankParser
+from mpitp.cli.runner import RankParser
 
 PROG = "bench"
 

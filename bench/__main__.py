@@ -17,7 +17,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.entry import HelpFormatter, check_writable, disagree, failed_vote, run_command, say
+from mpitp.cli.runner import HelpFormatter, check_writable, disagree, failed_vote, run_command, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model

@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mpitp import comm as mpi  # noqa: E402
-from mpitp.entry import HelpFormatter, failed_vote, run_guarded  # noqa: E402
+from mpitp.cli.runner import HelpFormatter, failed_vote, run_guarded  # noqa: E402
 from mpitp.errors import MpitpError  # noqa: E402
 from bench import PROG, BenchParser  # noqa: E402 -- its errors read "bench: error: ..." like the bench's
 from bench.timing import rss_bytes  # noqa: E402

@@ -332,7 +332,7 @@ def test_tolerance_defaults_follow_the_lower_precision(traces, paths, tmp_path):
 
 def test_the_command_line_is_serial_and_imports_neither_mpi4py_nor_torch(traces, tmp_path):
     bad = edit(traces["llama-gqa", 2], tmp_path / "bad", _set("step0/layer1/B", 5.0, (0, 0)), ranks={0})
-    script = ("import sys; from mpitp import compare, hftrace; code = compare.main(sys.argv[1:]); "
+    script = ("import sys; from mpitp.tools import compare, hftrace; code = compare.main(sys.argv[1:]); "
               "loaded = [m for m in ('mpi4py', 'torch', 'transformers') if m in sys.modules]; "
               "assert not loaded, loaded; sys.exit(code)")
     for args, code in (([traces["llama-gqa", 2], traces["llama-gqa", 3]], 0), ([bad, traces["llama-gqa", 3]], 1)):
@@ -366,7 +366,7 @@ def test_mpirun_traces_at_2_and_3_ranks_compare_clean_and_a_changed_value_is_nam
 # --- Hugging Face ------------------------------------------------------------------------------------------------
 
 def run_hftrace(*args):
-    from mpitp import hftrace
+    from mpitp.tools import hftrace
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = hftrace.main([str(a) for a in args])
@@ -436,7 +436,7 @@ def test_hftrace_bad_input_is_one_line_and_status_2(tmp_path):
 
 def test_hftrace_without_torch_says_which_extra_in_one_line(tmp_path):
     # torch made unimportable (as when the 'hf' extra is not installed): one line naming the extra, status 2
-    script = ("import sys; sys.modules['torch'] = None; from mpitp import hftrace; "
+    script = ("import sys; sys.modules['torch'] = None; from mpitp.tools import hftrace; "
               f"sys.exit(hftrace.main([{model_dir('gpt2-tiny')!r}, {str(tmp_path)!r}, '--prompt-ids', '1']))")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=child_env(),
                        cwd=str(REPO))

@@ -19,8 +19,8 @@ from dense_reference import read_safetensors
 from gguf_util import dequantize, llama_names, permute_rows, write_gguf
 from mpitp import CheckpointError, MpitpError, comm, load_model
 from mpitp.config import load_config
-from mpitp.convert import convert, main
-from mpitp.gguf_model import unpermute
+from mpitp.tools.convert import convert, main
+from mpitp.tools.gguf_model import unpermute
 from mpitp.tokenizer import Tokenizer
 from random_models import write_random_model
 from st_util import to_bf16_bits

@@ -155,7 +155,7 @@ def test_activations_that_overflow_are_refused(tmp_path, where):
 def test_a_trace_too_large_for_the_node_is_refused_before_the_run(monkeypatch, capsys):
     # --trace keeps every layer's tensors of every token: about 1.3 MB here, more than the 1 MB said to be free
     # (the weights, 0.5 MB, and the KV cache, 0.1 MB, fit). Long prompts with --trace were OOM kills.
-    from mpitp import generate
+    from mpitp.cli import generate
     monkeypatch.setattr("mpitp.resources.available_bytes", lambda: 1 << 20)
     code = generate.main(["--model", model_dir("gpt2-tiny"), "--prompt-ids", ",".join(["5"] * 90),
                           "--max-new-tokens", "10", "--trace", "/tmp/never-written"])

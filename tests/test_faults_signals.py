@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, child_env, model_dir, mpirun, serial_only
-from mpitp import entry
+from mpitp.cli import runner as entry
 from random_models import write_random_model
 
 pytestmark = serial_only

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from conftest import model_dir
 from gguf_util import write_gguf
 from mpitp import MpitpError
-from mpitp.convert import convert
+from mpitp.tools.convert import convert
 from test_convert import _tokenizer_meta
 
 EXAMPLES = int(os.environ.get("MPITP_FUZZ_EXAMPLES", "300"))

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import golden, model_dir
 from mpitp import ConfigError, Sampler, Trace, comm, generate_sequence, load_model
-from mpitp.generate import _Printer
+from mpitp.cli.generate import _Printer
 from mpitp.generation import generate_batch
 from mpitp.tokenizer import Tokenizer
 from threadcomm import run_ranks

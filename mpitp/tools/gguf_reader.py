@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .errors import CheckpointError, open_regular
+from ..errors import CheckpointError, open_regular
 
 # Fixed-size value types (GGUF's numbering) as struct codes; 8 is a string, 9 an array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -8,7 +8,7 @@ token ids, ``add_bos_token`` and ``chat_template``. The tokenizer is rebuilt wit
 (the ``gguf`` extra), so that it splits and merges as the original model's tokenizer.json did.
 """
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .gguf_reader import shown
 
 # How text is split before the merges, by tokenizer.ggml.pre: GPT-2's regex (the ByteLevel pre-tokenizer's

@@ -17,8 +17,8 @@ import threading
 import time
 import traceback
 
-from . import comm as mpi
-from .errors import MpitpError
+from .. import comm as mpi
+from ..errors import MpitpError
 
 
 def say(line):

@@ -19,9 +19,9 @@ import warnings
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .gguf_reader import REQUIRED, shown
-from .weights import checkpoint_shapes
+from ..weights import checkpoint_shapes
 
 _PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",

@@ -1,0 +1,1 @@
+"""The command lines (generate) and the fail-safe runner every command starts through (runner)."""
