@@ -121,7 +121,10 @@ class Model:
         rows = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]
         n_batch, n_seq = rows.shape
         n_kv = int(cache.lengths.max()) + n_seq
-        chunk = max(1, SCORES_BYTES // (n_batch * self.shard.n_head_local * n_kv * np.dtype(self.dtype).itemsize))
+        # Every rank cuts the prompt alike (their Allreduce must pair up): by the most heads any rank holds,
+        # a fact of the model and the rank count, never of this rank's own share.
+        heads = -(-self.config.n_head // self.shard.size)
+        chunk = max(1, SCORES_BYTES // (n_batch * heads * n_kv * np.dtype(self.dtype).itemsize))
         logits = [self.forward_chunk(rows[:, i:i + chunk], cache, all_logits) for i in range(0, n_seq, chunk)]
         logits = np.concatenate(logits, axis=1) if len(logits) > 1 and all_logits else logits[-1]
         if gather:
