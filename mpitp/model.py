@@ -13,6 +13,7 @@ from . import comm as mpi
 from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MpitpError, RequestError
+from .families import FAMILIES
 from .kvcache import KVCache
 from .layers import (apply_rope, attention, causal_mask, gelu_tanh, layer_norm, linear, rms_norm, rope_inv_freq,
                      rope_tables, swiglu)
@@ -34,10 +35,11 @@ class Model:
     def __init__(self, config, shard, blocks, weights, comm, dtype, node_ranks=1, fingerprint=None):
         self.config, self.shard, self.blocks, self.weights, self.comm, self.dtype = (
             config, shard, blocks, weights, comm, dtype)
-        gpt2, eps = config.family == "gpt2", config.norm_eps
-        self.norm = (lambda x, w, b: layer_norm(x, w, b, eps)) if gpt2 else (lambda x, w, b: rms_norm(x, w, b, eps))
-        self.activation = gelu_tanh if gpt2 else swiglu
-        self._inv_freq = None if gpt2 else rope_inv_freq(config.rope, config.d_head)
+        family, eps = FAMILIES[config.family], config.norm_eps  # the facts the block reads, not the family's name
+        norm = {"layer_norm": layer_norm, "rms_norm": rms_norm}[family.norm]
+        self.norm = lambda x, w, b: norm(x, w, b, eps)
+        self.activation = swiglu if family.gated else gelu_tanh
+        self._inv_freq = rope_inv_freq(config.rope, config.d_head) if family.positions == "rope" else None
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 

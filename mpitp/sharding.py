@@ -6,6 +6,8 @@ W_K, W_V, W_C) is split along its last axis, a *row-parallel* one (W_B, W_D) alo
 partial sum that an Allreduce completes. (Megatron's paper calls the *weights* A and B; here A..E are the seed
 diagram's activations, and W_X is the weight that multiplies X.)
 
+``rank_slice`` applies a family's plan (``mpitp.families``) to a weight: the one slice of it a rank holds.
+
 Every range is a contiguous block of near-equal size (``block_range``), so any P from 1 to the number of
 query heads runs: 9 heads over 2 ranks are 5 and 4. A rank holds the key/value heads its query heads use;
 a key/value head whose group of query heads straddles two ranks is held, with its cache, by both.
@@ -85,3 +87,30 @@ def shard_for(config, rank, size):
     return Shard(rank=rank, size=size, d_head=config.d_head, group=group, head_start=head_start,
                  n_head_local=n_head_local, kv_head_start=kv_head_start, n_kv_head_local=kv_head_stop - kv_head_start,
                  ffn_start=ffn_start, n_ffn_local=n_ffn_local, vocab_start=vocab_start, n_vocab_local=n_vocab_local)
+
+
+# The range of the Shard that each split weight takes: query heads (W_Q's columns, W_B's rows), key/value heads,
+# MLP columns (W_C's, W_gate's, W_up's columns and W_D's rows) and vocabulary ids.
+RANGES = {**dict.fromkeys(("W_Q", "b_Q", "W_B"), "q_cols"), **dict.fromkeys(("W_K", "b_K", "W_V", "b_V"), "kv_cols"),
+          **dict.fromkeys(("W_C", "b_C", "W_gate", "b_gate", "W_up", "b_up", "W_D"), "ffn_cols"),
+          **dict.fromkeys(("W_embed", "W_vocab"), "vocab_cols")}
+
+
+def full_shape(config, weight):
+    """The whole (unsplit) shape of an mpitp weight, ``[in, out]`` for a linear one; a norm's is ``(n_embd,)``."""
+    d, q, kv, f = config.n_embd, config.n_head * config.d_head, config.n_kv_head * config.d_head, config.n_ffn
+    return {"W_Q": (d, q), "b_Q": (q,), "W_K": (d, kv), "b_K": (kv,), "W_V": (d, kv), "b_V": (kv,),
+            "W_B": (q, d), "W_C": (d, f), "b_C": (f,), "W_gate": (d, f), "b_gate": (f,), "W_up": (d, f),
+            "b_up": (f,), "W_D": (f, d), "W_embed": (config.n_vocab, d), "W_pos": (config.n_ctx, d),
+            "W_vocab": (d, config.n_vocab)}.get(weight, (d,))
+
+
+def rank_slice(config, shard, weight, split):
+    """The block of the whole mpitp weight ``weight`` that ``shard``'s rank holds, one slice per axis, for its
+    plan's ``split``: colwise takes the rank's range of the last (output) axis, rowwise of the first (input)
+    axis, vocab of the vocabulary axis (the embedding's rows, the LM head's columns), replicated everything."""
+    index = [slice(0, n) for n in full_shape(config, weight)]
+    if split != "replicated":
+        axis = 0 if split == "rowwise" or weight == "W_embed" else -1
+        index[axis] = getattr(shard, RANGES[weight])
+    return tuple(index)

@@ -10,8 +10,9 @@ from conftest import model_dir
 from mpitp import CheckpointError, ConfigError, ShardingError, comm, load_model
 from mpitp.checkpoint import Checkpoint, SafetensorsFile
 from mpitp.config import config_from_dict, load_config
-from mpitp.weights import n_params
-from mpitp.sharding import block_range, check_rank_count, shard_for
+from mpitp.families import FAMILIES
+from mpitp.weights import checkpoint_shapes, n_params
+from mpitp.sharding import block_range, check_rank_count, rank_slice, shard_for
 from st_util import CORRUPTIONS, corrupt, valid_file_parts, write_raw, write_safetensors, write_sharded
 
 
@@ -69,6 +70,27 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not readable as JSON"):
         load_config(str(tmp_path))
+
+
+# --- the sharding plan --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-gqa"])
+def test_plan_names_every_checkpoint_tensor(name):
+    # The family's plan, expanded over the layers, is exactly what the checkpoint holds: nothing left unread.
+    config, ckpt = load_config(model_dir(name)), Checkpoint(model_dir(name))
+    prefix = "transformer." if "transformer.wte.weight" in ckpt else ""
+    assert checkpoint_shapes(config, prefix) == {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+
+
+@pytest.mark.parametrize("config", [gpt2_124m(), llama(6, 2)], ids=["gpt2", "llama"])
+def test_which_rows_of_W_D_rank_2_of_3_holds(config):
+    # One table (the plan: W_D is rowwise) and one function (rank_slice) answer it, for every family.
+    (split,) = [s for _, w, s in FAMILIES[config.family].plan if w == "W_D"]
+    rows, cols = rank_slice(config, shard_for(config, 2, 3), "W_D", split)
+    assert split == "rowwise" and cols == slice(0, config.n_embd)
+    assert (rows.start, rows.stop - rows.start) == block_range(config.n_ffn, 3, 2)
+    (split,) = [s for _, w, s in FAMILIES[config.family].plan if w == "b_D"]
+    assert rank_slice(config, shard_for(config, 2, 3), "b_D", split) == (slice(0, config.n_embd),)  # once
 
 
 # --- rank counts and shards ---------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Families as data: each family's sharding plan (every checkpoint tensor, what it is in the seed diagram and how
+it splits over the ranks) and the facts its block reads (which norm, which activation, how positions enter).
+
+A plan row is ``(checkpoint tensor, mpitp weight(s), split)``; "{l}" is the layer. The split words are Hugging
+Face's ``base_model_tp_plan`` ones, said in mpitp's ``[in, out]`` storage (see ``mpitp.sharding``):
+
+- ``colwise``: the output axis is split (Megatron's ColumnParallelLinear): W_Q, W_K, W_V, W_C and their biases;
+- ``rowwise``: the input axis is split (RowParallelLinear), its product a partial sum for an Allreduce: W_B, W_D;
+- ``vocab``: the vocabulary is split: the embedding's rows and the LM head's columns;
+- ``replicated``: every rank holds it whole: norms, learned positions, and a row-parallel layer's bias, which
+  is added once after the reduction (added before it, P ranks would add it P times).
+
+Which range of heads, key/value heads, MLP columns or vocabulary ids a rank takes is the weight's, and
+``mpitp.sharding.rank_slice(config, shard, weight, split)`` computes it: this table and that function answer
+"which rows of W_D does rank 2 of 3 hold". A tensor holding several weights side by side along its output axis
+lists them in order: GPT-2's ``c_attn`` is ``[Q | K | V]``, cut into its parts before a rank takes its heads.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of models: its plan and the facts its block reads."""
+
+    plan: tuple  # rows (tensor, weight or weights, split)
+    linear_storage: str  # "out_in" (torch nn.Linear: transposed to [in, out] on reading) or "in_out" (Conv1D)
+    norm: str  # "layer_norm" or "rms_norm"
+    gated: bool  # the MLP is act(C W_gate) * (C W_up), stored side by side as W_C = [W_gate | W_up]
+    positions: str  # "learned" (added to the embedding) or "rope" (rotary, applied to Q and K)
+    tensor_prefixes: tuple = ("",)  # prefixes a checkpoint may put before every tensor name
+
+    def weights(self):
+        """Every mpitp weight the plan names."""
+        return {w for _, ws, _ in self.plan for w in (ws if isinstance(ws, tuple) else (ws,))}
+
+
+GPT2 = Family(linear_storage="in_out", norm="layer_norm", gated=False, positions="learned",
+              tensor_prefixes=("", "transformer."), plan=(
+    ("wte.weight", "W_embed", "vocab"),  # also the LM head: GPT-2 ties them
+    ("wpe.weight", "W_pos", "replicated"),
+    ("h.{l}.ln_1.weight", "norm_1_weight", "replicated"),
+    ("h.{l}.ln_1.bias", "norm_1_bias", "replicated"),
+    ("h.{l}.attn.c_attn.weight", ("W_Q", "W_K", "W_V"), "colwise"),
+    ("h.{l}.attn.c_attn.bias", ("b_Q", "b_K", "b_V"), "colwise"),
+    ("h.{l}.attn.c_proj.weight", "W_B", "rowwise"),
+    ("h.{l}.attn.c_proj.bias", "b_B", "replicated"),
+    ("h.{l}.ln_2.weight", "norm_2_weight", "replicated"),
+    ("h.{l}.ln_2.bias", "norm_2_bias", "replicated"),
+    ("h.{l}.mlp.c_fc.weight", "W_C", "colwise"),
+    ("h.{l}.mlp.c_fc.bias", "b_C", "colwise"),
+    ("h.{l}.mlp.c_proj.weight", "W_D", "rowwise"),
+    ("h.{l}.mlp.c_proj.bias", "b_D", "replicated"),
+    ("ln_f.weight", "norm_f_weight", "replicated"),
+    ("ln_f.bias", "norm_f_bias", "replicated"),
+))
+
+_L = "model.layers.{l}."
+LLAMA = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", plan=(
+    ("model.embed_tokens.weight", "W_embed", "vocab"),
+    (_L + "input_layernorm.weight", "norm_1_weight", "replicated"),
+    (_L + "self_attn.q_proj.weight", "W_Q", "colwise"),
+    (_L + "self_attn.q_proj.bias", "b_Q", "colwise"),  # Qwen2 has q, k, v biases; Llama only if attention_bias
+    (_L + "self_attn.k_proj.weight", "W_K", "colwise"),
+    (_L + "self_attn.k_proj.bias", "b_K", "colwise"),
+    (_L + "self_attn.v_proj.weight", "W_V", "colwise"),
+    (_L + "self_attn.v_proj.bias", "b_V", "colwise"),
+    (_L + "self_attn.o_proj.weight", "W_B", "rowwise"),
+    (_L + "self_attn.o_proj.bias", "b_B", "replicated"),
+    (_L + "post_attention_layernorm.weight", "norm_2_weight", "replicated"),
+    (_L + "mlp.gate_proj.weight", "W_gate", "colwise"),
+    (_L + "mlp.gate_proj.bias", "b_gate", "colwise"),
+    (_L + "mlp.up_proj.weight", "W_up", "colwise"),
+    (_L + "mlp.up_proj.bias", "b_up", "colwise"),
+    (_L + "mlp.down_proj.weight", "W_D", "rowwise"),
+    (_L + "mlp.down_proj.bias", "b_D", "replicated"),
+    ("model.norm.weight", "norm_f_weight", "replicated"),
+    ("lm_head.weight", "W_vocab", "vocab"),  # the embedding, transposed, when tie_word_embeddings
+))
+
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA}
