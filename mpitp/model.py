@@ -15,8 +15,8 @@ from .config import load_config
 from .errors import MpitpError, RequestError
 from .families import FAMILIES
 from .kvcache import KVCache
-from .layers import (apply_rope, attention, causal_mask, gelu_tanh, layer_norm, linear, rms_norm, rope_inv_freq,
-                     rope_tables, swiglu)
+from .layers import (apply_rope, attention, causal_mask, geglu, gelu_tanh, layer_norm, linear, rms_norm,
+                     rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
 from .sharding import block_range, shard_for
 from .weights import load_weights, shard_bytes
@@ -38,8 +38,14 @@ class Model:
         family, eps = FAMILIES[config.family], config.norm_eps  # the facts the block reads, not the family's name
         norm = {"layer_norm": layer_norm, "rms_norm": rms_norm}[family.norm]
         self.norm = lambda x, w, b: norm(x, w, b, eps)
-        self.activation = swiglu if family.gated else gelu_tanh
-        self._inv_freq = rope_inv_freq(config.rope, config.d_head) if family.positions == "rope" else None
+        self.activation = (swiglu if config.activation in ("silu", "swish") else geglu) if family.gated else gelu_tanh
+        rope = family.positions == "rope"
+        # Per layer: its sliding window (0: none) and its RoPE's inverse frequencies (None: GPT-2's positions).
+        self.windows = config.windows or (0,) * config.n_layer
+        self._inv_freq = [rope_inv_freq(config.rope_local if w and config.rope_local else config.rope, config.d_head)
+                          if rope else None for w in self.windows]
+        # The block's data flow: the seed's, or with Qwen3's and Gemma 3's norms.
+        self.block_fn = self.block_normed if config.qk_norm or "post_norm_1_weight" in family.weights() else self.block
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
@@ -69,6 +75,9 @@ class Model:
         ``x`` is the residual stream ``[n_rows, n_embd]``, the same on every rank: a row per new token, a batch's
         sequences one after the other (n_rows = n_batch n_seq). ``w`` is this rank's ``BlockWeights``. B is
         ``[n_rows, n_head_local d_head]``. Every product is local but the two Allreduce.
+
+        The trace (``mpitp.trace``, ``--trace``) records the locals A, Q, K, V, B, C, D, E by these names, and
+        ``layer``: they are its contract (docs/trace.md), and renaming one fails a test.
         """
         A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # [n_rows, n_embd], replicated
         QKV = linear(A, w.W_QKV, w.b_QKV)  # column-parallel: [A W_Q | A W_K | A W_V], this rank's heads only
@@ -86,6 +95,32 @@ class Model:
         E = x + E_partial + w.b_D  # [n_rows, n_embd], the block's output
         return E
 
+    def block_normed(self, x, w, layer, cache, rope, mask):
+        """The seed's block with the norms of Qwen3 and Gemma 3: each head of Q and K normed before RoPE (rank-local:
+        a head is whole on its rank), and, where the family has them (Gemma 3), each reduced output normed before
+        it joins the residual: a norm of the sum over the ranks, so after the Allreduce, once. Same locals as
+        ``block``."""
+        A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # [n_rows, n_embd], replicated
+        QKV = linear(A, w.W_QKV, w.b_QKV)  # column-parallel: [A W_Q | A W_K | A W_V], this rank's heads only
+        Q, K, V = self.split_heads(QKV)  # [n_rows, n_head_local (Q) or n_kv_head_local (K, V), d_head]
+        Q, K = self.norm(Q, w.norm_q_weight, None), self.norm(K, w.norm_k_weight, None)  # QK-norm, per head
+        Q, K = apply_rope(Q, rope), apply_rope(K, rope)
+        K_all, V_all = cache.update(layer, K, V)  # [n_batch, n_kv_head_local, n_kv, d_head]
+        B = attention(Q, K_all, V_all, mask, self.head_runs, self.config.query_scale)  # [n_rows, n_head_local d_head]
+        B_partial = B @ w.W_B  # row-parallel: [n_rows, n_embd]
+        mpi.allreduce_sum(self.comm, B_partial)  # Allreduce #1
+        x = x + self.post_norm(B_partial + w.b_B, w.post_norm_1_weight)  # Gemma 3 normalizes the sum, then adds
+        C = self.norm(x, w.norm_2_weight, w.norm_2_bias)  # [n_rows, n_embd], replicated
+        D = self.activation(linear(C, w.W_C, w.b_C))  # column-parallel: [n_rows, n_ffn_local]
+        E_partial = D @ w.W_D  # row-parallel: [n_rows, n_embd]
+        mpi.allreduce_sum(self.comm, E_partial)  # Allreduce #2
+        E = x + self.post_norm(E_partial + w.b_D, w.post_norm_2_weight)  # [n_rows, n_embd], the block's output
+        return E
+
+    def post_norm(self, x, weight):
+        # The norm of a reduced output where the family has one (Gemma 3), else x as it is. [n_rows, n_embd]
+        return x if weight is None else self.norm(x, weight, None)
+
     def split_heads(self, QKV):
         # [n_rows, (n_head_local + 2 n_kv_head_local) d_head] -> views Q [n_rows, n_head_local, d_head], K, V
         heads = QKV.reshape(len(QKV), -1, self.config.d_head)
@@ -101,6 +136,8 @@ class Model:
         x = np.zeros(ids.shape + (self.config.n_embd,), dtype=self.dtype)
         x[mine] = g.W_embed[local[mine]]
         mpi.allreduce_sum(self.comm, x)
+        if self.config.embed_scale != 1.0:  # Gemma scales the embedding by sqrt(n_embd)
+            x *= self.dtype(self.config.embed_scale)
         if g.W_pos is not None:  # GPT-2's learned positions
             x += g.W_pos[positions]
         return x
@@ -138,11 +175,13 @@ class Model:
         # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq or 1, n_vocab_local]
         n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
-        mask = causal_mask(positions, positions.max() + 1, self.dtype)  # [n_batch, n_seq, n_kv]
-        rope = None if self._inv_freq is None else rope_tables(self._inv_freq, positions.ravel(), self.dtype)
+        # The mask [n_batch, n_seq, n_kv] and the RoPE tables of each kind of layer (full, or sliding by a window)
+        masks = {w: causal_mask(positions, positions.max() + 1, self.dtype, w) for w in set(self.windows)}
+        ropes = {w: None if f is None else rope_tables(f, positions.ravel(), self.dtype)
+                 for w, f in zip(self.windows, self._inv_freq)}
         x = self.embed(ids.ravel(), positions.ravel())  # [n_rows, n_embd]
-        for layer, w in enumerate(self.blocks):
-            x = self.block(x, w, layer, cache, rope, mask)
+        for layer, (w, window) in enumerate(zip(self.blocks, self.windows)):
+            x = self.block_fn(x, w, layer, cache, ropes[window], masks[window])
         cache.advance(n_seq)
         logits = self.lm_head(x if all_logits else x[n_seq - 1::n_seq])  # every row, or each sequence's last
         return logits.reshape(n_batch, -1, logits.shape[-1])

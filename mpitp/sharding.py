@@ -102,7 +102,8 @@ def full_shape(config, weight):
     return {"W_Q": (d, q), "b_Q": (q,), "W_K": (d, kv), "b_K": (kv,), "W_V": (d, kv), "b_V": (kv,),
             "W_B": (q, d), "W_C": (d, f), "b_C": (f,), "W_gate": (d, f), "b_gate": (f,), "W_up": (d, f),
             "b_up": (f,), "W_D": (f, d), "W_embed": (config.n_vocab, d), "W_pos": (config.n_ctx, d),
-            "W_vocab": (d, config.n_vocab)}.get(weight, (d,))
+            "W_vocab": (d, config.n_vocab), "norm_q_weight": (config.d_head,),
+            "norm_k_weight": (config.d_head,)}.get(weight, (d,))
 
 
 def rank_slice(config, shard, weight, split):

@@ -14,7 +14,8 @@ import numpy as np
 from .errors import FileError, read_regular
 from .model import Model
 
-_BLOCK, _LM_HEAD, _EMBED = Model.block.__code__, Model.lm_head.__code__, Model.embed.__code__
+_BLOCKS = (Model.block.__code__, Model.block_normed.__code__)  # their locals A..E are the trace's contract
+_LM_HEAD, _EMBED = Model.lm_head.__code__, Model.embed.__code__
 NAMES = "AQKVBCDE"
 
 
@@ -40,7 +41,7 @@ class Trace:
     def _hook(self, frame, event, value):
         # A frame that an exception unwinds also "returns", with None and some locals unset: not a result.
         code = frame.f_code if event == "return" and value is not None else None
-        if code is _BLOCK:
+        if code in _BLOCKS:
             tensors = frame.f_locals
             for name in NAMES:
                 self.record(f"layer{tensors['layer']}/{name}", tensors[name])

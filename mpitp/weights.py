@@ -30,14 +30,18 @@ class BlockWeights:
     norm_1_bias: np.ndarray | None = None  # [n_embd] (LayerNorm only)
     W_QKV: np.ndarray  # [n_embd, (n_head_local + 2 n_kv_head_local) d_head]  column-parallel
     b_QKV: np.ndarray  # [(n_head_local + 2 n_kv_head_local) d_head]
+    norm_q_weight: np.ndarray | None = None  # [d_head]  QK-norm (Qwen3, Gemma 3), the same for every head
+    norm_k_weight: np.ndarray | None = None  # [d_head]
     W_B: np.ndarray  # [n_head_local d_head, n_embd]  row-parallel
     b_B: np.ndarray  # [n_embd]  added once, after Allreduce #1
+    post_norm_1_weight: np.ndarray | None = None  # [n_embd]  Gemma 3: the norm of the reduced attention output
     norm_2_weight: np.ndarray  # [n_embd]
     norm_2_bias: np.ndarray | None = None  # [n_embd]
     W_C: np.ndarray  # [n_embd, n_ffn_local] (GPT-2) or [n_embd, 2 n_ffn_local] = [W_gate | W_up]  column-parallel
     b_C: np.ndarray  # [n_ffn_local] or [2 n_ffn_local]
     W_D: np.ndarray  # [n_ffn_local, n_embd]  row-parallel
     b_D: np.ndarray  # [n_embd]  added once, after Allreduce #2
+    post_norm_2_weight: np.ndarray | None = None  # [n_embd]  Gemma 3: the norm of the reduced MLP output
 
 
 @dataclass(kw_only=True)
@@ -57,10 +61,12 @@ def _fields(config):
     family = FAMILIES[config.family]
     gated, planned = family.gated, family.weights() | {"W_vocab"}
     block = {"norm_1_weight": ["norm_1_weight"], "norm_1_bias": ["norm_1_bias"],
-             "W_QKV": ["W_Q", "W_K", "W_V"], "b_QKV": ["b_Q", "b_K", "b_V"], "W_B": ["W_B"], "b_B": ["b_B"],
-             "norm_2_weight": ["norm_2_weight"], "norm_2_bias": ["norm_2_bias"],
-             "W_C": ["W_gate", "W_up"] if gated else ["W_C"], "b_C": ["b_gate", "b_up"] if gated else ["b_C"],
-             "W_D": ["W_D"], "b_D": ["b_D"]}
+             "W_QKV": ["W_Q", "W_K", "W_V"], "b_QKV": ["b_Q", "b_K", "b_V"], "norm_q_weight": ["norm_q_weight"],
+             "norm_k_weight": ["norm_k_weight"], "W_B": ["W_B"], "b_B": ["b_B"],
+             "post_norm_1_weight": ["post_norm_1_weight"], "norm_2_weight": ["norm_2_weight"],
+             "norm_2_bias": ["norm_2_bias"], "W_C": ["W_gate", "W_up"] if gated else ["W_C"],
+             "b_C": ["b_gate", "b_up"] if gated else ["b_C"], "W_D": ["W_D"], "b_D": ["b_D"],
+             "post_norm_2_weight": ["post_norm_2_weight"]}
     # The final norm and the LM head follow the last block; the embedding (a few rows per forward) comes last.
     glob = {"norm_f_weight": ["norm_f_weight"], "norm_f_bias": ["norm_f_bias"], "W_vocab": ["W_vocab"],
             "W_embed": ["W_embed"], "W_pos": ["W_pos"]}
@@ -171,6 +177,8 @@ def load_weights(ckpt, config, shard, dtype, arena=True):
             if _has(config, name):  # a bias the model does not have stays zero
                 read_weight(ckpt, config, shard, name, layer, out[..., col:col + width], prefix)
             col += width
+        if "norm" in field and field.endswith("_weight"):
+            out += config.norm_offset  # Gemma's norms scale by (1 + weight)
         return out
 
     try:

@@ -232,14 +232,16 @@ def test_random_models_at_every_rank_count(tmp_path, name):
             assert np.abs(logits - expected).max() <= 1e-12
 
 
-def test_mistral_is_llama_math_with_a_capped_context(tmp_path):
+def test_mistral_is_llama_math_with_its_window_a_mask(tmp_path):
     src = model_dir("llama-gqa")
     cfg = json.load(open(f"{src}/config.json"))
     cfg.update(model_type="mistral", sliding_window=64)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shutil.copy(f"{src}/model.safetensors", tmp_path)
     mistral = load_model(str(tmp_path), comm.serial(), "float64")
-    assert mistral.config.n_ctx == 64  # beyond the window the math would differ: refused instead
+    # The window is a mask (tests/test_families.py checks it against Hugging Face), not a cap on the context;
+    # a prompt within it is plain causal attention.
+    assert mistral.config.n_ctx == cfg["max_position_embeddings"] and mistral.windows == (64,) * cfg["num_hidden_layers"]
     g = golden("llama-gqa")
     assert np.abs(prefill_logits(mistral, g["prompt_L33"]) - g["logits_x64_L33"]).max() <= 1e-9
 
@@ -308,3 +310,13 @@ def test_the_trace_does_not_mask_an_error_inside_a_block(monkeypatch):
     monkeypatch.setattr("mpitp.model.attention", attention)
     with pytest.raises(MemoryError, match="no memory for the scores"), Trace():
         model.forward([1, 2, 3], model.new_cache(3))
+
+
+def test_the_trace_contract_is_the_block_locals():
+    # The trace reads these locals of every block function by name: a renamed local would break --trace.
+    from mpitp import trace
+    from mpitp.model import Model
+    for code in trace._BLOCKS:
+        assert set(trace.NAMES) | {"layer"} <= set(code.co_varnames), code.co_name
+    assert {Model.block.__code__, Model.block_normed.__code__} == set(trace._BLOCKS)
+    assert "A, Q, K, V, B, C, D, E" in Model.block.__doc__
