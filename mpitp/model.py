@@ -40,10 +40,10 @@ class Model:
         self.norm = lambda x, w, b: norm(x, w, b, eps)
         self.activation = (swiglu if config.activation in ("silu", "swish") else geglu) if family.gated else gelu_tanh
         rope = family.positions == "rope"
-        # Per layer: its sliding window (0: none) and its RoPE's inverse frequencies (None: GPT-2's positions).
+        # Per layer its sliding window (0: none); per window the RoPE's inverse frequencies (None: GPT-2's positions)
         self.windows = config.windows or (0,) * config.n_layer
-        self._inv_freq = [rope_inv_freq(config.rope_local if w and config.rope_local else config.rope, config.d_head)
-                          if rope else None for w in self.windows]
+        self._inv_freq = {w: rope_inv_freq(config.rope_local if w and config.rope_local else config.rope,
+                                           config.d_head) if rope else None for w in set(self.windows)}
         # The block's data flow: the seed's, or with Qwen3's and Gemma 3's norms.
         self.block_fn = self.block_normed if config.qk_norm or "post_norm_1_weight" in family.weights() else self.block
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
@@ -178,7 +178,7 @@ class Model:
         # The mask [n_batch, n_seq, n_kv] and the RoPE tables of each kind of layer (full, or sliding by a window)
         masks = {w: causal_mask(positions, positions.max() + 1, self.dtype, w) for w in set(self.windows)}
         ropes = {w: None if f is None else rope_tables(f, positions.ravel(), self.dtype)
-                 for w, f in zip(self.windows, self._inv_freq)}
+                 for w, f in self._inv_freq.items()}
         x = self.embed(ids.ravel(), positions.ravel())  # [n_rows, n_embd]
         for layer, (w, window) in enumerate(zip(self.blocks, self.windows)):
             x = self.block_fn(x, w, layer, cache, ropes[window], masks[window])
