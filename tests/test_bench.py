@@ -20,7 +20,8 @@ import pytest
 from mpi4py import MPI
 
 from bench import ceilings, cluster, environment, models, plots, report, summary, timing
-from bench.__main__ import batch_test, main, parse_batches, table_rows
+from bench.__main__ import batch_test, main, parse_batches
+from bench.record import table_rows
 from conftest import REPO, child_env, model_dir, mpirun, serial_only
 from mpitp.weights import n_params
 from mpitp import comm, load_model
