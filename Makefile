@@ -124,16 +124,20 @@ ci: test
 	$(MAKE) bench-scaling MAX_NP=2 $(SMOKE)
 	$(MAKE) bench-cluster $(SMOKE)
 
+# The plot extra (matplotlib) for the bench's PNG plots, once.
+$(VENV)/.plot: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[plot]"
+	touch $@
+
 # The benchmark on NP ranks: table, per-token breakdown, roofline, batch 1..64 against its ceilings; JSON and
-# the batch plot (if matplotlib is installed) in $(BENCH_OUT)/.
-bench: install
+# the batch plot in $(BENCH_OUT)/.
+bench: install $(VENV)/.plot
 	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) \
 		--json-out $(BENCH_OUT)/bench-$(BENCH_NAME)-np$(NP).json \
 		--batch-plot $(BENCH_OUT)/batch-$(BENCH_NAME)-np$(NP).png $(BENCH_ARGS)
 
 # The benchmark at 1..MAX_NP ranks, 1 BLAS thread each; speedup/efficiency table and PNG plots (scaling, batch).
-bench-scaling: install
-	$(BIN)/python -m pip install --quiet -e ".[plot]"
+bench-scaling: install $(VENV)/.plot
 	for n in $$(seq 1 $(MAX_NP)); do \
 		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n python -m bench $(BENCH_MODEL) --threads 1 \
 			--json-out $(BENCH_OUT)/scaling-$(BENCH_NAME)-np$$n.json $(BENCH_ARGS) || exit 1; done

@@ -1,7 +1,9 @@
 """The benchmark, outside the mpitp package: run ``mpirun -n P python -m bench`` from a clone's root.
 
 ``__main__`` runs it; ``models`` builds the random-weight presets, ``timing`` times the model, ``ceilings``
-measures and predicts what bounds it, ``report`` prints and records it. ``memory.py`` is a separate script.
+measures and predicts what bounds it, ``record`` makes the JSON record of a run, ``report`` prints it,
+``environment`` says where it ran and how busy the machine was; ``summary``, ``plots`` and ``cluster`` make the
+tables and plots of several records. ``memory.py`` is a separate script.
 Every bench tool names its errors ``bench: error: ...``, usage errors included (``BenchParser``).
 """
 

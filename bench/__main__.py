@@ -17,21 +17,26 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.cli.runner import HelpFormatter, check_writable, disagree, failed_vote, run_command, say
+from mpitp.cli.runner import HelpFormatter, check_writable, disagree, failed_vote, replace_file, run_command, say
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
 from mpitp.sharding import shard_for
 from mpitp.resources import set_blas_threads
-from mpitp.weights import n_params, shard_bytes
+from mpitp.weights import shard_bytes
 
 from . import PROG, BenchParser
 from . import ceilings as ce
+from .cluster import print_cluster_table
+from .environment import environment, machine_state
 from .models import PRESETS, random_model
-from .report import (environment, find_warnings, format_batch, format_long, format_osu, format_report,
-                     format_table, format_warnings, machine_state, print_cluster_table, save_batch_plot, summarize)
-from .timing import (rss_bytes, CATEGORIES, batch_run, decode_breakdown, decode_run, long_run, mean_sd,
-                     measure_fixed_cost, prefill_breakdown, run_prefill)
+from .plots import save_batch_plot
+from .record import run_record, table_rows
+from .report import (find_warnings, format_batch, format_long, format_osu, format_report, format_table,
+                     format_warnings)
+from .summary import summarize
+from .timing import (batch_run, decode_breakdown, decode_run, long_run, measure_fixed_cost, prefill_breakdown,
+                     rss_bytes, run_prefill)
 
 
 def build_parser():
@@ -83,11 +88,24 @@ def main(argv=None):
 
 
 def _dispatch(args, comm, node_ranks):
-    if args.summarize:
-        return summarize(args.summarize, args.plot, args.batch_plot) if comm.Get_rank() == 0 else 0
-    if args.cluster_table:
-        return print_cluster_table(args.cluster_table) if comm.Get_rank() == 0 else 0
+    if args.summarize or args.cluster_table:
+        return _tables(args) if comm.Get_rank() == 0 else 0
     return _run(args, comm, node_ranks)
+
+
+def _tables(args):
+    """``--summarize`` and ``--cluster-table``: no benchmark, on rank 0; the plots' files checked first."""
+    if args.cluster_table:
+        return print_cluster_table(args.cluster_table)
+    check_outputs((("--plot", args.plot), ("--batch-plot", args.batch_plot)))
+    return summarize(args.summarize, args.plot, args.batch_plot)
+
+
+def check_outputs(options):
+    """``check_writable`` for each ``(option, path)`` given."""
+    for option, path in options:
+        if path is not None:
+            check_writable(path, f"{option} {path}".strip())
 
 
 PER_RANK = {"threads", "json_out", "batch_plot", "verbose", "plot", "model"}  # may differ (the model: by content)
@@ -103,9 +121,8 @@ def _validate(args, comm, tc, node_ranks):
                "give a smaller --roofline-mib", node_ranks)
     if args.long is not None and args.long < 10:
         raise MpitpError(f"--long must be >= 10 (its report is by tenth of the run), got {args.long}.")
-    for option, path in (("--json-out", args.json_out), ("--batch-plot", args.batch_plot)):
-        if path is not None and comm.Get_rank() == 0:  # rank 0 writes them
-            check_writable(path, f"{option} {path}".strip())
+    if comm.Get_rank() == 0:  # rank 0 writes them
+        check_outputs((("--json-out", args.json_out), ("--batch-plot", args.batch_plot)))
     args.batches = parse_batches(args.batch) if args.long is None else []
     if args.batches and (args.batch_prompt < 1 or args.batch_gen < 2 or args.batch_repeats < 1):
         raise MpitpError("--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2 (a decode step "
@@ -153,15 +170,17 @@ def parse_batches(text):
     return sorted(set(sizes))
 
 
-def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng):
+def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng, progress=None):
     """The batched generation test: per batch size, ``repeats`` runs of ``generate_batch`` on that many random
     prompts, each right after ``read_rate()`` (the DRAM read rate, bytes/s) was measured, against the ceiling
     at that rate and at the GEMM rate of that batch's products. One warm-up run at the smallest size first.
-    Returns the record's "batch" list (``ceilings.batch_record`` per size)."""
+    Returns the record's "batch" list (``ceilings.batch_record`` per size); ``progress(line)`` names each size."""
     n_kv = n_prompt + n_gen // 2  # positions each sequence's attention sees, on average over the decode steps
     flops = ce.decode_flops(model, n_kv)
     out = []
-    for b in sizes:
+    for i, b in enumerate(sizes):
+        if progress is not None:
+            progress(f"batch {b} ({i + 1} of {len(sizes)} sizes, {repeats} run(s) each)")
         prompts = [rng.integers(0, model.config.n_vocab, n_prompt) for _ in range(b)]  # the same on every rank
         if not out:
             batch_run(model, prompts, n_gen)
@@ -175,52 +194,66 @@ def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng):
     return out
 
 
-def breakdown_entry(records, per):
-    """The mean of instrumented runs (``timing.combine`` records), in ms per ``per`` tokens: each rank's split,
-    the critical path's compute, and which rank had the most compute (the one the report shows)."""
-    n = len(records[0]["ranks"])
-    per_rank = [{k: 1e3 * float(np.mean([r["ranks"][i][k] for r in records])) / per for k in records[0]["ranks"][i]}
-                for i in range(n)]
-    rank = max(range(n), key=lambda i: sum(per_rank[i][k] for k in ("blocks", "lm_head", "other")))
-    return {"categories": list(CATEGORIES), "rank": rank, "runs": len(records), "per_rank_ms": per_rank,
-            "critical_compute_ms": 1e3 * float(np.mean([r["critical_s"] for r in records])) / per}
+class Screen:
+    """Rank 0's output while the bench runs: each section of the report on stdout as soon as it is known, flushed
+    (through the launcher's pipe stdout is block-buffered: the whole report would come at the end), and a
+    progress line on stderr before each slow phase. The other ranks print nothing."""
 
+    def __init__(self, rank):
+        self.rank, self.blank = rank, ""
 
-def projection(cfg, size, itemsize, link, decode_records, n_gen, tg):
-    """The record's "projection": each timed repeat's decode time projected (``ceilings.project_decode``) from
-    the compute of the instrumented run right before it and the link measured in this run, against its
-    measurement."""
-    calls = decode_records[0]["calls"] / n_gen
-    choices = (decode_records[0]["collectives"] - decode_records[0]["calls"]) / (2 * n_gen)
-    wire = ce.ring_wire_bytes(ce.allreduce_payload_bytes(cfg, 1, itemsize), size)
-    compute = [r["critical_s"] / n_gen for r in decode_records]
-    costs = (calls, link["allreduce_s"], choices, link["gather_bcast_s"], link["back_to_back_s"])
-    projected = [ce.project_decode(c, *costs) for c in compute]
-    tokens_per_s = float(np.mean([1 / s for s, _ in projected]))
-    measured = float(np.mean(tg))
-    latency = float(np.mean(compute)) + calls * link["allreduce_s"] + choices * link["gather_bcast_s"]
-    bound = ce.project_decode(float(np.mean(compute)), *costs)[1]  # of the mean compute
-    in_situ = float(np.mean([np.mean([r["allreduce"] for r in d["ranks"]]) for d in decode_records])) / n_gen
-    return {"compute_ms_per_token": 1e3 * float(np.mean(compute)), "allreduce_calls_per_token": calls,
-            "allreduce_us": 1e6 * link["allreduce_s"], "allreduce_ms_per_token": 1e3 * calls * link["allreduce_s"],
-            "choices_per_token": choices, "gather_bcast_us": 1e6 * link["gather_bcast_s"],
-            "latency_ms_per_token": 1e3 * latency,
-            "link_sustained_MBps": link["sustained_Bps"] / 1e6 if link["sustained_Bps"] else None,
-            "wire_bytes_per_token": wire, "back_to_back_us": 1e6 * link["back_to_back_s"],
-            "link_ms_per_token": 1e3 * (calls * link["back_to_back_s"] + choices * link["gather_bcast_s"]),
-            "bound": bound, "allreduce_model_ms_per_token": 1e3 * calls * (
-                link["back_to_back_s"] if bound == "link rate" else link["allreduce_s"]),
-            "tokens_per_s": tokens_per_s, "tokens_per_s_per_repeat": [1 / s for s, _ in projected],
-            "measured_tokens_per_s": measured, "error_percent": 100 * (tokens_per_s - measured) / measured,
-            "allreduce_in_situ_ms_per_token": 1e3 * in_situ, "link": link}
+    def show(self, *sections):
+        text = "\n\n".join(s for s in sections if s)
+        if self.rank == 0 and text:
+            print(self.blank + text, flush=True)
+            self.blank = "\n"  # sections apart by one empty line
+
+    def progress(self, line):
+        if self.rank == 0:
+            say(f"{PROG}: {line} ...")
 
 
 def _run(args, comm, node_ranks):
-    rank, size = comm.Get_rank(), comm.Get_size()
     start = machine_state()  # load average and CPU time counters: how busy the machine was during the run
     rss_start = rss_bytes()  # the interpreter, NumPy and MPI, before any model memory
+    ready = _prepare(args, comm, node_ranks)
+    if isinstance(ready, int):
+        return ready
+    model, name, threads = ready
+    screen, rng = Screen(comm.Get_rank()), np.random.default_rng(0)
+    if args.long:
+        screen.progress(f"generating {args.long} tokens in one sequence")
+        rec = long_run(model, args.long)
+        rec.update(model=name, ranks=comm.Get_size(), threads=threads, dtype=np.dtype(model.dtype).name,
+                   environment=environment(comm, threads, start))
+        rec["warnings"] = find_warnings(rec)
+        screen.show(format_long(rec), format_warnings(rec["warnings"]))
+        return _output(args, comm, rec, screen)
+    before = _before_timed(args, comm, model, rss_start, rng, screen)
+    probe = ce.BandwidthProbe(comm, model.dtype, args.roofline_mib << 20)  # after the memory was measured
+    rec = run_record(args, comm, model, name, threads, dict(before, **_timed(args, comm, model, probe, rng, screen)))
+    screen.show(format_table(table_rows(rec)), format_report(rec))
+    rec["batch"] = batch_test(model, args.batches, args.batch_prompt, args.batch_gen, args.batch_repeats,
+                              probe.measure, rng, screen.progress)
+    probe = None  # its matrix is freed before the rest is measured
+    screen.show(format_batch(rec) if rec["batch"] else "")
+    if args.osu:
+        screen.progress("Allreduce latency (OSU-style)")
+        message = model.config.n_embd * np.dtype(model.dtype).itemsize  # a decode token's; a prefill's: n_prompt x
+        sizes = sorted({4 << i for i in range(0, 21, 2)} | {message, args.n_prompt * message})
+        rec["allreduce_latency_us"] = ce.allreduce_latency(comm, sizes, model.dtype)
+        screen.show(format_osu(rec["allreduce_latency_us"], model.dtype))
+    rec["environment"] = environment(comm, threads, start)
+    rec["warnings"] = find_warnings(rec)
+    screen.show(format_warnings(rec["warnings"]))
+    return _output(args, comm, rec, screen)
+
+
+def _prepare(args, comm, node_ranks):
+    """Validation, the vote on it and the ranks' agreement, the BLAS threads, the model (built if a preset):
+    ``(model, name, threads)``, or the exit status when the run must not go on."""
     tc = TimedComm(comm)  # the model runs on it: its Allreduce calls are timed and counted
-    error = None
+    error = model = None
     try:
         model, config, name = _validate(args, comm, tc, node_ranks)
     except MpitpError as e:
@@ -231,133 +264,73 @@ def _run(args, comm, node_ranks):
     if disagree(comm, facts + ([(FINGERPRINTED, model.fingerprint)] if model is not None else []), PROG):
         return 2
     threads, warning = set_blas_threads(args.threads, node_ranks)
-    if warning and rank == 0:
+    if warning and comm.Get_rank() == 0:
         say(f"{PROG}: {warning}")
     if model is None:
         model = random_model(config, tc, DTYPES[args.dtype])
-    cfg, itemsize = model.config, np.dtype(model.dtype).itemsize
-    rng = np.random.default_rng(0)
-    if args.long:
-        rec = long_run(model, args.long)
-        rec.update(model=name, ranks=size, threads=threads, dtype=np.dtype(model.dtype).name,
-                   environment=environment(comm, threads, start))
-        rec["warnings"] = find_warnings(rec)
-        text = "\n\n".join(filter(None, [format_long(rec), format_warnings(rec["warnings"])]))
-        return _output(args, rank, rec, text)
+    return model, name, threads
 
-    # Warm-up (a whole decode run: its cache is the largest), then one instrumented prefill (its breakdown).
+
+def _before_timed(args, comm, model, rss_start, rng, screen):
+    """What the record needs from before the timed tests: a warm-up (a whole decode run: its cache is the largest),
+    one instrumented prefill (its breakdown), each rank's memory and weights, the link between the ranks and the
+    fixed cost of a token."""
+    screen.progress("warm-up, an instrumented prefill, the link between the ranks and the fixed cost")
     run_prefill(model, args.n_prompt, 1, rng)
     decode_run(model, args.n_gen)
     prefill_bd = prefill_breakdown(model, args.n_prompt)
-
-    # Memory: the peak so far covers loading, the caches and the activations of both tests (measured before
-    # the bandwidth probe's array exists: that is the bench's instrument, not the model's memory).
+    # Memory: the peak so far covers loading, the caches and the activations of both tests (measured before the
+    # bandwidth probe's array and the fixed cost's model exist: those are the bench's instruments, not the model).
     kv_bytes = model.cache_bytes(max(args.n_prompt, args.n_gen + 1))
     memory = {"rss_start_bytes": rss_start, "peak_rss_bytes": rss_bytes("VmHWM"), "weight_bytes": model.weight_bytes,
               "kv_cache_bytes": kv_bytes}
     memory["peak_growth_over_weights_and_cache"] = (
         (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
-    weights = comm.allgather(model.weight_bytes)
+    cfg = model.config
     # The link between the ranks: its sustained rate, and a decode token's collectives on it when idle.
-    link = ce.measure_link(comm, model.dtype, cfg.n_embd * itemsize, ce.allreduce_calls(cfg))
+    link = ce.measure_link(comm, model.dtype, cfg.n_embd * np.dtype(model.dtype).itemsize, ce.allreduce_calls(cfg))
+    return {"prefill_bd": prefill_bd, "memory": comm.allgather(memory), "weights": comm.allgather(model.weight_bytes),
+            "link": link, "fixed_s": measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)}
 
-    # The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same
-    # ranks and threads, and is compared with that ceiling; each decode repeat also right after an
-    # instrumented decode run (the breakdown, the wait apart from the collectives, the projection's compute).
-    probe = ce.BandwidthProbe(comm, model.dtype, args.roofline_mib << 20)
-    pp_bw, pp_gemm, tg_bw, tg, products, decode_bds = [], [], [], [], [], []
 
-    def before_prefill():  # its two ceilings: the DRAM rate and the GEMM rate of its own products
-        pp_bw.append(probe.measure())
-        pp_gemm.append(ce.measure_gemm_rate(model, args.n_prompt, n_kv=args.n_prompt))
+def _timed(args, comm, model, probe, rng, screen):
+    """The timed tests. Each repeat runs right after a measurement of the DRAM read bandwidth on the same ranks and
+    threads (``probe``), and is compared with that ceiling; each prefill also right after the GEMM rate of its own
+    products, each decode repeat right after an instrumented decode run (the breakdown, the wait apart from the
+    collectives, the projection's compute) and the decode products alone."""
+    screen.progress(f"pp{args.n_prompt} and tg{args.n_gen}, {args.repeats} repeats each, every one after its "
+                    f"ceilings were measured")
+    t = {k: [] for k in ("pp_bw", "pp_gemm", "tg_bw", "tg", "products", "decode_bds")}
 
-    pp = run_prefill(model, args.n_prompt, args.repeats, rng, before=before_prefill)
+    def before_prefill():
+        t["pp_bw"].append(probe.measure())
+        t["pp_gemm"].append(ce.measure_gemm_rate(model, args.n_prompt, n_kv=args.n_prompt))
+
+    t["pp"] = run_prefill(model, args.n_prompt, args.repeats, rng, before=before_prefill)
     for _ in range(args.repeats):
-        tg_bw.append(probe.measure())
-        products.append(ce.measure_decode_products(model))
-        decode_bds.append(decode_breakdown(model, args.n_gen))
-        tg.append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
-    batch = batch_test(model, args.batches, args.batch_prompt, args.batch_gen, args.batch_repeats, probe.measure,
-                       rng)
-    probe = None  # its matrix is freed before the rest is measured
-    fixed_s = measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)
-    read_bytes = ce.decode_read_bytes(model, n_kv=1 + args.n_gen // 2)
-    # The LM head of the last position is a matrix-vector product: the roofline counts it as a read, not as flops.
-    flops_per_token = ce.prefill_product_flops(model, args.n_prompt) / args.n_prompt
-    head_bytes = model.weights.W_vocab.nbytes
-    pp_mean, pp_sd = mean_sd(pp)
-    tg_mean, tg_sd = mean_sd(tg)
-    matrix_bytes = sum(m.nbytes for m in ce.decode_matrices(model))
-    decode_entry = breakdown_entry(decode_bds, args.n_gen)
-    breakdown = {k: decode_entry["per_rank_ms"][decode_entry["rank"]][k] for k in CATEGORIES}
-    prefill_entry = breakdown_entry([prefill_bd], 1)
-    total_ms = sum(breakdown.values())
-    overhead_ms = breakdown["allreduce"] + breakdown["gather_bcast"] + breakdown["other"]
-    predicted = ce.allreduce_payload_bytes(cfg, 1, itemsize)
-    calls, nbytes = decode_bds[0]["calls"], decode_bds[0]["bytes"]
-    rec = {
-        "model": name, "params": n_params(cfg), "dtype": np.dtype(model.dtype).name, "ranks": size,
-        "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repeats": args.repeats,
-        "tests": [{"test": f"pp{args.n_prompt}", "tokens_per_s": pp, "mean": pp_mean, "sd": pp_sd},
-                  {"test": f"tg{args.n_gen}", "tokens_per_s": tg, "mean": tg_mean, "sd": tg_sd}],
-        "decode_breakdown_ms": breakdown, "decode_breakdown": decode_entry,
-        "prefill_breakdown_ms": {k: prefill_entry["per_rank_ms"][prefill_entry["rank"]][k] for k in CATEGORIES},
-        "prefill_breakdown": prefill_entry,
-        "weights": {"bytes_per_rank": weights, "imbalance": ce.imbalance(weights)},
-        "lm_head": {"n_vocab_local": model.shard.n_vocab_local, "bytes_per_rank": head_bytes,
-                    "ms_per_decode_token": breakdown["lm_head"]},
-        "allreduce": {"calls_per_token": ce.allreduce_calls(cfg), "measured_calls_per_token": calls / args.n_gen,
-                      "measured_bytes_per_token": nbytes / args.n_gen, "predicted_bytes_per_token": predicted,
-                      "ring_wire_bytes_per_token": ce.ring_wire_bytes(predicted, size)},
-        "decode_products": {"ms_per_token": 1e3 * float(np.mean(products)),
-                            "GBps": float(np.mean([matrix_bytes / p for p in products])) / 1e9,
-                            "percent_of_read_bandwidth": 100 * float(np.mean([matrix_bytes / p / bw for p, bw in
-                                                                               zip(products, tg_bw)])),
-                            "forward_percent_of_products": 100 * float(np.mean([t * p for t, p in
-                                                                                zip(tg, products)]))},
-        "decode_overhead": {"ms_per_token": overhead_ms, "percent": 100 * overhead_ms / total_ms,
-                            "fixed_cost_ms_per_token": 1e3 * fixed_s,
-                            "fixed_cost_percent": 100 * 1e3 * fixed_s / total_ms},
-        "roofline": ce.roofline(tg, tg_bw, read_bytes, pp, pp_bw, args.n_prompt, flops_per_token, pp_gemm,
-                                head_bytes),
-        "projection": projection(cfg, size, itemsize, link, decode_bds, args.n_gen, tg),
-        "batch": batch,
-        "memory_per_rank": comm.allgather(memory),
-    }
-    if args.osu:
-        message = cfg.n_embd * itemsize  # a decode token's Allreduce; a prefill's is n_prompt times larger
-        sizes = sorted({4 << i for i in range(0, 21, 2)} | {message, args.n_prompt * message})
-        rec["allreduce_latency_us"] = ce.allreduce_latency(comm, sizes, model.dtype)
-    rec["environment"] = environment(comm, threads, start)
-    rec["warnings"] = find_warnings(rec)
-    rows = [dict(model=name, params=n_params(cfg), dtype=rec["dtype"], ranks=size,
-                 threads=threads if threads is not None else "?", test=t["test"], mean=t["mean"], sd=t["sd"])
-            for t in rec["tests"]]
-    text = format_table(rows) + "\n\n" + format_report(rec)
-    if batch:
-        text += "\n\n" + format_batch(rec)
-    if args.osu:
-        text += "\n\n" + format_osu(rec["allreduce_latency_us"], model.dtype)
-    if rec["warnings"]:
-        text += "\n\n" + format_warnings(rec["warnings"])
-    return _output(args, rank, rec, text)
+        t["tg_bw"].append(probe.measure())
+        t["products"].append(ce.measure_decode_products(model))
+        t["decode_bds"].append(decode_breakdown(model, args.n_gen))
+        t["tg"].append(args.n_gen / mpi.max_over_ranks(comm, decode_run(model, args.n_gen)))
+    return t
 
 
-def _output(args, rank, rec, text):
-    """Print ``text`` and write the JSON record, on rank 0."""
-    if rank == 0:
-        print(text)
-        if args.json_out:  # whole or not at all: a temporary file, renamed
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-            with open(f"{args.json_out}.tmp-{os.getpid()}", "w") as f:
-                json.dump(rec, f, indent=1)
-            os.replace(f.name, args.json_out)
-            print(f"\nJSON record: {args.json_out}")
-        if args.batch_plot:
-            os.makedirs(os.path.dirname(os.path.abspath(args.batch_plot)), exist_ok=True)
-            print(("" if args.json_out else "\n") + save_batch_plot([rec], args.batch_plot))
-        sys.stdout.flush()
-    return 0
+def _output(args, comm, rec, screen):
+    """Write the JSON record and the batch plot on rank 0, each whole or not at all, and say where; a file that
+    cannot be written is one line and status 2 on every rank."""
+    error, lines = None, []
+    if comm.Get_rank() == 0:
+        try:
+            if args.json_out:
+                replace_file(args.json_out, lambda f: f.write(json.dumps(rec, indent=1).encode()),
+                             f"--json-out {args.json_out}")
+                lines.append(f"JSON record: {args.json_out}")
+            if args.batch_plot:
+                lines.append(save_batch_plot([rec], args.batch_plot))
+        except MpitpError as e:
+            error = e
+    screen.show("\n".join(lines))
+    return failed_vote(comm, error, PROG) or 0
 
 
 if __name__ == "__main__":

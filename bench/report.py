@@ -1,22 +1,9 @@
-"""What the bench prints and records: the llama-bench style table, the report lines under it, the batch tables,
-the OSU table, the warnings, the JSON record's environment entry (with how busy the machine was), for
-``--summarize`` the scaling, ceiling, weights and batch tables of several JSON records, with optional plots, and
-for ``--cluster-table`` decode against the link rate. Nothing here measures, but for the load average and CPU
-time counters the environment reads. Sizes print in decimal units (kB, MB, GB/s), like the rates.
+"""One run's report: the llama-bench style table, the report lines under it, the batch tables, the OSU table, the
+``--long`` report, and the warnings (why a figure may not mean what it says). Nothing here measures. Sizes print
+in decimal units (kB, MB, GB/s), like the rates. The tables of several records are in ``summary`` and ``cluster``.
 """
 
-import datetime
-import json
-import os
-import platform
-import socket
-import subprocess
-
 import numpy as np
-
-from mpitp import __version__
-from mpitp import comm as mpi
-from mpitp.errors import MpitpError, read_regular
 
 
 def format_table(rows):
@@ -83,54 +70,76 @@ def format_projection(pj):
 
 
 def format_report(rec):
-    """Everything after the table: breakdown, weights, Allreduce, overhead, products, roofline, projection,
-    memory, warnings."""
+    """Everything after the table: breakdown, weights, LM head, Allreduce, overhead, products, roofline, projection,
+    memory."""
     out = [format_breakdown("decode, per token", rec["decode_breakdown"]),
-           format_breakdown("prefill, per prompt", rec["prefill_breakdown"]), format_weights(rec["weights"])]
-    hd = rec["lm_head"]
-    out.append(f"LM head (vocab-parallel, rank 0): {hd['n_vocab_local']} vocabulary columns and "
-               f"{hd['bytes_per_rank'] / 1e6:.3g} MB, {hd['ms_per_decode_token']:.3f} ms per decode token")
-    ar = rec["allreduce"]
-    out.append(f"Allreduce per decode token: {ar['measured_calls_per_token']:g} calls measured, "
-               f"{ar['calls_per_token']} predicted (2 x n_layer + 1); {ar['measured_bytes_per_token']:g} B payload "
-               f"measured, {ar['predicted_bytes_per_token']} B predicted (calls x n_embd x itemsize); "
-               f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
-    ov = rec["decode_overhead"]
-    out.append(f"decode overhead (collectives + other: embedding, choosing the token, Python; not the wait): "
-               f"{ov['ms_per_token']:.3f} ms = {ov['percent']:.1f}% of a token; the same forward at width 4 x heads, "
-               f"every weight in cache, takes {ov['fixed_cost_ms_per_token']:.3f} ms per token = "
-               f"{ov['fixed_cost_percent']:.1f}% (the floor that Python, NumPy calls and collective latency set)")
-    dp = rec["decode_products"]
-    out.append(f"decode products alone (this rank's W_QKV, W_B, W_C, W_D of every block and its LM head, back to "
-               f"back): {dp['ms_per_token']:.3f} ms per token = {dp['GBps']:.1f} GB/s = "
-               f"{percent(dp['percent_of_read_bandwidth'])} of the DRAM read rate below; the whole generation step "
-               f"runs at {percent(dp['forward_percent_of_products'])} of their speed")
-    rf = rec["roofline"]
-    bws = rf["read_bandwidth_GBps_per_repeat"]["tg"]
-    out.append(f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
-               f"once; {min(bws):.1f}-{max(bws):.1f} measured before each repeat) / "
-               f"{rf['decode_bytes_per_token'] / 1e6:.1f} MB read per token per rank = "
-               f"{rf['decode_bound_tokens_per_s']:.1f} tok/s; measured {rf['decode_tokens_per_s']:.1f} = "
-               f"{percent(rf['decode_percent'])} (mean over repeats of each against its own ceiling)")
-    gemms = rf.get("gemm_GFps_per_repeat") or [rf["gemm_GFps"]]
-    out.append(f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank ({min(gemms):.1f}-{max(gemms):.1f} "
-               f"measured before each repeat, all ranks at once) on this model's products at the prompt's shapes "
-               f"(block matrices and attention) for {rf['prefill_flops_per_token'] / 1e6:.2f} MFLOP "
-               f"per token per rank, plus {1e3 * rf['prefill_lm_head_read_seconds']:.2f} ms to read the LM head "
-               f"once = {rf['prefill_bound_tokens_per_s']:.1f} tok/s; measured {rf['prefill_tokens_per_s']:.1f} = "
-               f"{percent(rf['prefill_percent'])}")
+           format_breakdown("prefill, per prompt", rec["prefill_breakdown"]), format_weights(rec["weights"]),
+           format_lm_head(rec["lm_head"]), format_allreduce(rec["allreduce"]), format_overhead(rec["decode_overhead"]),
+           format_products(rec["decode_products"]), format_roofline(rec["roofline"])]
     if rec.get("projection"):
         out.append(format_projection(rec["projection"]))
     mems = rec.get("memory_per_rank") or []
     if mems and mems[0]["peak_rss_bytes"]:
-        worst = max(mems, key=lambda m: m["peak_growth_over_weights_and_cache"])
-        growth = worst["peak_rss_bytes"] - worst["rss_start_bytes"]
-        out.append(f"memory per rank (worst rank): weights {worst['weight_bytes'] / 1e6:.1f} MB + KV cache "
-                   f"{worst['kv_cache_bytes'] / 1e6:.1f} MB; peak RSS {worst['peak_rss_bytes'] / 1e6:.1f} MB, "
-                   f"of which {worst['rss_start_bytes'] / 1e6:.1f} MB before loading (Python, NumPy, MPI); "
-                   f"growth {growth / 1e6:.1f} MB = {worst['peak_growth_over_weights_and_cache']:.2f} x "
-                   f"(weights + cache)")
+        out.append(format_memory(mems))
     return "\n".join(out)
+
+
+def format_lm_head(hd):
+    """The record's "lm_head" entry: rank 0's share of the vocabulary and its time per decode token."""
+    return (f"LM head (vocab-parallel, rank 0): {hd['n_vocab_local']} vocabulary columns and "
+            f"{hd['bytes_per_rank'] / 1e6:.3g} MB, {hd['ms_per_decode_token']:.3f} ms per decode token")
+
+
+def format_allreduce(ar):
+    """The record's "allreduce" entry: calls and bytes per decode token, measured against predicted."""
+    return (f"Allreduce per decode token: {ar['measured_calls_per_token']:g} calls measured, "
+            f"{ar['calls_per_token']} predicted (2 x n_layer + 1); {ar['measured_bytes_per_token']:g} B payload "
+            f"measured, {ar['predicted_bytes_per_token']} B predicted (calls x n_embd x itemsize); "
+            f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
+
+
+def format_overhead(ov):
+    """The record's "decode_overhead" entry: what is not the model's products, and the floor a tiny model sets."""
+    return (f"decode overhead (collectives + other: embedding, choosing the token, Python; not the wait): "
+            f"{ov['ms_per_token']:.3f} ms = {ov['percent']:.1f}% of a token; the same forward at width 4 x heads, "
+            f"every weight in cache, takes {ov['fixed_cost_ms_per_token']:.3f} ms per token = "
+            f"{ov['fixed_cost_percent']:.1f}% (the floor that Python, NumPy calls and collective latency set)")
+
+
+def format_products(dp):
+    """The record's "decode_products" entry: decode's matrix products alone against the DRAM read rate."""
+    return (f"decode products alone (this rank's W_QKV, W_B, W_C, W_D of every block and its LM head, back to "
+            f"back): {dp['ms_per_token']:.3f} ms per token = {dp['GBps']:.1f} GB/s = "
+            f"{percent(dp['percent_of_read_bandwidth'])} of the DRAM read rate below; the whole generation step "
+            f"runs at {percent(dp['forward_percent_of_products'])} of their speed")
+
+
+def format_roofline(rf):
+    """The record's "roofline" entry: decode against the DRAM read rate, prefill against the GEMM rate."""
+    bws = rf["read_bandwidth_GBps_per_repeat"]["tg"]
+    gemms = rf.get("gemm_GFps_per_repeat") or [rf["gemm_GFps"]]
+    return (f"roofline, decode: DRAM read {rf['read_bandwidth_GBps']:.1f} GB/s per rank (all ranks reading at "
+            f"once; {min(bws):.1f}-{max(bws):.1f} measured before each repeat) / "
+            f"{rf['decode_bytes_per_token'] / 1e6:.1f} MB read per token per rank = "
+            f"{rf['decode_bound_tokens_per_s']:.1f} tok/s; measured {rf['decode_tokens_per_s']:.1f} = "
+            f"{percent(rf['decode_percent'])} (mean over repeats of each against its own ceiling)\n"
+            f"roofline, prefill: GEMM {rf['gemm_GFps']:.1f} GFLOP/s per rank ({min(gemms):.1f}-{max(gemms):.1f} "
+            f"measured before each repeat, all ranks at once) on this model's products at the prompt's shapes "
+            f"(block matrices and attention) for {rf['prefill_flops_per_token'] / 1e6:.2f} MFLOP "
+            f"per token per rank, plus {1e3 * rf['prefill_lm_head_read_seconds']:.2f} ms to read the LM head "
+            f"once = {rf['prefill_bound_tokens_per_s']:.1f} tok/s; measured {rf['prefill_tokens_per_s']:.1f} = "
+            f"{percent(rf['prefill_percent'])}")
+
+
+def format_memory(mems):
+    """The record's "memory_per_rank", of the rank whose peak grew most against its weights and cache."""
+    worst = max(mems, key=lambda m: m["peak_growth_over_weights_and_cache"])
+    growth = worst["peak_rss_bytes"] - worst["rss_start_bytes"]
+    return (f"memory per rank (worst rank): weights {worst['weight_bytes'] / 1e6:.1f} MB + KV cache "
+            f"{worst['kv_cache_bytes'] / 1e6:.1f} MB; peak RSS {worst['peak_rss_bytes'] / 1e6:.1f} MB, "
+            f"of which {worst['rss_start_bytes'] / 1e6:.1f} MB before loading (Python, NumPy, MPI); "
+            f"growth {growth / 1e6:.1f} MB = {worst['peak_growth_over_weights_and_cache']:.2f} x "
+            f"(weights + cache)")
 
 
 def format_warnings(warnings):
@@ -189,7 +198,7 @@ def find_warnings(rec):
     return out
 
 
-def _markdown(head, rows, left=()):
+def markdown(head, rows, left=()):
     """A markdown table of strings, columns padded to their widest cell, right-aligned but for ``left``."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
 
@@ -208,7 +217,7 @@ def batched_bench_table(batch):
     rows = [[str(r["n_prompt"]), str(r["n_gen"]), str(r["batch"]), str(r["n_kv"]), f"{r['prefill_seconds']:.3f}",
              f"{r['prefill_tokens_per_s']:.2f}", f"{r['decode_seconds']:.3f}", f"{r['decode_tokens_per_s']:.2f}",
              f"{r['total_seconds']:.3f}", f"{r['total_tokens_per_s']:.2f}"] for r in batch]
-    return _markdown(head, rows)
+    return markdown(head, rows)
 
 
 def batch_ceiling_table(batch):
@@ -221,7 +230,7 @@ def batch_ceiling_table(batch):
              f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", f"{r['read_bytes_per_step'] / 1e6:.2f}",
              f"{r['flops_per_step'] / 1e6:.1f}", f"{np.mean(r['read_bandwidth_GBps']):.1f}", f"{r['gemm_GFps']:.1f}",
              f"{r['ceiling_tokens_per_s']:.2f}", r["bound"], percent(r["percent_of_ceiling"])] for r in batch]
-    return _markdown(head, rows, left={9})
+    return markdown(head, rows, left={9})
 
 
 def format_batch(rec):
@@ -257,304 +266,3 @@ def format_osu(rows, dtype):
     lines += [f"{size:<12} {lat:>16.2f}" for size, lat in rows]
     return "\n".join(lines)
 
-
-def scaling_table(records):
-    """Speedup and efficiency of pp and tg against the fewest-ranks record, as a markdown table."""
-    records = sorted(records, key=lambda r: r["ranks"])
-    base = records[0]
-    tests = [t["test"] for t in base["tests"]]
-    head = ["ranks"] + [f"{t} {col}" for t in tests for col in ("t/s", "speedup", "efficiency")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
-    for r in records:
-        cells = [str(r["ranks"])]
-        for i, _ in enumerate(tests):
-            speedup = r["tests"][i]["mean"] / base["tests"][i]["mean"]
-            cells += [f"{r['tests'][i]['mean']:.2f}", f"{speedup:.2f}x",
-                      f"{100 * speedup * base['ranks'] / r['ranks']:.0f}%"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def ceiling_table(records):
-    """Decode tokens/s per rank count against its two ceilings and the speedup each allows, as markdown:
-    the DRAM read rate (bytes per token / bandwidth) and the matrix products alone (no other work)."""
-    rows = [(r["ranks"], r["tests"][1]["mean"], r["roofline"]["decode_bound_tokens_per_s"],
-             1e3 / r["decode_products"]["ms_per_token"]) for r in sorted(records, key=lambda r: r["ranks"])]
-    base = rows[0]
-    lines = ["| ranks | tg t/s | speedup | DRAM-bound t/s | its speedup | products-only t/s | its speedup |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, tg, dram, products in rows:
-        lines.append(f"| {n} | {tg:.2f} | {tg / base[1]:.2f}x | {dram:.2f} | {dram / base[2]:.2f}x | "
-                     f"{products:.2f} | {products / base[3]:.2f}x |")
-    return "\n".join(lines)
-
-
-def weights_table(records):
-    """Each rank's weights and their imbalance per rank count, as markdown."""
-    lines = ["| ranks | MB per rank | imbalance (max/mean) |", "|---:|---:|---:|"]
-    for r in sorted(records, key=lambda r: r["ranks"]):
-        mb = ", ".join(f"{b / 1e6:.3g}" for b in r["weights"]["bytes_per_rank"])
-        lines.append(f"| {r['ranks']} | {mb} | {r['weights']['imbalance']:.2f} |")
-    return "\n".join(lines)
-
-
-def scaling_ceilings(rec, i):
-    """``(label, tokens/s)`` of the ceilings of test ``i`` (0: pp, 1: tg) in a record that has them."""
-    rf = rec.get("roofline")
-    if rf is None:
-        return []
-    if i == 0:
-        return [("prefill roofline (GEMM + LM head read)", rf["prefill_bound_tokens_per_s"])]
-    return [("DRAM roofline", rf["decode_bound_tokens_per_s"]),
-            ("products alone", 1e3 / rec["decode_products"]["ms_per_token"])]
-
-
-def plot_scaling(records, path):
-    """Save tokens/s against ranks (``scaling_figure``) as a PNG; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig = scaling_figure(records, plt)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def scaling_figure(records, plt):
-    """tokens/s against ranks, pp and tg side by side: measured, the ideal line and each rank count's
-    ceilings (``scaling_ceilings``), every y axis from 0."""
-    records = sorted(records, key=lambda r: r["ranks"])
-    ranks = [r["ranks"] for r in records]
-    fig, axes = plt.subplots(1, len(records[0]["tests"]), figsize=(10, 4))
-    for i, ax in enumerate(np.atleast_1d(axes)):
-        means = [r["tests"][i]["mean"] for r in records]
-        sds = [r["tests"][i]["sd"] for r in records]
-        ax.errorbar(ranks, means, yerr=sds, marker="o", label="measured")
-        ax.plot(ranks, [means[0] * n / ranks[0] for n in ranks], "--", color="gray", label="ideal")
-        if all(scaling_ceilings(r, i) for r in records):
-            for k, (label, _) in enumerate(scaling_ceilings(records[0], i)):
-                ax.plot(ranks, [scaling_ceilings(r, i)[k][1] for r in records], ":", marker="_",
-                        label=f"ceiling: {label}")
-        ax.set(title=f"{records[0]['model']}: {records[0]['tests'][i]['test']}", xlabel="ranks",
-               ylabel="tokens/s", xticks=ranks)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
-def plot_batch(records, path):
-    """Save aggregate decode tokens/s and its ceiling against batch size (one line pair per record) as a PNG,
-    y from 0; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rec in records:
-        b = rec["batch"]
-        sizes = [r["batch"] for r in b]
-        label = f"{rec['ranks']} rank{'s' if rec['ranks'] > 1 else ''}"
-        line, = ax.plot(sizes, [r["decode_tokens_per_s"] for r in b], marker="o", label=f"{label}: measured")
-        ax.plot(sizes, [r["ceiling_tokens_per_s"] for r in b], "--", color=line.get_color(),
-                label=f"{label}: ceiling (GEMM or DRAM)")
-    sizes = sorted({r["batch"] for rec in records for r in rec["batch"]})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_ylim(bottom=0)
-    first = records[0]["batch"][0]
-    ax.set(title=f"{records[0]['model']}: batched decode, pp{first['n_prompt']} tg{first['n_gen']}",
-           xlabel="batch size (sequences)", ylabel="aggregate decode tokens/s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def save_batch_plot(records, path):
-    """``--batch-plot``: the plot of the records that have a batch test, and one line saying what happened."""
-    records = [r for r in records if r.get("batch")]
-    if not records:
-        return "batch plot: skipped (no batch test in the record: it ran with --batch none or --long)"
-    return (f"batch plot: {path}" if plot_batch(records, path) else
-            "batch plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
-
-
-def read_records(paths):
-    """The bench's JSON records in ``paths``; a file that is not one is an ``MpitpError`` naming it."""
-    records = []
-    for p in paths:
-        try:
-            record = json.loads(read_regular(p))
-        except (ValueError, RecursionError) as e:
-            raise MpitpError(f"{p}: not a JSON record of the bench ({type(e).__name__}).") from None
-        if not isinstance(record, dict) or "tests" not in record:
-            raise MpitpError(f"{p}: not a JSON record of the bench (written by python -m bench --json-out).")
-        records.append(record)
-    return records
-
-
-def summarize(paths, plot=None, batch_plot=None):
-    """``--summarize``: print the scaling table of several JSON records (and save the plots)."""
-    records = read_records(paths)
-    print(f"# scaling: {records[0]['model']}, {records[0]['dtype']}, threads per rank "
-          f"{sorted({r['threads'] for r in records}, key=str)}")
-    print(scaling_table(records))
-    if all("decode_products" in r for r in records):
-        print("\n# decode against its ceilings: DRAM read rate per rank (all ranks reading at once) and the matrix "
-              "products alone")
-        print(ceiling_table(records))
-    if all("weights" in r for r in records):
-        print("\n# weights each rank holds")
-        print(weights_table(records))
-    for r in sorted((r for r in records if r.get("batch")), key=lambda r: r["ranks"]):
-        print(f"\n# batched decode against its ceiling, {r['ranks']} rank{'s' if r['ranks'] > 1 else ''}")
-        print(batch_ceiling_table(r["batch"]))
-    if plot:
-        print(f"plot: {plot}" if plot_scaling(records, plot) else
-              "plot: skipped (matplotlib is not installed: pip install 'mpitp[plot]')")
-    if batch_plot:
-        print(save_batch_plot(records, batch_plot))
-    return 0
-
-
-def link_label(rec):
-    """The link a record ran over: the rate scripts/cluster.sh set with tc (MPITP_CLUSTER_RATE), else its hosts."""
-    env = rec["environment"]
-    if env.get("cluster_rate"):
-        return env["cluster_rate"]
-    return f"{len(env['hosts'])} host{'s' if len(env['hosts']) > 1 else ''}"
-
-
-def cluster_table(records):
-    """Decode against the link, one row per record (``--cluster-table``): measured and projected tokens/s and
-    the error, then per token the compute on the critical path, the Allreduce calls alone (in the instrumented
-    runs, and as the projection charges them: at their idle-link cost, or back to back when the link binds),
-    the most any rank waited for the slowest, and the link's sustained rate per rank."""
-    head = ["link", "pp t/s", "tg t/s", "projected t/s", "error", "compute ms/tok", "Allreduce ms/tok",
-            "modelled ms/tok", "wait ms/tok", "link MB/s", "bound"]
-    rows = []
-    for rec in records:
-        pj, pp, tg = rec["projection"], rec["tests"][0], rec["tests"][1]
-        wait = max(r["wait"] for r in rec["decode_breakdown"]["per_rank_ms"])
-        rows.append([link_label(rec), f"{pp['mean']:.1f}", f"{tg['mean']:.2f} ± {tg['sd']:.2f}",
-                     f"{pj['tokens_per_s']:.2f}", f"{pj['error_percent']:+.1f}%", f"{pj['compute_ms_per_token']:.3f}",
-                     f"{pj['allreduce_in_situ_ms_per_token']:.3f}", f"{pj['allreduce_model_ms_per_token']:.3f}",
-                     f"{wait:.3f}", f"{pj['link_sustained_MBps']:.1f}" if pj["link_sustained_MBps"] else "-",
-                     pj["bound"]])
-    return _markdown(head, rows, left={0, 10})
-
-
-def print_cluster_table(paths):
-    """``--cluster-table``: the table of several JSON records (one per link rate) and their warnings."""
-    records = read_records(paths)
-    first = records[0]
-    print(f"# decode against the link: {first['model']}, {first['dtype']}, {first['ranks']} ranks on "
-          f"{len(first['environment']['hosts'])} hosts, {first['threads']} BLAS thread(s) each, "
-          f"{first['tests'][0]['test']} {first['tests'][1]['test']}, {first['repeats']} repeats; projected = "
-          f"compute + each collective at its idle-link cost, or the collectives back to back on a link whose "
-          f"burst is spent if that is slower (docs/benchmark.md, \"Across nodes\"); Allreduce = the calls "
-          f"alone (measured in the instrumented runs, and as the projection charges them), wait = the most a rank "
-          f"waited for the slowest; link MB/s = its sustained rate per rank in 1 MB calls")
-    print(cluster_table(records))
-    worst = max(abs(r["projection"]["error_percent"]) for r in records)
-    print(f"largest projection error: {worst:.1f}%")
-    for rec in records:
-        for w in rec.get("warnings", []):
-            print(f"warning ({link_label(rec)}): {w}")
-    return 0
-
-
-def machine_state():
-    """This machine's load averages (1, 5, 15 minutes) and CPU time counters (jiffies: all, stolen), from /proc;
-    None where unknown."""
-    state = {"load": None, "jiffies": None, "steal_jiffies": None}
-    try:
-        with open("/proc/loadavg") as f:
-            state["load"] = [float(v) for v in f.read().split()[:3]]
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        state["jiffies"], state["steal_jiffies"] = sum(fields), fields[7]
-    except (OSError, ValueError, IndexError):
-        pass
-    return state
-
-
-def machine_entry(comm, start):
-    """How busy each machine was (one entry per kernel, naming its hosts): its cores, the load averages at
-    ``start`` (a ``machine_state()`` taken when the run began) and now, and the share of CPU time stolen in
-    between."""
-    end = machine_state()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    steal = None
-    if start["jiffies"] is not None and end["jiffies"] is not None and end["jiffies"] > start["jiffies"]:
-        steal = 100 * (end["steal_jiffies"] - start["steal_jiffies"]) / (end["jiffies"] - start["jiffies"])
-    mine = {"hosts": [socket.gethostname()], "machine_id": _boot_id(), "cores": cores, "load_start": start["load"],
-            "load_end": end["load"], "steal_percent": steal}
-    machines = {}  # emulated nodes (scripts/cluster.sh) share one kernel, and its load and CPU counters
-    for m in comm.allgather(mine):
-        key = m["machine_id"] or m["hosts"][0]
-        if key in machines:
-            machines[key]["hosts"] = sorted(set(machines[key]["hosts"] + m["hosts"]))
-        else:
-            machines[key] = m
-    return list(machines.values())
-
-
-def _boot_id():
-    """The running kernel's random boot id: the same on every emulated node of one machine."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def environment(comm, threads, start=None):
-    """Where and with what the run happened: how busy each host was since ``start`` (``machine_state()``), the
-    link rate scripts/cluster.sh set, hosts, MPI library and transport settings, NumPy, BLAS, CPU, git."""
-    hosts = sorted(set(comm.allgather(socket.gethostname())))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
-    transport = {k: v for k, v in os.environ.items()
-                 if k.startswith(("MPIR_CVAR_", "FI_", "UCX_", "OMPI_MCA_", "I_MPI_"))}
-    machine = machine_entry(comm, start if start is not None else machine_state())
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine, "cluster_rate": os.environ.get("MPITP_CLUSTER_RATE"),
-            "hosts": hosts, "ranks": comm.Get_size(), "ranks_on_node": mpi.ranks_on_node(comm),
-            "threads_per_rank": threads, "mpi_library": mpi.library_version(), "transport_env": transport,
-            "numpy": np.__version__, "blas": blas_description(), "python": platform.python_version(),
-            "cpu": _cpu_name(), "mpitp": __version__, "git_revision": rev}
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def blas_description():
-    """e.g. 'openblas 0.3.31 (SkylakeX)'; 'unknown BLAS' without threadpoolctl."""
-    try:
-        import threadpoolctl
-    except ImportError:
-        return "unknown BLAS (install threadpoolctl to see it)"
-    libs = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-    if not libs:
-        return "no BLAS found"
-    p = libs[0]
-    return f"{p['internal_api']} {p.get('version') or ''} ({p.get('architecture') or p.get('threading_layer')})"

@@ -6,9 +6,11 @@ every rank of the session (so under ``mpirun -n P pytest`` it is a real P-rank r
 own ``mpirun``.
 """
 
+import errno
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -17,13 +19,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from bench import ceilings, models, report, timing
+from bench import ceilings, cluster, environment, models, plots, report, summary, timing
 from bench.__main__ import batch_test, main, parse_batches
+from bench.record import table_rows
 from conftest import REPO, child_env, model_dir, mpirun, serial_only
 from mpitp.weights import n_params
 from mpitp import comm, load_model
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
+from mpitp.cli.runner import replace_file
 from mpitp.errors import MpitpError
 from mpitp.model import Model
 from mpitp.sharding import shard_for
@@ -230,19 +234,19 @@ def test_tables():
     assert "800.00 ± 0.50" in table[2] and "tg64" in table[3]
     recs = [{"model": "m", "dtype": "float32", "ranks": n, "threads": 1,
              "tests": [{"test": "tg64", "mean": m, "sd": 0}]} for n, m in ((1, 40.0), (2, 60.0))]
-    lines = report.scaling_table(recs).splitlines()
+    lines = summary.scaling_table(recs).splitlines()
     assert lines[-1] == "| 2 | 60.00 | 1.50x | 75% |"
     recs = [{"ranks": n, "tests": [{"mean": 0}, {"mean": tg}], "roofline": {"decode_bound_tokens_per_s": dram},
              "decode_products": {"ms_per_token": ms}}
             for n, tg, dram, ms in ((1, 40.0, 50.0, 20.0), (2, 60.0, 80.0, 12.5))]
-    lines = report.ceiling_table(recs).splitlines()
+    lines = summary.ceiling_table(recs).splitlines()
     assert lines[-1] == "| 2 | 60.00 | 1.50x | 80.00 | 1.60x | 80.00 | 1.60x |"
     osu = report.format_osu([(4, 1.5), (3072, 4.25)], np.float32).splitlines()
     assert osu[2].startswith("# Size") and osu[-1].split() == ["3072", "4.25"]
     held = [10.2e6, 9.8e6]
     weights = {"bytes_per_rank": held, "imbalance": ceilings.imbalance(held)}
     assert report.format_weights(weights) == "weights per rank: 10.2, 9.8 MB; imbalance (max/mean) 1.02"
-    lines = report.weights_table([{"ranks": 2, "weights": weights},
+    lines = summary.weights_table([{"ranks": 2, "weights": weights},
                                   {"ranks": 1, "weights": {"bytes_per_rank": [20e6], "imbalance": 1.0}}])
     assert lines.splitlines()[2:] == ["| 1 | 20 | 1.00 |", "| 2 | 10.2, 9.8 | 1.02 |"]
 
@@ -282,12 +286,12 @@ def test_warnings_name_a_busy_machine_disagreeing_repeats_and_shares_above_a_cei
 
 
 def test_machine_state_and_environment():
-    state = report.machine_state()
+    state = environment.machine_state()
     if os.path.exists("/proc/loadavg"):
         assert len(state["load"]) == 3 and state["jiffies"] >= state["steal_jiffies"] >= 0
-    (m,) = report.machine_entry(comm.serial(), state)
+    (m,) = environment.machine_entry(comm.serial(), state)
     assert m["cores"] >= 1 and m["hosts"] and (m["steal_percent"] is None or 0 <= m["steal_percent"] <= 100)
-    env = report.environment(comm.serial(), 1, state)
+    env = environment.environment(comm.serial(), 1, state)
     assert env["machine"][0]["load_start"] == state["load"] and "load_end" in env["machine"][0]
     assert env["cluster_rate"] == os.environ.get("MPITP_CLUSTER_RATE")
 
@@ -309,7 +313,7 @@ def fake_record(rate, tg, projected, allreduce_ms, waits):
 
 def test_cluster_table(tmp_path, capsys):
     recs = [fake_record(None, 80.0, 78.0, 1.5, [0.4, 0.1]), fake_record("100mbit", 75.0, 77.5, 2.0, [0.2, 0.6])]
-    lines = report.cluster_table(recs).splitlines()
+    lines = cluster.cluster_table(recs).splitlines()
     assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
         "link", "pp t/s", "tg t/s", "projected t/s", "error", "compute ms/tok", "Allreduce ms/tok",
         "modelled ms/tok", "wait ms/tok", "link MB/s", "bound"]
@@ -324,7 +328,7 @@ def test_cluster_table(tmp_path, capsys):
         paths.append(str(tmp_path / f"{i}.json"))
         with open(paths[-1], "w") as f:
             json.dump(r, f)
-    assert report.print_cluster_table(paths) == 0
+    assert cluster.print_cluster_table(paths) == 0
     out = capsys.readouterr().out
     assert "largest projection error: 3.3%" in out and "warning (100mbit): tg64's 3 repeats" in out
 
@@ -335,7 +339,7 @@ def test_scaling_plot_starts_at_zero_and_shows_the_ceilings():
                                                 {"test": "tg64", "mean": tg, "sd": 1.0}],
              "roofline": {"prefill_bound_tokens_per_s": 1.2 * pp, "decode_bound_tokens_per_s": 1.1 * tg},
              "decode_products": {"ms_per_token": 900 / tg}} for n, pp, tg in ((1, 500.0, 48.0), (2, 900.0, 80.0))]
-    fig = report.scaling_figure(recs, plt)
+    fig = plots.scaling_figure(recs, plt)
     pp_ax, tg_ax = fig.axes
     for ax in (pp_ax, tg_ax):
         assert ax.get_ylim()[0] == 0
@@ -437,9 +441,29 @@ def test_breakdown_counts_the_decode_forwards_only_and_adds_up():
     assert sum(parts[k] for k in timing.CATEGORIES) == pytest.approx(rec["seconds"], rel=1e-12)
 
 
-def test_wait_for_the_slowest_rank_is_not_counted_as_communication():
-    # Rank 1's LM head sleeps 20 ms a token: rank 0 waits for it at the next collective (the token's choice).
-    # The old breakdown counted that wait as Allreduce time; the instrument puts it under "wait".
+def test_combine_tells_the_wait_for_the_slowest_rank_from_the_collectives():
+    # Hand-made figures (seconds, binary fractions: exact). Rank 0 computes 1 + 1 + 1 between its collectives,
+    # rank 1 2 + 2 + 1.5: the critical path is 5.5. Rank 0's Barriers took 4, of which 2.5 was its wait for
+    # rank 1 and 1.5 the Barrier's own latency; rank 1's took 0.25, all latency (it was last to arrive).
+    def parts(blocks, lm_head, other, barrier):
+        return dict(blocks=blocks, lm_head=lm_head, other=other, allreduce=0.25, gather_bcast=0.125, barrier=barrier)
+
+    own = [(7.375, parts(2, 0.5, 0.5, 4), [1, 1, 1]), (6.125, parts(4, 1, 0.5, 0.25), [2, 2, 1.5])]
+    recs = run_ranks(2, lambda c: timing.combine(c, *own[c.Get_rank()]))
+    assert recs[0] == recs[1] and recs[0]["critical_s"] == 5.5 and recs[0]["rank"] == 1
+    fast, slow = recs[0]["ranks"]
+    assert (fast["wait"], fast["barrier"], fast["total"]) == (2.5, 1.5, 5.875)
+    assert (slow["wait"], slow["barrier"], slow["total"]) == (0, 0.25, 5.875) and recs[0]["seconds"] == 5.875
+    assert fast["allreduce"] == slow["allreduce"] == 0.25  # the collectives alone: no wait in them
+    bad = [(1.0, parts(1, 0, 0, 0), [1]), (1.0, parts(1, 0, 0, 0), [0.5, 0.5])]
+    with pytest.raises(RuntimeError, match="different numbers of collective calls"):
+        run_ranks(2, lambda c: timing.combine(c, *bad[c.Get_rank()]))
+
+
+def test_breakdown_on_ranks_that_wait_for_a_slow_one_adds_up():
+    # Rank 1's LM head sleeps 20 ms a token, so rank 0 waits for it. What the instrument guarantees whatever
+    # the machine's load: the sleep lies on the critical path, each rank's compute plus its wait is that path,
+    # its parts add up to its total, and the rank named is the one with the most compute.
     n, sleep = 4, 0.02
 
     def run(c):
@@ -454,14 +478,14 @@ def test_wait_for_the_slowest_rank_is_not_counted_as_communication():
 
     recs = run_ranks(2, run)
     assert recs[0]["ranks"] == recs[1]["ranks"] and recs[0]["critical_s"] >= n * sleep
-    fast, slow = recs[0]["ranks"]
-    assert recs[0]["rank"] == 1  # the rank with the most compute
-    assert fast["wait"] > 0.5 * n * sleep > slow["wait"]
-    assert fast["allreduce"] + fast["gather_bcast"] < 0.5 * n * sleep  # the collectives alone: no wait in them
-    for r in (fast, slow):
+    ranks = recs[0]["ranks"]
+    assert ranks[1]["lm_head"] >= n * sleep
+    compute = [r["blocks"] + r["lm_head"] + r["other"] for r in ranks]
+    assert recs[0]["rank"] == int(np.argmax(compute))
+    for r, own in zip(ranks, compute):
         assert sum(r[k] for k in timing.CATEGORIES) == pytest.approx(r["total"], rel=1e-9)
-        # every rank's compute plus its wait is the critical path
-        assert r["blocks"] + r["lm_head"] + r["other"] + r["wait"] == pytest.approx(recs[0]["critical_s"], rel=1e-9)
+        assert own + r["wait"] == pytest.approx(recs[0]["critical_s"], rel=1e-9) and r["wait"] >= -1e-12
+        assert min(r["allreduce"], r["gather_bcast"], r["barrier"]) >= 0
 
 
 def test_projection_adds_each_collective_or_lets_the_link_bind():
@@ -529,7 +553,7 @@ def check_record(rec, ranks):
         for r in b["per_rank_ms"]:
             assert sum(r[k] for k in timing.CATEGORIES) == pytest.approx(r["total"])
             assert r["blocks"] + r["lm_head"] + r["other"] + r["wait"] == pytest.approx(b["critical_compute_ms"],
-                                                                                        rel=0.02)
+                                                                                        rel=1e-9)
     pj = rec["projection"]
     assert pj["allreduce_calls_per_token"] == 5 and pj["choices_per_token"] == 1
     assert pj["wire_bytes_per_token"] == ceilings.ring_wire_bytes(5 * 64 * 4, ranks)
@@ -546,6 +570,20 @@ def check_record(rec, ranks):
     assert rec["lm_head"]["bytes_per_rank"] == 64 * rec["lm_head"]["n_vocab_local"] * 4
     assert rec["lm_head"]["n_vocab_local"] == -(-256 // ranks)
     assert rec["environment"]["mpi_library"]
+    check_ceilings(rec, ranks)
+
+
+def check_ceilings(rec, ranks):
+    """Each ceiling the record reports is computed from the figures it reports beside it."""
+    rf, (pp, tg) = rec["roofline"], rec["tests"]
+    read = run_ranks(ranks, lambda c: ceilings.decode_read_bytes(models.random_model(TINY, c, np.float32), 5))[0]
+    assert rf["decode_bytes_per_token"] == read  # rank 0's: every weight once, the cache at 1 + 8 // 2 positions
+    bws = [g * 1e9 for g in rf["read_bandwidth_GBps_per_repeat"]["tg"]]
+    assert rf["decode_bound_tokens_per_s"] == pytest.approx(np.mean(bws) / read, rel=1e-9)
+    assert rf["decode_percent"] == pytest.approx(100 * np.mean([t * read / bw for t, bw in
+                                                                zip(tg["tokens_per_s"], bws)]), rel=1e-9)
+    assert (rf["decode_tokens_per_s"], rf["prefill_tokens_per_s"]) == (tg["mean"], pp["mean"])
+    assert (tg["mean"], tg["sd"]) == timing.mean_sd(tg["tokens_per_s"])
     assert [r["batch"] for r in rec["batch"]] == [1, 3]  # --batch 3,1: sorted
     for r in rec["batch"]:
         b = r["batch"]
@@ -553,6 +591,11 @@ def check_record(rec, ranks):
         assert [(x["prefill_tokens"], x["decode_tokens"]) for x in r["runs"]] == [(8 * b, 3 * b)] * 2
         assert r["decode_tokens_per_s"] == pytest.approx(b * r["decode_tokens_per_s_per_sequence"])
         assert r["bound"] in ("DRAM", "GEMM") and len(r["read_bandwidth_GBps"]) == 2
+        own = [ceilings.batch_ceiling(b, r["read_bytes_per_step"], r["flops_per_step"] / b, 1e9 * bw,
+                                      1e9 * r["gemm_GFps"])[0] for bw in r["read_bandwidth_GBps"]]
+        assert r["ceiling_tokens_per_s"] == pytest.approx(np.mean(own), rel=1e-9)
+        agg = [x["decode_tokens"] / x["decode_seconds"] for x in r["runs"]]
+        assert r["percent_of_ceiling"] == pytest.approx(100 * np.mean(np.divide(agg, own)), rel=1e-9)
 
 
 def test_bench_end_to_end_on_every_rank(tmp_path):
@@ -582,16 +625,22 @@ def test_cli_runs_reports_and_summarizes(tmp_path):
     with open(out) as f:
         rec = json.load(f)
     check_record(rec, 2)
+    # What is printed is the record's figures, formatted (each format is tested on hand-made figures above):
+    # the table, the report under it, the batch tables and the warnings, section by section, as they came.
+    sections = [report.format_table(table_rows(rec)), report.format_report(rec), report.format_batch(rec)]
+    if rec["warnings"]:
+        sections.append(report.format_warnings(rec["warnings"]))
+    assert r.stdout == "\n\n".join(sections) + f"\n\nJSON record: {out}\n"
     assert re.search(r"^\| tiny \(random\) \| +0\.12 M \| float32 \| +2 \| .* \| tg8 +\| ", r.stdout, re.M)
     mb = ", ".join(f"{b / 1e6:.3g}" for b in tiny_weight_bytes(2))
     assert f"weights per rank: {mb} MB; imbalance (max/mean) 1.00" in r.stdout
     assert "MiB" not in r.stdout  # one unit family: decimal, like the rates
     assert re.search(r"^  wait for the slowest rank before the collectives, by rank: [\d.]+, [\d.]+ ms", r.stdout, re.M)
     assert re.search(r"^projection, decode: compute .* measured \([+-]\d+\.\d%\)", r.stdout, re.M)
-    for share in re.findall(r"(\d+)%( \(warning: above its ceiling\))?", r.stdout):
-        assert int(share[0]) <= 100 or share[1]  # never above 100% without the warning beside it
     assert re.search(r"^\|  8 \|  4 \| 3 \|   33 \| ", r.stdout, re.M)  # the batched-bench table, batch 3
-    assert re.search(r"^\|     3 \| .* \| (DRAM|GEMM)  \| +\d+% \|$", r.stdout, re.M)  # against its ceiling
+    share = re.escape(report.percent(rec["batch"][1]["percent_of_ceiling"]))  # the warning beside it if above 100%
+    assert re.search(rf"^\|     3 \| .* \| (DRAM|GEMM)  \| +{share} \|$", r.stdout, re.M)
+    assert r.stderr.count("bench: ") == r.stderr.count(" ...\n") >= 3  # progress lines only: no error
     s = run_bench(["--summarize", str(out), str(out), "--plot", str(tmp_path / "s.png"),
                    "--batch-plot", str(tmp_path / "b.png")], 1)
     assert s.returncode == 0, s.stderr
@@ -616,28 +665,140 @@ def test_cli_long_run(tmp_path):
     assert "ms per token, by tenth of the run" in r.stdout
 
 
+# Bad input, by what is wrong: the arguments after --preset tiny, and what the one error line says.
+SIZES = [
+    ("-n 200", "--n-prompt must be at most 128 and --n-gen/--long at most 126"),
+    ("--long 5", "--long must be >= 10"), ("--long -5", "--long must be >= 10"),
+    ("--roofline-mib 0", "--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1"),
+    ("--roofline-mib 100000000", "--roofline-mib 100000000 (the probe's matrix, twice) needs 390625.00 GiB"),
+    ("--dtype float16", "argument --dtype: invalid choice: 'float16'"),  # argparse's own errors too
+]
+OUTPUTS = [
+    ("--json-out /proc/mpitp.json", "--json-out /proc/mpitp.json: cannot write in /proc"),
+    ("--json-out=", "--json-out: give a file name, or leave the option out."),
+    ("--batch-plot /proc/self/x/b.png", "--batch-plot /proc/self/x/b.png: cannot write in /proc/self"),
+    # as root the temporary file can be made in /dev: the device itself is what must be refused
+    ("--json-out /dev/null", "--json-out /dev/null: /dev/null is a device or socket, not a regular file"),
+    ("--batch-plot /dev/null", "--batch-plot /dev/null: /dev/null is a device or socket, not a regular file"),
+]
+BATCHES = [
+    ("--batch 1,x", "--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got '1,x'"),
+    ("--batch 0", "--batch must be batch sizes >= 1"),
+    ("--batch-gen 1", "--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2"),
+    ("--batch-prompt 100", "--batch-prompt plus --batch-gen must be at most the model's context of 128"),
+    ("--batch 1,100000000", "this rank's shard of the model and its KV cache for --batch 100000000 "
+                            "(100000000 x 95 positions) needs"),
+]
+
+
 @serial_only
-@pytest.mark.parametrize("args, message", [
-    (["-n", "200"], "--n-prompt must be at most 128 and --n-gen/--long at most 126"),
-    (["--long", "5"], "--long must be >= 10"),
-    (["--long", "-5"], "--long must be >= 10"),
-    (["--roofline-mib", "0"], "--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1"),
-    (["--roofline-mib", "100000000"], "--roofline-mib 100000000 (the probe's matrix, twice) needs 390625.00 GiB"),
-    (["--json-out", "/proc/mpitp.json"], "--json-out /proc/mpitp.json: cannot write in /proc"),
-    (["--json-out", ""], "--json-out: give a file name, or leave the option out."),
-    (["--batch-plot", "/proc/self/x/b.png"], "--batch-plot /proc/self/x/b.png: cannot write in /proc/self"),
-    (["--batch", "1,x"], "--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got '1,x'"),
-    (["--batch", "0"], "--batch must be batch sizes >= 1"),
-    (["--batch-gen", "1"], "--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2"),
-    (["--batch-prompt", "100"], "--batch-prompt plus --batch-gen must be at most the model's context of 128"),
-    (["--batch", "1,100000000"], "this rank's shard of the model and its KV cache for --batch 100000000 "
-                                 "(100000000 x 95 positions) needs"),
-    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),  # argparse's own errors too
-])
+@pytest.mark.parametrize("args, message", SIZES + OUTPUTS + BATCHES)
 def test_cli_refuses_bad_input_once(args, message):
-    r = run_bench(["--preset", "tiny", *args], 2)
+    r = run_bench(["--preset", "tiny", *args.split(" ")], 2)
     assert r.returncode == 2
     assert r.stderr.count("bench: error:") == 1 and f"bench: error: {message}" in r.stderr
+
+
+def one_error(r, message):
+    """One line on stderr names what is wrong, status 2, no traceback."""
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@serial_only
+def test_outputs_replace_only_regular_files(tmp_path):
+    # A FIFO (as a device, /dev/null above) is never replaced by a regular file, nor written into: refused before
+    # the run (nothing on stdout), and still a FIFO after.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run_bench(["--preset", "tiny", "--json-out", str(fifo)], 2)
+    one_error(r, f"--json-out {fifo}: {fifo} is a FIFO, not a regular file")
+    assert r.stdout == "" and stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["fifo"]
+    record = tmp_path / "rec.json"
+    record.write_text(json.dumps(fake_record(None, 80.0, 78.0, 1.5, [0.4, 0.1])))
+    for option in ("--plot", "--batch-plot"):
+        r = run_bench(["--summarize", str(record), option, str(fifo)], 1)
+        one_error(r, f"{option} {fifo}: {fifo} is a FIFO, not a regular file")
+        assert r.stdout == "" and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+FULL_DISK = """
+from mpi4py import MPI  # MPI first: its shared memory files must not meet the limit
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a write past 4 kB fails (EFBIG), like a full disk
+from bench.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@serial_only
+def test_a_record_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "rec.json"
+    out.write_text("the record of an earlier run")
+    args = ["--preset", "tiny", "-r", "1", "-p", "8", "-n", "4", "--roofline-mib", "8", "--batch", "none"]
+    r = subprocess.run(mpirun(2) + [sys.executable, "-c", FULL_DISK, *args, "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=child_env(), cwd=str(REPO))
+    one_error(r, f"bench: error: --json-out {out}: could not be written (File too large); nothing was left behind.")
+    assert "| tg4 " in r.stdout and "JSON record" not in r.stdout  # the report came; the record did not
+    assert os.listdir(tmp_path) == ["rec.json"] and out.read_text() == "the record of an earlier run"
+
+
+def test_replace_file_writes_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out.png"
+    replace_file(str(path), lambda f: f.write(b"first"), "--x")
+    replace_file(str(path), lambda f: f.write(b"second"), "--x")
+    assert path.read_bytes() == b"second" and os.listdir(tmp_path) == ["out.png"]
+
+    def full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(MpitpError, match=r"^--x out: could not be written \(No space left on device\); nothing"):
+        replace_file(str(path), full, "--x out")
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C mid-write: the temporary file goes too
+        replace_file(str(path), interrupted, "--x")
+    assert path.read_bytes() == b"second" and os.listdir(tmp_path) == ["out.png"]
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(MpitpError, match="is a FIFO, not a regular file"):
+        replace_file(str(tmp_path / "fifo"), lambda f: f.write(b"x"), "--x")
+    replace_file(str(tmp_path / "new" / "deep.json"), lambda f: f.write(b"{}"), "--x")  # its folder made
+    assert (tmp_path / "new" / "deep.json").read_bytes() == b"{}"
+
+
+def test_records_without_the_fields_a_table_reads_are_refused_naming_the_file(tmp_path, capsys):
+    def write(name, record):
+        (tmp_path / name).write_text(json.dumps(record))
+        return str(tmp_path / name)
+
+    for record, why in (({"tests": []}, "no model, dtype, ranks, threads"),
+                        (dict(fake_record(None, 1.0, 1.0, 1.0, [0.1]), tests=[]), "its tests are not a non-empty"),
+                        (dict(fake_record(None, 1.0, 1.0, 1.0, [0.1]), ranks=0), "ranks 0 is not a rank count"),
+                        ([1], "not a JSON object")):
+        path = write("r.json", record)
+        with pytest.raises(MpitpError, match=f"^{re.escape(path)}: not a JSON record of the bench \\({why}"):
+            summary.read_records([path])
+    lacking = dict(fake_record(None, 1.0, 1.0, 1.0, [0.1]))
+    del lacking["projection"]
+    paths = [write("a.json", fake_record(None, 1.0, 1.0, 1.0, [0.1])), write("b.json", lacking)]
+    with pytest.raises(MpitpError, match="a.json, .*b.json: a record lacks a field the tables read, or holds "
+                                         "another kind of value \\(KeyError: 'projection'\\)"):
+        cluster.print_cluster_table(paths)
+    with pytest.raises(MpitpError, match="ZeroDivisionError"):  # a record whose tokens/s are 0
+        summary.summarize([write("z.json", dict(fake_record(None, 1.0, 1.0, 1.0, [0.1]), tests=[
+            {"test": "tg64", "mean": 0.0, "sd": 0.0}])), paths[0]])
+    assert capsys.readouterr().out == ""  # nothing printed before the refusal
+
+
+@serial_only
+def test_cli_summarize_of_an_empty_record_is_one_line(tmp_path):
+    (tmp_path / "r.json").write_text('{"tests": []}')
+    r = run_bench(["--summarize", str(tmp_path / "r.json")], 1)
+    one_error(r, f"bench: error: {tmp_path / 'r.json'}: not a JSON record of the bench (no model, dtype, ranks")
+    assert r.stdout == ""
 
 
 @serial_only

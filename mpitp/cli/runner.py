@@ -11,6 +11,7 @@ import contextlib
 import os
 import select
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -217,7 +218,8 @@ def run_guarded(comm, fn, verbose, prog):
 
 def check_writable(path, what):
     """Raise ``MpitpError`` (``what``: the option and its value) unless the file ``path``, written at the end of a
-    run, can be created or replaced: checked before the work, so that a long run is not lost to a bad destination."""
+    run, can be created or replaced: checked before the work, so that a long run is not lost to a bad destination.
+    Only a regular file is replaced: as root, ``--json-out /dev/null`` would otherwise replace the device."""
     if not path:
         raise MpitpError(f"{what}: give a file name, or leave the option out.")
     target = existing = os.path.abspath(path)
@@ -225,9 +227,41 @@ def check_writable(path, what):
         existing = os.path.dirname(existing)
     if os.path.isdir(target):
         raise MpitpError(f"{what}: {path} is a folder.")
+    refuse_special(path, what)
     into = os.path.dirname(target) if existing == target else existing
     try:
         with tempfile.TemporaryFile(dir=into):  # even for root: a read-only file system, /proc, a full quota
             pass
     except OSError as e:
         raise MpitpError(f"{what}: cannot write in {into} ({e.strerror}).") from None
+
+
+def refuse_special(path, what):
+    """Raise ``MpitpError`` if ``path`` exists (through links) and is not a regular file: a device, FIFO or socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # absent (or a dangling link, which the rename replaces)
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise MpitpError(f"{what}: {path} is {kind}, not a regular file; an output replaces only a regular file.")
+
+
+def replace_file(path, write, what):
+    """Write the file ``path`` whole or not at all: ``write(f)`` fills a temporary file beside it (binary), which
+    is then renamed over ``path``. On any failure the temporary file is removed; an ``OSError`` (a full disk) is an
+    ``MpitpError`` naming ``what``. ``path`` is checked again (``refuse_special``): the run took a while."""
+    refuse_special(path, what)
+    tmp = f"{os.path.abspath(path)}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        with open(tmp, "xb") as f:  # x: never through a file or link of that name left by someone else
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if not isinstance(e, FileExistsError):  # the temporary file is ours: never outlives a failure
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise MpitpError(f"{what}: could not be written ({e.strerror or e}); nothing was left behind.") from None
+        raise
