@@ -10,6 +10,7 @@ import numpy as np
 
 from mpitp import comm as mpi
 from mpitp.arena import Arena
+from mpitp.families import FAMILIES
 
 from .timing import timed_runs
 
@@ -46,7 +47,7 @@ def _matmul_flops_per_token(model):
     cfg, s = model.config, model.shard
     d, dh = cfg.n_embd, cfg.d_head
     q, kv, f = s.n_head_local * dh, s.n_kv_head_local * dh, s.n_ffn_local
-    n_mlp_in = 2 if cfg.family == "llama" else 1
+    n_mlp_in = 2 if FAMILIES[cfg.family].gated else 1
     return 2 * (d * q + 2 * d * kv + q * d + n_mlp_in * d * f + f * d)
 
 

@@ -15,6 +15,7 @@ from conftest import MODELS, golden, model_dir
 from mpitp import Sampler, Trace, comm, generate_sequence, load_model
 from mpitp.comm import TimedComm
 from mpitp.config import load_config
+from mpitp.families import FAMILIES
 from mpitp.model import Model
 from st_util import write_safetensors
 from random_models import write_random_model
@@ -120,7 +121,7 @@ def test_shards_tile_the_model_in_near_equal_blocks(name):
             assert used == set(range(s.kv_head_start, s.kv_head_start + s.n_kv_head_local))
             assert w.W_QKV.shape == (cfg.n_embd, (s.n_head_local + 2 * s.n_kv_head_local) * dh)
             assert w.W_B.shape == (s.n_head_local * dh, cfg.n_embd)
-            n_mlp_in = 2 if cfg.family == "llama" else 1
+            n_mlp_in = 2 if FAMILIES[cfg.family].gated else 1
             assert w.W_C.shape == (cfg.n_embd, n_mlp_in * s.n_ffn_local) and w.W_D.shape[0] == s.n_ffn_local
             ffn.append(s.n_ffn_local)
             vocab.append(m.weights.W_vocab.shape[1])
