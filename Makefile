@@ -42,7 +42,7 @@ run: install
 # $(call mpi_pytest,N,ARGS[,PREFIX]): `PREFIX timeout mpirun -n N pytest ARGS`, failed unless every rank reached
 # the end of the run. MPICH exits 0 when a rank leaves early with status 0 (it kills the others and records them
 # as 0), so the status alone cannot be trusted: rank 0 writes MPITP_PYTEST_DONE once all ranks agreed at the end
-# (tests/mpi_guard.py).
+# that they ran the same tests with the same outcomes (tests/mpi_guard.py).
 mpi_pytest = done=$(abspath $(VENV))/.pytest-done-$$$$ && rm -f $$done && \
 	$(3) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(1) env MPITP_PYTEST_DONE=$$done pytest $(2) && \
 	{ test -e $$done || { echo "make: mpirun -n $(1) pytest exited 0 but not every rank reached the end" >&2; exit 1; }; } && \

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpi_guard import pytest_configure, pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401 -- pytest hooks
+from mpi_guard import *  # noqa: F401,F403 -- the guard's pytest hooks (mpi_guard.__all__)
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent

@@ -15,32 +15,11 @@ import time
 import numpy as np
 import pytest
 
-import dense_reference
 from conftest import REPO, child_env, model_dir, mpirun, run_cli, serial_only
-from st_util import corrupt, header_and_data, write_raw, write_safetensors, write_sharded
+from faults_util import LIMIT, base_model, fail_fast, sharded, tensors
+from st_util import corrupt, header_and_data, write_raw, write_safetensors
 
 pytestmark = serial_only
-LIMIT = 10  # seconds
-
-
-def base_model(path):
-    shutil.copytree(model_dir("gpt2-tiny"), path)
-    return path
-
-
-def tensors():
-    return dense_reference.read_safetensors(f"{model_dir('gpt2-tiny')}/model.safetensors")
-
-
-def fail_fast(args, expected, n=2, code=2):
-    t = time.monotonic()
-    r = run_cli(args, n=n, timeout=LIMIT + 5)
-    assert time.monotonic() - t < LIMIT
-    assert r.returncode == code if code else r.returncode != 0, r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and expected in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and r.stdout == ""
-
 
 def case_missing_folder(tmp):
     return tmp / "nowhere", "nowhere: model folder not found"
@@ -87,21 +66,16 @@ def case_tensor_unsupported_dtype(tmp):
     return path, "dtype I32 is not a floating-point weight dtype"
 
 
-def _split(path):
-    os.remove(path / "model.safetensors")
-    return write_sharded(path, tensors())
-
-
 def case_shard_missing(tmp):
     path = base_model(tmp / "m")
-    _split(path)
+    sharded(path)
     os.remove(path / "model-00002-of-00002.safetensors")
     return path, "model-00002-of-00002.safetensors: shard file not found"
 
 
 def case_shard_truncated(tmp):
     path = base_model(tmp / "m")
-    _split(path)
+    sharded(path)
     shard = path / "model-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     return path, "model-00001-of-00002.safetensors"
@@ -109,7 +83,7 @@ def case_shard_truncated(tmp):
 
 def case_shard_escapes_folder(tmp):
     path = base_model(tmp / "m")
-    index = _split(path)
+    index = sharded(path)
     name = next(iter(index["weight_map"]))
     index["weight_map"][name] = "../../etc/passwd"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))

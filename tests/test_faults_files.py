@@ -9,7 +9,6 @@ to change at an exact moment is tested on the library, in this process.
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,36 +16,15 @@ import time
 import numpy as np
 import pytest
 
-import dense_reference
 from conftest import REPO, child_env, model_dir, run_cli, serial_only
+from faults_util import LIMIT, base_model, fail_fast, sharded, tensors
 from mpitp import CheckpointError, ConfigError, Trace, comm, load_model
 from mpitp.checkpoint import Checkpoint, SafetensorsFile
 from mpitp.config import config_from_dict
 from mpitp.errors import FileError
-from st_util import write_safetensors, write_sharded
+from st_util import write_safetensors
 
-LIMIT = 10  # seconds
 ARGS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
-
-
-def base_model(path, name="gpt2-tiny"):
-    shutil.copytree(model_dir(name), path)
-    return path
-
-
-def tensors(name="gpt2-tiny"):
-    return dense_reference.read_safetensors(f"{model_dir(name)}/model.safetensors")
-
-
-def fail_fast(args, expected, n=2, code=2):
-    t = time.monotonic()
-    r = run_cli(args, n=n, timeout=LIMIT + 5)
-    assert time.monotonic() - t < LIMIT
-    assert r.returncode == code, r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and expected in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and r.stdout == ""
-    return errors[0]
 
 
 def edit_config(path, file="config.json", **changes):
@@ -57,66 +35,32 @@ def edit_config(path, file="config.json", **changes):
 
 # --- not a regular file ---------------------------------------------------------------------------------
 
-def _fifo(path):
-    if os.path.lexists(path):
-        os.remove(path)
-    os.mkfifo(path)
+def _not_regular(name, file, kind, args=ARGS, split=False):
+    """The case ``case_<name>``: the model folder (with a two-shard checkpoint if ``split``) whose ``file`` is a
+    FIFO, a folder or a device (/dev/zero: a read would never end)."""
+    def case(tmp):
+        path = base_model(tmp / "m")
+        if split:
+            sharded(path)
+        if os.path.lexists(path / file):
+            os.remove(path / file)
+        {"FIFO": os.mkfifo, "folder": os.mkdir, "device": lambda p: os.symlink("/dev/zero", p)}[kind](path / file)
+        return path, f"{file}: not a regular file but a {kind}", args
+    case.__name__ = f"case_{name}"
+    return case
 
 
-def case_config_fifo(tmp):
-    _fifo(base_model(tmp / "m") / "config.json")
-    return tmp / "m", "config.json: not a regular file but a FIFO", ARGS
-
-
-def case_config_device(tmp):
-    path = base_model(tmp / "m")
-    os.remove(path / "config.json")
-    os.symlink("/dev/zero", path / "config.json")  # a read would never end
-    return path, "config.json: not a regular file but a device", ARGS
-
-
-def case_generation_config_fifo(tmp):
-    _fifo(base_model(tmp / "m") / "generation_config.json")
-    return tmp / "m", "generation_config.json: not a regular file but a FIFO", ARGS
-
-
-def case_index_fifo(tmp):
-    path = base_model(tmp / "m")
-    os.remove(path / "model.safetensors")
-    write_sharded(path, tensors())
-    _fifo(path / "model.safetensors.index.json")
-    return path, "model.safetensors.index.json: not a regular file but a FIFO", ARGS
-
-
-def case_shard_fifo(tmp):
-    path = base_model(tmp / "m")
-    os.remove(path / "model.safetensors")
-    write_sharded(path, tensors())
-    _fifo(path / "model-00002-of-00002.safetensors")
-    return path, "model-00002-of-00002.safetensors: not a regular file but a FIFO", ARGS
-
-
-def case_safetensors_fifo(tmp):
-    _fifo(base_model(tmp / "m") / "model.safetensors")
-    return tmp / "m", "model.safetensors: not a regular file but a FIFO", ARGS
-
-
-def case_safetensors_folder(tmp):
-    # No index here: the message must not say the file is "named in model.safetensors.index.json".
-    path = base_model(tmp / "m")
-    os.remove(path / "model.safetensors")
-    (path / "model.safetensors").mkdir()
-    return path, "model.safetensors: not a regular file but a folder", ARGS
-
-
-def case_tokenizer_fifo(tmp):
-    _fifo(base_model(tmp / "m") / "tokenizer.json")
-    return tmp / "m", "tokenizer.json: not a regular file but a FIFO", ["--prompt", "hello"]
-
-
-def case_tokenizer_config_fifo(tmp):
-    _fifo(base_model(tmp / "m") / "tokenizer_config.json")
-    return tmp / "m", "tokenizer_config.json: not a regular file but a FIFO", ["--prompt", "hello"]
+case_config_fifo = _not_regular("config_fifo", "config.json", "FIFO")
+case_config_device = _not_regular("config_device", "config.json", "device")
+case_generation_config_fifo = _not_regular("generation_config_fifo", "generation_config.json", "FIFO")
+case_index_fifo = _not_regular("index_fifo", "model.safetensors.index.json", "FIFO", split=True)
+case_shard_fifo = _not_regular("shard_fifo", "model-00002-of-00002.safetensors", "FIFO", split=True)
+case_safetensors_fifo = _not_regular("safetensors_fifo", "model.safetensors", "FIFO")
+# No index here: the message must not say the file is "named in model.safetensors.index.json".
+case_safetensors_folder = _not_regular("safetensors_folder", "model.safetensors", "folder")
+case_tokenizer_fifo = _not_regular("tokenizer_fifo", "tokenizer.json", "FIFO", ["--prompt", "hello"])
+case_tokenizer_config_fifo = _not_regular("tokenizer_config_fifo", "tokenizer_config.json", "FIFO",
+                                          ["--prompt", "hello"])
 
 
 def case_add_bos_token_a_string(tmp):
@@ -265,8 +209,7 @@ def _open_paths():
 
 def test_each_checkpoint_file_is_opened_once_and_closed_after_the_load(tmp_path, monkeypatch):
     path = base_model(tmp_path / "m")
-    os.remove(path / "model.safetensors")
-    write_sharded(path, tensors())
+    sharded(path)
     opened = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))

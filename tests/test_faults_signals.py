@@ -1,5 +1,5 @@
 """The fault catalogue, signals and lost ranks: Ctrl-C must end a job whose ranks cannot act on it, a rank whose
-launcher dies must exit too, and a test run with a rank missing must never pass.
+launcher dies must exit too. (A test run with a rank missing must never pass: tests/test_harness.py.)
 
 Each job is the generate command on 2 ranks through tests/inject.py, which stops one rank (SIGSTOP) or blocks it
 in a read that no signal interrupts, while the other waits inside an MPI collective: neither can run Python's
@@ -11,9 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
@@ -168,88 +166,3 @@ def test_the_launcher_check_is_only_made_under_a_launcher(monkeypatch):
     watchdog = entry.Watchdog("test")
     watchdog.close()
     assert watchdog.parent == os.getppid()
-
-
-# A test run with a rank missing must fail. MPICH kills the other ranks at once when one exits before
-# MPI_Finalize, and records them as status 0, so one rank's os._exit(0) made `mpirun -n 2 pytest` exit 0.
-SUITES = {
-    "os_exit": '''
-        def test_leaves_on_rank_1():
-            if MPI.COMM_WORLD.rank == 1:
-                os._exit(0)
-            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, np.ones(2))  # where rank 0 waits for it
-
-        def test_after():
-            pass
-    ''',
-    "session_ends_early": '''
-        def test_leaves_on_rank_1():
-            if MPI.COMM_WORLD.rank == 1:
-                pytest.exit("rank 1 leaves", returncode=0)
-
-        def test_after():
-            pass
-    ''',
-    "session_ends_early_collective_after": '''
-        def test_leaves_on_rank_1():
-            if MPI.COMM_WORLD.rank == 1:
-                pytest.exit("rank 1 leaves", returncode=0)
-
-        def test_collective_after():  # rank 0 waits here for a rank that is waiting at the end of the run
-            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, np.ones(2))
-    ''',
-    "c_exit": '''
-        def test_leaves_on_rank_1():  # an exit no Python hook sees: only the missing proof tells
-            if MPI.COMM_WORLD.rank == 1:
-                ctypes.CDLL(None)._exit(0)
-
-        def test_after():
-            pass
-    ''',
-    "good": '''
-        def test_collective():
-            buf = np.ones(2)
-            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf)
-            assert buf[0] == MPI.COMM_WORLD.size
-    ''',
-}
-
-
-def run_suite(tmp_path, name):
-    """``mpirun -n 2 pytest`` of ``SUITES[name]`` with the repository's MPI guard; the result, how long it took,
-    and whether rank 0 wrote the proof that every rank reached the end (what the Makefile requires)."""
-    (tmp_path / "conftest.py").write_text(textwrap.dedent(f'''
-        import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from mpi_guard import pytest_configure, pytest_runtest_logreport, pytest_sessionfinish  # under test
-    '''))
-    (tmp_path / "test_suite.py").write_text("import ctypes, os\nimport numpy as np\nimport pytest\n"
-                                            "from mpi4py import MPI\n" + textwrap.dedent(SUITES[name]))
-    done = tmp_path / "done"
-    cmd = [*mpirun(2), sys.executable, "-m", "pytest", "--with-mpi", "-p", "no:cacheprovider", "-q",
-           "--rootdir", str(tmp_path), str(tmp_path)]
-    t = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                       env=child_env(MPITP_PYTEST_DONE=str(done), MPITP_PYTEST_FINAL_S="3"))
-    return r, time.monotonic() - t, done.exists()
-
-
-@pytest.mark.parametrize("name, said", [
-    ("os_exit", "[rank 1] os._exit(0) in test_suite.py::test_leaves_on_rank_1, before the end of the MPI test run"),
-    ("session_ends_early", "[rank 0] the ranks finished different numbers of tests (rank 0: 2, rank 1:"),
-    ("session_ends_early_collective_after", "[rank 1] not every rank reached the end of the MPI test run within 3 s"),
-])
-def test_a_run_with_a_rank_missing_fails(tmp_path, name, said):
-    r, took, done = run_suite(tmp_path, name)
-    assert r.returncode != 0 and not done and took < 30, (r.returncode, took, r.stdout + r.stderr)
-    assert said in r.stderr, r.stderr
-
-
-def test_an_exit_no_hook_sees_leaves_no_proof(tmp_path):
-    r, _, done = run_suite(tmp_path, "c_exit")
-    assert not done, r.stdout + r.stderr  # and MPICH's status is 0: why the Makefile requires the proof
-
-
-def test_a_good_run_leaves_the_proof(tmp_path):
-    r, _, done = run_suite(tmp_path, "good")
-    assert r.returncode == 0 and done and "1 passed" in r.stdout, r.stdout + r.stderr
