@@ -24,7 +24,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo fuzz ci bench bench-scaling bench-tcp bench-cluster clean
+.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -93,6 +93,13 @@ demo: install $(VENV)/.installed-gguf
 	@model=$$($(REAL)) && for p in $(DEMO_PROMPTS); do \
 		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate --model "$$model" --prompt "$$p" \
 			$(DEMO_ARGS) $(ARGS) || exit 1; echo; done
+
+# The perplexity of MODEL (default: the real SmolLM2 of `make demo`) on the essay shipped with mpitp, on NP
+# ranks, llama-perplexity's way (docs/perplexity.md); e.g. make perplexity MODEL=DIR ARGS="--ctx 128 --json".
+PPL_TEXT ?= mpitp/data/tensor-parallel.txt
+perplexity: install $(if $(MODEL),,$(VENV)/.installed-gguf)
+	model=$(if $(MODEL),"$(MODEL)",$$($(REAL))) && timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) \
+		python -m mpitp.perplexity --model "$$model" --file $(PPL_TEXT) $(ARGS)
 
 # The real-model check (CI runs it; it fails if the download fails): converts the GGUF file afresh into a
 # temporary folder and checks mpitp on it at 1, 2 and 4 ranks against transformers' own GGUF loading

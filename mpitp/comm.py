@@ -32,6 +32,13 @@ def allreduce_sum(comm, buf):
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
 
+def allreduce_max(comm, buf):
+    """The elementwise maximum of ``buf`` over all ranks of ``comm``, in place (vocabulary-parallel scoring's
+    row maxima)."""
+    MPI = _mpi()
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+
+
 def allreduce_scalar(comm, value, op, dtype):
     """``value`` reduced over all ranks with ``op`` ("max" or "sum"), exactly, on every rank."""
     buf = np.array([value], dtype=dtype)

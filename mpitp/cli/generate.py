@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import HelpFormatter, RankParser, check_writable, disagree, failed_vote, run_command, say
+from .runner import HelpFormatter, RankParser, add_run_options, check_writable, prepare_and_agree, run_command, say
 from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -72,11 +72,7 @@ def build_parser():
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="every rank writes DIR/rank{r}.npz with its tensors A,Q,K,V,B,C,D,E per step and layer "
                         "and the logits (with several prompts, their rows stacked in order)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="BLAS threads per rank (default: the "
-                   "node's cores / its ranks, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
-    p.add_argument("--quiet", action="store_true", help="print nothing on stderr except errors")
-    p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
-    return p
+    return add_run_options(p)
 
 
 def _say(args, rank, message):
@@ -168,13 +164,11 @@ def _run(args, comm, node_ranks):
     rank, size = comm.Get_rank(), comm.Get_size()
     t_load = time.perf_counter()
     comm = mpi.TimedComm(comm)  # times the model's Allreduce calls
-    error = None
-    try:
-        model, tokenizer, texts, prompts, max_new, sampler, cache = _prepare(args, comm, node_ranks)
-    except MpitpError as e:
-        error = e
-    if failed_vote(comm, error, "mpitp") or disagree(comm, _agreement(args, model, prompts, max_new), "mpitp"):
+    prepared = prepare_and_agree(comm, lambda: _prepare(args, comm, node_ranks),
+                                 lambda p: _agreement(args, p[0], p[3], p[4]), "mpitp")
+    if prepared is None:
         return 2
+    model, tokenizer, texts, prompts, max_new, sampler, cache = prepared
     load_seconds = time.perf_counter() - t_load
     threads, warning = set_blas_threads(args.threads, node_ranks)
     if warning and rank == 0:

@@ -39,6 +39,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_run_options(p):
+    """The options every command that runs a model shares: BLAS threads, quiet, verbose. Returns ``p``."""
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="BLAS threads per rank (default: the "
+                   "node's cores / its ranks, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on stderr except errors")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
+    return p
+
+
 class RankParser(argparse.ArgumentParser):
     """An ArgumentParser that prints help and usage errors on rank 0 only (every rank still exits)."""
 
@@ -110,6 +119,19 @@ def disagree(comm, facts, prog):
                         "rank must load the same model and be given the same request.")
                 return True
     return False
+
+
+def prepare_and_agree(comm, prepare, agreement, prog):
+    """``prepare()``'s result once every rank has it and the ranks agree on ``agreement(result)`` (``disagree``'s
+    facts); None on every rank alike when any rank failed (``MpitpError``, told once) or differs."""
+    result, error = None, None
+    try:
+        result = prepare()
+    except MpitpError as e:
+        error = e
+    if failed_vote(comm, error, prog) or disagree(comm, agreement(result), prog):
+        return None
+    return result
 
 
 class Terminated(BaseException):
