@@ -5,8 +5,8 @@ flipped, or with a count, length, type or offset overwritten by an absurd value;
 field by field from drawn parts (magic, version, counts that lie, metadata of every value type with wrong
 types and huge lengths, tensor infos with bad dimensions, unknown types and offsets past the end). Any other
 exception, a crash or a hang is a bug. A third source must always be refused: the valid file with one tensor's
-offset or type changed, so that the tensor data no longer adds up. CI runs MPITP_FUZZ_EXAMPLES (default 300) per test; ``make fuzz``
-runs 10,000.
+offset or type changed, so that the tensor data no longer adds up. CI runs MPITP_FUZZ_EXAMPLES (default 300)
+per test; ``make fuzz`` runs 10,000.
 """
 
 import atexit
