@@ -100,6 +100,16 @@ def dequantize(raw, kind, shape):
     return values.reshape(shape)
 
 
+def tensor_fields(path):
+    """``{name: (byte position of its type, byte position of its offset, its offset)}`` in the GGUF file
+    ``path``, from the gguf package's reader: where a test overwrites a tensor's type or data offset."""
+    fields = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        ends = np.cumsum([t.field.offset] + [p.nbytes for p in t.field.parts])  # the parts: ..., type, offset
+        fields[t.name] = (int(ends[-3]), int(ends[-2]), int(t.field.parts[-1][0]))
+    return fields
+
+
 def write_gguf(path, model_dir, types=lambda name: "F32", tokenizer=None, drop=(), meta=None, extra=None,
                permute=True):
     """Write the Hugging Face model in ``model_dir`` as the GGUF file ``path``.

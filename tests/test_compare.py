@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,54 @@ def test_bad_input_is_one_line_and_status_2(traces, tmp_path, case, expected):
         shutil.copytree(src, other)
         extra = ["--tensors", "A,F"] if case == "tensors" else ["--rtol", "-1"]
     _refused(run_compare(traces["llama-gqa", 2], other, *extra), expected.format(other=other))
+
+
+def _npy_header_claiming(shape):
+    """A .npy member of float64 ``shape`` by its header, with 64 bytes of data after it."""
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+    header += " " * (-(len(header) + 11) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64)
+
+
+def _replace_member(path, name, data):
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in {**members, name: data}.items():
+            z.writestr(k, v)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("zero-rows", "step0/layer0/A is [0, 64]; a tensor has a row per token the forward consumed (at least one)"),
+    ("zero-tokens", "step0/tokens must be integers [rows, 2] (token id, position) with rows >= 1, got int64 [0, 2]"),
+    ("32-TiB-header", "key 'step0/layer1/C' is float64 of shape [549755813888, 8] (35184372088832 bytes) by its "
+                      "header, but holds 64 bytes; the file is corrupt."),
+    ("layer-100000000", "has no key 'step0/layer2/A' (the trace has 3 steps and 100000001 layers"),
+    ("objects", "key 'extra/objects' holds Python objects"),
+    ("no-vocab", "no rank holds any vocabulary ids (every shard/n_vocab_local is 0)"),
+], ids=["zero-rows", "zero-tokens", "32-TiB-header", "layer-100000000", "objects", "no-vocab"])
+def test_broken_traces_are_bad_input_not_a_divergence(traces, tmp_path, case, expected):
+    # Each was exit 1, "diverged" (issue 21): a ValueError of a zero-size array, a MemoryError for 32 TiB, a walk
+    # over 10^8 layers then a MemoryError. Exit 1 must mean a divergence; these are exit 2, before any allocation.
+    src, other = traces["llama-gqa", 2], tmp_path / "other"
+    if case == "zero-rows":  # both traces alike, as the attack had them
+        edit(src, other, lambda a: [a.__setitem__(k, v[:0]) for k, v in list(a.items()) if k.startswith("step")
+                                    and not k.endswith("tokens")] + [a.pop(k) for k in list(a) if k.endswith("tokens")])
+    elif case == "zero-tokens":
+        edit(src, other, lambda a: a.__setitem__("step0/tokens", a["step0/tokens"][:0]))
+    elif case == "32-TiB-header":
+        shutil.copytree(src, other)
+        _replace_member(other / "rank1.npz", "step0/layer1/C.npy", _npy_header_claiming((2**45 // 64, 8)))
+    elif case == "layer-100000000":
+        edit(src, other, lambda a: a.__setitem__("step0/layer100000000/A", a["step0/layer0/A"]))
+    elif case == "objects":
+        shutil.copytree(src, other)
+        buffer = io.BytesIO()
+        np.save(buffer, np.array([{}], dtype=object), allow_pickle=True)
+        _replace_member(other / "rank0.npz", "extra/objects.npy", buffer.getvalue())
+    else:
+        edit(src, other, _set("shard/n_vocab_local", np.int64(0)))
+    _refused(run_compare(other if case == "zero-rows" else src, other), expected)
 
 
 # --- inputs, tokens and tolerances -------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ tokenizer the vocabulary was trained as, and transformers itself where it is ins
 
 import json
 import os
+import resource
+import signal
+import struct
 import subprocess
 import sys
 
@@ -16,7 +19,7 @@ import pytest
 
 from conftest import REPO, child_env, golden, model_dir, serial_only
 from dense_reference import read_safetensors
-from gguf_util import dequantize, llama_names, permute_rows, write_gguf
+from gguf_util import dequantize, llama_names, permute_rows, tensor_fields, write_gguf
 from mpitp import CheckpointError, MpitpError, comm, load_model
 from mpitp.config import load_config
 from mpitp.tools.convert import convert, main
@@ -331,6 +334,68 @@ def test_bad_metadata_and_tensors(capsys, tmp_path):
         else:
             write_gguf(src, hf, tokenizer=tok, **kw)
         _fails(capsys, tmp_path, src, str(src), *words, args=[] if tok else ["--no-tokenizer"])
+
+
+def _patched(data, at, code, value):
+    return data[:at] + struct.pack(code, value) + data[at + struct.calcsize(code):]
+
+
+def test_tensor_data_that_overlaps_shifts_or_lies_about_its_type(capsys, tmp_path, good):
+    # Each of these converted with exit 0 into a wrong model (issue 21): k_proj holding q_proj's bytes, all
+    # tensors shifted by the tensor count minus one, an offset with one bit flipped, F32 bytes read as F16.
+    data, fields = good.read_bytes(), tensor_fields(good)
+    q, k = "blk.0.attn_q.weight", "blk.0.attn_k.weight"
+    cases = [(_patched(data, fields[k][1], "<Q", fields[q][2]), [q, k, "overlaps"]),
+             (_patched(data, 8, "<Q", len(fields) - 1), ["tensor count"]),
+             (_patched(data, fields[k][0], "<I", int(gguf.GGMLQuantizationType.F16)), [k, "F16", "unaccounted"]),
+             (data + bytes(32), ["unaccounted", "tensor count, 21"])]
+    for bit in (2, 5, 9, 14, 40):  # below the alignment, overlapping, leaving a hole, past the end of the file
+        cases.append((_patched(data, fields[k][1], "<Q", fields[k][2] ^ 1 << bit), [k]))
+    for i, (blob, words) in enumerate(cases):
+        (tmp_path / f"bad{i}.gguf").write_bytes(blob)
+        _fails(capsys, tmp_path, tmp_path / f"bad{i}.gguf", *words)
+
+
+def test_padding_that_is_not_zero_is_refused(capsys, tmp_path):
+    # A 4-value F32 tensor re-typed F16 still fits the 32-byte alignment gap: its last 8 bytes, now "padding",
+    # are not the 0x00 the GGUF specification puts there.
+    src = tmp_path / "m.gguf"
+    write_gguf(src, model_dir("llama-gqa"), extra={"tiny.weight": (np.ones(4, np.float32), "F32")})
+    fields = tensor_fields(src)
+    src.write_bytes(_patched(src.read_bytes(), fields["tiny.weight"][0], "<I", int(gguf.GGMLQuantizationType.F16)))
+    _fails(capsys, tmp_path, src, "not all 0x00", args=["--no-tokenizer"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_weights_that_are_not_finite_are_refused(capsys, tmp_path, good, bad):
+    start = gguf.GGUFReader(str(good)).data_offset + tensor_fields(good)["blk.1.ffn_up.weight"][2]
+    (tmp_path / "bad.gguf").write_bytes(_patched(good.read_bytes(), start + 40, "<f", bad))  # an F32 tensor
+    _fails(capsys, tmp_path, tmp_path / "bad.gguf", "blk.1.ffn_up.weight", "not finite")
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@serial_only
+@pytest.mark.parametrize("fails_on", ["tokenizer.json", "model.safetensors"])
+def test_a_file_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, good, fails_on):
+    # A full disk was "unexpected error", exit 1: tokenizers' Tokenizer.save raises its own Exception. A limit
+    # on the size of a file makes the write fail as a full disk does (an OSError, EFBIG instead of ENOSPC),
+    # without root, through the real libraries.
+    assert run(good, tmp_path / "ref", "--quiet") == 0
+    sizes = {f: os.path.getsize(tmp_path / "ref" / f) for f in os.listdir(tmp_path / "ref")}
+    limit = max(v for v in sizes.values() if v < sizes[fails_on]) + 1  # the files written before it fit
+    out = tmp_path / "sub" / "out"
+    (tmp_path / "sub").mkdir()
+    done = subprocess.run([sys.executable, "-m", "mpitp.convert", str(good), str(out)], capture_output=True,
+                          text=True, timeout=60, env=child_env(), cwd=str(REPO), preexec_fn=_limit_file_size(limit))
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == f"mpitp.convert: error: {out}: cannot be written (File too large).\n"
+    assert os.listdir(tmp_path / "sub") == []
 
 
 def test_output_folder_rules(capsys, tmp_path, good):

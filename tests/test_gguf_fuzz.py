@@ -4,8 +4,9 @@ Two sources of malformed files: a valid small GGUF (written with the gguf packag
 flipped, or with a count, length, type or offset overwritten by an absurd value; and files assembled here
 field by field from drawn parts (magic, version, counts that lie, metadata of every value type with wrong
 types and huge lengths, tensor infos with bad dimensions, unknown types and offsets past the end). Any other
-exception, a crash or a hang is a bug. CI runs MPITP_FUZZ_EXAMPLES (default 300) per test; ``make fuzz``
-runs 10,000.
+exception, a crash or a hang is a bug. A third source must always be refused: the valid file with one tensor's
+offset or type changed, so that the tensor data no longer adds up. CI runs MPITP_FUZZ_EXAMPLES (default 300)
+per test; ``make fuzz`` runs 10,000.
 """
 
 import atexit
@@ -14,12 +15,13 @@ import shutil
 import struct
 import tempfile
 
+import gguf
 from gguf import GGUFReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import model_dir
-from gguf_util import write_gguf
+from gguf_util import tensor_fields, write_gguf
 from mpitp import MpitpError
 from mpitp.tools.convert import convert
 from test_convert import _tokenizer_meta
@@ -39,9 +41,11 @@ _reader = GGUFReader(VALID)
 FIELDS = sorted({f.offset + d for f in [*_reader.fields.values(), *(t.field for t in _reader.tensors)]
                  for d in (0, 8, 12, 16)} | {4, 8, 16})
 del _reader
+TENSORS = tensor_fields(VALID)  # name -> (where its type is, where its offset is, the offset)
+N_VALUES = {t.name: int(t.n_elements) for t in GGUFReader(VALID).tensors}
 
 
-def _converts_or_fails_cleanly(blob, tokenizer=True):
+def _converts_or_fails_cleanly(blob, tokenizer=True, must_fail=False):
     src, out = os.path.join(WORKDIR, "fuzz.gguf"), os.path.join(WORKDIR, "out")
     with open(src, "wb") as f:
         f.write(blob)
@@ -51,6 +55,7 @@ def _converts_or_fails_cleanly(blob, tokenizer=True):
         assert str(e) and str(e).isprintable()  # one line
         assert not os.path.exists(out)
     else:
+        assert not must_fail, "converted a file whose tensor data does not add up"
         assert sorted(os.listdir(out))[:2] == ["config.json", "generation_config.json"]
         shutil.rmtree(out)
     assert not [p for p in os.listdir(WORKDIR) if ".partial-" in p]
@@ -151,3 +156,33 @@ def assembled(draw):
 @given(assembled())
 def test_assembled_files(blob):
     _converts_or_fails_cleanly(blob)
+
+
+def _n_bytes(kind, n_values):
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    return None if n_values % block else n_values // block * size
+
+
+@st.composite
+def relocated(draw):
+    """The valid file with one tensor's data offset changed (by any amount, or one bit flipped), or its type
+    changed to one whose size for its values differs: the tensor data no longer tiles the data section."""
+    data = bytearray(VALID_BYTES)
+    name = draw(st.sampled_from(sorted(TENSORS)))
+    type_at, offset_at, offset = TENSORS[name]
+    if draw(st.booleans()):
+        new = draw(st.one_of(st.integers(0, 63).map(lambda bit: offset ^ 1 << bit), st.integers(0, 2**64 - 1)))
+        data[offset_at:offset_at + 8] = struct.pack("<Q", new if new != offset else offset + 32)
+    else:
+        n_values = N_VALUES[name]
+        old = _n_bytes(gguf.GGMLQuantizationType(struct.unpack_from("<I", data, type_at)[0]).name, n_values)
+        kinds = [t for t in gguf.GGML_QUANT_SIZES if _n_bytes(t.name, n_values) != old]
+        data[type_at:type_at + 4] = struct.pack("<I", int(draw(st.sampled_from(kinds))))
+    return bytes(data)
+
+
+@FUZZ
+@given(relocated())
+def test_tensor_data_that_does_not_add_up_is_refused(blob):
+    # The structure check alone refuses these: the same values would otherwise convert into a wrong model.
+    _converts_or_fails_cleanly(blob, tokenizer=False, must_fail=True)

@@ -15,10 +15,13 @@ A serial tool: it never imports mpi4py.
 """
 
 import argparse
+import itertools
+import math
 import os
 import re
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +45,9 @@ SHARD_KEYS = ("rank", "size", "d_head") + tuple(k for start, count, _ in RANGES.
 # far closer (mpitp at 1 to 4 ranks: about 1e-14), which --rtol/--atol can demand.
 DEFAULT_TOL = {"float64": (1e-5, 1e-5), "float32": (1e-3, 1e-4), "float16": (1e-2, 1e-2)}
 PRECISION = ["float16", "float32", "float64"]
-_KEY = re.compile(r"step(\d+)/(?:layer(\d+)/([A-Z]+)|(logits|tokens))\Z")
+_NUMBER = r"(0|[1-9][0-9]{0,17})"  # decimal, no leading zero: one spelling per number, and int() stays cheap
+_KEY = re.compile(rf"step{_NUMBER}/(?:layer{_NUMBER}/([A-Z]+)|(logits|tokens))\Z")
+_DEFLATE_RATIO = 1032  # deflate expands at most this much: a member that claims more lies about its size
 
 
 class CompareError(MpitpError):
@@ -126,6 +131,8 @@ class TraceDir:
             raise CompareError(f"{self.where(r)}: not a NumPy .npz archive ({e}).") from None
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise CompareError(f"{self.where(r)}: a single .npy array, not a .npz archive of named arrays.")
+        for info in f.zip.infolist():  # before anything is read: a header that lies must not allocate
+            _check_member(self.where(r), f.zip, info)
         return f
 
     def get(self, rank, key):
@@ -134,8 +141,10 @@ class TraceDir:
         except KeyError:
             raise CompareError(f"{self.where(rank)} has no key '{key}' (docs/trace.md lists the required "
                                f"keys).") from None
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise CompareError(f"{self.where(rank)}: key '{key}' cannot be read as a plain array ({e}).") from None
+        except MemoryError:  # a true header, but more than this machine holds
+            raise CompareError(f"{self.where(rank)}: key '{key}' does not fit in memory.") from None
 
     def _int(self, rank, key):
         value = self.get(rank, key)
@@ -175,6 +184,9 @@ class TraceDir:
                 raise CompareError(f"{self.label} {self.path}: the ranks' shard/{start_key} and shard/{count_key} "
                                    f"do not tile the model: {gap}.")
             end, last = max(end, stop), r
+        if end == 0:
+            raise CompareError(f"{self.label} {self.path}: no rank holds any {what} (every shard/{count_key} is 0); "
+                               f"write the whole range even when no tensor uses it.")
         return end
 
     def _tensor_keys(self):
@@ -200,21 +212,24 @@ class TraceDir:
         """Every step has every layer's named tensors and the same step-level keys: no holes."""
         layer_names = [n for n in self.names if n != "logits"]
         step_names = [n for n in ("logits", "tokens") if any(k[2] == n for k in self.keys)]
-        for s in range(self.steps):
-            for key in [(s, l, n) for l in range(self.layers) for n in layer_names] + [(s, None, n) for n in
-                                                                                       step_names]:
-                if key not in self.keys:
-                    raise CompareError(f"{self.where(0)} has no key '{key_name(*key)}' (the trace has "
-                                       f"{self.steps} steps and {self.layers} layers: every step has every key).")
+        if len(self.keys) == self.steps * (self.layers * len(layer_names) + len(step_names)):
+            return  # as many distinct keys as the steps and layers need, each in range: all of them
+        # Else the first missing one, in order: found within len(keys) + 1 candidates, so that a key claiming
+        # layer 100000000 is refused at once instead of after a walk over every layer up to it.
+        expected = ((s, l, n) for s in range(self.steps) for l in itertools.chain(range(self.layers), [None])
+                    for n in (layer_names if l is not None else step_names))
+        key = next(k for k in expected if k not in self.keys)
+        raise CompareError(f"{self.where(0)} has no key '{key_name(*key)}' (the trace has {self.steps} steps and "
+                           f"{self.layers} layers: every step has every key).")
 
     def rows(self, step):
         """``[rows, 2]`` token ids and positions of a step, or None when the trace has no tokens."""
         if (step, None, "tokens") not in self.keys:
             return None
         tokens = self.get(0, f"step{step}/tokens")
-        if tokens.ndim != 2 or tokens.shape[1] != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise CompareError(f"{self.where(0)}: step{step}/tokens must be integers [rows, 2] (token id, position), "
-                               f"got {tokens.dtype.name} {list(tokens.shape)}.")
+        if tokens.ndim != 2 or tokens.shape[1] != 2 or not np.issubdtype(tokens.dtype, np.integer) or not len(tokens):
+            raise CompareError(f"{self.where(0)}: step{step}/tokens must be integers [rows, 2] (token id, position) "
+                               f"with rows >= 1, got {tokens.dtype.name} {list(tokens.shape)}.")
         return tokens
 
     def width(self, name):
@@ -242,6 +257,9 @@ class TraceDir:
                 expected = f"[{rows if rows is not None else 'rows'}, {count if count is not None else 'width'}]"
                 why += f", a row per token of step{step}/tokens" if tokens is not None else ""
                 raise CompareError(f"{self.where(r)}: {key} is {list(a.shape)}, expected {expected}{why}.")
+            if a.shape[0] == 0 or a.shape[1] == 0 and kind is None:
+                raise CompareError(f"{self.where(r)}: {key} is {list(a.shape)}; a tensor has a row per token the "
+                                   f"forward consumed (at least one){'' if kind else ' and at least one column'}.")
             count = a.shape[1]
             if a.dtype.name not in PRECISION:
                 raise CompareError(f"{self.where(r)}: {key} is {a.dtype.name}; a trace's tensors are float16, "
@@ -259,6 +277,31 @@ class TraceDir:
     def close(self):
         for f in self.files:
             f.close()
+
+
+def _check_member(path, archive, info):
+    """The archive member ``info`` of the trace file ``path`` is a .npy array of plain numbers whose header
+    (shape and dtype) matches the bytes the member holds, and the member's size is one its compressed bytes can
+    hold; read from the header alone, so a header claiming 32 TiB is refused before anything is allocated."""
+    key = info.filename.removesuffix(".npy")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.file_size > (
+            info.compress_size if info.compress_type == zipfile.ZIP_STORED else info.compress_size * _DEFLATE_RATIO):
+        raise CompareError(f"{path}: key '{key}' claims {info.file_size} bytes in {info.compress_size} compressed "
+                           f"ones; the archive is corrupt (np.savez and np.savez_compressed write traces).")
+    try:
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                               np.lib.format.read_array_header_2_0)(f)
+            header = f.tell()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CompareError(f"{path}: key '{key}' is not a NumPy array ({e}).") from None
+    if dtype.hasobject:
+        raise CompareError(f"{path}: key '{key}' holds Python objects; a trace holds plain arrays.")
+    n_bytes = math.prod(shape) * dtype.itemsize
+    if n_bytes != info.file_size - header:
+        raise CompareError(f"{path}: key '{key}' is {dtype.name} of shape {list(shape)} ({n_bytes} bytes) by its "
+                           f"header, but holds {info.file_size - header} bytes; the file is corrupt.")
 
 
 def key_name(step, layer, name):

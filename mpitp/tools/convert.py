@@ -53,6 +53,10 @@ def write_safetensors(path, tensors, dtype, src):
         for name, shape, read, source in tensors:
             a = np.ascontiguousarray(read(), dtype=np.float32)
             assert a.shape == tuple(shape), (name, a.shape, shape)
+            if not np.isfinite(a).all():  # refused here, naming the GGUF tensor, not when the folder is loaded
+                raise CheckpointError(src, source, f"has {a.size - np.isfinite(a).sum()} values that are not "
+                                      "finite (NaN or inf) once dequantized; the file is damaged, or the model "
+                                      "diverged in training.")
             if dtype == "float16":
                 with np.errstate(over="ignore"):
                     a16 = a.astype(np.float16)
@@ -115,7 +119,8 @@ def convert(src, out_dir, dtype="float32", tokenizer=True):
         _write_json(os.path.join(tmp, "config.json"), {**config, "torch_dtype": dtype})
         _write_json(os.path.join(tmp, "generation_config.json"), generation)
         if tok is not None:
-            tok[0].save(os.path.join(tmp, "tokenizer.json"))
+            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(tok[0].to_str(pretty=True))  # not Tokenizer.save: a full disk is an OSError here
             _write_json(os.path.join(tmp, "tokenizer_config.json"), tok[1])
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, dtype, src)
         os.chmod(tmp, 0o777 & ~_umask())
