@@ -5,11 +5,15 @@ rank alike) when pytest itself runs under mpirun.
 """
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
 
-from conftest import golden, model_dir, run_cli, serial_only
+from conftest import REPO, golden, model_dir, run_cli, serial_only
 from mpitp.tokenizer import Tokenizer
 
 pytestmark = serial_only
@@ -158,3 +162,23 @@ def test_blas_threads_per_rank_share_the_node(n):
 def test_help():
     r = run_cli(["--help"])
     assert r.returncode == 0 and "--prompt-ids" in r.stdout and "--trace" in r.stdout
+
+
+def test_an_editable_install_is_imported_beside_the_clone_folder(tmp_path):
+    # The README's example saved in the folder that holds the clone `mpitp/` (no __init__.py at its top): the
+    # editable install that `pip install -e .` builds (setuptools' own PEP 660 hook, here without pip) must win.
+    build_meta = "import sys, setuptools.build_meta as b; print(b.build_editable(sys.argv[1]))"
+    clone, site = tmp_path / "mpitp", tmp_path / "site"
+    shutil.copytree(REPO / "mpitp", clone / "mpitp", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "setup.cfg", "README.md"):
+        shutil.copy(REPO / name, clone)
+    r = subprocess.run([sys.executable, "-c", build_meta, str(tmp_path)], cwd=clone, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    zipfile.ZipFile(tmp_path / r.stdout.split()[-1]).extractall(site)
+    (tmp_path / "example.py").write_text("import importlib.util, site, sys\nsite.addsitedir(sys.argv[1])\n"
+                                         "print(importlib.util.find_spec('mpitp').origin)\n")
+    # -S -E: no site-packages, no PYTHONPATH: only the script's folder and the install above can answer
+    r = subprocess.run([sys.executable, "-S", "-E", str(tmp_path / "example.py"), str(site)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == str(clone / "mpitp" / "__init__.py"), r.stdout + r.stderr
