@@ -177,8 +177,8 @@ def _run(args, comm, node_ranks):
         return 2
     load_seconds = time.perf_counter() - t_load
     threads, warning = set_blas_threads(args.threads, node_ranks)
-    if warning and rank == 0:
-        say(f"mpitp: {warning}")
+    if warning:
+        _say(args, rank, warning)
     cfg = model.config
     _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {n_params(cfg) / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
@@ -215,10 +215,10 @@ def _run(args, comm, node_ranks):
                           "sequences": sequences, "timing": timing}), flush=True)
     elif printer.stream:
         printer.finish(decoded[0])
-    else:
-        for i, r in enumerate(results):
-            print(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
-                  f"generated ids: {' '.join(map(str, r.token_ids))}", flush=True)
+    else:  # a blank line between sequences: a continuation can span lines
+        print("\n\n".join(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
+                            f"generated ids: {' '.join(map(str, r.token_ids))}" for i, r in enumerate(results)),
+              flush=True)
     rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
     _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} tokens, {t.prefill_seconds * 1e3:.1f}"
                      f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "
@@ -232,7 +232,11 @@ def _run(args, comm, node_ranks):
 
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
-    return run_command(build_parser, _run, "mpitp", argv)
+    try:
+        return run_command(build_parser, _run, "mpitp", argv)
+    except mpi.MPIUnavailable as e:  # before any rank exists: nothing to vote or abort with
+        say(f"mpitp: error: {e}")
+        return 1
 
 
 if __name__ == "__main__":
