@@ -118,6 +118,15 @@ def test_the_table_has_a_row_per_step_and_layer_and_marks_the_tensor_out_of_tole
                                                                                    "logits"]
     assert _marked(out) == [("1", "0", "D")]
     assert "out of tolerance: 1 element(s) in 1 of 51 tensors" in out
+    # --summary: the same verdict and first divergence, a line per step instead of the table
+    code, summary, _ = run_compare(traces["llama-gqa", 3], bad, "--summary")
+    steps = [x for x in summary.splitlines() if x.startswith("step ")]
+    assert code == 1 and "step  layer" not in summary and [x.split(":")[0] for x in steps] == ["step 0", "step 1",
+                                                                                              "step 2"]
+    assert steps[1].startswith("step 1: 1 of 17 tensors out of tolerance; the largest difference ")
+    assert "(step1/layer0/D); the closest to the tolerance step1/layer0/D, at " in steps[1]
+    assert all(x.startswith(f"step {s}: 0 of 17 tensors out of tolerance") for s, x in ((0, steps[0]), (2, steps[2])))
+    assert summary.splitlines()[-2:] == out.splitlines()[-2:]
 
 
 # --- a single perturbed element, anywhere, is found and located --------------------------------------------------

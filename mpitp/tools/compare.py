@@ -7,7 +7,8 @@ other, uneven ones included, and every copy is compared: each rank's copy of a r
 copies of a key/value head two ranks share. An element is within tolerance when
 ``|OTHER - REF| <= atol + rtol * |REF|`` (NumPy's ``isclose``); a NaN never is.
 
-Prints a table of the max abs and max rel error per step, layer and tensor, then the first divergence (in the
+Prints a table of the max abs and max rel error per step, layer and tensor (``--summary``: a line per step
+instead), then the first divergence (in the
 order the model computes: step, layer, A Q K V B C D E, then the step's logits), named by step, layer, tensor,
 row and, for a sharded tensor, the global head, MLP column or vocabulary id and the ranks that hold it in each
 trace. Exit status 0: everything within tolerance; 1: something is not; 2: bad input (one line on stderr).
@@ -68,6 +69,9 @@ def build_parser():
                         "either trace has; both must have each)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="compare only steps 0..N-1 (default: every step; both traces must have as many)")
+    p.add_argument("--summary", action="store_true",
+                   help="instead of the table (a row per step and layer), one line per step: its tensors out of "
+                        "tolerance, its largest difference and the tensor closest to its tolerance")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
 
@@ -508,7 +512,7 @@ def run(args, out=None):
                                            f"different models or prompts.")
                     results[s, l, n] = (compare_tensor(rp, op, rtol, atol), rp, op)
         lines = [ref.describe(), other.describe(), tol_line] + ([note] if note else [])
-        lines += _table(results, steps, ref.layers, names)
+        lines += _summary(results) if args.summary else _table(results, steps, ref.layers, names)
         failed = [(k, v) for k, v in results.items() if v[0].n_bad]
         if failed:
             (s, l, n), (found, rp, op) = failed[0]
@@ -533,6 +537,18 @@ def run(args, out=None):
 
 def _shape(parts, width):
     return [parts[0].array.shape[0], width if width is not None else parts[0].array.shape[1]]
+
+
+def _summary(results):
+    """``--summary``: a line per step compared, from the same findings as the table."""
+    lines = []
+    for s in sorted({key[0] for key in results}):
+        found = {key: v[0] for key, v in results.items() if key[0] == s}
+        largest, closest = (max(found, key=lambda k: getattr(found[k], x)) for x in ("max_abs", "max_ratio"))
+        lines.append(f"step {s}: {sum(1 for f in found.values() if f.n_bad)} of {len(found)} tensors out of "
+                     f"tolerance; the largest difference {found[largest].max_abs:.3g} ({key_name(*largest)}); the "
+                     f"closest to the tolerance {key_name(*closest)}, at {found[closest].max_ratio:.2g} of it")
+    return lines
 
 
 def _table(results, steps, layers, names):
