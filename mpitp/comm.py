@@ -10,9 +10,19 @@ import time
 
 import numpy as np
 
+from .errors import MpitpError
+
+
+class MPIUnavailable(MpitpError):
+    """mpi4py (or the MPI library under it) cannot be imported: one line naming what to install."""
+
 
 def _mpi():
-    from mpi4py import MPI  # importing mpi4py.MPI initialises MPI: not at `import mpitp`
+    try:
+        from mpi4py import MPI  # importing mpi4py.MPI initialises MPI: not at `import mpitp`
+    except (ImportError, RuntimeError) as e:  # RuntimeError: mpi4py is there, the MPI library it needs is not
+        raise MPIUnavailable(f"mpi4py does not work in {sys.executable} ({e}): `pip install mpi4py mpich`, or "
+                             f"`make install` in the clone and its .venv; on a cluster, see docs/install.md.") from None
     return MPI
 
 

@@ -5,6 +5,7 @@ in ``mpitp.sharding``. Every key that is read is checked here, so a bad config f
 sentence that names the key, not later inside a matmul.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -249,10 +250,26 @@ def _read_json(path, required):
         raise ConfigError(f"{path}: not readable as JSON ({str(e).split(';')[0]}).") from None  # not Python's advice
 
 
+def _not_a_folder(path):
+    """What a ``--model`` that is not a folder is, and what to give instead."""
+    if not os.path.exists(path):
+        return "model folder not found."
+    head = b""
+    if os.path.isfile(path):  # a regular file (not a FIFO, whose read would block)
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(4)
+    if head == b"GGUF":  # every GGUF file's first bytes, whatever its name
+        return f"a GGUF file, not a model folder: convert it once with `python -m mpitp.convert {path} OUT_DIR`, " \
+               f"then give --model OUT_DIR."
+    if str(path).endswith(".safetensors"):
+        return "a safetensors file, not a model folder: give the folder that holds it and its config.json."
+    return "not a folder; give a Hugging Face model folder (config.json and model.safetensors)."
+
+
 def load_config(model_dir):
     """Read ``config.json`` (and ``generation_config.json`` if present) from a model folder."""
     if not os.path.isdir(model_dir):
-        raise ConfigError(f"{model_dir}: model folder not found (or not a folder).")
+        raise ConfigError(f"{model_dir}: {_not_a_folder(model_dir)}")
     cfg = _read_json(os.path.join(model_dir, "config.json"), required=True)
     gen = _read_json(os.path.join(model_dir, "generation_config.json"), required=False)
     return config_from_dict(cfg, os.path.join(model_dir, "config.json"), gen)

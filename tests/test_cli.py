@@ -5,11 +5,17 @@ rank alike) when pytest itself runs under mpirun.
 """
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
 
-from conftest import golden, model_dir, run_cli, serial_only
+from conftest import REPO, child_env, golden, model_dir, run_cli, serial_only
+from mpitp import ConfigError
+from mpitp.config import load_config
 from mpitp.tokenizer import Tokenizer
 
 pytestmark = serial_only
@@ -75,22 +81,22 @@ def test_text_prompt_through_tokenizer_json_reproduces_hugging_face(n):
     assert streamed.returncode == 0 and streamed.stdout == GOLDEN_TEXT + str(g["text_continuation_f64"]) + "\n"
 
 
-def test_batch_of_text_prompts_prints_one_line_each():
+def test_batch_of_text_prompts_prints_each_text_after_a_blank_line():
     r = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt", GOLDEN_TEXT, "--prompt", "abc", "--max-new-tokens",
                  "5", "--ignore-eos", "--json"], n=2)
     assert r.returncode == 0, r.stderr
     seqs = json.loads(r.stdout)["sequences"]
     plain = run_cli(["--model", model_dir("gpt2-tiny"), "--prompt", GOLDEN_TEXT, "--prompt", "abc",
                      "--max-new-tokens", "5", "--ignore-eos"], n=2)
-    assert plain.stdout.splitlines() == [s["prompt"] + s["text"] for s in seqs]
+    assert plain.stdout == "\n\n".join(s["prompt"] + s["text"] for s in seqs) + "\n"
 
 
 def test_default_model_sorts_digits():
     # No arguments at all: the bundled digit sorter answers its sample prompts, at 2 ranks.
     r = run_cli([], n=2)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert len(lines) == 4
+    lines = r.stdout.removesuffix("\n").split("\n\n")  # one line per prompt, a blank line between
+    assert len(lines) == 4 and r.stdout.count("\n") == 7
     for line in lines:
         prompt, answer = line.split("=")
         assert answer == "".join(sorted(prompt.removeprefix("sort:")))
@@ -100,6 +106,18 @@ def _one_error_line(r, expected):
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and expected in errors[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_a_file_given_as_the_model_says_what_to_give(tmp_path):
+    gguf, safetensors = tmp_path / "smol.bin", tmp_path / "model.safetensors"
+    gguf.write_bytes(b"GGUF" + bytes(20))  # a GGUF file by its first bytes, whatever its name
+    safetensors.write_bytes(bytes(8))
+    r = run_cli(["--model", str(gguf), "--prompt", "a"], n=2, timeout=60)
+    assert r.returncode == 2
+    _one_error_line(r, f"mpitp: error: {gguf}: a GGUF file, not a model folder: convert it once with `python -m "
+                       f"mpitp.convert {gguf} OUT_DIR`, then give --model OUT_DIR.")
+    with pytest.raises(ConfigError, match="a safetensors file, not a model folder: give the folder that holds it"):
+        load_config(safetensors)
 
 
 def test_more_ranks_than_heads_is_refused_once_with_the_limit():
@@ -155,6 +173,41 @@ def test_blas_threads_per_rank_share_the_node(n):
     assert f"BLAS threads per rank: {max(1, len(os.sched_getaffinity(0)) // per_node)};" in r.stderr
 
 
+def test_quiet_is_quiet_even_about_oversubscribed_cores():
+    args = ["--prompt-ids", "1,2", "--max-new-tokens", "1", "--threads", "100000"]  # more than any node's cores
+    loud, quiet = run_cli(args, n=2, timeout=60), run_cli(args + ["--quiet"], n=2, timeout=60)
+    assert loud.returncode == quiet.returncode == 0 and "mpitp: warning: " in loud.stderr, loud.stderr
+    assert quiet.stderr == "" and quiet.stdout == loud.stdout
+
+
 def test_help():
     r = run_cli(["--help"])
     assert r.returncode == 0 and "--prompt-ids" in r.stdout and "--trace" in r.stdout
+
+
+def test_an_editable_install_is_imported_beside_the_clone_folder(tmp_path):
+    # The README's example saved in the folder that holds the clone `mpitp/` (no __init__.py at its top): the
+    # editable install that `pip install -e .` builds (setuptools' own PEP 660 hook, here without pip) must win.
+    build_meta = "import sys, setuptools.build_meta as b; print(b.build_editable(sys.argv[1]))"
+    clone, site = tmp_path / "mpitp", tmp_path / "site"
+    shutil.copytree(REPO / "mpitp", clone / "mpitp", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "setup.cfg", "README.md"):
+        shutil.copy(REPO / name, clone)
+    r = subprocess.run([sys.executable, "-c", build_meta, str(tmp_path)], cwd=clone, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    zipfile.ZipFile(tmp_path / r.stdout.split()[-1]).extractall(site)
+    (tmp_path / "example.py").write_text("import importlib.util, site, sys\nsite.addsitedir(sys.argv[1])\n"
+                                         "print(importlib.util.find_spec('mpitp').origin)\n")
+    # -S -E: no site-packages, no PYTHONPATH: only the script's folder and the install above can answer
+    r = subprocess.run([sys.executable, "-S", "-E", str(tmp_path / "example.py"), str(site)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == str(clone / "mpitp" / "__init__.py"), r.stdout + r.stderr
+
+
+def test_without_mpi4py_one_line_says_what_to_install():
+    blocked = "import sys; sys.modules['mpi4py'] = None; from mpitp.cli.generate import main; sys.exit(main([]))"
+    r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60,
+                       env=child_env(), cwd=str(REPO))
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("mpitp: error: mpi4py does not work in ") and "`pip install mpi4py mpich`" in r.stderr

@@ -119,6 +119,15 @@ def test_the_table_has_a_row_per_step_and_layer_and_marks_the_tensor_out_of_tole
                                                                                    "logits"]
     assert _marked(out) == [("1", "0", "D")]
     assert "out of tolerance: 1 element(s) in 1 of 51 tensors" in out
+    # --summary: the same verdict and first divergence, a line per step instead of the table
+    code, summary, _ = run_compare(traces["llama-gqa", 3], bad, "--summary")
+    steps = [x for x in summary.splitlines() if x.startswith("step ")]
+    assert code == 1 and "step  layer" not in summary and [x.split(":")[0] for x in steps] == ["step 0", "step 1",
+                                                                                              "step 2"]
+    assert steps[1].startswith("step 1: 1 of 17 tensors out of tolerance; the largest difference ")
+    assert "(step1/layer0/D); the closest to the tolerance step1/layer0/D, at " in steps[1]
+    assert all(x.startswith(f"step {s}: 0 of 17 tensors out of tolerance") for s, x in ((0, steps[0]), (2, steps[2])))
+    assert summary.splitlines()[-2:] == out.splitlines()[-2:]
 
 
 # --- a single perturbed element, anywhere, is found and located --------------------------------------------------
@@ -372,11 +381,33 @@ def test_decode_steps_fed_different_tokens_are_a_divergence(traces, tmp_path):
 def test_tolerance_defaults_follow_the_lower_precision(traces, paths, tmp_path):
     f32 = write_trace(tmp_path / "f32", paths["llama-gqa"], 2, dtype="float32")
     code, out, _ = run_compare(f32, traces["llama-gqa", 3])
-    assert code == 0 and "rtol 0.001, atol 0.0001 (the float32 defaults; REF is float32, OTHER float64)" in out
+    assert code == 0 and "rtol 0.001, atol 0.001 (the float32 defaults; REF is float32, OTHER float64)" in out
     code, out, _ = run_compare(f32, traces["llama-gqa", 3], "--rtol", "0", "--atol", "0")
     assert code == 1 and "(--rtol and --atol given; REF is float32, OTHER float64)" in out
     code, out, _ = run_compare(f32, traces["llama-gqa", 3], "--atol", "1e-4")
     assert "rtol 0.001, atol 0.0001 (--atol given; the other is the float32 default;" in out
+
+
+def _precision(value):
+    return lambda a: a.update({"meta/precision": np.array(value)})
+
+
+def test_an_engine_that_computed_in_float32_gets_the_float32_tolerance_and_a_divergence_still_fails(traces, tmp_path):
+    mixed = edit(traces["llama-gqa", 2], tmp_path / "mixed", _precision("float32"))
+    code, out, _ = run_compare(traces["llama-gqa", 3], mixed)
+    assert code == 0 and ("rtol 0.001, atol 0.001 (the float32 defaults; REF is float64, OTHER float64 computed "
+                          "partly in float32, says its meta/precision)") in out
+    value = float(np.load(mixed / "rank0.npz")["step1/layer1/D"][0, 3])  # MLP column 3 is on rank 0 of 2
+    bad = edit(mixed, tmp_path / "bad", _set("step1/layer1/D", value + 0.01, (0, 3)), ranks={0})
+    code, out, _ = run_compare(traces["llama-gqa", 3], bad)
+    assert abs(value) < 1 and code == 1  # 0.01 off: beyond 1e-3 + 1e-3 |REF|
+    assert first_divergence(out).startswith("first divergence: step 1, layer 1, tensor D, row 0 ")
+    higher = edit(traces["llama-gqa", 2], tmp_path / "higher", _precision("float64"))
+    assert "(the float64 defaults; REF is float64, OTHER float64)" in run_compare(traces["llama-gqa", 3], higher)[1]
+    wrong = edit(traces["llama-gqa", 2], tmp_path / "wrong", _precision("fp8"))
+    code, out, err = run_compare(traces["llama-gqa", 3], wrong)
+    assert code == 2 and out == "" and err == (f"mpitp.compare: error: {wrong / 'rank0.npz'}: meta/precision is 'fp8'; "
+                                               f"it names a dtype: float16, float32, float64.\n")
 
 
 def test_the_command_line_is_serial_and_imports_neither_mpi4py_nor_torch(traces, tmp_path):
@@ -436,7 +467,9 @@ def hf_traces(tmp_path_factory):
 def test_hugging_face_and_mpitp_agree_tensor_by_tensor(traces, hf_traces, model):
     for p in (1, 2, 3, 4):
         code, out, err = run_compare(traces[model, p], hf_traces[model])
-        assert code == 0 and "(the float64 defaults; REF is float64, OTHER float64)" in out, out + err
+        precision = "float32 defaults; REF is float64, OTHER float64 computed partly in float32, says its " \
+                    "meta/precision" if model == "llama-gqa" else "float64 defaults; REF is float64, OTHER float64"
+        assert code == 0 and f"(the {precision})" in out, out + err
         assert "OTHER " + str(hf_traces[model]) + ": 1 rank, float64, 3 steps, 2 layers, config.json" in out
     if model == "gpt2-tiny":  # transformers' GPT-2 is float64 throughout: it agrees with mpitp far closer
         assert run_compare(traces[model, 2], hf_traces[model], "--rtol", "1e-11", "--atol", "1e-11")[0] == 0

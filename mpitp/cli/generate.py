@@ -160,6 +160,23 @@ def _agreement(args, model, prompts, max_new):
             ("--trace (given or not)", bool(args.trace))]
 
 
+def _print_results(args, printer, results, texts, tokenizer, header, timing):
+    """Rank 0's stdout once every sequence is done: one JSON object, the end of the streamed text, or each
+    prompt's text (or ids), a blank line between two (a continuation can span lines)."""
+    decoded = [tokenizer.decode(r.token_ids) if tokenizer else None for r in results]
+    if args.json:
+        sequences = [{"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                      **({"prompt": texts[i] if texts else tokenizer.decode(r.prompt_ids), "text": decoded[i]}
+                         if tokenizer else {})} for i, r in enumerate(results)]
+        print(json.dumps({**header, "sequences": sequences, "timing": timing}), flush=True)
+    elif printer.stream:
+        printer.finish(decoded[0])
+    else:
+        print("\n\n".join(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
+                            f"generated ids: {' '.join(map(str, r.token_ids))}" for i, r in enumerate(results)),
+              flush=True)
+
+
 def _run(args, comm, node_ranks):
     rank, size = comm.Get_rank(), comm.Get_size()
     t_load = time.perf_counter()
@@ -171,8 +188,8 @@ def _run(args, comm, node_ranks):
     model, tokenizer, texts, prompts, max_new, sampler, cache = prepared
     load_seconds = time.perf_counter() - t_load
     threads, warning = set_blas_threads(args.threads, node_ranks)
-    if warning and rank == 0:
-        say(f"mpitp: {warning}")
+    if warning:
+        _say(args, rank, warning)
     cfg = model.config
     _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {n_params(cfg) / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
@@ -197,22 +214,11 @@ def _run(args, comm, node_ranks):
     if rank != 0:
         return 0
     t = results[0].timing
-    decoded = [tokenizer.decode(r.token_ids) if tokenizer else None for r in results]
-    if args.json:
-        sequences = [{"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                      **({"prompt": texts[i] if texts else tokenizer.decode(r.prompt_ids), "text": decoded[i]}
-                         if tokenizer else {})} for i, r in enumerate(results)]
-        timing = {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s,
-                  "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
-                  "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
-        print(json.dumps({"model": args.model, "model_type": cfg.model_type, "ranks": size, "dtype": args.dtype,
-                          "sequences": sequences, "timing": timing}), flush=True)
-    elif printer.stream:
-        printer.finish(decoded[0])
-    else:
-        for i, r in enumerate(results):
-            print(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
-                  f"generated ids: {' '.join(map(str, r.token_ids))}", flush=True)
+    timing = {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s,
+              "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
+              "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
+    _print_results(args, printer, results, texts, tokenizer, {"model": args.model, "model_type": cfg.model_type,
+                                                              "ranks": size, "dtype": args.dtype}, timing)
     rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
     _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} tokens, {t.prefill_seconds * 1e3:.1f}"
                      f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "
@@ -226,7 +232,11 @@ def _run(args, comm, node_ranks):
 
 def main(argv=None):
     """Entry point; returns the process exit status (0 ok, 2 bad input, 1 unexpected error)."""
-    return run_command(build_parser, _run, "mpitp", argv)
+    try:
+        return run_command(build_parser, _run, "mpitp", argv)
+    except mpi.MPIUnavailable as e:  # before any rank exists: nothing to vote or abort with
+        say(f"mpitp: error: {e}")
+        return 1
 
 
 if __name__ == "__main__":

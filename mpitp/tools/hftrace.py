@@ -189,6 +189,8 @@ def _run(args):
     arrays = trace_arrays(torch, model, args.prompt_ids, args.max_new_tokens)
     arrays["format/version"] = np.int64(1)
     arrays["meta/config_sha256"] = np.array(hashlib.sha256(config_bytes).hexdigest())
+    if args.dtype == "float64" and FAMILIES[model.config.model_type] is _LLAMA:  # compare's tolerance follows it
+        arrays["meta/precision"] = np.array("float32")  # LlamaRMSNorm and the RoPE tables compute in float32
     arrays["meta/engine"] = np.array(f"transformers {transformers.__version__} (torch {torch.__version__}, "
                                      f"{model.config._attn_implementation} attention, {args.dtype})")
     path = os.path.join(args.out, "rank0.npz")
