@@ -326,6 +326,57 @@ def test_add_bos_token(tmp_path):
     assert Tokenizer(str(tmp_path / "out"), bos_token_id=0).encode("hello") == raw.encode("hello").ids
 
 
+SP_WORDS = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "\u2581hello", "\u2581w", "or",
+            "\u2581wor", "ld", "\u2581world"]
+
+
+def _gemma3_sentencepiece(tmp_path):
+    """A Gemma 3 GGUF file with a small SentencePiece vocabulary as llama.cpp writes Gemma's: control tokens,
+    user-defined "\\n" and two spaces (spelled with real spaces), 256 byte tokens, then the pieces in merge
+    order with falling scores; no merges. Returns (path, {token: id}); the weights are random."""
+    from st_util import write_safetensors
+    from mpitp.tools.gguf_model import hf_shapes
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "  "]
+    types = [3] * 6 + [4, 4] + [6] * 256 + [1] * len(SP_WORDS)
+    tokens += [f"<0x{b:02X}>" for b in range(256)] + SP_WORDS
+    scores = [-1000.0] * 8 + [0.0] * 256 + [-float(i) for i in range(len(SP_WORDS))]
+    cfg = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 64,
+           "rms_norm_eps": 1e-6, "sliding_window": 8, "vocab_size": len(tokens), "tie_word_embeddings": True}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    write_safetensors(tmp_path / "hf" / "model.safetensors", {k: rng.standard_normal(v).astype(np.float32)
+                                                              for k, v in hf_shapes("gemma3", cfg).items()})
+    write_gguf(tmp_path / "m.gguf", tmp_path / "hf", tokenizer=dict(
+        model="llama", tokens=tokens, token_type=types, scores=scores, bos=2, eos=1, add_bos=True))
+    return tmp_path / "m.gguf", {t.replace(" ", "\u2581"): i for i, t in enumerate(tokens)}
+
+
+def test_gemma3_sentencepiece_tokenizer(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    src, ids = _gemma3_sentencepiece(tmp_path)
+    convert(src, tmp_path / "out")
+    tok = HFTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    byte = lambda b: ids[f"<0x{b:02X}>"]  # noqa: E731
+    expected = {  # worked by hand: spaces are "\u2581", the piece earlier in the vocabulary merges first
+        "hello world": ["hello", "\u2581world"], " hello": ["\u2581hello"],
+        "hello  world": ["hello", "\u2581\u2581", "w", "or", "ld"],  # the two spaces merge before "\u2581w"
+        "h\u00e9\n": ["h", 0xC3, 0xA9, "\n"], "x": [0x78],  # bytes where the vocabulary has no piece
+        "<start_of_turn>hello<end_of_turn>": ["<start_of_turn>", "hello", "<end_of_turn>"], "": []}
+    for text, pieces in expected.items():
+        want = [ids["<bos>"]] + [byte(p) if isinstance(p, int) else ids[p] for p in pieces]
+        assert tok.encode(text).ids == want, text
+        assert tok.decode(want, skip_special_tokens=True) == text.replace("<start_of_turn>", "").replace(
+            "<end_of_turn>", "")
+    assert Tokenizer(str(tmp_path / "out"), bos_token_id=2).encode("hello world") == tok.encode("hello world").ids
+    assert tok.id_to_token(7) == "\u2581\u2581" and tok.token_to_id("  ") is None  # spelled as Gemma's own
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in list(expected) + TEXTS + ["  hello   world  ", "\n\n hello\n"]:
+        assert theirs(text)["input_ids"] == tok.encode(text).ids, text
+
+
 def test_transformers_loads_the_converted_folders(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
