@@ -176,7 +176,8 @@ def _tiny_family(folder, family):
                                                               query_pre_attn_scalar=32, sliding_window=5),
               "qwen3": lambda: transformers.Qwen3Config(**sizes, num_hidden_layers=2, head_dim=24,
                                                         tie_word_embeddings=False),
-              "qwen2": lambda: transformers.Qwen2Config(**sizes, num_hidden_layers=2, tie_word_embeddings=True)}[family]()
+              "qwen2": lambda: transformers.Qwen2Config(**sizes, num_hidden_layers=2, tie_word_embeddings=True)}
+    config = config[family]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -436,7 +437,8 @@ def test_bad_headers(capsys, tmp_path, good):
 def test_bad_metadata_and_tensors(capsys, tmp_path):
     hf = model_dir("llama-gqa")
     U32 = gguf.GGUFValueType.UINT32
-    cases = [({"meta": {"general.architecture": ("falcon", None)}}, ["architecture 'falcon'", "llama, qwen2, qwen3, gemma3, gpt2"]),
+    cases = [({"meta": {"general.architecture": ("falcon", None)}},
+              ["architecture 'falcon'", "llama, qwen2, qwen3, gemma3, gpt2"]),
              ({"drop": ["llama.block_count"]}, ["'llama.block_count' is missing"]),
              ({"meta": {"llama.block_count": ("two", None)}}, ["'llama.block_count' must be an integer, got STRING"]),
              ({"meta": {"llama.attention.head_count": (0, U32)}}, ["positive integer"]),

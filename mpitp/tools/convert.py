@@ -144,9 +144,9 @@ def _umask():
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m mpitp.convert", formatter_class=HelpFormatter,
-                                description="Convert a GGUF file (llama.cpp's format; Llama, Qwen2, "
-                                            "Qwen3, Gemma 3 and GPT-2 architectures) into a Hugging Face model folder that mpitp and "
-                                            "transformers load. Needs the 'gguf' extra.")
+                                description="Convert a GGUF file (llama.cpp's format; Llama, Qwen2, Qwen3, "
+                                            "Gemma 3 and GPT-2 architectures) into a Hugging Face model folder "
+                                            "that mpitp and transformers load. Needs the 'gguf' extra.")
     p.add_argument("src", metavar="SRC.gguf", help="the GGUF file; tensors may be F32, F16, BF16, Q8_0, Q4_0, "
                    "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write; it must not exist yet (or be "
