@@ -4,8 +4,11 @@
 tensor names, matrices in GGUF's order (the first dimension fastest: torch's [out, in]; GPT-2's Conv1D
 [in, out] transposed), Llama's W_Q / W_K rows put in llama.cpp's per-head order (``permute_rows``), each
 tensor in the GGUF type the test asks for, and optionally a byte-level BPE tokenizer as metadata.
-``dequantize`` reads the bytes of the supported types back from the format's definition (block layouts in
-ggml's ggml-common.h), for comparing against what the converter writes.
+``dequantize`` reads the bytes of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 back from the format's definition (block
+layouts in ggml's ggml-common.h), for comparing against what the converter writes; other types it leaves to
+the ``gguf`` package's own dequantization, the converter's independent oracle for them. The ``gguf`` package
+cannot quantize the k-quants, so ``random_blocks`` makes valid blocks of any type (its float16 scales drawn
+from a given list, the other bytes random).
 """
 
 import json
@@ -18,6 +21,20 @@ from dense_reference import read_safetensors
 
 Q = gguf.GGMLQuantizationType
 BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32}
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+# Where each block's float16 scales (d, and dmin / m) sit, from ggml-common.h: Q6_K's d comes last
+SCALES_AT = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+             "Q6_K": [208]}
+
+
+def random_blocks(kind, n_blocks, rng, scales=(1e-3, -2e-3, 5e-4)):
+    """``[n_blocks, bytes per block]`` uint8: valid ``kind`` blocks, every byte random but the float16 scales
+    (of the types in ``SCALES_AT``), each drawn from ``scales``."""
+    size = gguf.GGML_QUANT_SIZES[Q[kind]][1]
+    raw = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    for at in SCALES_AT.get(kind, ()):
+        raw[:, at:at + 2] = rng.choice(np.array(scales, np.float16), n_blocks).view(np.uint8).reshape(-1, 2)
+    return raw
 
 
 def permute_rows(w, n_head):
@@ -43,13 +60,18 @@ def llama3_rope_freqs(cfg):
     return np.array(out, np.float32)
 
 
-def llama_names(layers):
-    """Hugging Face name -> llama.cpp's name, for a Llama of ``layers`` layers."""
+def llama_names(layers, arch="llama"):
+    """Hugging Face name -> llama.cpp's name, for a Llama (or ``arch`` qwen3 / gemma3) of ``layers`` layers."""
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    if arch in ("qwen3", "gemma3"):
+        parts.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    if arch == "gemma3":  # Gemma's four norms a block: llama.cpp's ffn_norm is the one before the MLP
+        parts.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
     for layer in range(layers):
         for hf, gg in parts.items():
             for p in ("weight", "bias"):
@@ -76,12 +98,19 @@ def encode(a, kind):
         return a, None
     if kind == "F16":
         return a.astype(np.float16), None
-    return gguf.quants.quantize(a, Q[kind]), Q[kind]
+    try:
+        return gguf.quants.quantize(a, Q[kind]), Q[kind]
+    except NotImplementedError:  # the k-quants and others: random blocks of a's shape
+        block, size = gguf.GGML_QUANT_SIZES[Q[kind]]
+        raw = random_blocks(kind, a.size // block, np.random.default_rng(a.size))
+        return raw.reshape(*a.shape[:-1], a.shape[-1] // block * size), Q[kind]
 
 
 def dequantize(raw, kind, shape):
     """The float32 values of the bytes ``raw`` of one tensor of GGUF type ``kind`` (NumPy ``shape``)."""
     raw = np.frombuffer(bytes(raw), np.uint8)
+    if kind not in ("F32", "F16", "BF16", *BLOCK):
+        return gguf.quants.dequantize(raw, Q[kind]).astype(np.float32).reshape(shape)
     if kind == "F32":
         return raw.view("<f4").reshape(shape)
     if kind == "F16":
@@ -123,7 +152,7 @@ def write_gguf(path, model_dir, types=lambda name: "F32", tokenizer=None, drop=(
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     tensors = read_safetensors(model_dir / "model.safetensors")
-    arch = "gpt2" if cfg["model_type"] == "gpt2" else "llama"
+    arch = {"gpt2": "gpt2", "gemma3_text": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg["model_type"], "llama")
     w = gguf.GGUFWriter(str(path), arch)
     if arch == "gpt2":
         names = gpt2_names(cfg["n_layer"])
@@ -132,26 +161,32 @@ def write_gguf(path, model_dir, types=lambda name: "F32", tokenizer=None, drop=(
                 "attention.head_count": cfg["n_head"]}
         floats = {"attention.layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5)}
     else:
-        names = llama_names(cfg["num_hidden_layers"])
+        names = llama_names(cfg["num_hidden_layers"], arch)
         n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
         d_head = cfg.get("head_dim") or cfg["hidden_size"] // n_head
         keys = {"block_count": cfg["num_hidden_layers"], "context_length": cfg["max_position_embeddings"],
                 "embedding_length": cfg["hidden_size"], "feed_forward_length": cfg["intermediate_size"],
                 "attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": d_head}
         rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0)}
+        rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' (the sliding ones' is not stored)
         floats = {"rope.freq_base": rope["rope_theta"], "attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"]}
+        if cfg.get("head_dim"):  # llama.cpp's converter writes a config's head_dim as these two
+            keys.update({"attention.key_length": d_head, "attention.value_length": d_head})
+        if arch == "gemma3":
+            keys["attention.sliding_window"] = cfg["sliding_window"]
     meta = dict(meta or {})
     for k, v in keys.items():
         meta.setdefault(f"{arch}.{k}", (v, gguf.GGUFValueType.UINT32))
     for k, v in floats.items():
         meta.setdefault(f"{arch}.{k}", (v, gguf.GGUFValueType.FLOAT32))
     if tokenizer is not None:
-        meta.setdefault("tokenizer.ggml.model", ("gpt2", None))
-        meta.setdefault("tokenizer.ggml.pre", (tokenizer["pre"], None))
+        meta.setdefault("tokenizer.ggml.model", (tokenizer.get("model", "gpt2"), None))
+        meta.setdefault("tokenizer.ggml.pre", (tokenizer.get("pre", "default"), None))
         meta.setdefault("tokenizer.ggml.tokens", (tokenizer["tokens"], None))
         meta.setdefault("tokenizer.ggml.token_type", (tokenizer["token_type"], None))
-        if tokenizer["merges"]:
-            meta.setdefault("tokenizer.ggml.merges", (tokenizer["merges"], None))
+        for key in ("merges", "scores"):  # SentencePiece vocabularies have scores and no merges
+            if tokenizer.get(key):
+                meta.setdefault(f"tokenizer.ggml.{key}", (tokenizer[key], None))
         for key in ("bos", "eos"):  # from the tokenizer dict, else the model's config
             token_id = tokenizer.get(key, cfg.get(f"{key}_token_id"))
             if token_id is not None:
@@ -174,9 +209,11 @@ def write_gguf(path, model_dir, types=lambda name: "F32", tokenizer=None, drop=(
                 "mlp_bias" if ".mlp." in hf_name else "attention_bias", False):
             continue  # the random test models carry biases their config switches off
         name = names[hf_name]
-        if arch == "llama" and cfg.get("tie_word_embeddings") and name == "output.weight" or name in drop:
+        if arch != "gpt2" and cfg.get("tie_word_embeddings") and name == "output.weight" or name in drop:
             continue
         a = np.asarray(a, np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            a = a + np.float32(1)  # llama.cpp stores Gemma's RMSNorm scale 1 + w
         if arch == "llama" and permute and (".attn_q." in name or ".attn_k." in name):
             a = permute_rows(a, n_head if ".attn_q." in name else n_kv)
         if arch == "gpt2" and a.ndim == 2 and name.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, child_env, golden, model_dir, serial_only
 from dense_reference import read_safetensors
-from gguf_util import dequantize, llama_names, permute_rows, tensor_fields, write_gguf
+from gguf_util import K_QUANTS, dequantize, llama_names, permute_rows, random_blocks, tensor_fields, write_gguf
 from mpitp import CheckpointError, MpitpError, comm, load_model
 from mpitp.config import load_config
 from mpitp.tools.convert import convert, main
@@ -28,7 +28,7 @@ from mpitp.tokenizer import Tokenizer
 from random_models import write_random_model
 from st_util import to_bf16_bits
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 TEXTS = ["Hello, world! A plain ASCII sentence; with (punctuation) [and] {brackets}...",
          "runs of spaces:  two   three    four     five, trailing   ", "   leading spaces",
          "tabs:\tone\t\ttwo\t\t\tthree \t mixed", "newlines:\none\n\ntwo\n\n\nthree\r\nwindows\n",
@@ -118,23 +118,104 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_every_supported_tensor_type(tmp_path, kind):
-    # SmolLM2's layout (9 query heads, 3 key/value heads) with sizes that are whole quantization blocks.
-    src_dir = write_random_model(tmp_path / "hf", "llama-9h", hidden_size=288, intermediate_size=64)
+    # SmolLM2's layout (9 query heads, 3 key/value heads) with sizes that are whole quantization blocks; for
+    # the k-quants (blocks of 256) a wider model, whose matrices are random blocks (the gguf package cannot
+    # quantize to them): checked against the gguf package's dequantization, not against the original.
+    src_dir = write_random_model(tmp_path / "hf", "llama-9h", hidden_size=288, intermediate_size=64) \
+        if kind not in K_QUANTS else write_random_model(tmp_path / "hf", "llama-large", intermediate_size=256,
+                                                        num_hidden_layers=2)
     written = write_gguf(tmp_path / "m.gguf", src_dir, types=lambda name: kind)
     convert(tmp_path / "m.gguf", tmp_path / "out", tokenizer=False)
     converted = read_safetensors(tmp_path / "out" / "model.safetensors")
     original = read_safetensors(os.path.join(src_dir, "model.safetensors"))
     cfg = load_config(src_dir)
-    tolerance = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q4_0": 0.2, "Q4_1": 0.2}[kind]
+    tolerance = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q4_0": 0.2, "Q4_1": 0.2, "Q5_0": 0.1,
+                 "Q5_1": 0.1}.get(kind)
     for name, (stored_kind, raw, shape) in written.items():
-        hf = next(k for k in converted if llama_names(2).get(k) == name)
+        hf = next(k for k in converted if llama_names(cfg.n_layer).get(k) == name)
         expected = dequantize(raw, stored_kind, shape)
         if ".attn_q." in name or ".attn_k." in name:
             expected = _inverse_permutation(expected, cfg.n_head if ".attn_q." in name else cfg.n_kv_head)
         assert np.array_equal(converted[hf], expected), name
         error = np.linalg.norm(converted[hf] - original[hf]) / np.linalg.norm(original[hf])
-        assert error <= (tolerance if stored_kind == kind else 0), (name, error)
+        assert stored_kind != "F32" and tolerance is None or error <= (tolerance if stored_kind == kind else 0), \
+            (name, error)
     assert np.all(np.isfinite(logits(str(tmp_path / "out"), [1, 2, 3])))
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_dequantization_is_the_gguf_packages_bit_for_bit(monkeypatch, kind):
+    # Random blocks with extreme float16 scales (0, -0, the largest, the smallest subnormal, ...), dequantized
+    # a few blocks at a time (a small chunk, so that the chunking is crossed), against the gguf package.
+    from mpitp.tools import gguf_quants
+    monkeypatch.setattr(gguf_quants, "_CHUNK", 512)
+    block, size, _ = gguf_quants.TYPES[kind]
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]] == (block, size)
+    rng = np.random.default_rng(7)
+    if kind == "BF16":  # every bit pattern, NaNs included
+        raw = rng.integers(0, 2**16, 5000, dtype=np.uint16).view(np.uint8)
+    elif kind in ("F32", "F16"):
+        values = np.concatenate([rng.standard_normal(3000) * 10.0 ** rng.integers(-8, 8, 3000), [0, -0.0, np.inf,
+                                 -np.inf, 65504, -65504, 6e-8, np.finfo(np.float32).max, 1e-45]])
+        with np.errstate(over="ignore"):  # float32's largest is inf in float16
+            raw = values.astype(np.float32 if kind == "F32" else np.float16).view(np.uint8)
+    else:
+        raw = random_blocks(kind, 3001, rng, scales=(0, -0.0, 1, -1, 65504, -65504, 6e-8, 6.1e-5, 0.1, -3.7))
+    got = gguf_quants.dequantize(raw.tobytes(), kind)
+    want = np.asarray(gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[kind]), np.float32)
+    assert got.dtype == np.float32 and got.size == raw.size // size * block
+    assert np.array_equal(got.view(np.uint32), want.reshape(-1).view(np.uint32))
+    if kind not in ("F32", "F16", "BF16"):
+        assert np.isfinite(got).all() and np.abs(got).max() > 1e5  # the extreme scales are there
+
+
+def _tiny_family(folder, family):
+    """A tiny random model of ``family`` built with transformers' own class, saved in float32 with its norms
+    random multiples of 1/64 (so that llama.cpp's 1 + w for Gemma and back is exact)."""
+    transformers, torch = pytest.importorskip("transformers"), pytest.importorskip("torch")
+    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128, rms_norm_eps=1e-6)
+    config = {"gemma3": lambda: transformers.Gemma3TextConfig(**sizes, num_hidden_layers=7, head_dim=32,
+                                                              query_pre_attn_scalar=32, sliding_window=5),
+              "qwen3": lambda: transformers.Qwen3Config(**sizes, num_hidden_layers=2, head_dim=24,
+                                                        tie_word_embeddings=False),
+              "qwen2": lambda: transformers.Qwen2Config(**sizes, num_hidden_layers=2, tie_word_embeddings=True)}
+    config = config[family]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randint(-32, 33, p.shape) / 64 if "norm" in name else torch.randn(p.shape) * 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "qwen2"])
+def test_families_against_transformers(tmp_path, family):
+    # A model of each family through llama.cpp's GGUF layout (Gemma's norms + 1, no Q/K permutation) and back:
+    # the same tensors, and transformers computes the same logits from the converted folder (12 tokens, beyond
+    # Gemma's window of 5, whose layer 5 is global). transformers' own GGUF reading gives the same tensors.
+    transformers, torch = pytest.importorskip("transformers"), pytest.importorskip("torch")
+    model = _tiny_family(tmp_path / "hf", family)
+    write_gguf(tmp_path / "m.gguf", tmp_path / "hf")
+    convert(tmp_path / "m.gguf", tmp_path / "out", tokenizer=False)
+    original = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    converted = read_safetensors(tmp_path / "out" / "model.safetensors")
+    assert set(converted) == set(original)
+    for k in converted:
+        assert np.array_equal(converted[k], original[k]), k
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 250, 3, 99, 42, 7, 7, 128, 299, 1, 64]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, model(ids).logits)
+    a, b = ours.config.to_dict(), model.config.to_dict()
+    for key in ("head_dim", "layer_types", "sliding_window", "query_pre_attn_scalar", "rope_parameters",
+                "hidden_activation", "hidden_act", "tie_word_embeddings", "num_key_value_heads"):
+        assert a.get(key) == b.get(key), key
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    theirs = load_gguf_checkpoint(str(tmp_path / "m.gguf"), return_tensors=True, model_to_load=ours)["tensors"]
+    for k in converted:
+        assert np.array_equal(np.asarray(theirs[k], np.float32), converted[k]), k
 
 
 def _inverse_permutation(stored, n_head):
@@ -249,6 +330,57 @@ def test_add_bos_token(tmp_path):
     assert Tokenizer(str(tmp_path / "out"), bos_token_id=0).encode("hello") == raw.encode("hello").ids
 
 
+SP_WORDS = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "llo", "hello", "\u2581hello", "\u2581w", "or",
+            "\u2581wor", "ld", "\u2581world"]
+
+
+def _gemma3_sentencepiece(tmp_path):
+    """A Gemma 3 GGUF file with a small SentencePiece vocabulary as llama.cpp writes Gemma's: control tokens,
+    user-defined "\\n" and two spaces (spelled with real spaces), 256 byte tokens, then the pieces in merge
+    order with falling scores; no merges. Returns (path, {token: id}); the weights are random."""
+    from st_util import write_safetensors
+    from mpitp.tools.gguf_model import hf_shapes
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "  "]
+    types = [3] * 6 + [4, 4] + [6] * 256 + [1] * len(SP_WORDS)
+    tokens += [f"<0x{b:02X}>" for b in range(256)] + SP_WORDS
+    scores = [-1000.0] * 8 + [0.0] * 256 + [-float(i) for i in range(len(SP_WORDS))]
+    cfg = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 64,
+           "rms_norm_eps": 1e-6, "sliding_window": 8, "vocab_size": len(tokens), "tie_word_embeddings": True}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    write_safetensors(tmp_path / "hf" / "model.safetensors", {k: rng.standard_normal(v).astype(np.float32)
+                                                              for k, v in hf_shapes("gemma3", cfg).items()})
+    write_gguf(tmp_path / "m.gguf", tmp_path / "hf", tokenizer=dict(
+        model="llama", tokens=tokens, token_type=types, scores=scores, bos=2, eos=1, add_bos=True))
+    return tmp_path / "m.gguf", {t.replace(" ", "\u2581"): i for i, t in enumerate(tokens)}
+
+
+def test_gemma3_sentencepiece_tokenizer(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    src, ids = _gemma3_sentencepiece(tmp_path)
+    convert(src, tmp_path / "out")
+    tok = HFTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    byte = lambda b: ids[f"<0x{b:02X}>"]  # noqa: E731
+    expected = {  # worked by hand: spaces are "\u2581", the piece earlier in the vocabulary merges first
+        "hello world": ["hello", "\u2581world"], " hello": ["\u2581hello"],
+        "hello  world": ["hello", "\u2581\u2581", "w", "or", "ld"],  # the two spaces merge before "\u2581w"
+        "h\u00e9\n": ["h", 0xC3, 0xA9, "\n"], "x": [0x78],  # bytes where the vocabulary has no piece
+        "<start_of_turn>hello<end_of_turn>": ["<start_of_turn>", "hello", "<end_of_turn>"], "": []}
+    for text, pieces in expected.items():
+        want = [ids["<bos>"]] + [byte(p) if isinstance(p, int) else ids[p] for p in pieces]
+        assert tok.encode(text).ids == want, text
+        assert tok.decode(want, skip_special_tokens=True) == text.replace("<start_of_turn>", "").replace(
+            "<end_of_turn>", "")
+    assert Tokenizer(str(tmp_path / "out"), bos_token_id=2).encode("hello world") == tok.encode("hello world").ids
+    assert tok.id_to_token(7) == "\u2581\u2581" and tok.token_to_id("  ") is None  # spelled as Gemma's own
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in list(expected) + TEXTS + ["  hello   world  ", "\n\n hello\n"]:
+        assert theirs(text)["input_ids"] == tok.encode(text).ids, text
+
+
 def test_transformers_loads_the_converted_folders(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
@@ -308,14 +440,15 @@ def test_bad_headers(capsys, tmp_path, good):
 def test_bad_metadata_and_tensors(capsys, tmp_path):
     hf = model_dir("llama-gqa")
     U32 = gguf.GGUFValueType.UINT32
-    cases = [({"meta": {"general.architecture": ("falcon", None)}}, ["architecture 'falcon'", "llama, gpt2"]),
+    cases = [({"meta": {"general.architecture": ("falcon", None)}},
+              ["architecture 'falcon'", "llama, qwen2, qwen3, gemma3, gpt2"]),
              ({"drop": ["llama.block_count"]}, ["'llama.block_count' is missing"]),
              ({"meta": {"llama.block_count": ("two", None)}}, ["'llama.block_count' must be an integer, got STRING"]),
              ({"meta": {"llama.attention.head_count": (0, U32)}}, ["positive integer"]),
              ({"meta": {"llama.block_count": (3, U32)}}, ["blk.2.", "missing"]),
              ({"drop": ["blk.1.ffn_up.weight"]}, ["blk.1.ffn_up.weight", "missing"]),
-             ({"types": lambda n: "Q5_0" if n == "blk.0.attn_v.weight" else "F32"},
-              ["blk.0.attn_v.weight", "Q5_0", "F32, F16, BF16, Q8_0, Q4_0, Q4_1"]),
+             ({"types": lambda n: "IQ4_NL" if n == "blk.0.attn_v.weight" else "F32"},
+              ["blk.0.attn_v.weight", "IQ4_NL", "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K"]),
              ({"extra": {"blk.0.attn_x.weight": (np.ones((2, 4), np.float32), "F32")}}, ["blk.0.attn_x.weight"]),
              ({"extra": {"rope_freqs.weight": (np.array([1, 2, 1, 3], np.float32), "F32")}},
               ["rope_freqs.weight", "Llama 3"]),
@@ -328,7 +461,7 @@ def test_bad_metadata_and_tensors(capsys, tmp_path):
     for i, (kw, words) in enumerate(cases):
         src = tmp_path / f"bad{i}.gguf"
         tok = _tokenizer_meta(hf) if kw.pop("tok", False) else None
-        if kw.get("types"):  # Q5_0 needs whole blocks of 32: a model whose matrices are
+        if kw.get("types"):  # IQ4_NL needs whole blocks of 32: a model whose matrices are
             hf_q = write_random_model(tmp_path / "hf32", "llama-9h", hidden_size=288, intermediate_size=64)
             write_gguf(src, hf_q, **kw)
         else:

@@ -28,6 +28,7 @@ from .gguf_model import NAMES, hf_config, hf_tensors
 from .gguf_reader import GGUFFile, shown
 from .gguf_tokenizer import build_tokenizer
 
+CHECKED_BY_MPITP = ("gpt2", "llama", "qwen2")  # architectures whose model_type mpitp's core reads today
 DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
 
 
@@ -100,9 +101,11 @@ def convert(src, out_dir, dtype="float32", tokenizer=True):
     if layers > len(g.infos):
         raise CheckpointError(src, None, f"metadata '{arch}.block_count' is {layers}, more layers than the file "
                                          f"has tensors ({len(g.infos)}).")
-    cfg = config_from_dict(config, f"{src} (its metadata as config.json)")
-    tensors = hf_tensors(g, arch, cfg)
-    tok = build_tokenizer(g, cfg.n_vocab, cfg.n_ctx) if tokenizer else None
+    if arch in CHECKED_BY_MPITP:  # mpitp's own reading of config.json must accept what it will load
+        config_from_dict(config, f"{src} (its metadata as config.json)")
+    tensors = hf_tensors(g, arch, config)
+    n_ctx = config.get("n_positions", config.get("max_position_embeddings"))
+    tok = build_tokenizer(g, n_vocab, n_ctx) if tokenizer else None
     eot = config.pop("eot_token_id", None)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
     if eot is not None and eot != generation.get("eos_token_id", eot):
@@ -146,10 +149,11 @@ def _umask():
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m mpitp.convert", formatter_class=HelpFormatter,
-                                description="Convert a GGUF file (llama.cpp's format; Llama and GPT-2 "
-                                            "architectures) into a Hugging Face model folder that mpitp and "
-                                            "transformers load. Needs the 'gguf' extra.")
-    p.add_argument("src", metavar="SRC.gguf", help="the GGUF file; tensors may be F32, F16, BF16, Q8_0, Q4_0 or Q4_1")
+                                description="Convert a GGUF file (llama.cpp's format; Llama, Qwen2, Qwen3, "
+                                            "Gemma 3 and GPT-2 architectures) into a Hugging Face model folder "
+                                            "that mpitp and transformers load. Needs the 'gguf' extra.")
+    p.add_argument("src", metavar="SRC.gguf", help="the GGUF file; tensors may be F32, F16, BF16, Q8_0, Q4_0, "
+                   "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write; it must not exist yet (or be "
                    "empty). It is written under a temporary name beside it and renamed when complete")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",

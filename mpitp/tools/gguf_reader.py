@@ -26,6 +26,7 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointError, open_regular
+from .gguf_quants import TYPES, dequantize
 
 # Fixed-size value types (GGUF's numbering) as struct codes; 8 is a string, 9 an array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -33,7 +34,7 @@ _STRING, _ARRAY = 8, 9
 _TYPE_NAMES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING", "ARRAY", "UINT64",
                "INT64", "FLOAT64")
 _INTS = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # the tensor types the converter reads
+SUPPORTED_TYPES = tuple(TYPES)  # the tensor types the converter reads (gguf_quants dequantizes them)
 REQUIRED = object()
 _Tensor = collections.namedtuple("_Tensor", "data tensor_type")  # what gguf.quants.dequantize takes
 
@@ -273,7 +274,5 @@ class GGUFFile:
 
     def read(self, name):
         """The tensor dequantized to float32, in NumPy order (a GGUF matrix [in, out] is [out, in] here)."""
-        import gguf.quants
-
-        t = self._tensors[name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self.shape(name))
+        data = np.ascontiguousarray(self._tensors[name].data)  # the file's bytes (a view of the mapped file)
+        return dequantize(data.view(np.uint8).reshape(-1), self.infos[name][0]).reshape(self.shape(name))

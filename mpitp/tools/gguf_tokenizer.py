@@ -6,6 +6,14 @@ tokenizer.json), ``merges`` (``"a b"``, best first), ``token_type`` (1 normal, 3
 4 user-defined: matched whole but not special), ``pre`` (how text is split before the merges), the special
 token ids, ``add_bos_token`` and ``chat_template``. The tokenizer is rebuilt with the ``tokenizers`` library
 (the ``gguf`` extra), so that it splits and merges as the original model's tokenizer.json did.
+
+Gemma 3's tokenizer is SentencePiece's (``tokenizer.ggml.model`` = ``llama``): tokens spelled with ``▁`` for a
+space, ``<0xNN>`` byte tokens for what the vocabulary lacks, scores, and no merges. It is rebuilt as
+transformers rebuilds it from a GGUF file (its ``gemma_tokenizer``): a BPE model with byte fallback whose merges
+are every split of a token into two tokens, ranked by the token's place in the vocabulary (Gemma's scores do
+not follow its merge order); spaces become ``▁`` in a normalizer, nothing splits the text before the merges;
+llama.cpp's converter spelled the user-defined runs of spaces with real spaces, so they are spelled with ``▁``
+again.
 """
 
 from ..errors import CheckpointError
@@ -30,19 +38,22 @@ def build_tokenizer(g, n_vocab, n_ctx):
                                             "'mpitp[gguf]' (or pass --no-tokenizer).") from None
     kind = g.get("tokenizer.ggml.model", "str")
     pre = g.get("tokenizer.ggml.pre", "str", "default")
-    if kind != "gpt2" or pre not in PRE_TOKENIZERS:
+    sentencepiece = kind == "llama" and g.get("general.architecture", "str") == "gemma3"
+    if not sentencepiece and (kind != "gpt2" or pre not in PRE_TOKENIZERS):
         raise CheckpointError(g.path, None, f"tokenizer '{shown(kind)}' with pre-tokenizer '{shown(pre)}' is not "
                                             "supported: mpitp.convert builds byte-level BPE ('gpt2') tokenizers "
-                                            f"with {', '.join(PRE_TOKENIZERS)}; pass --no-tokenizer to convert the "
-                                            "weights alone.")
+                                            f"with {', '.join(PRE_TOKENIZERS)}, and Gemma 3's SentencePiece "
+                                            "('llama'); pass --no-tokenizer to convert the weights alone.")
     tokens, merges = g.get("tokenizer.ggml.tokens", "strs"), g.get("tokenizer.ggml.merges", "strs", [])
     types = g.get("tokenizer.ggml.token_type", "ints", [1] * len(tokens))
+    if sentencepiece:  # runs of spaces as the model's own vocabulary spells them; merges from the vocabulary
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(types) != len(tokens) or len(vocab) != len(tokens) or not 0 < len(tokens) <= n_vocab or "" in vocab:
         raise CheckpointError(g.path, None, f"the tokenizer has {len(tokens)} tokens ({len(vocab)} distinct) and "
                                             f"{len(types)} token types; it needs one type per token, distinct "
                                             f"non-empty tokens, and at most the embedding's {n_vocab} rows.")
-    pairs = [tuple(m.split(" ")) for m in merges]
+    pairs = _split_merges(tokens, vocab) if sentencepiece else [tuple(m.split(" ")) for m in merges]
     bad = next((i for i, p in enumerate(pairs) if len(p) != 2 or p[0] not in vocab or p[1] not in vocab
                 or p[0] + p[1] not in vocab), None)
     if bad is not None:
@@ -57,7 +68,7 @@ def build_tokenizer(g, n_vocab, n_ctx):
         special[role] = None if i is None else tokens[i]
     add = {e: g.get(f"tokenizer.ggml.add_{e}_token", "bool", False) and special[e] is not None for e in ("bos", "eos")}
     try:
-        tok = _build(vocab, pairs, types, PRE_TOKENIZERS[pre], add, special)
+        tok = _build(vocab, pairs, types, "sentencepiece" if sentencepiece else PRE_TOKENIZERS[pre], add, special)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 -- the library's errors, Rust panics included (a BaseException)
@@ -69,21 +80,36 @@ def build_tokenizer(g, n_vocab, n_ctx):
     return tok, config if template is None else {**config, "chat_template": template}
 
 
-def _build(vocab, pairs, types, style, add, special):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def _split_merges(tokens, vocab):
+    """SentencePiece's implied merges: each token's splits into two tokens, the tokens in vocabulary order and
+    a token's splits with the longer left part first (transformers' order, so that its ids are matched)."""
+    merges = []
+    for token in tokens:
+        splits = [(token[:i], token[i:]) for i in range(len(token) - 1, 0, -1)]
+        merges += [(a, b) for a, b in splits if a in vocab and b in vocab]
+    return merges
 
-    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=style == "llama3"))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
-    tok.pre_tokenizer = {"gpt2": byte_level, "smollm": pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level]), "llama3": pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"), byte_level])}[style]
-    tok.decoder = decoders.ByteLevel()
+
+def _build(vocab, pairs, types, style, add, special):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    if style == "sentencepiece":
+        tok = Tokenizer(models.BPE(vocab, pairs, byte_fallback=True, unk_token=special["unknown"], fuse_unk=True))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=style == "llama3"))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
+        tok.pre_tokenizer = {"gpt2": byte_level, "smollm": pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]), "llama3": pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"), byte_level])}[style]
+        tok.decoder = decoders.ByteLevel()
     tok.add_tokens([AddedToken(t, special=k == CONTROL, normalized=False) for t, k in zip(vocab, types)
                     if k in (CONTROL, USER_DEFINED)])
     if any(add.values()):  # bos before the text and/or eos after it, as the template processor adds them
         tok.post_processor = processors.TemplateProcessing(
             single=[special["bos"]] * add["bos"] + ["$A"] + [special["eos"]] * add["eos"],
             special_tokens=[(special[e], vocab[special[e]]) for e in ("bos", "eos") if add[e]])
-    else:
+    elif style != "sentencepiece":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
