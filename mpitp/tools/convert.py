@@ -28,7 +28,7 @@ from .gguf_model import NAMES, hf_config, hf_tensors
 from .gguf_reader import GGUFFile, shown
 from .gguf_tokenizer import build_tokenizer
 
-CHECKED_BY_MPITP = ("gpt2", "llama", "qwen2")  # architectures whose model_type mpitp's core reads today
+CHECKED_BY_MPITP = ("gpt2", "llama", "qwen2", "qwen3", "gemma3")  # architectures whose model_type mpitp's core reads today
 DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
 
 
