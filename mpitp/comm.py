@@ -5,6 +5,9 @@ buffer-based (upper-case mpi4py methods) on NumPy arrays; ``allreduce_sum`` is t
 twice per block. ``TimedComm`` wraps a communicator to time and count those calls from outside the math.
 """
 
+import contextlib
+import ctypes
+import os
 import sys
 import time
 
@@ -18,12 +21,33 @@ class MPIUnavailable(MpitpError):
 
 
 def _mpi():
+    """mpi4py's MPI module, MPI initialised (at the first use, not at `import mpitp`)."""
     try:
-        from mpi4py import MPI  # importing mpi4py.MPI initialises MPI: not at `import mpitp`
+        if "mpi4py.MPI" not in sys.modules:
+            import mpi4py
+            mpi4py.rc.initialize, mpi4py.rc.finalize = False, True  # initialised below; finalised at exit as usual
+        from mpi4py import MPI
     except (ImportError, RuntimeError) as e:  # RuntimeError: mpi4py is there, the MPI library it needs is not
         raise MPIUnavailable(f"mpi4py does not work in {sys.executable} ({e}): `pip install mpi4py mpich`, or "
                              f"`make install` in the clone and its .venv; on a cluster, see docs/install.md.") from None
+    if not MPI.Is_initialized():
+        _init(MPI)
     return MPI
+
+
+def _init(MPI):
+    """MPI_Init_thread, called through ctypes, which releases the GIL while it runs. It can block (a rank that
+    cannot reach the others), and mpi4py's own call holds the GIL: the runner's watchdog thread could then not
+    end the rank on Ctrl-C. Where the library cannot be found this way (not Linux), mpi4py's call it is."""
+    try:
+        with open("/proc/self/maps") as f:  # the libmpi mpi4py loaded, by its path
+            path = next(line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libmpi.so"))
+        init = ctypes.CDLL(path).MPI_Init_thread
+    except (OSError, StopIteration, AttributeError):
+        return MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    provided = ctypes.c_int()
+    if init(None, None, int(MPI.THREAD_MULTIPLE), ctypes.byref(provided)) != 0:
+        raise RuntimeError("MPI_Init_thread failed")
 
 
 def world():
@@ -117,9 +141,10 @@ class TimedComm:
 
 
 def abort(comm, code):
-    """Kill every rank of the job with exit status ``code``; stdout/stderr are flushed first."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    """Kill every rank of the job with exit status ``code``; stdout/stderr are flushed first (if they can be)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # closed (None), a full disk, a gone reader
+            stream.flush()
     # The launcher forwards our output through pipes; aborting at once sometimes tore the job down before
     # the last lines were forwarded (seen with MPICH's Hydra: the error message was lost). Give it a moment.
     time.sleep(0.5)

@@ -75,8 +75,9 @@ class Sampler:
             raise RequestError(f"top-k must be an integer >= 0 (0 means no limit), got {top_k!r}.")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise RequestError(f"top-p must be in (0, 1] (1 means no limit), got {top_p!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise RequestError(f"seed must be an integer >= 0, got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:  # it keys a 64-bit hash
+            shown = repr(seed) if len(repr(seed)) < 60 else f"{repr(seed)[:40]}... ({len(repr(seed))} characters)"
+            raise RequestError(f"seed must be an integer >= 0 and < 2**64 (0 to {2**64 - 1}), got {shown}.")
         self.temperature, self.top_k, self.top_p, self.seed = float(temperature), top_k, float(top_p), seed
 
     def choose(self, comm, logits, vocab_start, step, root=0):

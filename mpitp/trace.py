@@ -7,6 +7,7 @@ calls: inside ``with trace:`` a profile hook (``sys.setprofile``) reads the loca
 import contextlib
 import hashlib
 import os
+import stat
 import sys
 
 import numpy as np
@@ -62,15 +63,20 @@ class Trace:
     def next_step(self):
         self.step += 1
 
-    def save(self, path):
+    def save(self, path, temporary=None):
         """Write the trace to ``path`` (``.npz`` is appended if missing) atomically: into a new temporary file in
-        the same folder, renamed over ``path`` once whole. A failed write (a full disk) leaves the previous file
-        as it was and no temporary, and two jobs writing the same path each leave a whole, loadable file."""
+        the same folder (``temporary``, by default a new name beside ``path``), renamed over ``path`` once whole.
+        A failed write (a full disk) leaves the previous file as it was and no temporary, and two jobs writing
+        the same path each leave a whole, loadable file. Only a regular file is replaced, never a device, FIFO
+        or symbolic link put there meanwhile."""
         path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
-        temporary = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        temporary = temporary or temporary_name(path)
         try:
             with open(temporary, "xb") as f:
                 np.savez(f, **self.arrays)
+            if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+                raise FileError(path, "is not a regular file (a device, FIFO or symbolic link); the trace was not "
+                                      "written: mpitp replaces only regular files.")
             os.replace(temporary, path)
         except OSError as e:
             raise FileError(path, f"cannot write the trace ({e.strerror or e}); a trace already there is "
@@ -78,3 +84,8 @@ class Trace:
         finally:  # after a failure (or Ctrl-C), the temporary is still there
             with contextlib.suppress(OSError):
                 os.remove(temporary)
+
+
+def temporary_name(path):
+    """A new name beside ``path`` for the file written before it is renamed to ``path``."""
+    return f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"

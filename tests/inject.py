@@ -3,7 +3,7 @@
 PHASE is ``load``, ``prefill`` or ``decode`` (an unexpected error there: the job must abort), ``input`` (a
 bad-input error only that rank sees, as a file missing on one node: every rank must exit cleanly), ``stop``
 (the rank stops itself with SIGSTOP at the second decode step, as if suspended; ``startstop``: before the
-first collective) or ``stall`` (there it blocks
+first collective; ``initstop``: before MPI_Init, where the other ranks then wait) or ``stall`` (there it blocks
 for ever in a read that no signal interrupts, as on a hung network file system); while one rank is stopped or
 stalled, the others wait inside an MPI collective.
 """
@@ -12,9 +12,8 @@ import os
 import signal
 import sys
 
-from mpi4py import MPI
-
 from mpitp import MpitpError, generate
+from mpitp.cli.runner import launcher_rank
 from mpitp.model import Model
 
 
@@ -27,7 +26,7 @@ def stall():
 
 
 fault_rank, _, phase = sys.argv.pop(1).partition(":")
-if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
+if (launcher_rank() or 0) == int(fault_rank):  # the rank known without MPI, which starts in generate.main()
     load, forward = Model.load.__func__, Model.forward
     calls = []
 
@@ -47,6 +46,9 @@ if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
         return forward(self, *args, **kwargs)
 
     Model.load, Model.forward = classmethod(faulty_load), faulty_forward
-    if phase == "startstop":  # stopped before the first collective, as on a hung file system at start-up
+    if phase in ("startstop", "initstop"):  # stopped before the first collective, as on a hung file system at
+        if phase == "startstop":            # start-up; initstop: before MPI_Init, which the others then wait in
+            from mpitp import comm
+            comm.world()
         os.kill(os.getpid(), signal.SIGSTOP)
 sys.exit(generate.main())

@@ -5,6 +5,7 @@ rank alike) when pytest itself runs under mpirun.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def test_request_beyond_context_is_refused():
     (["--prompt", "a", "--top-p", "1.5"], "top-p must be in (0, 1]"),
     (["--prompt", "a", "--top-p", "0"], "top-p must be in (0, 1]"),
     (["--prompt", "a", "--seed", "-1"], "seed must be an integer >= 0"),
+    (["--prompt", "a", "--seed", str(2**64)],  # it silently equalled seed 0
+     "seed must be an integer >= 0 and < 2**64 (0 to 18446744073709551615), got 18446744073709551616."),
     (["--prompt", "a", "--threads", "0"], "--threads must be >= 1"),
     ([], "no prompt: give --prompt TEXT"),
 ])
@@ -166,7 +169,6 @@ def test_bad_input_is_one_clear_line(args, expected):
 @pytest.mark.parametrize("n", [2, 4])
 def test_blas_threads_per_rank_share_the_node(n):
     # The node's cores shared among its ranks (make test-cluster: n ranks over MPITP_CLUSTER_NODES nodes).
-    import os
     per_node = n // int(os.environ.get("MPITP_CLUSTER_NODES", "1"))
     r = run_cli(["--prompt-ids", "1,2", "--max-new-tokens", "1"], n=n, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -211,3 +213,32 @@ def test_without_mpi4py_one_line_says_what_to_install():
                        env=child_env(), cwd=str(REPO))
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("mpitp: error: mpi4py does not work in ") and "`pip install mpi4py mpich`" in r.stderr
+
+
+def _generate_into(stdout, *args):
+    """The generate command on one rank with ``stdout`` as its standard output."""
+    return subprocess.run([sys.executable, "-m", "mpitp.generate", "--model", model_dir("gpt2-tiny"), "--prompt-ids",
+                           IDS, "--max-new-tokens", "5", *args], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          timeout=120, env=child_env(), cwd=str(REPO))
+
+
+@pytest.mark.parametrize("args", [[], ["--json"]])
+def test_a_result_that_cannot_be_written_is_an_error(args):
+    # Before: with stdout closed (>&-) the result was dropped and the status was 0; a full disk or a reader that
+    # had gone gave "unexpected error", status 1.
+    closed = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "mpitp.generate", "--model",
+                             model_dir("gpt2-tiny"), "--prompt-ids", IDS, *args], stderr=subprocess.PIPE, text=True,
+                            timeout=120, env=child_env(), cwd=str(REPO))
+    assert (closed.returncode, closed.stderr) == (2, "mpitp: error: stdout is closed, so the result would be lost; "
+                                                     "send it to a file (> out.txt) instead.\n")
+    with open("/dev/full", "w") as full:
+        r = _generate_into(full, "--quiet", *args)
+    assert (r.returncode, r.stderr) == (2, "mpitp: error: stdout: cannot write the result (No space left on "
+                                           "device); it is lost.\n")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte, as with `| head -c 0`
+    try:
+        r = _generate_into(write, "--quiet", *args)
+    finally:
+        os.close(write)
+    assert (r.returncode, r.stderr) == (141, "")  # quiet, like any tool a closed pipe ends; never 0

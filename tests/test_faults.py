@@ -175,3 +175,40 @@ def test_a_signal_to_mpirun_ends_every_rank(tmp_path, sig, code, said):
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_trace_replaces_only_a_regular_file(tmp_path, kind):
+    # A FIFO or a link where rank 0's trace goes: refused before the work, in one line; nothing written.
+    target = tmp_path / "rank0.npz"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        (tmp_path / "elsewhere.npz").write_bytes(b"x")
+        target.symlink_to(tmp_path / "elsewhere.npz")
+    what = {"fifo": "a FIFO", "symlink": "a symbolic link"}[kind]
+    fail_fast(["--model", model_dir("gpt2-tiny"), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--trace",
+               str(tmp_path)], f"rank0.npz is {what}, not a regular file; mpitp replaces only regular files")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["elsewhere.npz"] if kind == "symlink" else []) + [
+        "rank0.npz"]
+    assert kind == "fifo" or (tmp_path / "elsewhere.npz").read_bytes() == b"x"
+
+
+def test_a_device_is_never_replaced():
+    # As root, an output named /dev/null would have replaced the system's /dev/null with a regular file.
+    from mpitp.cli.runner import check_writable
+    from mpitp.errors import MpitpError
+    with pytest.raises(MpitpError, match="/dev/null is a character device, not a regular file"):
+        check_writable("/dev/null", "--trace-file /dev/null")
+
+
+def test_a_trace_whose_destination_became_a_fifo_is_not_written_and_leaves_no_temporary(tmp_path):
+    # Checked again at the rename: something put there during the run is not replaced either.
+    from mpitp import Trace
+    from mpitp.errors import FileError
+    trace = Trace()
+    trace.arrays["x"] = np.zeros(3)
+    os.mkfifo(tmp_path / "rank0.npz")
+    with pytest.raises(FileError, match="rank0.npz: is not a regular file"):
+        trace.save(tmp_path / "rank0.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["rank0.npz"]

@@ -1,5 +1,6 @@
-"""The fault catalogue, signals and lost ranks: Ctrl-C must end a job whose ranks cannot act on it, a rank whose
-launcher dies must exit too. (A test run with a rank missing must never pass: tests/test_harness.py.)
+"""The fault catalogue, signals and lost ranks: Ctrl-C must end a job whose ranks cannot act on it (in MPI_Init
+too), a rank whose launcher dies must exit too, and a signal must not leave a conversion's partial folder behind.
+(A test run with a rank missing must never pass: tests/test_harness.py.)
 
 Each job is the generate command on 2 ranks through tests/inject.py, which stops one rank (SIGSTOP) or blocks it
 in a read that no signal interrupts, while the other waits inside an MPI collective: neither can run Python's
@@ -20,7 +21,7 @@ from mpitp.cli import runner as entry
 from random_models import write_random_model
 
 pytestmark = serial_only
-LIMIT = 5  # seconds from the first signal to the end of the job
+LIMIT = 30  # seconds from the first signal to the end of the job (it takes well under 1 s; the machine may be busy)
 
 
 def job_processes(marker):
@@ -51,15 +52,15 @@ def start_job(tmp_path, phase):
         shutil.copytree(model_dir("gpt2-tiny"), marker)
     proc = subprocess.Popen([*mpirun(2), sys.executable, str(REPO / "tests" / "inject.py"), f"1:{phase}",
                              "--model", str(marker), "--prompt-ids", "1,2,3", "--max-new-tokens", max_new,
-                             "--ignore-eos"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=str(REPO), start_new_session=True)
     start = time.monotonic()
     while time.monotonic() < start + 60 and proc.poll() is None:
         ranks = {pid: v for pid, v in job_processes(str(marker)).items() if pid != proc.pid}
         if len(ranks) == 2 and (phase == "healthy" and time.monotonic() > start + 2
                                 or any(stuck(pid, state, phase) for pid, (state, _) in ranks.items())):
-            if phase == "startstop":  # rank 1 stopped after its imports: give rank 0 the time to end its own
-                time.sleep(1)
+            if phase in ("startstop", "initstop"):  # rank 1 stopped before MPI: give rank 0 the time to reach the
+                time.sleep(1)                          # first collective (startstop) or wait inside MPI_Init
             return proc, str(marker), ranks
         time.sleep(0.1)
     _, err = stop_job(proc)
@@ -67,7 +68,7 @@ def start_job(tmp_path, phase):
 
 
 def stuck(pid, state, phase):
-    if phase in ("stop", "startstop"):
+    if phase in ("stop", "startstop", "initstop"):
         return state == "T"
     try:
         with open(f"/proc/{pid}/wchan") as f:
@@ -94,12 +95,15 @@ def assert_all_gone(marker, ranks):
 
 @pytest.mark.parametrize("to", ["mpirun", "group"])  # mpirun alone, or its process group as a terminal does
 @pytest.mark.parametrize("count, gap", [(1, 0), (2, 2.0), (3, 2.0), (3, 0.3)])
-@pytest.mark.parametrize("phase", ["stop", "stall", "healthy", "startstop"])
+@pytest.mark.parametrize("phase", ["stop", "stall", "healthy", "startstop", "initstop"])
 def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, count, gap, to):
     # Before: one Ctrl-C did nothing for more than 40 s; a second, 2 s later, made MPICH's mpiexec kill the job
     # and exit 0 (6 runs of 6 here) or 255 by a race, and even with no rank stuck two Ctrl-Cs 0.2 s apart gave 0
     # (4 of 8) or 255. Now a rank ends itself at once on the signal, or its watchdog ends it when it
     # cannot run its handler (0.05 s): status 130, and the later Ctrl-Cs, even 0.3 s apart, find the job gone.
+    # initstop: rank 0 waits inside MPI_Init for a rank stopped before it. Before, Ctrl-C and SIGTERM did nothing
+    # there (mpi4py calls MPI_Init holding the GIL, so no Python thread could act, and the watchdog was not yet
+    # started): `timeout 20` of a job hung in MPI_Init left it running for 10 minutes.
     proc, marker, ranks = start_job(tmp_path, phase)
     t = time.monotonic()
     try:
@@ -115,15 +119,23 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
         pass
     took = time.monotonic() - t
     _, err = stop_job(proc)
-    assert took < LIMIT and proc.returncode == 130, (took, proc.returncode, err)
+    # initstop: Hydra SIGKILLs the rank that never reached MPI_Init and, now and then, ORs that status (9) into
+    # rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way.
+    assert took < LIMIT and proc.returncode in ((130, 9) if phase == "initstop" else (130,)), (took, proc.returncode,
+                                                                                               err)
     assert "] mpitp: interrupted" in err and "Traceback" not in err and "BAD TERMINATION" not in err, err
     assert_all_gone(marker, ranks)
 
 
-def test_sigterm_ends_a_job_with_a_stalled_rank(tmp_path):
-    proc, marker, ranks = start_job(tmp_path, "stall")
+@pytest.mark.parametrize("to", ["mpirun", "group"])
+@pytest.mark.parametrize("phase", ["stall", "stop", "startstop", "initstop"])
+def test_sigterm_ends_a_job_with_a_stuck_rank(tmp_path, phase, to):
+    # Before: with a SIGSTOPped rank, once in 20 rank 0 said "terminated" and the stopped rank was never killed.
+    # A SIGTERM repeated (by the launcher and the terminal's group) while a rank was already ending could raise
+    # a second time inside its ending and leave it waiting in MPI_Finalize: now a repeated signal is ignored.
+    proc, marker, ranks = start_job(tmp_path, phase)
     t = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    (os.killpg if to == "group" else os.kill)(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=LIMIT)
     except subprocess.TimeoutExpired:
@@ -133,6 +145,116 @@ def test_sigterm_ends_a_job_with_a_stalled_rank(tmp_path):
     assert took < LIMIT and proc.returncode == 143 and "] mpitp: terminated" in err, (took, proc.returncode, err)
     assert "Traceback" not in err
     assert_all_gone(marker, ranks)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_sigterm_repeated_within_milliseconds_ends_with_143(tmp_path, count):
+    # MPICH's mpiexec forwards every SIGTERM (it counts only SIGINT), and each rank ignores a repeat while it ends.
+    proc, marker, ranks = start_job(tmp_path, "healthy")
+    for _ in range(count):
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.005)
+    try:
+        proc.wait(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        pass
+    _, err = stop_job(proc)
+    assert proc.returncode == 143 and "] mpitp: terminated" in err and "Traceback" not in err, (proc.returncode, err)
+    assert_all_gone(marker, ranks)
+
+
+FORCED = "Ctrl-C caught... cleaning up processes"  # what MPICH's mpiexec prints when it takes over (stdout)
+
+
+@pytest.mark.parametrize("count, gap", [(2, 0.005), (3, 0.005), (2, 0.02), (3, 0.02)])
+def test_ctrl_c_repeated_within_milliseconds_never_reports_success_by_mpitp(tmp_path, count, gap):
+    # A second SIGINT reaching MPICH's mpiexec before the ranks could end on the first is its "force abort": it
+    # kills the ranks itself and its own status is then a race (255, or 0: `mpirun -n 2 sleep 60` exits 0 3 times
+    # in 20 at 5 ms; docs/generate.md). What mpitp controls: the ranks end at once with 130, nothing is left
+    # running, and a status that is not 130 comes only from mpiexec's forced abort, which says so.
+    proc, marker, ranks = start_job(tmp_path, "healthy")
+    for _ in range(count):
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+        time.sleep(gap)
+    try:
+        proc.wait(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        pass
+    out, err = stop_job(proc)
+    assert proc.returncode == 130 or (proc.returncode is not None and FORCED in out), (proc.returncode, out, err)
+    assert "Traceback" not in err, err
+    assert_all_gone(marker, ranks)
+
+
+def test_the_watchdog_removes_the_registered_temporaries_when_it_ends_a_rank(tmp_path):
+    # A rank whose main thread is inside a long C call when Ctrl-C comes is ended by its watchdog, which cannot
+    # wait for the main thread's own clean-up: it removes what was registered with removed_if_killed.
+    left = tmp_path / "rank0.npz.tmp-1"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from mpitp.cli import runner
+        def stuck():  # in C, where no handler can run, until the watchdog ends the process
+            with runner.removed_if_killed({str(left)!r}):
+                open({str(left)!r}, "w").close()
+                signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+                print("ready", flush=True)
+                os.read(os.pipe()[0], 1)
+        class OneRank:  # a communicator as far as the runner asks
+            def Get_rank(self):
+                return 0
+            def Get_size(self):
+                return 1
+        sys.exit(runner.run_guarded(OneRank(), stuck, False, "test"))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=child_env(), cwd=str(REPO))
+    assert proc.stdout.readline() == "ready\n" and left.exists()
+    start = time.monotonic()
+    while not stuck(proc.pid, None, "stall") and time.monotonic() < start + 60:  # inside the read, in C
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=LIMIT)
+    assert (proc.returncode, err) == (130, "[rank 0] test: interrupted\n") and not left.exists()
+
+
+@pytest.fixture(scope="module")
+def big_gguf(tmp_path_factory):
+    """A GGUF file that takes about a second to convert (31M parameters, Q8_0)."""
+    pytest.importorskip("gguf")
+    from gguf_util import write_gguf
+    folder = tmp_path_factory.mktemp("big")
+    write_random_model(folder / "hf", "llama-large", intermediate_size=2048, vocab_size=8000)
+    write_gguf(folder / "m.gguf", str(folder / "hf"), types=lambda name: "Q8_0")
+    return folder / "m.gguf"
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("moment", ["folder", "weights"])
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_a_conversion_leaves_nothing_behind(tmp_path, big_gguf, sig, code, said, moment, count):
+    # Before: about 1 time in 3 in the first second, the watchdog's 50 ms grace ended the process while the main
+    # thread was still in a C call, before convert's clean-up could run, and a hidden .partial-* folder stayed.
+    # A serial tool has no watchdog now, and a repeated signal (count 2) cannot interrupt the clean-up.
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mpitp.convert", str(big_gguf), str(out), "--no-tokenizer"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=str(REPO))
+    start, seen = time.monotonic(), False
+    while not seen and proc.poll() is None and time.monotonic() < start + 60:
+        partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+        seen = bool(partial) and (moment == "folder" or (partial[0] / "model.safetensors").exists())
+        time.sleep(0.001)
+    for _ in range(count):
+        proc.send_signal(sig)
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=LIMIT)
+    assert seen, f"the conversion ended before its {moment} was seen: {err}"
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
+    if proc.returncode == 0:  # it finished between the look and the signal: whole
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    else:
+        assert (proc.returncode, err) == (code, f"mpitp.convert: {said}\n") and not out.exists()
 
 
 def test_ranks_whose_launcher_dies_exit(tmp_path):

@@ -6,6 +6,8 @@ Every rank parses its arguments, loads its shard and validates the request, then
 """
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,14 +18,15 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import HelpFormatter, RankParser, add_run_options, check_writable, prepare_and_agree, run_command, say
-from ..errors import MpitpError, RequestError
+from .runner import (HelpFormatter, RankParser, ReaderGone, add_run_options, check_writable, prepare_and_agree,
+                     removed_if_killed, run_command, say)
+from ..errors import FileError, MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
 from ..sampling import Sampler
 from ..resources import check_fits, set_blas_threads
 from ..tokenizer import Tokenizer
-from ..trace import Trace
+from ..trace import Trace, temporary_name
 from ..weights import n_params
 
 # The bundled model: a tiny GPT-2 trained to sort digits (scripts/train_default_model.py), so that a first
@@ -89,6 +92,8 @@ def _prepare(args, comm, node_ranks):
         raise RequestError("give the prompts either as text (--prompt) or as token ids (--prompt-ids), not both.")
     if args.trace == "":
         raise RequestError("--trace needs a folder name; leave the option out for no trace.")
+    if comm.Get_rank() == 0 and sys.stdout is None:  # `>&-`: print() would drop the result without a word
+        raise RequestError("stdout is closed, so the result would be lost; send it to a file (> out.txt) instead.")
     for text in args.prompt or ():
         if not text:
             raise RequestError("a prompt is empty; give some text to continue.")
@@ -137,17 +142,31 @@ class _Printer:
         self.stream = rank == 0 and texts is not None and len(texts) == 1 and not args.json and not args.no_stream
         self.step, self.printed = (tokenizer.stream() if self.stream else None), ""
         if self.stream:
-            print(texts[0], end="", flush=True)
+            out(texts[0], end="")
 
     def on_token(self, index, token):
         piece = self.step(token) if self.stream else ""
         if piece:
-            print(piece, end="", flush=True)
+            out(piece, end="")
             self.printed += piece
 
     def finish(self, text):
         # whatever the stream held back, then the end of the line (never expected: the whole text again)
-        print(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text, flush=True)
+        out(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text)
+
+
+def out(text, end="\n"):
+    """Rank 0's result on stdout, flushed. A result that cannot be written is an error, never a silent 0: one
+    line and status 2 (a full disk, an I/O error), or quietly 141 when the reader closed the pipe (``| head``)."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):  # what is still buffered goes to /dev/null: Python's own flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # would fail again
+        if e.errno == errno.EPIPE:
+            raise ReaderGone("") from None
+        raise FileError("stdout", f"cannot write the result ({e.strerror or e}); it is lost.") from None
 
 
 def _agreement(args, model, prompts, max_new):
@@ -168,13 +187,12 @@ def _print_results(args, printer, results, texts, tokenizer, header, timing):
         sequences = [{"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                       **({"prompt": texts[i] if texts else tokenizer.decode(r.prompt_ids), "text": decoded[i]}
                          if tokenizer else {})} for i, r in enumerate(results)]
-        print(json.dumps({**header, "sequences": sequences, "timing": timing}), flush=True)
+        out(json.dumps({**header, "sequences": sequences, "timing": timing}))
     elif printer.stream:
         printer.finish(decoded[0])
     else:
-        print("\n\n".join(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
-                            f"generated ids: {' '.join(map(str, r.token_ids))}" for i, r in enumerate(results)),
-              flush=True)
+        out("\n\n".join(texts[i] + decoded[i] if texts else f"prompt ids:    {' '.join(map(str, r.prompt_ids))}\n"
+                          f"generated ids: {' '.join(map(str, r.token_ids))}" for i, r in enumerate(results)))
 
 
 def _run(args, comm, node_ranks):
@@ -209,7 +227,9 @@ def _run(args, comm, node_ranks):
         raise RequestError(f"the model's activations overflow {args.dtype} ({e}); try --dtype float64, or check "
                            "the checkpoint.") from None
     if trace is not None:
-        trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
+        path = os.path.join(args.trace, f"rank{rank}.npz")
+        with removed_if_killed(temporary_name(path)) as temporary:  # even if a signal ends the rank mid-write
+            trace.save(path, temporary)
     allreduce_s = mpi.max_over_ranks(comm, comm.seconds)
     if rank != 0:
         return 0
@@ -219,15 +239,21 @@ def _run(args, comm, node_ranks):
               "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
     _print_results(args, printer, results, texts, tokenizer, {"model": args.model, "model_type": cfg.model_type,
                                                               "ranks": size, "dtype": args.dtype}, timing)
-    rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
-    _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} tokens, {t.prefill_seconds * 1e3:.1f}"
-                     f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "
-                     f"first, {t.decode_seconds * 1e3:.1f} ms ({rate(t.decode_tokens_per_s)}); Allreduce: "
-                     f"{allreduce_s * 1e3:.1f} ms in the calls, waits for other ranks included (the rank with most);"
-                     f" finish: {', '.join(r.finish_reason for r in results)}")
-    if args.trace:
-        _say(args, rank, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
+    _say_timing(args, results, allreduce_s, size)
     return 0
+
+
+def _say_timing(args, results, allreduce_s, size):
+    """Rank 0's timing line on stderr (and where the trace went)."""
+    t = results[0].timing
+    rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
+    _say(args, 0, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} tokens, {t.prefill_seconds * 1e3:.1f}"
+                  f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "
+                  f"first, {t.decode_seconds * 1e3:.1f} ms ({rate(t.decode_tokens_per_s)}); Allreduce: "
+                  f"{allreduce_s * 1e3:.1f} ms in the calls, waits for other ranks included (the rank with most);"
+                  f" finish: {', '.join(r.finish_reason for r in results)}")
+    if args.trace:
+        _say(args, 0, f"trace written to {os.path.join(args.trace, 'rank{r}.npz')} for r = 0..{size - 1}")
 
 
 def main(argv=None):

@@ -3,13 +3,15 @@
 Bad input is found on every rank before any collective, and the first collective is a vote on it: the job exits
 cleanly (status 2, the message printed once). Anything unexpected on any rank aborts the whole job (status 1;
 130 on Ctrl-C, 143 on SIGTERM) instead of leaving the others waiting in a collective, and a watchdog thread ends
-a rank that cannot act on a signal itself, or whose launcher is gone.
+a rank that cannot act on a signal itself (from before MPI_Init on), or whose launcher is gone. Only MPI ranks
+have a watchdog: a serial tool has no collective to hang in and no launcher to race, so its clean-up always runs.
 """
 
 import argparse
 import contextlib
 import os
 import select
+import shutil
 import signal
 import stat
 import sys
@@ -73,18 +75,18 @@ def failed_vote(comm, error, prog):
 
 
 def run_command(build_parser, run, prog, argv=None):
-    """A command's entry point on every rank: Ctrl-C is handled from the first collective on, the ranks count
-    their node's ranks and agree on their command lines, then ``run(args, comm, node_ranks)``'s exit status."""
-    comm = mpi.world()
+    """A command's entry point on every rank: Ctrl-C is handled from before MPI_Init on (which can block), the ranks
+    count their node's ranks and agree on their command lines, then ``run(args, comm, node_ranks)``'s exit status."""
 
     def start():
+        comm = mpi.world()  # made already, under the guard
         node_ranks = mpi.ranks_on_node(comm)  # the first collective: nothing before it can fail on one rank only
         parser = build_parser()
         parser.rank = comm.Get_rank()
         args = agreed_args(parser, comm, argv, prog)
         return args if isinstance(args, int) else run(args, comm, node_ranks)
 
-    return run_guarded(comm, start, "--verbose" in (sys.argv[1:] if argv is None else argv), prog)
+    return run_guarded(mpi.world, start, "--verbose" in (sys.argv[1:] if argv is None else argv), prog)
 
 
 def agreed_args(parser, comm, argv, prog):
@@ -138,29 +140,66 @@ class Terminated(BaseException):
     """SIGTERM arrived."""
 
 
-def _terminated(signum, frame):
-    raise Terminated()
+class ReaderGone(MpitpError):
+    """Whoever read stdout closed it (``| head``): ended quietly, with the status a shell gives a tool that
+    SIGPIPE ended (128 + 13), never 0, since the rest of the result was lost."""
+
+    status = 141
 
 
 STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 LAUNCHER_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")  # MPICH's Hydra (and Slurm's PMI), PMIx, Open MPI
 
 
-class Watchdog:
-    """A daemon thread that ends this process when the main thread cannot act on a signal, or the launcher died.
+def launcher_rank():
+    """This process's rank as its MPI launcher tells it (known before MPI_Init), or None without a launcher."""
+    return next((int(os.environ[v]) for v in LAUNCHER_VARS if os.environ.get(v, "").isdigit()), None)
 
-    Python runs a signal handler only between bytecodes of the main thread, so a rank blocked in a C call (in a
-    collective, or a read that never returns) never reaches it, and a second Ctrl-C then makes MPICH's mpiexec exit
-    0 or 255 by a race. The signal's number still reaches a pipe (``signal.set_wakeup_fd``) that this thread
-    watches: when the main thread has not begun to handle it within ``GRACE`` seconds (or not finished within
-    ``FINISH``), it says the main thread's line and exits with 130 (143 for SIGTERM). Under an MPI launcher it
-    also exits when its parent (Hydra's proxy) is gone, which would leave the rank spinning in a collective.
+
+class Ending:
+    """The main thread's handler of SIGINT and SIGTERM: the first raises KeyboardInterrupt or ``Terminated`` and
+    marks the ending as begun (for the watchdog); a repeated signal (a second Ctrl-C, or the same signal from the
+    launcher and the terminal) is ignored, so that it cannot cut short the clean-ups the first one started."""
+
+    def __init__(self):
+        self.begun = False
+
+    def __call__(self, signum, frame):
+        if not self.begun:
+            self.begun = True
+            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+LEFT = set()  # files and folders to remove if the watchdog ends the process: see ``removed_if_killed``
+
+
+@contextlib.contextmanager
+def removed_if_killed(path):
+    """While the block runs, ``path`` (a temporary file or folder) is removed by the watchdog if it ends the
+    process itself, as when the main thread is inside a long C call and never reaches its own clean-up."""
+    LEFT.add(path)
+    try:
+        yield path
+    finally:
+        LEFT.discard(path)
+
+
+class Watchdog:
+    """A daemon thread that ends this rank when the main thread cannot act on a signal, or the launcher died.
+
+    Python runs a signal handler only between bytecodes of the main thread, so a rank blocked in a C call (in
+    MPI_Init, a collective, or a read that never returns) never reaches it, and a second Ctrl-C then makes MPICH's
+    mpiexec exit 0 or 255 by a race. The signal's number still reaches a pipe (``signal.set_wakeup_fd``) that this
+    thread watches: when the main thread has not begun to handle it within ``GRACE`` seconds (or not finished
+    within ``FINISH``), it removes the registered temporaries (``removed_if_killed``), says the main thread's line
+    and exits with 130 (143 for SIGTERM). Under an MPI launcher it also exits when its parent (Hydra's proxy) is
+    gone, which would leave the rank spinning in a collective.
     """
 
     GRACE, FINISH, TICK = 0.05, 5.0, 0.25  # seconds
 
-    def __init__(self, who):
-        self.who, self.handling = who, False
+    def __init__(self, who, ending=None):
+        self.who, self.ending = who, ending if ending is not None else Ending()
         self.parent = os.getppid() if any(v in os.environ for v in LAUNCHER_VARS) else None
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.writer, False)
@@ -170,9 +209,10 @@ class Watchdog:
     def _watch(self):
         stop = since = None
         while True:
-            due = since + (self.FINISH if self.handling else self.GRACE) - time.monotonic() if stop else self.TICK
+            begun = self.ending.begun
+            due = since + (self.FINISH if begun else self.GRACE) - time.monotonic() if stop else self.TICK
             if due <= 0:
-                self._exit(None if self.handling else f"{self.who}: {stop[0]}", stop[1])
+                self._exit(None if begun else f"{self.who}: {stop[0]}", stop[1])
             if select.select([self.reader], [], [], min(due, self.TICK))[0]:
                 signums = os.read(self.reader, 64)
                 if not signums:  # close(): the guarded call returned
@@ -183,7 +223,12 @@ class Watchdog:
                 self._exit(f"{self.who}: the MPI launcher is gone (its process {self.parent} ended)", 1)
 
     def _exit(self, line, code):
-        threading.Timer(1.0, os._exit, (code,)).start()  # even if writing to stderr is what blocks
+        threading.Timer(self.FINISH, os._exit, (code,)).start()  # even if a removal or stderr is what blocks
+        for path in list(LEFT):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                remove(path)
         with contextlib.suppress(OSError, ValueError):  # the launcher's end of the pipe may be gone
             if line:
                 say(line)
@@ -194,54 +239,80 @@ class Watchdog:
         os.close(self.writer)  # the thread reads end-of-file and returns
 
 
+def remove(path):
+    """Remove the file ``path`` if it is there."""
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
 def run_guarded(comm, fn, verbose, prog):
     """``fn()``'s exit status; an exception on this rank aborts every rank of the job: status 2 with one line
     for bad input (``MpitpError``, found after the ranks agreed to go on, by this rank alone), 1 for anything
-    unexpected."""
-    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    who = f"[rank {rank}] {prog}" if comm is not None else prog
+    unexpected. ``comm``: the job's communicator, or a function that makes it (called under the guard: MPI_Init
+    can block), or None for a serial tool, which gets the signal handlers but no watchdog."""
+    make = comm if callable(comm) else None
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None and not make else (launcher_rank(), None)
+    who = f"[rank {rank or 0}] {prog}" if comm is not None else prog
     main = threading.current_thread() is threading.main_thread()  # signals can only be handled there
     saved = {s: signal.getsignal(s) for s in STOPS} if main else {}
+    ending = Ending()
     if main:
-        signal.signal(signal.SIGTERM, _terminated)  # Slurm's scancel: like Ctrl-C
-    watchdog = Watchdog(who) if main else None
+        for s in STOPS:  # SIGTERM (Slurm's scancel) like Ctrl-C
+            signal.signal(s, ending)
+    watchdog = Watchdog(who, ending) if main and comm is not None else None
     try:
+        if make:
+            comm = make()
+            rank, size = comm.Get_rank(), comm.Get_size()
         return fn()
     except BaseException as e:  # noqa: BLE001 -- anything unexpected must take the whole job down
         if isinstance(e, SystemExit) and not e.code:
             raise
-        if main:  # from here on, a second signal must not cut the ending short with a traceback
-            watchdog.handling = True
-            for s in STOPS:
-                signal.signal(s, signal.SIG_IGN)
-        if isinstance(e, MpitpError):  # after the vote, found by this rank alone: it ends the job for all
-            say(f"{who if rank else prog}: error: {e}")
-            code = 2
-        else:
-            stopped = {KeyboardInterrupt: STOPS[signal.SIGINT], Terminated: STOPS[signal.SIGTERM]}.get(type(e))
-            say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
-            if verbose:
-                traceback.print_exc()
-            elif not stopped:
-                say(f"{who}: run with --verbose for the traceback.")
-            code = stopped[1] if stopped else 1
-            if stopped and size > 1:  # every rank got the signal from the launcher: each ends itself, at once, so
-                os._exit(code)        # that a second Ctrl-C cannot find the job still running (MPICH may exit 0)
-        if size > 1:
+        ending.begun = True  # from here on, a repeated signal must not cut the ending short with a traceback
+        code = _report(e, who if rank else prog, who, verbose)
+        if isinstance(e, (KeyboardInterrupt, Terminated)) and main:
+            # Its clean-ups done, the process ends now: every rank got the signal from the launcher and ends at once,
+            # so that a second Ctrl-C finds the job gone (MPICH may exit 0); and a repeated signal must not find it
+            # in Python's finalisation, which restores the default action (killed by the signal, not 130).
+            _end(code)
+        if size is not None and size > 1:
             mpi.abort(comm, code)
         return code
     finally:
-        if main:
+        if watchdog is not None:
             watchdog.close()
-            for s, handler in saved.items():
-                if handler is not None:
-                    signal.signal(s, handler)
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
+def _end(code):
+    """End the process now with status ``code``, its output flushed (if it can be), without Python's finalisation."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # closed, a full disk, a reader gone
+            stream.flush()
+    os._exit(code)
+
+
+def _report(e, said_by, who, verbose):
+    """Say what ended the guarded call (one line; the traceback with ``verbose``) and return the exit status."""
+    if isinstance(e, MpitpError):  # after the vote, found by this rank alone: it ends the job for all
+        if str(e):
+            say(f"{said_by}: error: {e}")
+        return getattr(e, "status", 2)
+    stopped = {KeyboardInterrupt: STOPS[signal.SIGINT], Terminated: STOPS[signal.SIGTERM]}.get(type(e))
+    say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
+    if verbose:
+        traceback.print_exc()
+    elif not stopped:
+        say(f"{who}: run with --verbose for the traceback.")
+    return stopped[1] if stopped else 1
 
 
 def check_writable(path, what):
     """Raise ``MpitpError`` (``what``: the option and its value) unless the file ``path``, written at the end of a
     run, can be created or replaced: checked before the work, so that a long run is not lost to a bad destination.
-    Only a regular file is replaced: as root, ``--json-out /dev/null`` would otherwise replace the device."""
+    Only a regular file is replaced: a device (``/dev/null``), FIFO, socket or symbolic link is refused."""
     if not path:
         raise MpitpError(f"{what}: give a file name, or leave the option out.")
     target = existing = os.path.abspath(path)
@@ -259,14 +330,12 @@ def check_writable(path, what):
 
 
 def refuse_special(path, what):
-    """Raise ``MpitpError`` if ``path`` exists (through links) and is not a regular file: a device, FIFO or socket."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # absent (or a dangling link, which the rename replaces)
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-        raise MpitpError(f"{what}: {path} is {kind}, not a regular file; an output replaces only a regular file.")
+    """Raise ``MpitpError`` if ``path`` exists and is not a regular file: a device (``/dev/null``), FIFO, socket or
+    symbolic link is never replaced by an output."""
+    target = os.path.abspath(path)
+    if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+        raise MpitpError(f"{what}: {path} is {kind(target)}, not a regular file; mpitp replaces only regular files "
+                         "(give a new file name).")
 
 
 def replace_file(path, write, what):
@@ -287,3 +356,12 @@ def replace_file(path, write, what):
         if isinstance(e, OSError):
             raise MpitpError(f"{what}: could not be written ({e.strerror or e}); nothing was left behind.") from None
         raise
+
+
+def kind(path):
+    """What ``path`` is, in words, for a message ("a FIFO", "a symbolic link", ...)."""
+    mode = os.lstat(path).st_mode
+    return next((name for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                         (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")) if test(mode)),
+                "not a regular file")

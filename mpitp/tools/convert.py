@@ -16,7 +16,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -113,12 +112,15 @@ def convert(src, out_dir, dtype="float32", tokenizer=True):
     if os.path.lexists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise OutputError(f"{out_dir}: already exists and is not an empty folder; give a new folder.")
     parent = os.path.dirname(out_dir)
+    # Named before it exists, and made inside the clean-up's reach: Ctrl-C or SIGTERM at any point after the
+    # mkdir (even inside it) finds the folder to remove. The handlers ignore a repeated signal during the removal.
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    except OSError as e:
-        raise OutputError(f"{parent}: cannot create the output folder there ({e.strerror or e}).") from None
-    try:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(tmp, 0o700)
+        except OSError as e:
+            raise OutputError(f"{parent}: cannot create the output folder there ({e.strerror or e}).") from None
         _write_json(os.path.join(tmp, "config.json"), {**config, "torch_dtype": dtype})
         _write_json(os.path.join(tmp, "generation_config.json"), generation)
         if tok is not None:
@@ -169,7 +171,8 @@ def build_parser():
 def main(argv=None):
     """Entry point; returns the exit status (0 ok, 2 bad input, 1 unexpected error, 130/143 interrupted)."""
     args = build_parser().parse_args(argv)
-    # SIGTERM and Ctrl-C unwind through convert's cleanup: a kill leaves no partial folder either
+    # SIGTERM and Ctrl-C unwind through convert's clean-up: a kill leaves no partial folder either. No communicator,
+    # so no watchdog: nothing can hang in a collective, and the clean-up is never cut short by a hard exit.
     return run_guarded(None, lambda: _run(args), args.verbose, "mpitp.convert")
 
 
