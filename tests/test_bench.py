@@ -678,8 +678,8 @@ OUTPUTS = [
     ("--json-out=", "--json-out: give a file name, or leave the option out."),
     ("--batch-plot /proc/self/x/b.png", "--batch-plot /proc/self/x/b.png: cannot write in /proc/self"),
     # as root the temporary file can be made in /dev: the device itself is what must be refused
-    ("--json-out /dev/null", "--json-out /dev/null: /dev/null is a device or socket, not a regular file"),
-    ("--batch-plot /dev/null", "--batch-plot /dev/null: /dev/null is a device or socket, not a regular file"),
+    ("--json-out /dev/null", "--json-out /dev/null: /dev/null is a character device, not a regular file"),
+    ("--batch-plot /dev/null", "--batch-plot /dev/null: /dev/null is a character device, not a regular file"),
 ]
 BATCHES = [
     ("--batch 1,x", "--batch must be batch sizes >= 1, comma-separated (e.g. 1,2,4), or none; got '1,x'"),

@@ -211,7 +211,7 @@ def test_without_mpi4py_one_line_says_what_to_install():
     blocked = "import sys; sys.modules['mpi4py'] = None; from mpitp.cli.generate import main; sys.exit(main([]))"
     r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60,
                        env=child_env(), cwd=str(REPO))
-    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("mpitp: error: mpi4py does not work in ") and "`pip install mpi4py mpich`" in r.stderr
 
 
