@@ -16,7 +16,7 @@ import numpy as np
 from .runner import (HelpFormatter, RankParser, add_run_options, check_writable, failed_vote, prepare_and_agree,
                      run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
-from ..kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
+from ..tools.kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
 from ..resources import check_fits, set_blas_threads
 from ..scoring import chunk_tokens, first_scored, mean_and_stderr, score_chunks

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import FileError, RequestError, open_regular
+from ..errors import FileError, RequestError, open_regular
 
 MAGIC, VERSION, ALIGN = b"MPITPKLD", 1, 64
 PREFIX = struct.Struct("<8sII")  # magic, version, header length
