@@ -150,6 +150,7 @@ def _parse_ranks(text):
     return [int(x) for x in m.group(1).split(", ")] + ([int(m.group(2))] if m.group(2) else [])
 
 
+@pytest.mark.timeout(900)  # 200 runs of compare: minutes on a machine that other jobs keep busy, not a hang
 @settings(max_examples=200, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
