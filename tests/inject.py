@@ -1,6 +1,7 @@
 """Test-only: the generate command with a fault on one rank. ``python tests/inject.py RANK:PHASE [ARGS]``.
 
-PHASE is ``load``, ``prefill`` or ``decode`` (an unexpected error there: the job must abort), ``input`` (a
+PHASE is ``load``, ``prefill`` or ``decode`` (an unexpected error there: the job must abort), ``die`` (the rank
+is killed, SIGKILL, at the second decode step), ``input`` (a
 bad-input error only that rank sees, as a file missing on one node: every rank must exit cleanly), ``stop``
 (the rank stops itself with SIGSTOP at the second decode step, as if suspended; ``startstop``: before the
 first collective) or ``stall`` (there it blocks
@@ -14,6 +15,7 @@ import sys
 
 from mpi4py import MPI
 
+import mpitp.pipeline
 from mpitp import MpitpError, generate
 from mpitp.model import Model
 
@@ -28,7 +30,7 @@ def stall():
 
 fault_rank, _, phase = sys.argv.pop(1).partition(":")
 if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
-    load, forward = Model.load.__func__, Model.forward
+    load, forward, stage_forward = Model.load.__func__, Model.forward, mpitp.pipeline.stage_forward
     calls = []
 
     def faulty_load(cls, *args, **kwargs):
@@ -36,7 +38,7 @@ if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
             raise (RuntimeError if phase == "load" else MpitpError)(f"fault injected on this rank during {phase}")
         return load(cls, *args, **kwargs)
 
-    def faulty_forward(self, *args, **kwargs):
+    def fault():  # at each forward (with --pp: each stage's part of one)
         calls.append(1)
         if phase == "stop" and len(calls) == 3:
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -44,9 +46,19 @@ if MPI.COMM_WORLD.Get_rank() == int(fault_rank):
             stall()
         elif phase == "prefill" or (phase == "decode" and len(calls) == 3):  # decode: the second decode step
             raise RuntimeError(f"fault injected on this rank during {phase}")
+        elif phase == "die" and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def faulty_forward(self, *args, **kwargs):
+        fault()
         return forward(self, *args, **kwargs)
 
+    def faulty_stage_forward(*args, **kwargs):
+        fault()
+        return stage_forward(*args, **kwargs)
+
     Model.load, Model.forward = classmethod(faulty_load), faulty_forward
+    mpitp.pipeline.stage_forward = faulty_stage_forward
     if phase == "startstop":  # stopped before the first collective, as on a hung file system at start-up
         os.kill(os.getpid(), signal.SIGSTOP)
 sys.exit(generate.main())
