@@ -96,6 +96,7 @@ def generate_stages(model, prompts, max_new_tokens, sampler=None, stop_ids=(), t
     results = [Generation(prompt_ids=p.tolist(), timing=timing) for p in prompts]
     if trace is not None:
         trace.record_shard(model.shard)
+        trace.record_stage(model.stage)
     run = dict(model=model, link=link, groups=groups, caches=caches, trace=trace, max_new=max_new_tokens)
     try:
         if model.stage.is_first:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO, child_env, mpirun, run_cli, serial_only
@@ -114,3 +115,35 @@ def test_sigterm_ends_a_pipeline_with_a_stalled_stage(tmp_path):
     assert took < 5 and proc.returncode == 143 and "] mpitp: terminated" in err and "Traceback" not in err, err
     left = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"
+
+
+def test_stage_traces_hold_their_layers_and_compare_with_any_layout(tmp_path, five_layers):
+    # float64 traces of 1 rank, 1x3 (layers 2,2,1 by hand) and 2x2: each stage's files hold its layers only (and
+    # the first the tokens, the last the logits), and compare takes any of them against any other.
+    from mpitp.tools import compare
+    args = ["--model", five_layers, "--dtype", "float64", "--prompt-ids", "3,1,4,1,5", "--prompt-ids", "9,2",
+            "--max-new-tokens", "4", "--ignore-eos", "--quiet"]
+    for name, n, extra in (("one", 1, []), ("1x3", 3, ["--pp-layers", "2,2,1"]), ("2x2", 4, ["--pp", "2"])):
+        r = run_cli(args + ["--trace", str(tmp_path / name), *extra], n=n)
+        assert r.returncode == 0, r.stderr
+    held = []
+    for r in range(3):
+        with np.load(tmp_path / "1x3" / f"rank{r}.npz") as f:
+            held.append(({k.split("/")[1] for k in f.files if k.startswith("step1/")}, int(f["stage/first_layer"])))
+    assert held == [({"layer0", "layer1", "tokens"}, 0), ({"layer2", "layer3"}, 2), ({"layer4", "logits"}, 4)]
+    for a, b in (("one", "1x3"), ("1x3", "2x2"), ("2x2", "one")):
+        assert compare.main([str(tmp_path / a), str(tmp_path / b), "--rtol", "1e-9", "--atol", "1e-9"]) == 0
+
+
+def test_compare_refuses_a_stage_file_without_its_stage(tmp_path):
+    r = run_cli(["--prompt-ids", "1,2", "--max-new-tokens", "2", "--pp", "2", "--trace", str(tmp_path / "t"),
+                 "--quiet"], n=2)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "t" / "rank1.npz") as f:
+        arrays = {k: f[k] for k in f.files if not k.startswith("stage/")}
+    np.savez(tmp_path / "t" / "rank1.npz", **arrays)
+    c = subprocess.run([sys.executable, "-m", "mpitp.compare", str(tmp_path / "t"), str(tmp_path / "t")],
+                       capture_output=True, text=True, env=child_env(), cwd=str(REPO))
+    assert c.returncode == 2 and c.stderr.strip().splitlines() == [
+        f"mpitp.compare: error: {tmp_path}/t/rank1.npz has no key 'stage/index', which rank0.npz has: a pipeline's "
+        f"trace has stage/* in every file."], c.stderr
