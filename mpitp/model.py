@@ -216,7 +216,8 @@ class Model:
         return sum(a.nbytes for a in arrays if a is not None)
 
     def cache_bytes(self, capacity, n_batch=1):
-        """Bytes of this rank's KV cache (of its stage's layers) for ``n_batch`` sequences of up to ``capacity`` positions."""
+        """Bytes of this rank's KV cache (of its stage's layers, with --pp) for ``n_batch`` sequences of up to
+        ``capacity`` positions."""
         cfg = self.config
         return 2 * n_batch * len(self.blocks) * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
             self.dtype).itemsize

@@ -152,7 +152,8 @@ def _prepare(args, comm, node_ranks, stages=None):
     if args.trace:  # created once every rank agrees to go on
         check_writable(os.path.join(args.trace, f"rank{comm.Get_rank()}.npz"), f"--trace {args.trace}")
         cfg, s = model.config, model.shard  # the trace keeps A..E of every layer and the logits, of every row
-        width = len(model.blocks) * (3 * cfg.n_embd + 2 * cfg.d_head * (s.n_head_local + s.n_kv_head_local) + s.n_ffn_local)
+        width = len(model.blocks) * (3 * cfg.n_embd + 2 * cfg.d_head * (s.n_head_local + s.n_kv_head_local)
+                                     + s.n_ffn_local)  # a stage's layers only
         rows = sum(len(p) for p in prompts) + len(prompts) * max_new
         check_fits(2 * rows * (width + s.n_vocab_local) * np.dtype(model.dtype).itemsize,  # 2: its final copies
                    f"--trace of {rows} tokens", "trace fewer or shorter prompts, or use more ranks", node_ranks)
@@ -242,8 +243,9 @@ def _run(args, comm, node_ranks):
     # inf reaches through the Allreduce, refuses the first one; the others stay quiet (one line, not P).
     try:
         with np.errstate(over="raise", invalid="raise") if rank == 0 else np.errstate(all="ignore"):
-            results = (generate_stages if model.stage else generate_batch)(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids,
-                                     trace, on_token=printer.on_token, cache=cache)
+            generate = generate_stages if model.stage else generate_batch  # --pp: mpitp.pipeline
+            results = generate(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids,
+                               trace, on_token=printer.on_token, cache=cache)
     except FloatingPointError as e:
         raise RequestError(f"the model's activations overflow {args.dtype} ({e}); try --dtype float64, or check "
                            "the checkpoint.") from None
