@@ -5,8 +5,10 @@ A batch is cut into micro-batches of consecutive sequences (as many as stages, a
 its rows of the KV cache. The first stage runs the prompts one by one through its layers and sends each on (GPipe's
 fill and drain), then decodes the micro-batches in turn: while the last stage chooses one micro-batch's tokens, the
 others work on the next ones. Each message is a header (what the rows are, which sequences are left) and the rows
-``[n_rows, n_embd]``; every tensor-parallel rank sends to its peer in the next stage (the rows are replicated in a
-stage, so no stage gathers or scatters them). The last stage chooses each token as ``generate_batch`` does (the
+``[n_rows, n_embd]``, which every rank of a stage holds whole: tensor-parallel rank t sends its 1/T of the columns
+to its peer in the next stage, which gathers them (``Allgatherv`` within its stage, on the node), so the link
+between two nodes carries the rows once, not T times, and the T links of a wider cluster share them. The last
+stage chooses each token as ``generate_batch`` does (the
 same sampler, step and logits: the same tokens) and sends the tokens and their stop flags to the first stage,
 whose next header tells the stages between which sequences have finished. The first stage ends with an "end"
 header; every rank then learns the results from rank 0.
@@ -44,21 +46,26 @@ class _Link:
     def __init__(self, model, width):
         self.model, self.stage, self.width = model, model.stage, width  # width: the longest header
         self.pending = []  # token messages in flight, with their buffers (alive until sent)
+        tp, n_embd = model.comm.Get_size(), model.config.n_embd
+        self.counts = [block_range(n_embd, tp, t)[1] for t in range(tp)]  # the columns each peer sends
+        start, count = block_range(n_embd, tp, model.comm.Get_rank())
+        self.cols = slice(start, start + count)
 
-    def send(self, header, x):  # to the next stage: the header, then the rows
+    def send(self, header, x):  # to the next stage: the header, then this rank's columns of the rows
         nxt = self.stage.peer(self.stage.index + 1)
         mpi.send(self.stage.pipe, np.resize(np.asarray(header, np.int64), self.width), nxt, TAG_HEADER)
         if header[0] != END:
-            mpi.send(self.stage.pipe, x, nxt, TAG_ROWS)
+            mpi.send(self.stage.pipe, x[:, self.cols], nxt, TAG_ROWS)
 
-    def recv(self):  # from the previous stage: (header, rows)
+    def recv(self):  # from the previous stage: (header, rows), the rows' columns gathered from the stage's ranks
         prev = self.stage.peer(self.stage.index - 1)
         header = mpi.recv(self.stage.pipe, np.empty(self.width, np.int64), prev, TAG_HEADER)
         if header[0] == END:
             return header, None
         n_rows = (header[7] if header[0] == DECODE else 1) * header[3]
-        return header, mpi.recv(self.stage.pipe, np.empty((n_rows, self.model.config.n_embd), self.model.dtype),
-                                prev, TAG_ROWS)
+        part = mpi.recv(self.stage.pipe, np.empty((n_rows, self.cols.stop - self.cols.start), self.model.dtype),
+                        prev, TAG_ROWS)
+        return header, mpi.allgather_columns(self.model.comm, part, self.counts)
 
     def send_tokens(self, values):  # last stage -> first: without waiting, so that no stage waits in a circle
         buf = np.asarray(values, np.int64)
