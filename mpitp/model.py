@@ -19,7 +19,7 @@ from .layers import (apply_rope, attention, causal_mask, geglu, gelu_tanh, layer
                      rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
 from .sharding import block_range, shard_for
-from .stages import Part, StageCache, StageGroup, place, split_stages, stage_layers
+from .stages import StageCache, StageGroup, layer_counts, place, split_stages
 from .weights import load_weights, shard_bytes
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -71,7 +71,7 @@ class Model:
             comm, group = split_stages(comm, pp)
         config = load_config(model_dir)
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())
-        stage = None if group is None else place(group, config.n_layer, _stage_counts(config, group, pp_layers))
+        stage = None if group is None else place(group, layer_counts(config, group, pp_layers))
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
         check_fits(shard_bytes(config, shard, dtype, stage), f"this rank's shard of {model_dir}", hint, node_ranks)
@@ -231,14 +231,6 @@ class Model:
                    "ask for fewer tokens or prompts, or use more ranks, on more nodes", self.node_ranks)
         cache = KVCache(len(self.blocks), n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity, self.dtype)
         return cache if self.stage is None else StageCache(cache, self.stage.first_layer)  # its layers only
-
-
-def _stage_counts(config, group, given):
-    """Layers per stage (``mpitp.stages.stage_layers``), weighed by the bytes of one tensor-parallel rank's share."""
-    shard = shard_for(config, 0, group.tp)
-    size = lambda n, first, last: shard_bytes(config, shard, np.float32, Part(range(n), first, last))  # noqa: E731
-    return stage_layers(config.n_layer, group.count, size(1, False, False), size(0, True, False),
-                        size(0, False, True), given)
 
 
 FINGERPRINTED = "model (digest of config.json, the checkpoint headers and each weight's first and last rows)"

@@ -14,6 +14,8 @@ import numpy as np
 
 from . import comm as mpi
 from .errors import RequestError
+from .sharding import shard_for
+from .weights import shard_bytes
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,17 @@ def stage_layers(n_layer, pp, layer_bytes, first_bytes, last_bytes, given=None):
     return tuple(counts)
 
 
-def place(group, n_layer, counts):
-    """``group`` holding its stage's layers of ``counts`` (``stage_layers``)."""
+def layer_counts(config, group, given=None):
+    """Layers per stage of ``config``'s model for ``group``'s layout: ``stage_layers`` weighing the bytes one
+    tensor-parallel rank holds of a layer, of the embedding and of the final norm and LM head."""
+    shard = shard_for(config, 0, group.tp)
+    size = lambda n, first, last: shard_bytes(config, shard, np.float32, Part(range(n), first, last))  # noqa: E731
+    return stage_layers(config.n_layer, group.count, size(1, False, False), size(0, True, False),
+                        size(0, False, True), given)
+
+
+def place(group, counts):
+    """``group`` holding its stage's layers of ``counts`` (``layer_counts``)."""
     first = sum(counts[:group.index])
     return Stage(index=group.index, count=group.count, tp=group.tp, pipe=group.pipe, first_layer=first,
                  n_layer_local=counts[group.index], counts=tuple(counts))

@@ -147,3 +147,28 @@ def test_compare_refuses_a_stage_file_without_its_stage(tmp_path):
     assert c.returncode == 2 and c.stderr.strip().splitlines() == [
         f"mpitp.compare: error: {tmp_path}/t/rank1.npz has no key 'stage/index', which rank0.npz has: a pipeline's "
         f"trace has stage/* in every file."], c.stderr
+
+
+def test_bench_pipeline_reports_rates_and_the_bubble(tmp_path):
+    out = tmp_path / "pp.json"
+    r = subprocess.run([*mpirun(2), sys.executable, "-m", "bench", "--preset", "tiny", "--pp", "2", "--batch", "1,3",
+                        "--batch-prompt", "8", "--batch-gen", "4", "--json-out", str(out)], capture_output=True,
+                       text=True, timeout=120, env=child_env(), cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    assert "# pipeline: tiny (random), float32, 2 stages of 1 rank(s), layers 1,1" in r.stdout
+    rec = json.loads(out.read_text())
+    assert (rec["pp"], rec["tp"], rec["layers"], [e["n_batch"] for e in rec["pipeline"]]) == (2, 1, [1, 1], [1, 3])
+    for e in rec["pipeline"]:
+        assert e["decode_tokens_per_s"] > 0 and e["prefill_tokens_per_s"] > 0 and len(e["stage_wait_share"]) == 2
+        assert all(0 <= w <= 1 for w in e["stage_wait_share"])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--pp", "3"], "bench: error: --pp 3: 2 ranks (mpirun -n 2) cannot form 3 pipeline stages"),
+    (["--pp", "2", "--osu"], "bench: error: --pp runs the batch test of a preset: leave out --model, --long, --osu "
+                             "and --batch-plot."),
+])
+def test_bench_pipeline_refusals(extra, expected):
+    r = subprocess.run([*mpirun(2), sys.executable, "-m", "bench", "--preset", "tiny", *extra], capture_output=True,
+                       text=True, timeout=60, env=child_env(), cwd=str(REPO))
+    one_error_line(r, expected)
