@@ -218,8 +218,9 @@ class Model:
     def cache_bytes(self, capacity, n_batch=1):
         """Bytes of this rank's KV cache (of its stage's layers, with --pp) for ``n_batch`` sequences of up to
         ``capacity`` positions."""
-        cfg = self.config
-        return 2 * n_batch * len(self.blocks) * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
+        cfg, stage = self.config, getattr(self, "stage", None)  # the bench asks with a stand-in for a model
+        layers = stage.n_layer_local if stage else cfg.n_layer
+        return 2 * n_batch * layers * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
             self.dtype).itemsize
 
     def new_cache(self, capacity, n_batch=1):
