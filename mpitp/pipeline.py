@@ -105,13 +105,11 @@ def generate_stages(model, prompts, max_new_tokens, sampler=None, stop_ids=(), t
         trace.record_shard(model.shard)
         trace.record_stage(model.stage)
     run = dict(model=model, link=link, groups=groups, caches=caches, trace=trace, max_new=max_new_tokens)
-    try:
-        if model.stage.is_first:
-            _first_stage(run, prompts, results, set(stop_ids), on_token)
-        else:
-            _later_stage(run, sampler, set(stop_ids))
-    finally:
-        link.close()
+    if model.stage.is_first:
+        _first_stage(run, prompts, results, set(stop_ids), on_token)
+    else:
+        _later_stage(run, sampler, set(stop_ids))
+    link.close()  # not after an error: its receiver may never come (the error aborts the job instead)
     return _share_results(pipe, results)
 
 

@@ -172,3 +172,21 @@ def test_bench_pipeline_refusals(extra, expected):
     r = subprocess.run([*mpirun(2), sys.executable, "-m", "bench", "--preset", "tiny", *extra], capture_output=True,
                        text=True, timeout=60, env=child_env(), cwd=str(REPO))
     one_error_line(r, expected)
+
+
+@pytest.mark.parametrize("where, rank", [("logits", 1), ("norm", 0)])
+def test_activations_that_overflow_in_a_stage_are_refused(tmp_path, where, rank):
+    # As test_faults_ranks.py's, with a stage each: the stage where it overflows says so (its rank 0), status 2.
+    import dense_reference
+    from st_util import write_safetensors
+    path = write_random_model(tmp_path / "m", "llama-9h")
+    tensors = dense_reference.read_safetensors(f"{path}/model.safetensors")
+    if where == "logits":  # the last stage's final norm and LM head
+        tensors["model.norm.weight"][:] = 1e30
+        tensors["lm_head.weight"] *= 1e10
+    else:  # the first stage's embedding
+        tensors["model.embed_tokens.weight"] *= 3e37
+    write_safetensors(f"{path}/model.safetensors", tensors)
+    line = fail_fast(["--model", path, "--pp", "2", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"],
+                     "mpitp: error: the model's activations overflow float32 (overflow encountered in ")
+    assert line.startswith(f"[rank {rank}] " if rank else "mpitp: ")

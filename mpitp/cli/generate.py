@@ -239,10 +239,10 @@ def _run(args, comm, node_ranks):
         os.makedirs(args.trace, exist_ok=True)
     trace = Trace(args.model) if args.trace else None
     printer = _Printer(args, rank, tokenizer, texts)
-    # A float overflow makes garbage that can still look finite (a norm of inf is 0): rank 0, which every NaN or
-    # inf reaches through the Allreduce, refuses the first one; the others stay quiet (one line, not P).
+    # A float overflow makes garbage that can still look finite (a norm of inf is 0): rank 0 (of each pipeline
+    # stage), which every NaN or inf reaches through the Allreduce, refuses the first one; the others stay quiet.
     try:
-        with np.errstate(over="raise", invalid="raise") if rank == 0 else np.errstate(all="ignore"):
+        with np.errstate(over="raise", invalid="raise") if model.comm.Get_rank() == 0 else np.errstate(all="ignore"):
             generate = generate_stages if model.stage else generate_batch  # --pp: mpitp.pipeline
             results = generate(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids,
                                trace, on_token=printer.on_token, cache=cache)
