@@ -53,7 +53,9 @@ class _Link:
 
     def send(self, header, x):  # to the next stage: the header, then this rank's columns of the rows
         nxt = self.stage.peer(self.stage.index + 1)
-        mpi.send(self.stage.pipe, np.resize(np.asarray(header, np.int64), self.width), nxt, TAG_HEADER)
+        buf = np.zeros(self.width, np.int64)  # every header as long as the longest: one Recv size
+        buf[:len(header)] = header
+        mpi.send(self.stage.pipe, buf, nxt, TAG_HEADER)
         if header[0] != END:
             mpi.send(self.stage.pipe, x[:, self.cols], nxt, TAG_ROWS)
 
@@ -86,6 +88,8 @@ def generate_stages(model, prompts, max_new_tokens, sampler=None, stop_ids=(), t
     if root != 0:
         raise RequestError("with pipeline stages, rank 0 (of the first stage) talks to the user: root must be 0.")
     prompts = check_request(model, prompts, max_new_tokens)
+    if n_micro is not None and (isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1):
+        raise RequestError(f"n_micro must be an integer >= 1 (micro-batches), got {n_micro!r}.")
     pipe = model.stage.pipe
     if cache is None:  # the memory check can fail on some ranks only: they agree before the first message
         try:
