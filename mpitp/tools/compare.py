@@ -3,7 +3,8 @@
 REF and OTHER are trace folders (docs/trace.md) of any rank counts: mpitp at 2 ranks against another engine at
 4, or against an unsharded single-process trace such as ``python -m mpitp.hftrace`` writes. Every rank's part of
 a tensor is placed at its global columns from its file's ``shard/*`` numbers, so any split compares with any
-other, uneven ones included, and every copy is compared: each rank's copy of a replicated tensor (A, C, E), both
+other, uneven ones included, pipeline stages too (their files hold their layers only: ``stage/*``), and every
+copy is compared: each rank's copy of a replicated tensor (A, C, E), both
 copies of a key/value head two ranks share. An element is within tolerance when
 ``|OTHER - REF| <= atol + rtol * |REF|`` (NumPy's ``isclose``); a NaN never is.
 
