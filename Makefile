@@ -24,7 +24,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster clean
+.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster bench-pp bench-pp-cluster clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -62,12 +62,14 @@ test-tcp: install
 	$(call mpi_pytest,$(NP),$(MPI_TESTS),env $(TCP_ENV))
 
 # The MPI suite across 2 emulated nodes (network namespaces on a bridge, each with its own host name, TCP
-# between them; scripts/cluster.sh): 2 nodes x 1 rank and 2 x 2, then every command-line and fault test with
-# its ranks spread over the nodes. Needs root and iproute2; leaves no namespace, link or process behind.
+# between them; scripts/cluster.sh): 2 nodes x 1 rank and 2 x 2 (with --pp 2 there: tensor parallel within a
+# node, a pipeline stage per node), then every command-line and fault test with its ranks spread over the nodes.
+# Needs root and iproute2; leaves no namespace, link or process behind.
 test-cluster: install
 	timeout $(TIMEOUT) scripts/cluster.sh run 2 1 -- env MPITP_RANKS_PER_NODE=1 pytest tests/test_mpi.py
-	timeout $(TIMEOUT) scripts/cluster.sh run 2 2 -- env MPITP_RANKS_PER_NODE=2 pytest tests/test_mpi.py
-	MPITP_CLUSTER_NODES=2 timeout $(TIMEOUT) pytest tests/test_faults.py tests/test_cli.py
+	timeout $(TIMEOUT) scripts/cluster.sh run 2 2 -- env MPITP_RANKS_PER_NODE=2 pytest tests/test_mpi.py \
+		tests/test_mpi_pipeline.py
+	MPITP_CLUSTER_NODES=2 timeout $(TIMEOUT) pytest tests/test_faults.py tests/test_cli.py tests/test_pipeline_cli.py
 
 # Hugging Face's trace against mpitp's (docs/trace.md): installs the hf extra (torch 2.13.0 CPU, transformers),
 # then runs tests/test_compare.py, whose Hugging Face tests are skipped without it.
@@ -118,6 +120,24 @@ fuzz: install
 # What CI runs: make test; the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny), over
 # TCP and across emulated nodes; then every bench target once on the tiny preset, to prove they run end to end.
 SMOKE = PRESET=tiny BENCH_OUT=$(BENCH_OUT)/smoke BENCH_ARGS="-r 2 -p 16 -n 8 --roofline-mib 16"
+# Pipeline stages against tensor parallelism on NP ranks: the batch test (PP_BATCH prompts) at --pp 1 (the usual
+# bench) and at every other --pp that divides NP, a JSON record each (docs/benchmark.md, "Pipeline stages").
+PP_BATCH ?= 4
+PP_ARGS = --batch $(PP_BATCH) --batch-repeats 3
+bench-pp: install
+	for pp in $$(seq 1 $(NP)); do test $$(( $(NP) % pp )) = 0 || continue; \
+		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench --preset $(PRESET) $(PP_ARGS) --pp $$pp \
+			$(BENCH_ARGS) --json-out $(BENCH_OUT)/pp-$(PRESET)-np$(NP)-pp$$pp.json || exit 1; done
+
+# The same across 2 emulated nodes of 2 ranks at each rate of CLUSTER_RATES: tensor parallel over all 4 ranks
+# (--pp 1) against a stage per node (--pp 2). The issue's target: at 10mbit, --pp 2 decodes a batch of 4 at least
+# 2x faster than --pp 1 on GPT-2-124M shapes.
+bench-pp-cluster: install
+	for rate in $(CLUSTER_RATES); do for pp in 1 2; do \
+		timeout $(TIMEOUT) scripts/cluster.sh run 2 2 $$(test $$rate = unlimited || echo $$rate) -- \
+			python -m bench --preset $(PRESET) --threads 1 $(PP_ARGS) --pp $$pp $(BENCH_ARGS) \
+			--json-out $(BENCH_OUT)/pp-cluster-$(PRESET)-$$rate-pp$$pp.json || exit 1; done; done
+
 ci: test
 	$(MAKE) test-mpi NP=3 MPI_TESTS="-m mpi"
 	$(MAKE) test-mpi NP=4 MPI_TESTS="-m mpi"

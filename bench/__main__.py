@@ -22,6 +22,7 @@ from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
 from mpitp.sharding import shard_for
+from mpitp.stages import check_stage_count, stage_layers
 from mpitp.resources import set_blas_threads
 from mpitp.weights import shard_bytes
 
@@ -32,6 +33,7 @@ from .environment import environment, machine_state
 from .models import PRESETS, random_model
 from .plots import save_batch_plot
 from .record import run_record, table_rows
+from .stages import format_stages, run_stages, stage_model
 from .report import (find_warnings, format_batch, format_long, format_osu, format_report, format_table,
                      format_warnings)
 from .summary import summarize
@@ -78,6 +80,9 @@ def build_parser():
     p.add_argument("--cluster-table", nargs="+", metavar="JSON",
                    help="no benchmark: print decode measured and projected against the link of these JSON records "
                         "(one per link rate: make bench-cluster)")
+    p.add_argument("--pp", type=int, default=1, metavar="S",
+                   help="instead of the tensor-parallel tests: the batch test (--batch, --batch-prompt, --batch-gen, "
+                        "--batch-repeats) through S pipeline stages of (ranks / S) ranks each, with the bubble")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
 
@@ -90,7 +95,35 @@ def main(argv=None):
 def _dispatch(args, comm, node_ranks):
     if args.summarize or args.cluster_table:
         return _tables(args) if comm.Get_rank() == 0 else 0
-    return _run(args, comm, node_ranks)
+    return _run(args, comm, node_ranks) if args.pp == 1 else _run_stages(args, comm, node_ranks)
+
+
+def _run_stages(args, comm, node_ranks):
+    """``--pp S``: the batch test through S pipeline stages (bench/stages.py), after the same vote and agreement."""
+    error = config = None
+    try:
+        if args.model or args.long or args.osu or args.batch_plot:
+            raise MpitpError("--pp runs the batch test of a preset: leave out --model, --long, --osu and "
+                             "--batch-plot.")
+        config = config_from_dict(PRESETS[args.preset], f"preset {args.preset}")
+        check_stage_count(comm.Get_size(), args.pp)
+        stage_layers(config.n_layer, args.pp, 1, 0, 0)  # refuses more stages than layers
+        args.batches = parse_batches(args.batch) or [1]
+        if comm.Get_rank() == 0:
+            check_outputs((("--json-out", args.json_out),))
+    except MpitpError as e:
+        error = e
+    facts = [(f"--{k.replace('_', '-')}", v) for k, v in sorted(vars(args).items()) if k not in PER_RANK]
+    if failed_vote(comm, error, PROG) or disagree(comm, facts, PROG):
+        return 2
+    threads, warning = set_blas_threads(args.threads, node_ranks)
+    screen = Screen(comm.Get_rank())
+    if warning:
+        screen.progress(warning)
+    model = stage_model(config, comm, DTYPES[args.dtype], args.pp)
+    rec = run_stages(args, comm, model, f"{args.preset} (random)", threads, args.batches, screen.progress)
+    screen.show(format_stages(rec))
+    return _output(args, comm, rec, screen)
 
 
 def _tables(args):

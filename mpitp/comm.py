@@ -107,6 +107,34 @@ def bcast_ints(comm, values, root=0):
     return [int(v) for v in buf]
 
 
+def split(comm, color, key):
+    """The communicator of the ranks of ``comm`` that give the same ``color``, ordered by ``key`` (collective over
+    ``comm``): a pipeline stage's tensor-parallel group."""
+    return comm.Split(color, key)
+
+
+def send(comm, buf, dest, tag):
+    """Send the contiguous array ``buf`` to rank ``dest`` (point to point; returns once ``buf`` may be reused)."""
+    comm.Send(np.ascontiguousarray(buf), dest=dest, tag=tag)
+
+
+def isend(comm, buf, dest, tag):
+    """Start sending ``buf`` to ``dest`` and return at once: a request to ``wait`` on (keep ``buf`` alive until)."""
+    return comm.Isend(buf, dest=dest, tag=tag)
+
+
+def wait_all(requests):
+    """Wait until every request of ``isend`` has completed."""
+    for request in requests:
+        request.Wait()
+
+
+def recv(comm, buf, source, tag):
+    """Receive into the preallocated array ``buf`` from rank ``source``; returns ``buf``."""
+    comm.Recv(buf, source=source, tag=tag)
+    return buf
+
+
 def max_over_ranks(comm, value):
     """The largest ``value`` over all ranks, on every rank."""
     return comm.allreduce(value, op=_mpi().MAX)

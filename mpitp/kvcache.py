@@ -18,11 +18,11 @@ class KVCache:
         shape = (n_layer, n_batch, n_kv_head_local, capacity, d_head)
         self.K, self.V = np.full(shape, 0, dtype), np.full(shape, 0, dtype)
 
-    def row(self, b):
-        """Sequence ``b`` alone, as a 1-sequence cache that shares this one's memory."""
+    def row(self, b, n=1):
+        """Sequence ``b`` alone (or the ``n`` from ``b`` on), as a cache that shares this one's memory."""
         view = object.__new__(KVCache)
-        view.capacity, view.lengths = self.capacity, self.lengths[b:b + 1]
-        view.K, view.V = self.K[:, b:b + 1], self.V[:, b:b + 1]
+        view.capacity, view.lengths = self.capacity, self.lengths[b:b + n]
+        view.K, view.V = self.K[:, b:b + n], self.V[:, b:b + n]
         return view
 
     def keep(self, rows):

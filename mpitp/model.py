@@ -19,6 +19,7 @@ from .layers import (apply_rope, attention, causal_mask, geglu, gelu_tanh, layer
                      rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
 from .sharding import block_range, shard_for
+from .stages import StageCache, StageGroup, layer_counts, place, split_stages
 from .weights import load_weights, shard_bytes
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -31,6 +32,8 @@ class Model:
     Attributes: ``config`` (the whole model), ``shard`` (what this rank owns), ``blocks`` (a list of
     ``BlockWeights``), ``weights`` (``GlobalWeights``: embedding, final norm, LM head), ``comm``, ``dtype``.
     """
+
+    stage = None  # with --pp: this rank's pipeline stage (``mpitp.stages.Stage``): ``blocks`` are its layers only
 
     def __init__(self, config, shard, blocks, weights, comm, dtype, node_ranks=1, fingerprint=None):
         self.config, self.shard, self.blocks, self.weights, self.comm, self.dtype = (
@@ -50,24 +53,33 @@ class Model:
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
     @classmethod
-    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1):
+    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1, pp=1, pp_layers=None):
         """This rank's shard of a Hugging Face model folder for the ranks of ``comm`` (``mpitp.comm.serial()``:
         this process alone), cast to ``dtype`` ("float32" or "float64"), in the layout of ``mpitp.arena`` or
         (``arena=False``) plain arrays. ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the
         memory check counts them. Every check that bad input can fail (config, rank count, memory, checkpoint
-        headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare."""
+        headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare.
+        ``pp`` > 1: this rank's pipeline stage of ``pp`` (``mpitp.stages``; a collective ``Split`` first, unless
+        ``pp`` is the ``StageGroup`` that ``split_stages`` made already, and ``comm`` its stage's communicator), its
+        layers ``pp_layers`` per stage or near-equal in bytes; ``model.comm`` is then this stage's ranks."""
         try:
             dtype = DTYPES[np.dtype(dtype).name]
         except (TypeError, KeyError):
             raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.") from None
+        group = pp if isinstance(pp, StageGroup) else None  # split by the caller: comm is then its stage's
+        if group is None and (pp != 1 or pp_layers is not None):
+            comm, group = split_stages(comm, pp)
         config = load_config(model_dir)
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())
+        stage = None if group is None else place(group, layer_counts(config, group, pp_layers))
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
-        check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}", hint, node_ranks)
+        check_fits(shard_bytes(config, shard, dtype, stage), f"this rank's shard of {model_dir}", hint, node_ranks)
         fingerprint = _fingerprint(config, ckpt)
-        weights = load_weights(ckpt, config, shard, dtype, arena)
-        return cls(config, shard, *weights, comm, dtype, node_ranks, fingerprint)
+        weights = load_weights(ckpt, config, shard, dtype, arena, stage)
+        model = cls(config, shard, *weights, comm, dtype, node_ranks, fingerprint)
+        model.stage = stage
+        return model
 
     def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.
@@ -160,10 +172,7 @@ class Model:
         rows = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]
         n_batch, n_seq = rows.shape
         n_kv = int(cache.lengths.max()) + n_seq
-        # Every rank cuts the prompt alike (their Allreduce must pair up): by the most heads any rank holds,
-        # a fact of the model and the rank count, never of this rank's own share.
-        heads = -(-self.config.n_head // self.shard.size)
-        chunk = max(1, SCORES_BYTES // (n_batch * heads * n_kv * np.dtype(self.dtype).itemsize))
+        chunk = self.prefill_chunk(n_batch, n_kv)
         logits = [self.forward_chunk(rows[:, i:i + chunk], cache, all_logits) for i in range(0, n_seq, chunk)]
         logits = np.concatenate(logits, axis=1) if len(logits) > 1 and all_logits else logits[-1]
         if gather:
@@ -171,14 +180,26 @@ class Model:
             logits = mpi.allgather_columns(self.comm, logits, counts)
         return logits[0] if ids.ndim == 1 else logits
 
+    def prefill_chunk(self, n_batch, n_kv):
+        """Positions per chunk of a prompt whose keys will reach ``n_kv``. Every rank cuts the prompt alike (their
+        Allreduce must pair up): by the most heads any rank holds, a fact of the model and the rank count, never of
+        this rank's own share."""
+        heads = -(-self.config.n_head // self.shard.size)
+        return max(1, SCORES_BYTES // (n_batch * heads * n_kv * np.dtype(self.dtype).itemsize))
+
+    def tables(self, positions):
+        """The masks ``[n_batch, n_seq, n_kv]`` and RoPE tables of each kind of layer (full, or sliding by a window),
+        keyed by window, for new tokens at ``positions`` ``[n_batch, n_seq]``."""
+        masks = {w: causal_mask(positions, positions.max() + 1, self.dtype, w) for w in set(self.windows)}
+        ropes = {w: None if f is None else rope_tables(f, positions.ravel(), self.dtype)
+                 for w, f in self._inv_freq.items()}
+        return masks, ropes
+
     def forward_chunk(self, ids, cache, all_logits):
         # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq or 1, n_vocab_local]
         n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
-        # The mask [n_batch, n_seq, n_kv] and the RoPE tables of each kind of layer (full, or sliding by a window)
-        masks = {w: causal_mask(positions, positions.max() + 1, self.dtype, w) for w in set(self.windows)}
-        ropes = {w: None if f is None else rope_tables(f, positions.ravel(), self.dtype)
-                 for w, f in self._inv_freq.items()}
+        masks, ropes = self.tables(positions)
         x = self.embed(ids.ravel(), positions.ravel())  # [n_rows, n_embd]
         for layer, (w, window) in enumerate(zip(self.blocks, self.windows)):
             x = self.block_fn(x, w, layer, cache, ropes[window], masks[window])
@@ -195,9 +216,11 @@ class Model:
         return sum(a.nbytes for a in arrays if a is not None)
 
     def cache_bytes(self, capacity, n_batch=1):
-        """Bytes of this rank's KV cache for ``n_batch`` sequences of up to ``capacity`` positions."""
-        cfg = self.config
-        return 2 * n_batch * cfg.n_layer * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
+        """Bytes of this rank's KV cache (of its stage's layers, with --pp) for ``n_batch`` sequences of up to
+        ``capacity`` positions."""
+        cfg, stage = self.config, getattr(self, "stage", None)  # the bench asks with a stand-in for a model
+        layers = stage.n_layer_local if stage else cfg.n_layer
+        return 2 * n_batch * layers * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
             self.dtype).itemsize
 
     def new_cache(self, capacity, n_batch=1):
@@ -207,8 +230,8 @@ class Model:
                                f"{self.config.n_ctx} positions.")
         check_fits(self.cache_bytes(capacity, n_batch), f"a KV cache of {n_batch} x {capacity} positions",
                    "ask for fewer tokens or prompts, or use more ranks, on more nodes", self.node_ranks)
-        return KVCache(self.config.n_layer, n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity,
-                       self.dtype)
+        cache = KVCache(len(self.blocks), n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity, self.dtype)
+        return cache if self.stage is None else StageCache(cache, self.stage.first_layer)  # its layers only
 
 
 FINGERPRINTED = "model (digest of config.json, the checkpoint headers and each weight's first and last rows)"

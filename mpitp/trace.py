@@ -39,6 +39,12 @@ class Trace:
         """Store what this rank owns (``shard/head_start``, ``shard/n_head_local``, ...) as int64 scalars."""
         self.arrays.update((f"shard/{k}", np.int64(v)) for k, v in vars(shard).items() if isinstance(v, int))
 
+    def record_stage(self, stage):
+        """Store a pipeline stage's place (``stage/index``, ``stage/count``, ``stage/first_layer``,
+        ``stage/n_layer_local``): its file holds those layers only (and the logits on the last stage)."""
+        self.arrays.update((f"stage/{k}", np.int64(getattr(stage, k)))
+                           for k in ("index", "count", "first_layer", "n_layer_local"))
+
     def _hook(self, frame, event, value):
         # A frame that an exception unwinds also "returns", with None and some locals unset: not a result.
         code = frame.f_code if event == "return" and value is not None else None

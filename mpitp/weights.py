@@ -75,6 +75,18 @@ def _fields(config):
     return ({f: p for f, p in fields.items() if p[0] in planned} for fields in (block, glob))
 
 
+def _stage_fields(config, part):
+    """``_fields`` of a pipeline stage ``part`` (None: the whole model): the blocks' fields and its layers, and
+    the outer weights it uses: the first stage embeds (a tied embedding is read as the LM head), the last normalizes
+    and projects onto the vocabulary; a middle stage holds blocks only."""
+    block, glob = _fields(config)
+    if part is None:
+        return block, glob, range(config.n_layer)
+    used = (({"W_embed", "W_pos"} | ({"W_vocab"} if config.tie_word_embeddings else set())) if part.is_first
+            else set()) | ({"norm_f_weight", "norm_f_bias", "W_vocab"} if part.is_last else set())
+    return block, {f: p for f, p in glob.items() if f in used}, part.layers
+
+
 def _has(config, name):
     # False for a linear bias the config switches off: it is held as zeros.
     return {"b_Q": config.qkv_bias, "b_K": config.qkv_bias, "b_V": config.qkv_bias, "b_B": config.out_bias,
@@ -145,29 +157,31 @@ def _stored(config, shard, parts):
     return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
 
 
-def shard_bytes(config, shard, dtype):
-    """Bytes of weights one rank will hold, known before reading any of them: the size of its arena."""
-    block, glob = _fields(config)
+def shard_bytes(config, shard, dtype, part=None):
+    """Bytes of weights one rank will hold, known before reading any of them: the size of its arena (of its
+    pipeline stage ``part``'s weights only)."""
+    block, glob, layers = _stage_fields(config, part)
     block_shapes = [_stored(config, shard, p) for p in block.values()]
     glob_shapes = [(padded_shape if f == "W_vocab" else tuple)(_stored(config, shard, p)) for f, p in glob.items()]
     # Every block is the same size, and sizes are Python integers: an absurd config is measured exactly, at once.
     return sum(Arena.size_of([(math.prod(s),) for s in shapes], dtype) * n
-               for shapes, n in ((block_shapes, config.n_layer), (glob_shapes, 1)))
+               for shapes, n in ((block_shapes, len(layers)), (glob_shapes, 1)))
 
 
-def load_weights(ckpt, config, shard, dtype, arena=True):
-    """Read this rank's shard of every weight. Returns ``(blocks, global_weights)``.
+def load_weights(ckpt, config, shard, dtype, arena=True, part=None):
+    """Read this rank's shard of every weight (of pipeline stage ``part``: its blocks, in order, and the outer
+    weights it uses, the others None). Returns ``(blocks, global_weights)``.
 
     With ``arena`` (the default) the arrays are placed in one huge-page ``Arena`` in the order a forward
     reads them, the LM head's rows padded to whole cache lines (see ``mpitp.arena``); without it each is a
     plain NumPy array. Both hold the same values. The checkpoint's files are closed once read.
     """
-    take = Arena(shard_bytes(config, shard, dtype)).take if arena else (lambda shape, dtype, padded=False:
+    take = Arena(shard_bytes(config, shard, dtype, part)).take if arena else (lambda shape, dtype, padded=False:
                                                                           np.zeros(shape, dtype))
     prefixes = FAMILIES[config.family].tensor_prefixes
     first = _source(config, "norm_f_weight", "")[0]
     prefix = next((p for p in prefixes if p + first in ckpt), prefixes[0])
-    block, glob = _fields(config)
+    block, glob, layers = _stage_fields(config, part)
 
     def read(field, parts, layer):
         out = take(_stored(config, shard, parts), dtype, padded=field == "W_vocab")
@@ -182,10 +196,11 @@ def load_weights(ckpt, config, shard, dtype, arena=True):
         return out
 
     try:
-        blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}) for layer in range(config.n_layer)]
-        arrays = {f: read(f, p, None) for f, p in glob.items()}
+        blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}) for layer in layers]
+        arrays = dict.fromkeys(("W_embed", *list(_fields(config))[1])) | {f: read(f, p, None)
+                                                                       for f, p in glob.items()}
     finally:
         getattr(ckpt, "close", lambda: None)()  # a stand-in for a checkpoint (the bench's) may hold no files
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and arrays["W_vocab"] is not None:  # a middle stage has neither
         arrays["W_embed"] = arrays["W_vocab"].T  # [n_vocab_local, n_embd]: a view
     return blocks, GlobalWeights(**arrays)

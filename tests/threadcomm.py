@@ -1,9 +1,12 @@
 """Simulated ranks in one process: P threads, each with a communicator that sums through shared memory.
 
 Lets the serial test run check tensor parallelism at any rank count (sharding, fused-QKV splitting, a
-row-parallel bias counted P times) without MPI. It implements just the calls mpitp makes.
+row-parallel bias counted P times) without MPI. It implements just the calls mpitp makes: the collectives,
+``Split`` (pipeline stages) and point-to-point ``Send``/``Isend``/``Recv`` (a queue per sender, receiver and tag;
+a send returns at once, as MPI's small eager messages do).
 """
 
+import queue
 import threading
 
 import numpy as np
@@ -15,6 +18,17 @@ class _Group:
         self.size = size
         self.barrier = threading.Barrier(size, timeout=60)
         self.slots = [None] * size
+        self.lock, self.groups, self.splits = threading.Lock(), {}, [0] * size
+        self.mail = {}  # (source, dest, tag) -> queue of arrays
+
+    def box(self, key):
+        with self.lock:
+            return self.mail.setdefault(key, queue.Queue())
+
+
+class _Done:
+    def Wait(self):
+        pass
 
 
 class ThreadComm:
@@ -55,6 +69,26 @@ class ThreadComm:
         for part, count, displ in zip(parts, counts, displs):
             assert part.size == count
             recvbuf[displ:displ + count] = part
+
+    def Split(self, color, key=0):
+        g = self._g
+        members = sorted((k, r) for r, (c, k) in enumerate(self._exchange((color, key))) if c == color)
+        g.splits[self.rank] += 1
+        with g.lock:  # the first member to get here makes the group, the others find it
+            sub = g.groups.setdefault((g.splits[self.rank], color), _Group(len(members)))
+        return ThreadComm(sub, [r for _, r in members].index(self.rank))
+
+    def Send(self, buf, dest, tag=0):
+        self._g.box((self.rank, dest, tag)).put(np.array(buf))
+
+    def Isend(self, buf, dest, tag=0):
+        self.Send(buf, dest, tag)
+        return _Done()
+
+    def Recv(self, buf, source, tag=0):
+        got = self._g.box((source, self.rank, tag)).get(timeout=60)
+        assert got.shape == buf.shape and got.dtype == buf.dtype, (got.shape, buf.shape, got.dtype, buf.dtype)
+        buf[...] = got
 
     def allgather(self, obj):
         return self._exchange(obj)

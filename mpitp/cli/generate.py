@@ -18,11 +18,14 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import (HelpFormatter, RankParser, ReaderGone, add_run_options, check_writable, prepare_and_agree,
+from .runner import (HelpFormatter, RankParser, ReaderGone, add_run_options, check_writable, disagree, failed_vote,
+                     prepare_and_agree,
                      removed_if_killed, run_command, say)
 from ..errors import FileError, MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
+from ..pipeline import generate_stages
+from ..stages import check_stage_count, split_stages
 from ..sampling import Sampler
 from ..resources import check_fits, set_blas_threads
 from ..tokenizer import Tokenizer
@@ -75,6 +78,12 @@ def build_parser():
     p.add_argument("--trace", metavar="DIR", default=None,
                    help="every rank writes DIR/rank{r}.npz with its tensors A,Q,K,V,B,C,D,E per step and layer "
                         "and the logits (with several prompts, their rows stacked in order)")
+    p.add_argument("--pp", type=int, default=1, metavar="S",
+                   help="pipeline stages: the ranks form S stages of (ranks / S) tensor-parallel ranks each, stage s "
+                        "holding a contiguous range of layers (on a cluster: S = the number of nodes)")
+    p.add_argument("--pp-layers", type=_ids, default=None, metavar="N,N,..",
+                   help="layers per pipeline stage, e.g. 5,7 (default: near-equal in bytes, the first stage's "
+                        "embedding and the last stage's LM head counted); implies --pp of as many stages")
     return add_run_options(p)
 
 
@@ -83,7 +92,27 @@ def _say(args, rank, message):
         say(f"mpitp: {message}")
 
 
-def _prepare(args, comm, node_ranks):
+def _stages(args, comm):
+    """With --pp or --pp-layers: this stage's tensor-parallel communicator (timed) and its ``StageGroup``, made
+    once every rank agrees on the layout (a ``Split`` where some ranks are not would hang); None without; the
+    exit status 2 when a rank differs or the rank count cannot form the stages (told once)."""
+    if disagree(comm, [("--pp", args.pp), ("--pp-layers", args.pp_layers)], "mpitp"):
+        return 2
+    pp = len(args.pp_layers) if args.pp_layers and args.pp == 1 else args.pp
+    if pp == 1 and not args.pp_layers:
+        return None
+    error = None
+    try:
+        check_stage_count(comm.Get_size(), pp)
+    except MpitpError as e:
+        error = e
+    if failed_vote(comm, error, "mpitp"):
+        return 2
+    tp, group = split_stages(comm, pp)
+    return mpi.TimedComm(tp), group
+
+
+def _prepare(args, comm, node_ranks, stages=None):
     """Everything that bad input can fail, with no communication: load, validate, allocate the KV cache,
     ready the trace folder."""
     if args.threads is not None and args.threads < 1:
@@ -102,7 +131,8 @@ def _prepare(args, comm, node_ranks):
         except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
             raise RequestError(f"a prompt is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at character "
                                f"{e.start}); give text in UTF-8, or --prompt-ids.") from None
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
+    model = Model.load(args.model, stages[0] if stages else comm, args.dtype, node_ranks=node_ranks,
+                       pp=stages[1] if stages else 1, pp_layers=args.pp_layers)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:
@@ -127,7 +157,8 @@ def _prepare(args, comm, node_ranks):
     if args.trace:  # created once every rank agrees to go on
         check_writable(os.path.join(args.trace, f"rank{comm.Get_rank()}.npz"), f"--trace {args.trace}")
         cfg, s = model.config, model.shard  # the trace keeps A..E of every layer and the logits, of every row
-        width = cfg.n_layer * (3 * cfg.n_embd + 2 * cfg.d_head * (s.n_head_local + s.n_kv_head_local) + s.n_ffn_local)
+        width = len(model.blocks) * (3 * cfg.n_embd + 2 * cfg.d_head * (s.n_head_local + s.n_kv_head_local)
+                                     + s.n_ffn_local)  # a stage's layers only
         rows = sum(len(p) for p in prompts) + len(prompts) * max_new
         check_fits(2 * rows * (width + s.n_vocab_local) * np.dtype(model.dtype).itemsize,  # 2: its final copies
                    f"--trace of {rows} tokens", "trace fewer or shorter prompts, or use more ranks", node_ranks)
@@ -195,11 +226,20 @@ def _print_results(args, printer, results, texts, tokenizer, header, timing):
                           f"generated ids: {' '.join(map(str, r.token_ids))}" for i, r in enumerate(results)))
 
 
+def _layout(model):
+    s = model.stage  # "; pipeline: 2 stages of 2 ranks, layers 5,7"
+    return f"; pipeline: {s.count} stages of {s.tp} rank{'s' if s.tp > 1 else ''}, layers " \
+           f"{','.join(map(str, s.counts))}" if s else ""
+
+
 def _run(args, comm, node_ranks):
     rank, size = comm.Get_rank(), comm.Get_size()
     t_load = time.perf_counter()
     comm = mpi.TimedComm(comm)  # times the model's Allreduce calls
-    prepared = prepare_and_agree(comm, lambda: _prepare(args, comm, node_ranks),
+    stages = _stages(args, comm)
+    if stages == 2:
+        return 2
+    prepared = prepare_and_agree(comm, lambda: _prepare(args, comm, node_ranks, stages),
                                  lambda p: _agreement(args, p[0], p[3], p[4]), "mpitp")
     if prepared is None:
         return 2
@@ -212,17 +252,18 @@ def _run(args, comm, node_ranks):
     _say(args, rank, f"loaded {args.model} ({cfg.model_type}, {n_params(cfg) / 1e6:.2f}M params) on {size} "
                      f"rank{'s' if size > 1 else ''} in {load_seconds:.2f} s; dtype {args.dtype}; "
                      f"BLAS threads per rank: {threads if threads is not None else 'unknown'}; "
-                     f"MPI: {mpi.library_version()}")
+                     f"MPI: {mpi.library_version()}" + _layout(model))
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
     trace = Trace(args.model) if args.trace else None
     printer = _Printer(args, rank, tokenizer, texts)
-    # A float overflow makes garbage that can still look finite (a norm of inf is 0): rank 0, which every NaN or
-    # inf reaches through the Allreduce, refuses the first one; the others stay quiet (one line, not P).
+    # A float overflow makes garbage that can still look finite (a norm of inf is 0): rank 0 (of each pipeline
+    # stage), which every NaN or inf reaches through the Allreduce, refuses the first one; the others stay quiet.
     try:
-        with np.errstate(over="raise", invalid="raise") if rank == 0 else np.errstate(all="ignore"):
-            results = generate_batch(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids,
-                                     trace, on_token=printer.on_token, cache=cache)
+        with np.errstate(over="raise", invalid="raise") if model.comm.Get_rank() == 0 else np.errstate(all="ignore"):
+            generate = generate_stages if model.stage else generate_batch  # --pp: mpitp.pipeline
+            results = generate(model, prompts, max_new, sampler, () if args.ignore_eos else cfg.eos_token_ids,
+                               trace, on_token=printer.on_token, cache=cache)
     except FloatingPointError as e:
         raise RequestError(f"the model's activations overflow {args.dtype} ({e}); try --dtype float64, or check "
                            "the checkpoint.") from None
@@ -230,7 +271,7 @@ def _run(args, comm, node_ranks):
         path = os.path.join(args.trace, f"rank{rank}.npz")
         with removed_if_killed(temporary_name(path)) as temporary:  # even if a signal ends the rank mid-write
             trace.save(path, temporary)
-    allreduce_s = mpi.max_over_ranks(comm, comm.seconds)
+    allreduce_s = mpi.max_over_ranks(comm, model.comm.seconds)
     if rank != 0:
         return 0
     t = results[0].timing
@@ -238,7 +279,9 @@ def _run(args, comm, node_ranks):
               "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
               "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
     _print_results(args, printer, results, texts, tokenizer, {"model": args.model, "model_type": cfg.model_type,
-                                                              "ranks": size, "dtype": args.dtype}, timing)
+                                                              "ranks": size, "dtype": args.dtype,
+                                                              "pp": model.stage.count if model.stage else 1},
+                   timing)
     _say_timing(args, results, allreduce_s, size)
     return 0
 

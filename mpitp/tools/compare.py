@@ -3,7 +3,8 @@
 REF and OTHER are trace folders (docs/trace.md) of any rank counts: mpitp at 2 ranks against another engine at
 4, or against an unsharded single-process trace such as ``python -m mpitp.hftrace`` writes. Every rank's part of
 a tensor is placed at its global columns from its file's ``shard/*`` numbers, so any split compares with any
-other, uneven ones included, and every copy is compared: each rank's copy of a replicated tensor (A, C, E), both
+other, uneven ones included, pipeline stages too (their files hold their layers only: ``stage/*``), and every
+copy is compared: each rank's copy of a replicated tensor (A, C, E), both
 copies of a key/value head two ranks share. An element is within tolerance when
 ``|OTHER - REF| <= atol + rtol * |REF|`` (NumPy's ``isclose``); a NaN never is.
 
@@ -41,6 +42,7 @@ RANGES = {"head": ("head_start", "n_head_local", "query heads"), "kv": ("kv_head
           "ffn": ("ffn_start", "n_ffn_local", "MLP columns"), "vocab": ("vocab_start", "n_vocab_local",
                                                                           "vocabulary ids")}
 SHARD_KEYS = ("rank", "size", "d_head") + tuple(k for start, count, _ in RANGES.values() for k in (start, count))
+STAGE_KEYS = ("index", "count", "first_layer", "n_layer_local")  # a pipeline stage's file (--pp): stage/*
 # Default (rtol, atol) by the lower precision of the two traces: a trace's tensors' dtype, or its meta/precision
 # when lower (Hugging Face's float64 Llama computes RMSNorm and RoPE's cos/sin in float32; hftrace records it).
 # float32's atol is 1e-3: on SmolLM2-135M, whose residual stream has outliers in the hundreds, mpitp's float64
@@ -109,6 +111,8 @@ class TraceDir:
                                f"a trace of P ranks has rank0.npz .. rank{{P-1}}.npz.")
         self.size = len(ranks)
         self.files = [self._open(r) for r in ranks]
+        self.stages = [self._stage(r) for r in ranks]
+        self.tp = self.size // self.stages[0]["count"] if self.stages[0] else self.size  # files per stage
         self.shards = []
         for r in range(self.size):
             self.shards.append(self._shard(r))
@@ -159,15 +163,31 @@ class TraceDir:
                                f"of shape {list(value.shape)}.")
         return int(value)
 
-    def _shard(self, r):
+    def _stage(self, r):
+        """The ``stage/*`` numbers of rank r's file (a pipeline stage's), or None (every layer)."""
         version = self._int(r, "format/version")
         if version != VERSION:
             raise CompareError(f"{self.where(r)}: format/version is {version}; this compare reads version "
                                f"{VERSION} (docs/trace.md).")
+        if ("stage/index" in self.files[r]) != ("stage/index" in self.files[0]):
+            lacks, has = (r, 0) if "stage/index" in self.files[0] else (0, r)
+            raise CompareError(f"{self.where(lacks)} has no key 'stage/index', which rank{has}.npz has: a pipeline's "
+                               f"trace has stage/* in every file.")
+        if "stage/index" not in self.files[r]:
+            return None
+        stage = {k: self._int(r, f"stage/{k}") for k in STAGE_KEYS}
+        count = stage["count"]
+        if count < 1 or self.size % count or stage["index"] != r // (self.size // count):
+            raise CompareError(f"{self.where(r)}: stage/index {stage['index']} of stage/count {count} does not fit "
+                               f"{self.size} files: rank r is in stage r // (files / stage/count).")
+        return stage
+
+    def _shard(self, r):
         shard = {k: self._int(r, f"shard/{k}") for k in SHARD_KEYS}
-        if shard["rank"] != r or shard["size"] != self.size:
+        if shard["rank"] != r % self.tp or shard["size"] != self.tp:
+            stage = f" of its stage of {self.tp}" if self.tp < self.size else ""
             raise CompareError(f"{self.where(r)}: shard/rank is {shard['rank']} and shard/size {shard['size']}, "
-                               f"but the file is rank{r}.npz of {self.size}: they must agree.")
+                               f"but the file is rank{r}.npz of {self.size}{stage}: they must agree.")
         bad = [k for k in SHARD_KEYS if shard[k] < (1 if k == "d_head" else 0)]
         if bad:
             raise CompareError(f"{self.where(r)}: shard/{bad[0]} is {shard[bad[0]]}; it must be >= "
@@ -181,7 +201,8 @@ class TraceDir:
         """The global count of heads, columns or ids; the ranks' ranges must cover 0..count-1 with no gap (and
         overlap only for key/value heads, which two ranks can share)."""
         start_key, count_key, what = RANGES[kind]
-        ranges = sorted((s[start_key], s[start_key] + s[count_key], s["rank"]) for s in self.shards if s[count_key])
+        ranges = sorted((s[start_key], s[start_key] + s[count_key], s["rank"]) for s in self.shards[:self.tp]
+                        if s[count_key])  # every stage is split alike: the first's ranks
         end, last = 0, None
         for start, stop, r in ranges:
             if start > end or (start < end and kind != "kv"):
@@ -196,19 +217,23 @@ class TraceDir:
         return end
 
     def _tensor_keys(self):
-        keys = {}
+        """Every tensor key of the trace; each file's own in ``self.held`` (a stage's files: its layers only)."""
+        self.held = []
         for r, f in enumerate(self.files):
             found = set()
             for k in f.files:
                 m = _KEY.match(k)
                 if m and (m.group(4) or m.group(3) in NAMES):
                     found.add((int(m.group(1)), None if m.group(4) else int(m.group(2)), m.group(4) or m.group(3)))
-            if r and found != keys:
-                key = sorted(found ^ keys, key=str)[0]
-                lacks, has = (r, 0) if key in keys else (0, r)
+            first = r - r % self.tp  # the first file of its stage
+            if r != first and found != self.held[first]:
+                key = sorted(found ^ self.held[first], key=str)[0]
+                lacks, has = (r, first) if key in self.held[first] else (first, r)
                 raise CompareError(f"{self.where(lacks)} has no key '{key_name(*key)}', which rank{has}.npz has: "
-                                   f"every rank's file has the same keys.")
-            keys = found
+                                   f"every rank's file {'of a stage ' if self.tp < self.size else ''}has the same "
+                                   f"keys.")
+            self.held.append(found)
+        keys = set().union(*self.held)
         if not any(n != "tokens" for _, _, n in keys):
             raise CompareError(f"{self.where(0)}: no tensors (step{{s}}/layer{{l}}/A .. E or step{{s}}/logits); "
                                f"is it a trace?")
@@ -250,6 +275,8 @@ class TraceDir:
         key, kind, tokens = key_name(step, layer, name), SPLITS.get(name), self.rows(step)
         parts = []
         for r, shard in enumerate(self.shards):
+            if (step, layer, name) not in self.held[r]:  # another stage's layer
+                continue
             a = self.get(r, key)
             rows = len(tokens) if tokens is not None else parts[0].array.shape[0] if parts else None
             if kind is None:  # replicated: every rank's copy is as wide as rank 0's
