@@ -321,3 +321,12 @@ def test_the_trace_contract_is_the_block_locals():
         assert set(trace.NAMES) | {"layer"} <= set(code.co_varnames), code.co_name
     assert {Model.block.__code__, Model.block_normed.__code__} == set(trace._BLOCKS)
     assert "A, Q, K, V, B, C, D, E" in Model.block.__doc__
+
+
+def test_the_readme_quotes_the_block_as_the_code_has_it():
+    # The README shows Model.block whole, as the diagram in code: a change to one must change the other.
+    import inspect
+    import re
+    from conftest import REPO
+    quoted = re.search(r"```python\n(    def block\(self.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    assert quoted == inspect.getsource(Model.block)
