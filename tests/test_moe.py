@@ -3,10 +3,13 @@ behind a sigmoid gate), Qwen3-MoE (per-head QK-norm, renormalized here) and OLMo
 projection, which spans the ranks), tiny random checkpoints saved by transformers (the hf extra; skipped without
 it), run by mpitp on 1 to 4 simulated ranks in both expert layouts, with expert counts that do not divide."""
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 
-from mpitp import generate_sequence, load_model
+from mpitp import Trace, compare, generate_batch, generate_sequence, load_model
 from mpitp.errors import ShardingError
 from mpitp.experts import bytes_per_token, route
 from mpitp.sharding import default_layout, shard_for
@@ -157,3 +160,42 @@ def load_config_like(**facts):
                max_position_embeddings=64, num_local_experts=facts["n_expert"], moe_intermediate_size=facts[
                    "n_ffn_expert"], shared_expert_intermediate_size=8, num_experts_per_tok=facts.get("n_expert_used", 2))
     return config_from_dict(cfg)
+
+
+def moe_trace(folder, path, size, layout):
+    """mpitp's trace of greedy generation on ``size`` simulated ranks in ``layout``."""
+    folder.mkdir(parents=True)
+
+    def rank(comm):
+        trace = Trace(path)
+        generate_batch(load_model(path, comm, "float64", experts=layout), [PROMPT[:9], PROMPT[9:14]], 3,
+                       trace=trace)
+        trace.save(folder / f"rank{comm.Get_rank()}.npz")
+    run_ranks(size, rank)
+    return folder
+
+
+def test_traces_record_the_routing_and_the_experts_output_and_compare_across_layouts(family, tmp_path):
+    path, model = family
+    tensor, expert = moe_trace(tmp_path / "t3", path, 3, "tensor"), moe_trace(tmp_path / "e2", path, 2, "expert")
+    with np.load(expert / "rank1.npz") as f:
+        R, M = f["step0/layer0/R"], f["step0/layer0/M"]
+        C, n_expert = f["step0/layer0/C"], model.model.layers[0].mlp.gate.weight.shape[0]
+    assert R.shape == (14, n_expert) and M.shape == C.shape == (14, 48)
+    assert (np.count_nonzero(R, axis=1) == FAMILIES[family_name(path)][1]["num_experts_per_tok"]).all()
+    with torch.no_grad():  # HF's own router on the same normed rows: the same experts
+        hf_router = model.model.layers[0].mlp.gate(torch.tensor(C))[2].numpy()
+    assert (np.sort(hf_router, axis=1) == np.sort(np.argsort(-R, axis=1, kind="stable")[:, :hf_router.shape[1]],
+                                                  axis=1)).all()
+    assert compare.main([str(tensor), str(expert), "--rtol", "1e-11", "--atol", "1e-11"]) == 0
+    with np.load(expert / "rank0.npz") as f:  # a routing weight changed on one rank: compare finds it
+        arrays = dict(f)
+    arrays["step1/layer2/R"][1, arrays["step1/layer2/R"][1].argmax()] += 1e-3
+    np.savez(expert / "rank0.npz", **arrays)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert compare.main([str(tensor), str(expert)]) == 1
+    assert "layer 2" in out.getvalue() and " R" in out.getvalue(), out.getvalue()
+
+
+def family_name(path):
+    return next(name for name in FAMILIES if f"/{name}" in path)
