@@ -65,6 +65,8 @@ class Model:
         except (TypeError, KeyError):
             raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.") from None
         config = load_config(model_dir)
+        if experts is not None and not config.n_expert:
+            raise RequestError(f"--experts {experts}: {model_dir} is not a mixture of experts; leave the option out.")
         shard = shard_for(config, comm.Get_rank(), comm.Get_size(), experts)
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")

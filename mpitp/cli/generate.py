@@ -21,6 +21,7 @@ from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
 from ..sampling import Sampler
+from ..sharding import EXPERT_LAYOUTS
 from ..resources import check_fits, set_blas_threads
 from ..tokenizer import Tokenizer
 from ..trace import Trace
@@ -64,6 +65,10 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    p.add_argument("--experts", choices=EXPERT_LAYOUTS, default=None,
+                   help="a mixture of experts' layout: 'tensor' (every rank a slice of every expert) or 'expert' "
+                        "(whole experts per rank, rows dispatched to them); default: expert where it divides the "
+                        "experts at least as evenly (docs/moe.md)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")
@@ -97,7 +102,7 @@ def _prepare(args, comm, node_ranks):
         except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
             raise RequestError(f"a prompt is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at character "
                                f"{e.start}); give text in UTF-8, or --prompt-ids.") from None
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, experts=args.experts)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:
@@ -156,7 +161,8 @@ def _agreement(args, model, prompts, max_new):
     ids = hashlib.sha256(b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in prompts)).hexdigest()[:16]
     return [(FINGERPRINTED, model.fingerprint), ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new),
             ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-            ("--seed", args.seed), ("--dtype", args.dtype), ("--ignore-eos", args.ignore_eos),
+            ("--seed", args.seed), ("--dtype", args.dtype), ("--experts", model.shard.experts),
+            ("--ignore-eos", args.ignore_eos),
             ("--trace (given or not)", bool(args.trace))]
 
 

@@ -18,6 +18,7 @@ from .runner import (HelpFormatter, RankParser, add_run_options, check_writable,
 from ..errors import MpitpError, RequestError, read_regular
 from ..kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
+from ..sharding import EXPERT_LAYOUTS
 from ..resources import check_fits, set_blas_threads
 from ..scoring import chunk_tokens, first_scored, mean_and_stderr, score_chunks
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
@@ -41,6 +42,10 @@ def build_parser():
                    help=f"chunks per forward (default: {BATCH_TOKENS} // ctx, at least 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    p.add_argument("--experts", choices=EXPERT_LAYOUTS, default=None,
+                   help="a mixture of experts' layout: 'tensor' (every rank a slice of every expert) or 'expert' "
+                        "(whole experts per rank, rows dispatched to them); default: expert where it divides the "
+                        "experts at least as evenly (docs/moe.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="write the log-probabilities of every scored position to FILE, for --kl-divergence")
@@ -74,7 +79,7 @@ def _prepare(args, comm, node_ranks):
     """Everything that bad input can fail, with no communication: load, tokenize, chunk, allocate the KV
     cache, read the base's header."""
     _check_options(args)
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, experts=args.experts)
     cfg, shard = model.config, model.shard
     if not os.path.exists(os.path.join(args.model, TOKENIZER_FILE)):
         raise RequestError(f"{args.model}: there is no {TOKENIZER_FILE}; scoring a text needs the model's tokenizer.")
@@ -107,7 +112,8 @@ def _prepare(args, comm, node_ranks):
 
 def _agreement(args, model, chunks, n_batch):
     return [(FINGERPRINTED, model.fingerprint), ("chunks' token ids (digest)", tokens_digest(chunks)),
-            ("--batch", n_batch), ("--dtype", args.dtype), ("--kl-divergence", args.kl_divergence),
+            ("--batch", n_batch), ("--dtype", args.dtype), ("--experts", model.shard.experts),
+            ("--kl-divergence", args.kl_divergence),
             ("--kl-divergence-base", args.kl_divergence_base)]
 
 
