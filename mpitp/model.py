@@ -133,7 +133,8 @@ class Model:
         P = shard.size
         self.expert_owner = np.repeat(np.arange(P), [block_range(config.n_expert, P, r)[1] for r in range(P)])
         self.qk_span = family.qk_norm_span
-        self.qk_widths = np.array([config.n_head, config.n_kv_head]) * config.d_head
+        self.qk_widths = np.array([config.n_head, config.n_kv_head], self.dtype) * config.d_head  # not int64:
+        # an integer array would turn a float32 model's Q and K into float64
         kv_heads = shard.kv_head_start + np.arange(shard.n_kv_head_local)
         self.kv_counted = np.repeat(kv_heads * shard.group >= shard.head_start, config.d_head)
 

@@ -199,3 +199,16 @@ def test_traces_record_the_routing_and_the_experts_output_and_compare_across_lay
 
 def family_name(path):
     return next(name for name in FAMILIES if f"/{name}" in path)
+
+
+def test_a_float32_mixture_stays_float32(family):
+    # Every layer's output keeps the model's dtype (an integer array in OLMoE's QK-norm once made it float64).
+    path, _ = family
+    for layout in ("tensor", "expert"):
+        def run(c):
+            m = load_model(path, c, "float32", experts=layout)
+            with Trace() as trace:  # a profile hook: of this thread (this simulated rank)
+                logits = m.forward(PROMPT, m.new_cache(len(PROMPT)))
+            return logits.dtype, {a.dtype for k, a in trace.arrays.items() if "/layer" in k}
+        for dtype, traced in run_ranks(2, run):
+            assert dtype == np.float32 and traced == {np.dtype(np.float32)}, (layout, traced)
