@@ -88,8 +88,8 @@ def bytes_per_token(config, size, layout, itemsize):
       (P - 1) / P * n_embd * itemsize (an Allreduce, twice that, where a shared expert's partial sums ride on
       it).
 
-    So the expert layout sends less where k (2 n_embd + 2) < P n_embd (P > 2k, roughly, without a shared
-    expert): at 2 ranks and top-2 it sends more; its messages are also four collectives, not one.
+    So the expert layout sends less where k (2 n_embd + 2) < P n_embd, P > 2k (1 + 1/n_embd), and never with a
+    shared expert: at 2 ranks and top-2 it sends more; its messages are also four collectives, not one.
     """
     P, d, k = size, config.n_embd, config.n_expert_used
     if layout == "tensor":
