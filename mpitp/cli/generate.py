@@ -16,12 +16,12 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import HelpFormatter, RankParser, add_run_options, check_writable, prepare_and_agree, run_command, say
+from .runner import (HelpFormatter, RankParser, add_experts_option, add_run_options, check_writable, prepare_and_agree,
+                     run_command, say)
 from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
 from ..sampling import Sampler
-from ..sharding import EXPERT_LAYOUTS
 from ..resources import check_fits, set_blas_threads
 from ..tokenizer import Tokenizer
 from ..trace import Trace
@@ -65,10 +65,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
-    p.add_argument("--experts", choices=EXPERT_LAYOUTS, default=None,
-                   help="a mixture of experts' layout: 'tensor' (every rank a slice of every expert) or 'expert' "
-                        "(whole experts per rank, rows dispatched to them); default: expert where it divides the "
-                        "experts at least as evenly (docs/moe.md)")
+    add_experts_option(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")

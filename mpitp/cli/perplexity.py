@@ -13,12 +13,11 @@ import time
 
 import numpy as np
 
-from .runner import (HelpFormatter, RankParser, add_run_options, check_writable, failed_vote, prepare_and_agree,
-                     run_command, say)
+from .runner import (HelpFormatter, RankParser, add_experts_option, add_run_options, check_writable, failed_vote,
+                     prepare_and_agree, run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
 from ..kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
-from ..sharding import EXPERT_LAYOUTS
 from ..resources import check_fits, set_blas_threads
 from ..scoring import chunk_tokens, first_scored, mean_and_stderr, score_chunks
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
@@ -42,10 +41,7 @@ def build_parser():
                    help=f"chunks per forward (default: {BATCH_TOKENS} // ctx, at least 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
-    p.add_argument("--experts", choices=EXPERT_LAYOUTS, default=None,
-                   help="a mixture of experts' layout: 'tensor' (every rank a slice of every expert) or 'expert' "
-                        "(whole experts per rank, rows dispatched to them); default: expert where it divides the "
-                        "experts at least as evenly (docs/moe.md)")
+    add_experts_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="write the log-probabilities of every scored position to FILE, for --kl-divergence")
