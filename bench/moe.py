@@ -14,7 +14,6 @@ greedy decode in each layout (``--experts tensor`` and ``expert``) and reports, 
 Attention's Allreduce #1 is the same in both layouts and left out of the bytes.
 """
 
-import argparse
 import json
 import os
 import time
@@ -23,7 +22,9 @@ import zlib
 import numpy as np
 
 from mpitp import comm as mpi
+from mpitp.cli.runner import check_writable, replace_file, say
 from mpitp.config import config_from_dict
+from mpitp.errors import MpitpError
 from mpitp.experts import bytes_per_token, load_imbalance
 from mpitp.generation import generate_sequence
 from mpitp.model import Model
@@ -31,9 +32,14 @@ from mpitp.sampling import Sampler
 from mpitp.sharding import EXPERT_LAYOUTS, shard_for
 from mpitp.weights import load_weights
 
+from . import PROG, BenchParser
 from .models import RandomCheckpoint
 
 PRESETS = {
+    # For the tests: seconds, not minutes.
+    "mixtral-tiny": {"model_type": "mixtral", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                     "intermediate_size": 48, "num_local_experts": 6, "num_experts_per_tok": 2, "vocab_size": 256,
+                     "max_position_embeddings": 256},
     # Mixtral's routing (8 experts, top-2, renormalized) and its expert width ratio (3.5 n_embd), at a width and
     # depth this machine holds (about 120M parameters).
     "mixtral-small": {"model_type": "mixtral", "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8,
@@ -159,19 +165,27 @@ def report(rec):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.moe", description=__doc__.split("\n\n")[0])
+    p = BenchParser(prog="python -m bench.moe", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="mixtral-small")
     p.add_argument("-p", "--n-prompt", type=int, default=128)
     p.add_argument("-n", "--n-gen", type=int, default=16)
     p.add_argument("--json-out", metavar="PATH")
     args = p.parse_args(argv)
     comm = mpi.world()
+    try:  # every rank checks the same things, before any collective: all fail alike
+        if not (1 <= args.n_prompt and 1 <= args.n_gen and args.n_prompt + args.n_gen + 1 <= 4096):
+            raise MpitpError(f"-p {args.n_prompt} and -n {args.n_gen} must be at least 1, with at most 4095 together.")
+        if args.json_out:
+            check_writable(args.json_out, f"--json-out {args.json_out}")
+    except MpitpError as e:
+        say(f"{PROG}: error: {e}")
+        return 2
     rec = run(args, comm)
     if comm.Get_rank() == 0:
         print(report(rec))
         if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(rec, f, indent=1)
+            replace_file(args.json_out, lambda f: f.write(json.dumps(rec, indent=1).encode()),
+                         f"--json-out {args.json_out}")
     return 0
 
 

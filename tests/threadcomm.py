@@ -41,6 +41,9 @@ class ThreadComm:
         # the same order on every rank: identical results
         recvbuf[...] = np.sum(parts, axis=0) if op == MPI.SUM else np.max(parts, axis=0)
 
+    def Barrier(self):
+        self._exchange(None)
+
     def Bcast(self, buf, root=0):
         buf[...] = self._exchange(np.array(buf))[root]
 
