@@ -100,6 +100,40 @@ def allgather_columns(comm, local, counts):
     return np.concatenate([b.reshape(lead + (c,)) for b, c in zip(blocks, counts)], axis=-1)
 
 
+def _rows_spec(buf, counts):
+    # [buf, element counts, displacements, MPI type] of a [rows, width] buffer whose rows are split by ``counts``
+    width = buf.shape[1] if buf.ndim == 2 else 1
+    sizes = [int(c) * width for c in counts]
+    return [buf, sizes, np.cumsum([0] + sizes[:-1]).tolist(), {"f": _mpi().FLOAT, "d": _mpi().DOUBLE}[buf.dtype.char]]
+
+
+def alltoall_counts(comm, counts):
+    """Every rank's ``counts[r]`` (how many rows it will send rank r) as rank r receives them: ``[size]`` ints,
+    element s what rank s will send this rank. The expert layout's first message."""
+    send = np.asarray(counts, dtype=np.int64)
+    recv = np.empty_like(send)
+    comm.Alltoall(send, recv)
+    return recv
+
+
+def alltoallv_rows(comm, rows, send_counts, recv_counts):
+    """Send ``rows`` ``[sum(send_counts), width]``, its first ``send_counts[0]`` rows to rank 0, the next to rank 1,
+    ..., and receive ``[sum(recv_counts), width]``, rank 0's rows first: the expert layout's dispatch and
+    combine."""
+    rows = np.ascontiguousarray(rows)
+    out = np.empty((int(sum(recv_counts)),) + rows.shape[1:], rows.dtype)
+    comm.Alltoallv(_rows_spec(rows, send_counts), _rows_spec(out, recv_counts))
+    return out
+
+
+def allgather_rows(comm, local, counts):
+    """Every rank's ``[counts[r], width]`` rows, rank 0's first, on every rank: ``[sum(counts), width]``."""
+    local = np.ascontiguousarray(local)
+    out = np.empty((int(sum(counts)),) + local.shape[1:], local.dtype)
+    comm.Allgatherv(local, _rows_spec(out, counts))
+    return out
+
+
 def bcast_ints(comm, values, root=0):
     """Broadcast a short list of ints from ``root``; every rank returns the root's values."""
     buf = np.asarray(values, dtype=np.int64).copy()

@@ -16,9 +16,11 @@ from .errors import ConfigError, read_regular
 # model_type values whose math mpitp implements, and the family (the plan in mpitp.families) each maps to.
 # Mistral and Qwen2 are Llama's math (Qwen2 with biases on q, k, v only), with sliding windows on some layers.
 _FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3",
-             "gemma3_text": "gemma3"}
+             "gemma3_text": "gemma3", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
+             "olmoe": "olmoe"}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
-_ACTIVATIONS = {"gpt2": _GELU_TANH, "llama": ("silu", "swish"), "qwen3": ("silu", "swish"), "gemma3": _GELU_TANH}
+_ACTIVATIONS = {"gpt2": _GELU_TANH, "gemma3": _GELU_TANH,
+                **dict.fromkeys(("llama", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"), ("silu", "swish"))}
 MAX_SIZE = 2**31  # no model has a size or token id above this; refused before anything is computed from it
 
 
@@ -64,6 +66,12 @@ class ModelConfig:
     norm_offset: float = 0.0  # Gemma's norms scale by (offset + weight): 1
     embed_scale: float = 1.0  # the embedding's rows are multiplied by it (Gemma: sqrt(n_embd))
     query_scale: float | None = None  # the scores' scale where it is not 1/sqrt(d_head) (query_pre_attn_scalar)
+    # Mixtures of experts (mpitp.experts); n_expert 0 is a dense model. n_ffn is then the shared expert's width
+    # (Qwen2-MoE), or the experts' where there is no shared expert.
+    n_expert: int = 0  # routed experts per layer
+    n_expert_used: int = 0  # experts each token is routed to (top-k)
+    n_ffn_expert: int = 0  # one expert's MLP hidden width
+    norm_topk: bool = False  # the top-k routing weights are renormalized to sum to 1 (Mixtral; norm_topk_prob)
 
 
 def _shown(value):
@@ -147,6 +155,8 @@ def config_from_dict(cfg, path="config.json", generation=None):
         raise ConfigError(f"{path}: model_type {_shown(model_type)} is not supported; supported: "
                           f"{', '.join(sorted(_FAMILIES))}.")
     facts = _gpt2(cfg, path) if family == "gpt2" else _decoder(cfg, path, model_type)
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        facts.update(_experts(cfg, path, model_type))
     conf = ModelConfig(family=family, model_type=model_type, **facts, **_special_ids(cfg, path, generation))
     if conf.activation not in _ACTIVATIONS[family]:
         raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
@@ -211,13 +221,32 @@ def _decoder(cfg, path, model_type):
                 norm_eps=_get(cfg, "rms_norm_eps", float, path, default=1e-6),
                 activation=cfg.get("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma
                                    else "silu"),
-                qkv_bias=attn_bias or model_type == "qwen2", out_bias=attn_bias,
+                qkv_bias=attn_bias or model_type == "qwen2" or (model_type == "qwen2_moe" and _get(
+                    cfg, "qkv_bias", bool, path, default=True)), out_bias=attn_bias,
                 mlp_bias=_get(cfg, "mlp_bias", bool, path, default=False),
                 tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=gemma),
                 rope=_rope(cfg, path, "full_attention"), rope_local=_rope(cfg, path, "sliding_attention"),
-                windows=_windows(cfg, path, model_type, n_layer), qk_norm=model_type in ("qwen3", "gemma3_text"),
+                windows=_windows(cfg, path, model_type, n_layer), qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe", "olmoe"),
                 norm_offset=1.0 if gemma else 0.0, embed_scale=n_embd ** 0.5 if gemma else 1.0,
                 query_scale=scalar ** -0.5 if scalar != d_head else None)
+
+
+def _experts(cfg, path, model_type):
+    # The mixture of experts' facts. Every layer is a mixture here: Qwen's dense layers between them
+    # (mlp_only_layers, decoder_sparse_step) and OLMoE's clipped projections (clip_qkv) are refused.
+    mixtral = model_type == "mixtral"  # transformers writes num_local_experts or num_experts: one name, two keys
+    n_expert = _get(cfg, "num_local_experts" if "num_local_experts" in cfg else "num_experts", int, path)
+    n_used = _get(cfg, "num_experts_per_tok", int, path)
+    if n_used > n_expert:
+        raise ConfigError(f"{path}: num_experts_per_tok={n_used} is more than the {n_expert} experts.")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("clip_qkv") is not None:
+        raise ConfigError(f"{path}: dense layers among the experts (mlp_only_layers, decoder_sparse_step != 1) and "
+                          f"clip_qkv are not supported; every layer must be a mixture of experts.")
+    width = _get(cfg, "intermediate_size" if model_type in ("mixtral", "olmoe") else "moe_intermediate_size", int,
+                 path)
+    shared = _get(cfg, "shared_expert_intermediate_size", int, path) if model_type == "qwen2_moe" else width
+    return dict(n_expert=n_expert, n_expert_used=n_used, n_ffn_expert=width, n_ffn=shared,
+                norm_topk=mixtral or _get(cfg, "norm_topk_prob", bool, path, default=False))
 
 
 def _windows(cfg, path, model_type, n_layer):
@@ -226,7 +255,7 @@ def _windows(cfg, path, model_type, n_layer):
     window = cfg.get("sliding_window")
     kinds = cfg.get("layer_types")
     if kinds is None:
-        sliding = window is not None and (model_type == "mistral" or cfg.get("use_sliding_window", False))
+        sliding = window is not None and (model_type in ("mistral", "mixtral") or cfg.get("use_sliding_window", False))
         first = cfg.get("max_window_layers", 0) if model_type in ("qwen2", "qwen3") else 0
         kinds = ["sliding_attention" if sliding and i >= first else "full_attention" for i in range(n_layer)]
     if not isinstance(kinds, list) or len(kinds) != n_layer or not set(kinds) <= {"sliding_attention",

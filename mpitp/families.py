@@ -8,12 +8,23 @@ Face's ``base_model_tp_plan`` ones, said in mpitp's ``[in, out]`` storage (see `
 - ``rowwise``: the input axis is split (RowParallelLinear), its product a partial sum for an Allreduce: W_B, W_D;
 - ``vocab``: the vocabulary is split: the embedding's rows and the LM head's columns;
 - ``replicated``: every rank holds it whole: norms, learned positions, and a row-parallel layer's bias, which
-  is added once after the reduction (added before it, P ranks would add it P times).
+  is added once after the reduction (added before it, P ranks would add it P times);
+- ``expert``: one tensor per expert ("{e}" in its name) of a mixture of experts (``mpitp.experts``), split as the
+  run's layout says (``--experts``): whole experts per rank, in contiguous blocks (``expert``), or every expert
+  with each rank's range of its hidden columns, W_C's columns and W_D's rows, like the dense MLP (``tensor``).
 
 Which range of heads, key/value heads, MLP columns or vocabulary ids a rank takes is the weight's, and
 ``mpitp.sharding.rank_slice(config, shard, weight, split)`` computes it: this table and that function answer
 "which rows of W_D does rank 2 of 3 hold". A tensor holding several weights side by side along its output axis
 lists them in order: GPT-2's ``c_attn`` is ``[Q | K | V]``, cut into its parts before a rank takes its heads.
+
+The experts are read as ``save_pretrained`` writes them, one tensor per expert and projection (Mixtral's
+``block_sparse_moe.experts.{e}.w1`` (gate), ``w3`` (up), ``w2`` (down); Qwen's and OLMoE's
+``mlp.experts.{e}.gate_proj``, ``up_proj``, ``down_proj``). transformers 5 fuses them when it loads a model, into
+``mlp.experts.gate_up_proj`` ``[n_expert, 2 n_ffn_expert, n_embd]`` (``[gate | up]`` along its middle axis) and
+``mlp.experts.down_proj`` ``[n_expert, n_embd, n_ffn_expert]``, and splits them again when it saves one; mpitp
+stacks them in the same way: ``W_CE`` ``[n_expert_local, n_embd, 2 n_ffn_expert_local]`` is each expert's
+``[W_gate | W_up]``, ``W_DE`` ``[n_expert_local, n_ffn_expert_local, n_embd]`` each expert's W_D.
 """
 
 from dataclasses import dataclass
@@ -29,6 +40,7 @@ class Family:
     gated: bool  # the MLP is act(C W_gate) * (C W_up), stored side by side as W_C = [W_gate | W_up]
     positions: str  # "learned" (added to the embedding) or "rope" (rotary, applied to Q and K)
     tensor_prefixes: tuple = ("",)  # prefixes a checkpoint may put before every tensor name
+    qk_norm_span: str = "head"  # QK-norm over each head (Qwen3) or over the whole projection (OLMoE)
 
     def weights(self):
         """Every mpitp weight the plan names."""
@@ -92,4 +104,33 @@ GEMMA3 = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions=
     (_L + "post_feedforward_layernorm.weight", "post_norm_2_weight", "replicated"),
 ))
 
-FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3}
+# Mixtures of experts: Llama's attention, and in place of the dense MLP a router (``gate``, replicated: every
+# rank routes) and the experts. Qwen2-MoE adds a shared expert every token uses, a dense gated MLP of its own
+# width (config n_ffn), split like Llama's MLP, behind a sigmoid gate (replicated). OLMoE's q_norm and k_norm are
+# over the whole projection ([n_head d_head] and [n_kv_head d_head]): each rank holds its heads' range of them.
+_ATTENTION = tuple(row for row in LLAMA.plan if "mlp." not in row[0])
+_MOE = ((_L + "mlp.gate.weight", "W_router", "replicated"),
+        (_L + "mlp.experts.{e}.gate_proj.weight", "W_gate_e", "expert"),
+        (_L + "mlp.experts.{e}.up_proj.weight", "W_up_e", "expert"),
+        (_L + "mlp.experts.{e}.down_proj.weight", "W_D_e", "expert"))
+_M = _L + "block_sparse_moe."  # Mixtral's names: w1 is the gate projection, w3 the up, w2 the down
+MIXTRAL = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", plan=_ATTENTION + (
+    (_M + "gate.weight", "W_router", "replicated"),
+    (_M + "experts.{e}.w1.weight", "W_gate_e", "expert"),
+    (_M + "experts.{e}.w3.weight", "W_up_e", "expert"),
+    (_M + "experts.{e}.w2.weight", "W_D_e", "expert"),
+))
+QWEN2_MOE = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", plan=_ATTENTION + _MOE + (
+    (_L + "mlp.shared_expert.gate_proj.weight", "W_gate", "colwise"),
+    (_L + "mlp.shared_expert.up_proj.weight", "W_up", "colwise"),
+    (_L + "mlp.shared_expert.down_proj.weight", "W_D", "rowwise"),
+    (_L + "mlp.shared_expert_gate.weight", "W_shared_gate", "replicated"),
+))
+QWEN3_MOE = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope",
+                   plan=_ATTENTION + _QK_NORM + _MOE)
+OLMOE = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", qk_norm_span="projection",
+               plan=_ATTENTION + _MOE + ((_L + "self_attn.q_norm.weight", "norm_q_weight", "colwise"),
+                                         (_L + "self_attn.k_norm.weight", "norm_k_weight", "colwise")))
+
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "mixtral": MIXTRAL,
+            "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE}

@@ -13,6 +13,7 @@ from . import comm as mpi
 from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MpitpError, RequestError
+from .experts import expert_outputs, pack, route, shared_partial
 from .families import FAMILIES
 from .kvcache import KVCache
 from .layers import (apply_rope, attention, causal_mask, geglu, gelu_tanh, layer_norm, linear, rms_norm,
@@ -47,13 +48,15 @@ class Model:
         self.windows = config.windows or (0,) * config.n_layer
         self._inv_freq = {w: rope_inv_freq(config.rope_local if w and config.rope_local else config.rope,
                                            config.d_head) if rope else None for w in set(self.windows)}
-        # The block's data flow: the seed's, or with Qwen3's and Gemma 3's norms.
+        # The block's data flow: the seed's, or with Qwen3's and Gemma 3's norms, or a mixture of experts'.
         self.block_fn = self.block_normed if config.qk_norm or "post_norm_1_weight" in family.weights() else self.block
+        if config.n_expert:
+            self._moe_facts(config, shard, family)
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
     @classmethod
-    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1, pp=1, pp_layers=None):
+    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1, pp=1, pp_layers=None, experts=None):
         """This rank's shard of a Hugging Face model folder for the ranks of ``comm`` (``mpitp.comm.serial()``:
         this process alone), cast to ``dtype`` ("float32" or "float64"), in the layout of ``mpitp.arena`` or
         (``arena=False``) plain arrays. ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the
@@ -61,7 +64,9 @@ class Model:
         headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare.
         ``pp`` > 1: this rank's pipeline stage of ``pp`` (``mpitp.stages``; a collective ``Split`` first, unless
         ``pp`` is the ``StageGroup`` that ``split_stages`` made already, and ``comm`` its stage's communicator), its
-        layers ``pp_layers`` per stage or near-equal in bytes; ``model.comm`` is then this stage's ranks."""
+        layers ``pp_layers`` per stage or near-equal in bytes; ``model.comm`` is then this stage's ranks.
+
+        ``experts``: a mixture of experts' layout, "tensor" or "expert" (None: ``sharding.default_layout``)."""
         try:
             dtype = DTYPES[np.dtype(dtype).name]
         except (TypeError, KeyError):
@@ -70,7 +75,9 @@ class Model:
         if group is None and (pp != 1 or pp_layers is not None):
             comm, group = split_stages(comm, pp)
         config = load_config(model_dir)
-        shard = shard_for(config, comm.Get_rank(), comm.Get_size())
+        if experts is not None and not config.n_expert:
+            raise RequestError(f"--experts {experts}: {model_dir} is not a mixture of experts; leave the option out.")
+        shard = shard_for(config, comm.Get_rank(), comm.Get_size(), experts)
         stage = None if group is None else place(group, layer_counts(config, group, pp_layers))
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
@@ -128,6 +135,87 @@ class Model:
         mpi.allreduce_sum(self.comm, E_partial)  # Allreduce #2
         E = x + self.post_norm(E_partial + w.b_D, w.post_norm_2_weight)  # [n_rows, n_embd], the block's output
         return E
+
+    def _moe_facts(self, config, shard, family):
+        # A mixture of experts: its block, its layout's MLP flow, which rank owns each expert, and for OLMoE's
+        # QK-norm over the whole projection the widths it averages over and the key/value heads this rank counts
+        # (a head held by two ranks, its query group straddling them, is counted by the first: its first query
+        # head's rank).
+        self.block_fn = self.block_moe
+        self.moe_mlp = self.experts_dispatched if shard.experts == "expert" else self.experts_tensor
+        P = shard.size
+        self.expert_owner = np.repeat(np.arange(P), [block_range(config.n_expert, P, r)[1] for r in range(P)])
+        self.qk_span = family.qk_norm_span
+        self.qk_widths = np.array([config.n_head, config.n_kv_head], self.dtype) * config.d_head  # not int64:
+        # an integer array would turn a float32 model's Q and K into float64
+        kv_heads = shard.kv_head_start + np.arange(shard.n_kv_head_local)
+        self.kv_counted = np.repeat(kv_heads * shard.group >= shard.head_start, config.d_head)
+
+    def block_moe(self, x, w, layer, cache, rope, mask):
+        """The seed's block with a mixture of experts for its MLP (``mpitp.experts``): the router's weights R
+        ``[n_rows, n_expert]`` (0 for experts a row did not choose; replicated: every rank routes every row), and
+        M ``[n_rows, n_embd]``, the weighted sum of the chosen experts' outputs (and the gated shared expert's),
+        complete and replicated: ``experts_tensor`` or ``experts_dispatched`` computes it, with their collectives.
+        The trace records A, Q, K, V, B, C, R, M, E."""
+        A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # [n_rows, n_embd], replicated
+        QKV = linear(A, w.W_QKV, w.b_QKV)  # column-parallel: [A W_Q | A W_K | A W_V], this rank's heads only
+        Q, K, V = self.split_heads(QKV)  # [n_rows, n_head_local (Q) or n_kv_head_local (K, V), d_head]
+        Q, K = self.qk_norm(Q, K, w)  # none, per head (Qwen3-MoE), or over the projection (OLMoE: an Allreduce)
+        Q, K = apply_rope(Q, rope), apply_rope(K, rope)
+        K_all, V_all = cache.update(layer, K, V)  # [n_batch, n_kv_head_local, n_kv, d_head]
+        B = attention(Q, K_all, V_all, mask, self.head_runs)  # [n_rows, n_head_local d_head]
+        B_partial = B @ w.W_B  # row-parallel: [n_rows, n_embd]
+        mpi.allreduce_sum(self.comm, B_partial)  # Allreduce #1
+        x = x + B_partial + w.b_B
+        C = self.norm(x, w.norm_2_weight, w.norm_2_bias)  # [n_rows, n_embd], replicated
+        R = route(C, w.W_router, self.config.n_expert_used, self.config.norm_topk)  # [n_rows, n_expert]
+        M = self.moe_mlp(C, R, w)  # [n_rows, n_embd], the experts' weighted outputs: complete, on every rank
+        E = x + M  # [n_rows, n_embd], the block's output
+        return E
+
+    def experts_tensor(self, C, R, w):
+        """The tensor layout: every rank runs every chosen expert on the rows that chose it, with its range of the
+        expert's hidden columns; each row's partial sums (and the shared expert's) are completed by the seed's
+        Allreduce #2. ``[n_rows, n_embd]``."""
+        rows, experts = np.nonzero(R)  # every (row, chosen expert) pair
+        M = shared_partial(C, w)  # [n_rows, n_embd]: zeros without a shared expert
+        np.add.at(M, rows, expert_outputs(C[rows], experts, R[rows, experts], w.W_CE, w.W_DE))
+        mpi.allreduce_sum(self.comm, M)  # Allreduce #2
+        return M
+
+    def experts_dispatched(self, C, R, w):
+        """The expert layout: this rank's share of the rows (near-equal blocks) goes, one message row per (row,
+        chosen expert) pair, to the expert's owner; the owners run their experts and send the weighted outputs
+        back; every rank's rows are then gathered on every rank. ``[n_rows, n_embd]``."""
+        s, counts = self.shard, [block_range(len(C), self.shard.size, r)[1] for r in range(self.shard.size)]
+        first = sum(counts[:s.rank])
+        message, rows, send_counts = pack(C, R, first, counts[s.rank], self.expert_owner, s.size)
+        recv_counts = mpi.alltoall_counts(self.comm, send_counts)  # counts first,
+        X = mpi.alltoallv_rows(self.comm, message, send_counts, recv_counts)  # then the rows: [n_recv, n_embd + 2]
+        Y = expert_outputs(X[:, :-2], X[:, -2].astype(np.int64) - s.expert_start, X[:, -1], w.W_CE, w.W_DE)
+        back = mpi.alltoallv_rows(self.comm, Y, recv_counts, send_counts)  # weighted outputs, in the order sent
+        mine = np.zeros((counts[s.rank], C.shape[1]), C.dtype)
+        np.add.at(mine, rows - first, back)  # each of this rank's rows: the sum of its experts' outputs
+        if w.W_C is None:
+            return mpi.allgather_rows(self.comm, mine, counts)  # every rank's rows, on every rank
+        M = shared_partial(C, w)  # the shared expert is tensor-parallel: its Allreduce gathers the rows too
+        M[first:first + len(mine)] += mine
+        mpi.allreduce_sum(self.comm, M)
+        return M
+
+    def qk_norm(self, Q, K, w):
+        # The QK-norm of a mixture's family: none (Mixtral, Qwen2-MoE), per head (Qwen3-MoE: rank-local), or over
+        # the whole projection (OLMoE): its mean of squares spans every rank's heads, so each row's two sums of
+        # squares (of Q, and of K's key/value heads this rank counts) are summed by one small Allreduce.
+        if w.norm_q_weight is None or self.qk_span == "head":
+            return (Q, K) if w.norm_q_weight is None else (self.norm(Q, w.norm_q_weight, None),
+                                                           self.norm(K, w.norm_k_weight, None))
+        Qf, Kf = Q.reshape(len(Q), -1), K.reshape(len(K), -1)  # [n_rows, n_head_local d_head], [.., n_kv ..]
+        sums = np.stack([np.square(Qf).sum(-1), np.square(Kf[:, self.kv_counted]).sum(-1)], -1)  # [n_rows, 2]
+        mpi.allreduce_sum(self.comm, sums)
+        rms = np.sqrt(sums / self.qk_widths + self.config.norm_eps)
+        return ((Qf / rms[:, :1] * w.norm_q_weight).reshape(Q.shape),
+                (Kf / rms[:, 1:] * w.norm_k_weight).reshape(K.shape))
 
     def post_norm(self, x, weight):
         # The norm of a reduced output where the family has one (Gemma 3), else x as it is. [n_rows, n_embd]
@@ -250,6 +338,6 @@ def _fingerprint(config, ckpt):
     return digest.hexdigest()[:16]
 
 
-def load_model(model_dir, comm=None, dtype="float32", arena=True):
+def load_model(model_dir, comm=None, dtype="float32", arena=True, experts=None):
     """Load a Hugging Face model folder onto ``comm`` (default: this process alone). See ``Model.load``."""
-    return Model.load(model_dir, comm if comm is not None else mpi.serial(), dtype, arena)
+    return Model.load(model_dir, comm if comm is not None else mpi.serial(), dtype, arena, experts=experts)

@@ -1,7 +1,8 @@
 """Trace: every named tensor of the seed diagram, per step and layer, as this rank computed it, in the format
 of docs/trace.md (``python -m mpitp.compare`` compares two traces of any rank counts). The model has no trace
 calls: inside ``with trace:`` a profile hook (``sys.setprofile``) reads the locals of ``Model.block`` and
-``Model.embed`` and the result of ``Model.lm_head`` as they return.
+``Model.embed`` and the result of ``Model.lm_head`` as they return; of a mixture of experts' ``Model.block_moe``, R (the
+router's weights) and M (the experts' combined output) in place of D.
 """
 
 import contextlib
@@ -15,9 +16,10 @@ import numpy as np
 from .errors import FileError, read_regular
 from .model import Model
 
-_BLOCKS = (Model.block.__code__, Model.block_normed.__code__)  # their locals A..E are the trace's contract
+NAMES, MOE_NAMES = "AQKVBCDE", "AQKVBCRME"
+# The block functions and the locals the trace reads of each: the trace's contract
+_BLOCKS = {Model.block.__code__: NAMES, Model.block_normed.__code__: NAMES, Model.block_moe.__code__: MOE_NAMES}
 _LM_HEAD, _EMBED = Model.lm_head.__code__, Model.embed.__code__
-NAMES = "AQKVBCDE"
 
 
 class Trace:
@@ -50,7 +52,7 @@ class Trace:
         code = frame.f_code if event == "return" and value is not None else None
         if code in _BLOCKS:
             tensors = frame.f_locals
-            for name in NAMES:
+            for name in _BLOCKS[code]:
                 self.record(f"layer{tensors['layer']}/{name}", tensors[name])
         elif code is _LM_HEAD:
             self.record("logits", value)

@@ -37,11 +37,17 @@ class BlockWeights:
     post_norm_1_weight: np.ndarray | None = None  # [n_embd]  Gemma 3: the norm of the reduced attention output
     norm_2_weight: np.ndarray  # [n_embd]
     norm_2_bias: np.ndarray | None = None  # [n_embd]
-    W_C: np.ndarray  # [n_embd, n_ffn_local] (GPT-2) or [n_embd, 2 n_ffn_local] = [W_gate | W_up]  column-parallel
-    b_C: np.ndarray  # [n_ffn_local] or [2 n_ffn_local]
-    W_D: np.ndarray  # [n_ffn_local, n_embd]  row-parallel
-    b_D: np.ndarray  # [n_embd]  added once, after Allreduce #2
+    # The dense MLP (a mixture of experts' shared expert, Qwen2-MoE; None where a mixture has none)
+    W_C: np.ndarray | None = None  # [n_embd, n_ffn_local] (GPT-2) or [n_embd, 2 n_ffn_local] = [W_gate | W_up]
+    b_C: np.ndarray | None = None  # [n_ffn_local] or [2 n_ffn_local]
+    W_D: np.ndarray | None = None  # [n_ffn_local, n_embd]  row-parallel
+    b_D: np.ndarray | None = None  # [n_embd]  added once, after Allreduce #2
     post_norm_2_weight: np.ndarray | None = None  # [n_embd]  Gemma 3: the norm of the reduced MLP output
+    # A mixture of experts (mpitp.experts): the router, replicated, and this rank's experts (or parts of them)
+    W_router: np.ndarray | None = None  # [n_embd, n_expert]
+    W_CE: np.ndarray | None = None  # [n_expert_local, n_embd, 2 n_expert_ffn_local]: each expert's [W_gate | W_up]
+    W_DE: np.ndarray | None = None  # [n_expert_local, n_expert_ffn_local, n_embd]
+    W_shared_gate: np.ndarray | None = None  # [n_embd, 1]  Qwen2-MoE: the shared expert's sigmoid gate
 
 
 @dataclass(kw_only=True)
@@ -66,7 +72,8 @@ def _fields(config):
              "post_norm_1_weight": ["post_norm_1_weight"], "norm_2_weight": ["norm_2_weight"],
              "norm_2_bias": ["norm_2_bias"], "W_C": ["W_gate", "W_up"] if gated else ["W_C"],
              "b_C": ["b_gate", "b_up"] if gated else ["b_C"], "W_D": ["W_D"], "b_D": ["b_D"],
-             "post_norm_2_weight": ["post_norm_2_weight"]}
+             "post_norm_2_weight": ["post_norm_2_weight"], "W_router": ["W_router"], "W_CE": ["W_gate_e", "W_up_e"],
+             "W_DE": ["W_D_e"], "W_shared_gate": ["W_shared_gate"]}
     # The final norm and the LM head follow the last block; the embedding (a few rows per forward) comes last.
     glob = {"norm_f_weight": ["norm_f_weight"], "norm_f_bias": ["norm_f_bias"], "W_vocab": ["W_vocab"],
             "W_embed": ["W_embed"], "W_pos": ["W_pos"]}
@@ -127,7 +134,8 @@ def checkpoint_shapes(config, prefix=""):
     for names, layers in ((block, range(config.n_layer)), (glob, [None])):
         for name in (n for parts in names.values() for n in parts if _has(config, n)):
             tensor, _, _, stored = _source(config, name, prefix)
-            shapes.update((tensor.format(l=layer), stored) for layer in layers)
+            experts = range(config.n_expert) if "{e}" in tensor else [None]
+            shapes.update((tensor.format(l=layer, e=e), stored) for layer in layers for e in experts)
     return shapes
 
 
@@ -136,10 +144,10 @@ def n_params(config):
     return sum(math.prod(shape) for shape in checkpoint_shapes(config).values())
 
 
-def read_weight(ckpt, config, shard, name, layer, out, prefix=""):
-    """Read this rank's slice of the mpitp weight ``name`` (of block ``layer``) into ``out``."""
+def read_weight(ckpt, config, shard, name, layer, out, prefix="", expert=None):
+    """Read this rank's slice of the mpitp weight ``name`` (of block ``layer``, of ``expert``) into ``out``."""
     tensor, transposed, offset, stored = _source(config, name, prefix)
-    tensor = tensor.format(l=layer)
+    tensor = tensor.format(l=layer, e=expert)
     if tensor not in ckpt:
         raise CheckpointError(ckpt.model_dir, tensor, f"tensor is missing (needed as {name}).")
     if tuple(ckpt.shape(tensor)) != stored:
@@ -152,9 +160,10 @@ def read_weight(ckpt, config, shard, name, layer, out, prefix=""):
 
 
 def _stored(config, shard, parts):
-    # The shape of a field: its parts side by side along the output axis.
+    # The shape of a field: its parts side by side along the output axis; an expert's stacked per local expert.
     shapes = [local_shape(config, shard, name) for name in parts]
-    return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+    stacked = (shard.n_expert_local,) if _row(config, parts[0])[2] == "expert" else ()
+    return stacked + shapes[0][:-1] + (sum(s[-1] for s in shapes),)
 
 
 def shard_bytes(config, shard, dtype, part=None):
@@ -185,11 +194,13 @@ def load_weights(ckpt, config, shard, dtype, arena=True, part=None):
 
     def read(field, parts, layer):
         out = take(_stored(config, shard, parts), dtype, padded=field == "W_vocab")
-        col = 0
+        col, experts = 0, _row(config, parts[0])[2] == "expert"  # an expert's field: one slab per local expert
         for name in parts:
             width = local_shape(config, shard, name)[-1]
-            if _has(config, name):  # a bias the model does not have stays zero
-                read_weight(ckpt, config, shard, name, layer, out[..., col:col + width], prefix)
+            for i in range(shard.n_expert_local) if experts else [None]:
+                if _has(config, name):  # a bias the model does not have stays zero
+                    read_weight(ckpt, config, shard, name, layer, (out if i is None else out[i])[..., col:col + width],
+                                prefix, None if i is None else shard.expert_start + i)
             col += width
         if "norm" in field and field.endswith("_weight"):
             out += config.norm_offset  # Gemma's norms scale by (1 + weight)

@@ -317,9 +317,9 @@ def test_the_trace_contract_is_the_block_locals():
     # The trace reads these locals of every block function by name: a renamed local would break --trace.
     from mpitp import trace
     from mpitp.model import Model
-    for code in trace._BLOCKS:
-        assert set(trace.NAMES) | {"layer"} <= set(code.co_varnames), code.co_name
-    assert {Model.block.__code__, Model.block_normed.__code__} == set(trace._BLOCKS)
+    for code, names in trace._BLOCKS.items():
+        assert set(names) | {"layer"} <= set(code.co_varnames), code.co_name
+    assert {Model.block.__code__, Model.block_normed.__code__, Model.block_moe.__code__} == set(trace._BLOCKS)
     assert "A, Q, K, V, B, C, D, E" in Model.block.__doc__
 
 

@@ -55,6 +55,9 @@ class ThreadComm:
         # the same order on every rank: identical results
         recvbuf[...] = np.sum(parts, axis=0) if op == MPI.SUM else np.max(parts, axis=0)
 
+    def Barrier(self):
+        self._exchange(None)
+
     def Bcast(self, buf, root=0):
         buf[...] = self._exchange(np.array(buf))[root]
 
@@ -65,10 +68,23 @@ class ThreadComm:
 
     def Allgatherv(self, sendbuf, recvspec):
         recvbuf, counts, displs, _ = recvspec
-        parts = self._exchange(np.array(sendbuf).ravel())
+        parts, flat = self._exchange(np.array(sendbuf).ravel()), recvbuf.reshape(-1)
         for part, count, displ in zip(parts, counts, displs):
             assert part.size == count
-            recvbuf[displ:displ + count] = part
+            flat[displ:displ + count] = part
+
+    def Alltoall(self, sendbuf, recvbuf):
+        parts = self._exchange(np.array(sendbuf))
+        recvbuf[...] = [part[self.rank] for part in parts]
+
+    def Alltoallv(self, sendspec, recvspec):
+        # [buffer, counts, displacements, type]: rank r's block of every sender's buffer, in sender order
+        (send, s_counts, s_displs, _), (recv, r_counts, r_displs, _) = sendspec, recvspec
+        parts = self._exchange((np.array(send).ravel(), s_counts, s_displs))
+        flat = recv.reshape(-1)
+        for (buf, counts, displs), count, displ in zip(parts, r_counts, r_displs):
+            assert counts[self.rank] == count
+            flat[displ:displ + count] = buf[displs[self.rank]:displs[self.rank] + count]
 
     def Split(self, color, key=0):
         g = self._g

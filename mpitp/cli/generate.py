@@ -18,9 +18,8 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import (HelpFormatter, RankParser, ReaderGone, add_run_options, check_writable, disagree, failed_vote,
-                     prepare_and_agree,
-                     removed_if_killed, run_command, say)
+from .runner import (HelpFormatter, RankParser, ReaderGone, add_experts_option, add_run_options, check_writable,
+                     disagree, failed_vote, prepare_and_agree, removed_if_killed, run_command, say)
 from ..errors import FileError, MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -70,6 +69,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    add_experts_option(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")
@@ -132,7 +132,7 @@ def _prepare(args, comm, node_ranks, stages=None):
             raise RequestError(f"a prompt is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at character "
                                f"{e.start}); give text in UTF-8, or --prompt-ids.") from None
     model = Model.load(args.model, stages[0] if stages else comm, args.dtype, node_ranks=node_ranks,
-                       pp=stages[1] if stages else 1, pp_layers=args.pp_layers)
+                       pp=stages[1] if stages else 1, pp_layers=args.pp_layers, experts=args.experts)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:
@@ -206,7 +206,8 @@ def _agreement(args, model, prompts, max_new):
     ids = hashlib.sha256(b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in prompts)).hexdigest()[:16]
     return [(FINGERPRINTED, model.fingerprint), ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new),
             ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-            ("--seed", args.seed), ("--dtype", args.dtype), ("--ignore-eos", args.ignore_eos),
+            ("--seed", args.seed), ("--dtype", args.dtype), ("--experts", model.shard.experts),
+            ("--ignore-eos", args.ignore_eos),
             ("--trace (given or not)", bool(args.trace))]
 
 

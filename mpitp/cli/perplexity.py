@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .runner import (HelpFormatter, RankParser, add_run_options, check_writable, failed_vote, prepare_and_agree,
-                     run_command, say)
+from .runner import (HelpFormatter, RankParser, add_experts_option, add_run_options, check_writable, failed_vote,
+                     prepare_and_agree, run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
 from ..tools.kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -41,6 +41,7 @@ def build_parser():
                    help=f"chunks per forward (default: {BATCH_TOKENS} // ctx, at least 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    add_experts_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="write the log-probabilities of every scored position to FILE, for --kl-divergence")
@@ -74,7 +75,7 @@ def _prepare(args, comm, node_ranks):
     """Everything that bad input can fail, with no communication: load, tokenize, chunk, allocate the KV
     cache, read the base's header."""
     _check_options(args)
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, experts=args.experts)
     cfg, shard = model.config, model.shard
     if not os.path.exists(os.path.join(args.model, TOKENIZER_FILE)):
         raise RequestError(f"{args.model}: there is no {TOKENIZER_FILE}; scoring a text needs the model's tokenizer.")
@@ -107,7 +108,8 @@ def _prepare(args, comm, node_ranks):
 
 def _agreement(args, model, chunks, n_batch):
     return [(FINGERPRINTED, model.fingerprint), ("chunks' token ids (digest)", tokens_digest(chunks)),
-            ("--batch", n_batch), ("--dtype", args.dtype), ("--kl-divergence", args.kl_divergence),
+            ("--batch", n_batch), ("--dtype", args.dtype), ("--experts", model.shard.experts),
+            ("--kl-divergence", args.kl_divergence),
             ("--kl-divergence-base", args.kl_divergence_base)]
 
 

@@ -22,6 +22,7 @@ import traceback
 
 from .. import comm as mpi
 from ..errors import MpitpError
+from ..sharding import EXPERT_LAYOUTS
 
 
 def say(line):
@@ -39,6 +40,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_experts_option(p):
+    """``--experts``: a mixture of experts' layout over the ranks (docs/moe.md). Returns ``p``."""
+    p.add_argument("--experts", choices=EXPERT_LAYOUTS, default=None,
+                   help="a mixture of experts' layout: 'tensor' (every rank a slice of every expert) or 'expert' "
+                        "(whole experts per rank, rows dispatched to them); default: expert where it divides the "
+                        "experts at least as evenly (docs/moe.md)")
+    return p
 
 
 def add_run_options(p):

@@ -33,10 +33,12 @@ from ..errors import MpitpError, open_regular
 
 PROG = "mpitp.compare"
 VERSION = 1  # the trace format this reads (format/version)
-NAMES = "AQKVBCDE"  # a layer's tensors in the order the block computes them; then step{s}/logits
+# A layer's tensors in the order the block computes them (a mixture of experts' R and M in place of D); then
+# step{s}/logits
+NAMES = "AQKVBCDRME"
 ORDER = list(NAMES) + ["logits"]
 # How each sharded tensor is split: its shard/* range (start key, count key) and the global unit it names.
-SPLITS = {"Q": "head", "B": "head", "K": "kv", "V": "kv", "D": "ffn", "logits": "vocab"}  # A, C, E: replicated
+SPLITS = {"Q": "head", "B": "head", "K": "kv", "V": "kv", "D": "ffn", "logits": "vocab"}  # A, C, R, M, E: replicated
 RANGES = {"head": ("head_start", "n_head_local", "query heads"), "kv": ("kv_head_start", "n_kv_head_local",
                                                                          "key/value heads"),
           "ffn": ("ffn_start", "n_ffn_local", "MLP columns"), "vocab": ("vocab_start", "n_vocab_local",
