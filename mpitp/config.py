@@ -16,9 +16,10 @@ from .errors import ConfigError, read_regular
 # model_type values whose math mpitp implements, and the family (the plan in mpitp.families) each maps to.
 # Mistral and Qwen2 are Llama's math (Qwen2 with biases on q, k, v only), with sliding windows on some layers.
 _FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3",
-             "gemma3_text": "gemma3"}
+             "gemma3_text": "gemma3", "gpt_neox": "gpt_neox"}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
-_ACTIVATIONS = {"gpt2": _GELU_TANH, "llama": ("silu", "swish"), "qwen3": ("silu", "swish"), "gemma3": _GELU_TANH}
+_ACTIVATIONS = {"gpt2": _GELU_TANH, "llama": ("silu", "swish"), "qwen3": ("silu", "swish"), "gemma3": _GELU_TANH,
+                "gpt_neox": ("gelu",) + _GELU_TANH}  # "gelu": the exact GELU, x Phi(x), with erf
 MAX_SIZE = 2**31  # no model has a size or token id above this; refused before anything is computed from it
 
 
@@ -64,6 +65,8 @@ class ModelConfig:
     norm_offset: float = 0.0  # Gemma's norms scale by (offset + weight): 1
     embed_scale: float = 1.0  # the embedding's rows are multiplied by it (Gemma: sqrt(n_embd))
     query_scale: float | None = None  # the scores' scale where it is not 1/sqrt(d_head) (query_pre_attn_scalar)
+    rotary_dims: int | None = None  # RoPE turns only the first rotary_dims of each head (GPT-NeoX's rotary_pct)
+    parallel_residual: bool = False  # attention and MLP both read the block's input: one reduction (GPT-NeoX)
 
 
 def _shown(value):
@@ -146,7 +149,7 @@ def config_from_dict(cfg, path="config.json", generation=None):
     if family is None:
         raise ConfigError(f"{path}: model_type {_shown(model_type)} is not supported; supported: "
                           f"{', '.join(sorted(_FAMILIES))}.")
-    facts = _gpt2(cfg, path) if family == "gpt2" else _decoder(cfg, path, model_type)
+    facts = {"gpt2": _gpt2, "gpt_neox": _gpt_neox}.get(family, _decoder)(cfg, path, model_type)
     conf = ModelConfig(family=family, model_type=model_type, **facts, **_special_ids(cfg, path, generation))
     if conf.activation not in _ACTIVATIONS[family]:
         raise ConfigError(f"{path}: activation {conf.activation!r} is not supported for {model_type}; "
@@ -168,7 +171,7 @@ def _special_ids(cfg, path, generation):
             "eos_token_ids": eos_ids}
 
 
-def _gpt2(cfg, path):
+def _gpt2(cfg, path, model_type):
     # GPT-2's config.json, in ModelConfig's fields.
     n_embd, n_head = _get(cfg, "n_embd", int, path), _get(cfg, "n_head", int, path)
     if n_embd % n_head:
@@ -218,6 +221,31 @@ def _decoder(cfg, path, model_type):
                 windows=_windows(cfg, path, model_type, n_layer), qk_norm=model_type in ("qwen3", "gemma3_text"),
                 norm_offset=1.0 if gemma else 0.0, embed_scale=n_embd ** 0.5 if gemma else 1.0,
                 query_scale=scalar ** -0.5 if scalar != d_head else None)
+
+
+def _gpt_neox(cfg, path, model_type):
+    # GPT-NeoX's config.json (Pythia), in ModelConfig's fields. transformers 4 writes rotary_pct and
+    # rotary_emb_base at the top level, transformers 5 partial_rotary_factor and rope_theta in rope_parameters.
+    n_embd, n_head = _get(cfg, "hidden_size", int, path), _get(cfg, "num_attention_heads", int, path)
+    if n_embd % n_head:
+        raise ConfigError(f"{path}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head}.")
+    rope_cfg = {**cfg, "rope_theta": cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0))}
+    params = cfg.get("rope_parameters") or {}
+    fraction = params.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25)) if isinstance(params, dict) else 0.25
+    d_head = n_embd // n_head
+    rotary_dims = int(d_head * fraction) if type(fraction) in (int, float) and 0 < fraction <= 1 else -1
+    if rotary_dims < 2 or rotary_dims % 2:
+        raise ConfigError(f"{path}: the rotary fraction {_shown(fraction)} of head_dim={d_head} must turn an even "
+                          f"number of dimensions (rotary_pct or partial_rotary_factor, in (0, 1]).")
+    bias = _get(cfg, "attention_bias", bool, path, default=True)
+    return dict(n_layer=_get(cfg, "num_hidden_layers", int, path), n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+                d_head=d_head, n_ffn=_get(cfg, "intermediate_size", int, path, default=4 * n_embd),
+                n_vocab=_get(cfg, "vocab_size", int, path), n_ctx=_get(cfg, "max_position_embeddings", int, path),
+                norm_eps=_get(cfg, "layer_norm_eps", float, path, 1e-5), activation=cfg.get("hidden_act", "gelu"),
+                qkv_bias=bias, out_bias=bias, mlp_bias=True,
+                tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False),
+                rope=_rope(rope_cfg, path, "full_attention"), rotary_dims=rotary_dims,
+                parallel_residual=_get(cfg, "use_parallel_residual", bool, path, default=True))
 
 
 def _windows(cfg, path, model_type, n_layer):

@@ -15,7 +15,7 @@ from .config import load_config
 from .errors import MpitpError, RequestError
 from .families import FAMILIES
 from .kvcache import KVCache
-from .layers import (apply_rope, attention, causal_mask, geglu, gelu_tanh, layer_norm, linear, rms_norm,
+from .layers import (apply_rope, attention, causal_mask, geglu, gelu_erf, gelu_tanh, layer_norm, linear, rms_norm,
                      rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
 from .sharding import block_range, shard_for
@@ -38,14 +38,17 @@ class Model:
         family, eps = FAMILIES[config.family], config.norm_eps  # the facts the block reads, not the family's name
         norm = {"layer_norm": layer_norm, "rms_norm": rms_norm}[family.norm]
         self.norm = lambda x, w, b: norm(x, w, b, eps)
-        self.activation = (swiglu if config.activation in ("silu", "swish") else geglu) if family.gated else gelu_tanh
+        self.activation = ((swiglu if config.activation in ("silu", "swish") else geglu) if family.gated else
+                           gelu_erf if config.activation == "gelu" else gelu_tanh)
         rope = family.positions == "rope"
         # Per layer its sliding window (0: none); per window the RoPE's inverse frequencies (None: GPT-2's positions)
         self.windows = config.windows or (0,) * config.n_layer
         self._inv_freq = {w: rope_inv_freq(config.rope_local if w and config.rope_local else config.rope,
-                                           config.d_head) if rope else None for w in set(self.windows)}
-        # The block's data flow: the seed's, or with Qwen3's and Gemma 3's norms.
+                                           config.rotary_dims or config.d_head) if rope else None
+                          for w in set(self.windows)}
+        # The block's data flow: the seed's, with Qwen3's and Gemma 3's norms, or GPT-NeoX's parallel one.
         self.block_fn = self.block_normed if config.qk_norm or "post_norm_1_weight" in family.weights() else self.block
+        self.block_fn = self.block_parallel if config.parallel_residual else self.block_fn
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
@@ -115,6 +118,25 @@ class Model:
         E_partial = D @ w.W_D  # row-parallel: [n_rows, n_embd]
         mpi.allreduce_sum(self.comm, E_partial)  # Allreduce #2
         E = x + self.post_norm(E_partial + w.b_D, w.post_norm_2_weight)  # [n_rows, n_embd], the block's output
+        return E
+
+    def block_parallel(self, x, w, layer, cache, rope, mask):
+        """GPT-NeoX's parallel block (use_parallel_residual): attention and MLP both read the block's input x, each
+        through its own norm, so the MLP need not wait for attention's sum: the two partial sums are added on each
+        rank and ONE Allreduce completes both; the two row-parallel biases are added once, after it. E = x +
+        attention(norm_1(x)) + MLP(norm_2(x)). Same locals as ``block``."""
+        A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # attention's input [n_rows, n_embd], replicated
+        QKV = linear(A, w.W_QKV, w.b_QKV)  # column-parallel: [A W_Q | A W_K | A W_V], this rank's heads only
+        Q, K, V = self.split_heads(QKV)  # [n_rows, n_head_local, d_head] each
+        Q, K = apply_rope(Q, rope), apply_rope(K, rope)  # partial rotary: the first rotary_dims of each head
+        K_all, V_all = cache.update(layer, K, V)  # [n_batch, n_kv_head_local, n_kv, d_head]
+        B = attention(Q, K_all, V_all, mask, self.head_runs)  # [n_rows, n_head_local d_head]
+        C = self.norm(x, w.norm_2_weight, w.norm_2_bias)  # the MLP's input: a norm of x too, not of x + attention
+        D = self.activation(linear(C, w.W_C, w.b_C))  # column-parallel: [n_rows, n_ffn_local]
+        BE_partial = B @ w.W_B  # row-parallel: this rank's heads' share of attention, [n_rows, n_embd] ...
+        BE_partial += D @ w.W_D  # ... plus its MLP columns' share of the MLP
+        mpi.allreduce_sum(self.comm, BE_partial)  # the one Allreduce: attention + MLP, summed over every rank
+        E = x + BE_partial + w.b_B + w.b_D  # [n_rows, n_embd], the block's output; each bias added once
         return E
 
     def post_norm(self, x, weight):

@@ -1,12 +1,14 @@
 """The newer families against Hugging Face's own classes: Gemma 3 (QK-norm, norms after each reduction, (1 + w)
 norms, a scaled embedding, local and global layers with two RoPE thetas), Qwen3 (QK-norm) and Mistral with a
-real sliding window, each shorter than the prompt. Tiny random checkpoints are built and saved by transformers
+real sliding window, each shorter than the prompt, and GPT-NeoX (partial rotary, a QKV fused per head, exact GELU,
+LayerNorms with biases) with its parallel block (one Allreduce) and its sequential one. Tiny random checkpoints are built and saved by transformers
 (the hf extra; skipped without it), then run by mpitp on 1 to 4 simulated ranks, heads splitting unevenly."""
 
 import numpy as np
 import pytest
 
 from mpitp import comm, generate_sequence, load_model
+from mpitp.comm import TimedComm
 from threadcomm import run_ranks
 
 torch = pytest.importorskip("torch")
@@ -26,13 +28,24 @@ FAMILIES = {
         num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         num_attention_heads=6, num_key_value_heads=3, sliding_window=7, tie_word_embeddings=False)),
+    # 6 heads of 8 dimensions, 2 of them turned (rotary_pct 0.25); the parallel block.
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        num_attention_heads=6, rotary_pct=0.25, use_parallel_residual=True, layer_norm_eps=1e-5)),
+    # 5 heads of 8 dimensions, 4 of them turned, rotary base 5000; the sequential block.
+    "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        hidden_size=40, num_attention_heads=5, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=False,
+        layer_norm_eps=1e-5)),
 }
+# HF runs GPT-NeoX's LayerNorms in float64 and only its softmax in float32: mpitp is within 2e-8 of it (the tanh
+# GELU in place of the exact one would be 1e-5 away).
+TOLERANCE = {"gpt_neox": 1e-6, "gpt_neox_sequential": 1e-6}
 
 
 def hf_model(name, tmp_path):
     config_class, model_class, extra = FAMILIES[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**COMMON, **extra)
+    common = {k: v for k, v in COMMON.items() if k != "rms_norm_eps" or "neox" not in name}
+    config = getattr(transformers, config_class)(**{**common, **extra})
     model = getattr(transformers, model_class)(config).double().eval()
     with torch.no_grad():  # norms away from their initial values, so that a norm applied wrongly shows
         for n, p in model.named_parameters():
@@ -66,7 +79,7 @@ def test_logits_and_greedy_equal_hugging_face_at_every_rank_count(name, tmp_path
             return logits, generate_sequence(m, PROMPT, 12).token_ids
         for logits, tokens in run_ranks(size, run):
             # HF runs Gemma's and Qwen3's norms in float32 even in a float64 model: not closer than that.
-            assert np.abs(logits - expected).max() <= 1e-4, (size, np.abs(logits - expected).max())
+            assert np.abs(logits - expected).max() <= TOLERANCE.get(name, 1e-4), (size, np.abs(logits - expected).max())
             assert tokens == greedy, size
 
 
@@ -81,3 +94,23 @@ def test_a_sliding_window_changes_what_a_query_sees(tmp_path):
     full = hf_logits(model, PROMPT)
     assert np.abs(logits[:7] - full[:7]).max() <= 1e-4  # within the window: the same
     assert np.abs(logits[7:] - full[7:]).max() > 1e-3  # beyond it: not
+
+
+def test_the_parallel_block_reduces_once_and_the_sequential_twice(tmp_path):
+    # GPT-NeoX's parallel block adds attention's and the MLP's partial sums on each rank: one Allreduce per block
+    # (and one for the vocab-parallel embedding); its sequential block is the seed's two.
+    for name, per_block in (("gpt_neox", 1), ("gpt_neox_sequential", 2)):
+        hf_model(name, tmp_path / name)
+
+        def count(c):
+            timed = TimedComm(c)
+            model = load_model(str(tmp_path / name), timed, "float64")
+            cache, calls = model.new_cache(8), []
+            for ids in ([1, 2, 3, 4], [5], [6]):  # a prefill, then two decode steps
+                before = timed.calls
+                model.forward(ids, cache, gather=False)
+                calls.append(timed.calls - before)
+            return calls, model.config.n_layer
+
+        for calls, n_layer in run_ranks(3, count):
+            assert calls == [per_block * n_layer + 1] * 3, name

@@ -319,5 +319,5 @@ def test_the_trace_contract_is_the_block_locals():
     from mpitp.model import Model
     for code in trace._BLOCKS:
         assert set(trace.NAMES) | {"layer"} <= set(code.co_varnames), code.co_name
-    assert {Model.block.__code__, Model.block_normed.__code__} == set(trace._BLOCKS)
+    assert {Model.block.__code__, Model.block_normed.__code__, Model.block_parallel.__code__} == set(trace._BLOCKS)
     assert "A, Q, K, V, B, C, D, E" in Model.block.__doc__
