@@ -167,12 +167,14 @@ def apply_rope(x, rope):
     return np.concatenate(turned + [x[..., 2 * half:]] if 2 * half < x.shape[-1] else turned, axis=-1)
 
 
-def causal_mask(positions, n_kv, dtype, window=0):
-    """``[n_batch, n_seq, n_kv]``, added to the scores: 0 where the query at ``positions[b, i]`` may see key
-    ``j`` (``j <= positions[b, i]``, and with a sliding ``window`` ``j > positions[b, i] - window``), -inf where it
-    may not (later tokens, cache rows not yet written, keys that slid out of the window)."""
+def causal_mask(positions, keys, dtype, window=0):
+    """``[n_batch, n_seq, n_kv]``, added to the scores: 0 where the query at ``positions[b, i]`` may see the key at
+    position j (``j <= positions[b, i]``, and with a sliding ``window`` ``j > positions[b, i] - window``), -inf where
+    it may not (later tokens, cache rows not yet written, keys that slid out of the window). ``keys``: n_kv, keys at
+    positions 0 to n_kv - 1, or each key's position ``[n_batch, n_kv]`` (a sliding layer's ring of slots)."""
     positions = np.asarray(positions)[..., None]
-    visible = (np.arange(n_kv) <= positions) & (np.arange(n_kv) > positions - window if window else True)
+    keys = np.arange(keys) if np.isscalar(keys) else np.asarray(keys)[:, None, :]
+    visible = (keys <= positions) & (keys > positions - window if window else True)
     return np.where(visible, dtype(0), dtype(-np.inf))
 
 

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MpitpError, RequestError
 from .families import FAMILIES
-from .kvcache import KVCache
+from .kvcache import KVCache, layer_slots
 from .layers import (apply_rope, attention, causal_mask, geglu, gelu_erf, gelu_tanh, layer_norm, linear, rms_norm,
                      rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
@@ -186,6 +186,7 @@ class Model:
         # a fact of the model and the rank count, never of this rank's own share.
         heads = -(-self.config.n_head // self.shard.size)
         chunk = max(1, SCORES_BYTES // (n_batch * heads * n_kv * np.dtype(self.dtype).itemsize))
+        chunk = min(chunk, cache.chunk)  # a sliding layer's ring holds its window and one chunk's new tokens
         logits = [self.forward_chunk(rows[:, i:i + chunk], cache, all_logits) for i in range(0, n_seq, chunk)]
         logits = np.concatenate(logits, axis=1) if len(logits) > 1 and all_logits else logits[-1]
         if gather:
@@ -197,8 +198,9 @@ class Model:
         # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq or 1, n_vocab_local]
         n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
-        # The mask [n_batch, n_seq, n_kv] and the RoPE tables of each kind of layer (full, or sliding by a window)
-        masks = {w: causal_mask(positions, positions.max() + 1, self.dtype, w) for w in set(self.windows)}
+        # The mask [n_batch, n_seq, n_kv] and the RoPE tables of each kind of layer (full, or sliding by a window),
+        # the mask of the positions the layer's cache holds (a sliding layer's ring: its window and these tokens)
+        masks = {w: causal_mask(positions, cache.key_positions(w, n_seq), self.dtype, w) for w in set(self.windows)}
         ropes = {w: None if f is None else rope_tables(f, positions.ravel(), self.dtype)
                  for w, f in self._inv_freq.items()}
         x = self.embed(ids.ravel(), positions.ravel())  # [n_rows, n_embd]
@@ -217,10 +219,11 @@ class Model:
         return sum(a.nbytes for a in arrays if a is not None)
 
     def cache_bytes(self, capacity, n_batch=1):
-        """Bytes of this rank's KV cache for ``n_batch`` sequences of up to ``capacity`` positions."""
+        """Bytes of this rank's KV cache for ``n_batch`` sequences of up to ``capacity`` positions: a sliding layer
+        holds its window and one chunk of new tokens (``mpitp.kvcache.layer_slots``), however long the sequence."""
         cfg = self.config
-        return 2 * n_batch * cfg.n_layer * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
-            self.dtype).itemsize
+        slots = sum(layer_slots(capacity, cfg.windows or (0,) * cfg.n_layer))
+        return 2 * n_batch * self.shard.n_kv_head_local * slots * cfg.d_head * np.dtype(self.dtype).itemsize
 
     def new_cache(self, capacity, n_batch=1):
         """A KV cache for ``n_batch`` sequences of up to ``capacity`` positions (at most the model's context)."""
@@ -230,7 +233,7 @@ class Model:
         check_fits(self.cache_bytes(capacity, n_batch), f"a KV cache of {n_batch} x {capacity} positions",
                    "ask for fewer tokens or prompts, or use more ranks, on more nodes", self.node_ranks)
         return KVCache(self.config.n_layer, n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity,
-                       self.dtype)
+                       self.dtype, self.config.windows)
 
 
 FINGERPRINTED = "model (digest of config.json, the checkpoint headers and each weight's first and last rows)"

@@ -14,7 +14,8 @@ import numpy as np
 from .errors import FileError, read_regular
 from .model import Model
 
-_BLOCKS = (Model.block.__code__, Model.block_normed.__code__, Model.block_parallel.__code__)  # their locals A..E are the trace's contract
+# The block functions: their locals A..E are the trace's contract
+_BLOCKS = (Model.block.__code__, Model.block_normed.__code__, Model.block_parallel.__code__)
 _LM_HEAD, _EMBED = Model.lm_head.__code__, Model.embed.__code__
 NAMES = "AQKVBCDE"
 
