@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from mpitp import comm, generate_sequence, load_model
-from mpitp.comm import TimedComm
-from threadcomm import run_ranks
+from threadcomm import allreduce_calls, run_ranks
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -102,18 +101,7 @@ def test_the_parallel_block_reduces_once_and_the_sequential_twice(tmp_path):
     # (and one for the vocab-parallel embedding); its sequential block is the seed's two.
     for name, per_block in (("gpt_neox", 1), ("gpt_neox_sequential", 2)):
         hf_model(name, tmp_path / name)
-
-        def count(c):
-            timed = TimedComm(c)
-            model = load_model(str(tmp_path / name), timed, "float64")
-            cache, calls = model.new_cache(8), []
-            for ids in ([1, 2, 3, 4], [5], [6]):  # a prefill, then two decode steps
-                before = timed.calls
-                model.forward(ids, cache, gather=False)
-                calls.append(timed.calls - before)
-            return calls, model.config.n_layer
-
-        for calls, n_layer in run_ranks(3, count):
+        for calls, n_layer in allreduce_calls(3, lambda c: load_model(str(tmp_path / name), c, "float64")):
             assert calls == [per_block * n_layer + 1] * 3, name
 
 
