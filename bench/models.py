@@ -33,6 +33,22 @@ PRESETS = {
                      "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152,
                      "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
                      "tie_word_embeddings": True},
+    # 4 query heads and 1 key/value head (every rank past the first replicates it); 15 of 18 layers slide by 512.
+    "gemma3-270m": {"model_type": "gemma3_text", "hidden_size": 640, "num_attention_heads": 4,
+                    "num_key_value_heads": 1, "head_dim": 256, "num_hidden_layers": 18, "intermediate_size": 2048,
+                    "vocab_size": 262144, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                    "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1000000.0,
+                    "rope_local_base_freq": 10000.0, "tie_word_embeddings": True,
+                    "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)]},
+    "qwen3-0.6b": {"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "head_dim": 128, "num_hidden_layers": 28, "intermediate_size": 3072, "vocab_size": 151936,
+                   "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "tie_word_embeddings": True},
+    # GPT-NeoX's parallel block (one Allreduce per block), a quarter of each head turned by RoPE, untied head.
+    "pythia-160m": {"model_type": "gpt_neox", "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12,
+                    "intermediate_size": 3072, "vocab_size": 50304, "max_position_embeddings": 2048,
+                    "rotary_pct": 0.25, "rotary_emb_base": 10000, "use_parallel_residual": True,
+                    "layer_norm_eps": 1e-5, "hidden_act": "gelu", "tie_word_embeddings": False},
     "tiny": {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
              "vocab_size": 256},
 }
@@ -90,4 +106,5 @@ def fixed_cost_config(config, size):
     calls as the real model's, so its time per token is the floor that Python, NumPy dispatch and Allreduce
     latency set."""
     width = 4 * config.n_head
-    return dataclasses.replace(config, n_embd=width, d_head=4, n_ffn=max(width, size), n_vocab=max(512, size))
+    return dataclasses.replace(config, n_embd=width, d_head=4, n_ffn=max(width, size), n_vocab=max(512, size),
+                               rotary_dims=config.rotary_dims and 2)  # partial rotary stays partial: 2 of 4

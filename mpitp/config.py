@@ -17,9 +17,10 @@ from .errors import ConfigError, read_regular
 # Mistral and Qwen2 are Llama's math (Qwen2 with biases on q, k, v only), with sliding windows on some layers.
 _FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3",
              "gemma3_text": "gemma3", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
-             "olmoe": "olmoe"}
+             "olmoe": "olmoe", "gpt_neox": "gpt_neox"}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation of GELU
 _ACTIVATIONS = {"gpt2": _GELU_TANH, "gemma3": _GELU_TANH,
+                "gpt_neox": ("gelu",) + _GELU_TANH,  # "gelu": the exact GELU, x Phi(x), with erf
                 **dict.fromkeys(("llama", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"), ("silu", "swish"))}
 MAX_SIZE = 2**31  # no model has a size or token id above this; refused before anything is computed from it
 
@@ -72,6 +73,8 @@ class ModelConfig:
     n_expert_used: int = 0  # experts each token is routed to (top-k)
     n_ffn_expert: int = 0  # one expert's MLP hidden width
     norm_topk: bool = False  # the top-k routing weights are renormalized to sum to 1 (Mixtral; norm_topk_prob)
+    rotary_dims: int | None = None  # RoPE turns only the first rotary_dims of each head (GPT-NeoX's rotary_pct)
+    parallel_residual: bool = False  # attention and MLP both read the block's input: one reduction (GPT-NeoX)
 
 
 def _shown(value):
@@ -154,7 +157,7 @@ def config_from_dict(cfg, path="config.json", generation=None):
     if family is None:
         raise ConfigError(f"{path}: model_type {_shown(model_type)} is not supported; supported: "
                           f"{', '.join(sorted(_FAMILIES))}.")
-    facts = _gpt2(cfg, path) if family == "gpt2" else _decoder(cfg, path, model_type)
+    facts = {"gpt2": _gpt2, "gpt_neox": _gpt_neox}.get(family, _decoder)(cfg, path, model_type)
     if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         facts.update(_experts(cfg, path, model_type))
     conf = ModelConfig(family=family, model_type=model_type, **facts, **_special_ids(cfg, path, generation))
@@ -178,7 +181,7 @@ def _special_ids(cfg, path, generation):
             "eos_token_ids": eos_ids}
 
 
-def _gpt2(cfg, path):
+def _gpt2(cfg, path, model_type):
     # GPT-2's config.json, in ModelConfig's fields.
     n_embd, n_head = _get(cfg, "n_embd", int, path), _get(cfg, "n_head", int, path)
     if n_embd % n_head:
@@ -247,6 +250,31 @@ def _experts(cfg, path, model_type):
     shared = _get(cfg, "shared_expert_intermediate_size", int, path) if model_type == "qwen2_moe" else width
     return dict(n_expert=n_expert, n_expert_used=n_used, n_ffn_expert=width, n_ffn=shared,
                 norm_topk=mixtral or _get(cfg, "norm_topk_prob", bool, path, default=False))
+
+
+def _gpt_neox(cfg, path, model_type):
+    # GPT-NeoX's config.json (Pythia), in ModelConfig's fields. transformers 4 writes rotary_pct and
+    # rotary_emb_base at the top level, transformers 5 partial_rotary_factor and rope_theta in rope_parameters.
+    n_embd, n_head = _get(cfg, "hidden_size", int, path), _get(cfg, "num_attention_heads", int, path)
+    if n_embd % n_head:
+        raise ConfigError(f"{path}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head}.")
+    rope_cfg = {**cfg, "rope_theta": cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0))}
+    params = cfg.get("rope_parameters") or {}
+    fraction = params.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25)) if isinstance(params, dict) else 0.25
+    d_head = n_embd // n_head
+    rotary_dims = int(d_head * fraction) if type(fraction) in (int, float) and 0 < fraction <= 1 else -1
+    if rotary_dims < 2 or rotary_dims % 2:
+        raise ConfigError(f"{path}: the rotary fraction {_shown(fraction)} of head_dim={d_head} must turn an even "
+                          f"number of dimensions (rotary_pct or partial_rotary_factor, in (0, 1]).")
+    bias = _get(cfg, "attention_bias", bool, path, default=True)
+    return dict(n_layer=_get(cfg, "num_hidden_layers", int, path), n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+                d_head=d_head, n_ffn=_get(cfg, "intermediate_size", int, path, default=4 * n_embd),
+                n_vocab=_get(cfg, "vocab_size", int, path), n_ctx=_get(cfg, "max_position_embeddings", int, path),
+                norm_eps=_get(cfg, "layer_norm_eps", float, path, 1e-5), activation=cfg.get("hidden_act", "gelu"),
+                qkv_bias=bias, out_bias=bias, mlp_bias=True,
+                tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, path, default=False),
+                rope=_rope(rope_cfg, path, "full_attention"), rotary_dims=rotary_dims,
+                parallel_residual=_get(cfg, "use_parallel_residual", bool, path, default=True))
 
 
 def _windows(cfg, path, model_type, n_layer):

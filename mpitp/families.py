@@ -25,6 +25,10 @@ The experts are read as ``save_pretrained`` writes them, one tensor per expert a
 ``mlp.experts.down_proj`` ``[n_expert, n_embd, n_ffn_expert]``, and splits them again when it saves one; mpitp
 stacks them in the same way: ``W_CE`` ``[n_expert_local, n_embd, 2 n_ffn_expert_local]`` is each expert's
 ``[W_gate | W_up]``, ``W_DE`` ``[n_expert_local, n_ffn_expert_local, n_embd]`` each expert's W_D.
+
+A fourth word says when the parts are not side by side: ``per_head``, GPT-NeoX's ``query_key_value``, interleaves
+them head by head, ``[q k v of head 0 | q k v of head 1 | ...]``, so a rank's heads' q, k and v rows are one
+contiguous block of the stored tensor (``mpitp.weights`` reads it at once and puts each part in its place).
 """
 
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 class Family:
     """A family of models: its plan and the facts its block reads."""
 
-    plan: tuple  # rows (tensor, weight or weights, split)
+    plan: tuple  # rows (tensor, weight or weights, split), or (tensor, weights, split, "per_head")
     linear_storage: str  # "out_in" (torch nn.Linear: transposed to [in, out] on reading) or "in_out" (Conv1D)
     norm: str  # "layer_norm" or "rms_norm"
     gated: bool  # the MLP is act(C W_gate) * (C W_up), stored side by side as W_C = [W_gate | W_up]
@@ -44,7 +48,7 @@ class Family:
 
     def weights(self):
         """Every mpitp weight the plan names."""
-        return {w for _, ws, _ in self.plan for w in (ws if isinstance(ws, tuple) else (ws,))}
+        return {w for row in self.plan for w in (row[1] if isinstance(row[1], tuple) else (row[1],))}
 
 
 GPT2 = Family(linear_storage="in_out", norm="layer_norm", gated=False, positions="learned",
@@ -132,5 +136,27 @@ OLMOE = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="
                plan=_ATTENTION + _MOE + ((_L + "self_attn.q_norm.weight", "norm_q_weight", "colwise"),
                                          (_L + "self_attn.k_norm.weight", "norm_k_weight", "colwise")))
 
-FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "mixtral": MIXTRAL,
+# GPT-NeoX (Pythia): LayerNorms with biases, a fused QKV interleaved per head, a non-gated GELU MLP, an LM head of
+# its own (embed_out). Its "post_attention_layernorm" is the norm before the MLP, as Llama's.
+_N = "gpt_neox.layers.{l}."
+GPT_NEOX = Family(linear_storage="out_in", norm="layer_norm", gated=False, positions="rope", plan=(
+    ("gpt_neox.embed_in.weight", "W_embed", "vocab"),
+    (_N + "input_layernorm.weight", "norm_1_weight", "replicated"),
+    (_N + "input_layernorm.bias", "norm_1_bias", "replicated"),
+    (_N + "attention.query_key_value.weight", ("W_Q", "W_K", "W_V"), "colwise", "per_head"),
+    (_N + "attention.query_key_value.bias", ("b_Q", "b_K", "b_V"), "colwise", "per_head"),
+    (_N + "attention.dense.weight", "W_B", "rowwise"),
+    (_N + "attention.dense.bias", "b_B", "replicated"),
+    (_N + "post_attention_layernorm.weight", "norm_2_weight", "replicated"),
+    (_N + "post_attention_layernorm.bias", "norm_2_bias", "replicated"),
+    (_N + "mlp.dense_h_to_4h.weight", "W_C", "colwise"),
+    (_N + "mlp.dense_h_to_4h.bias", "b_C", "colwise"),
+    (_N + "mlp.dense_4h_to_h.weight", "W_D", "rowwise"),
+    (_N + "mlp.dense_4h_to_h.bias", "b_D", "replicated"),
+    ("gpt_neox.final_layer_norm.weight", "norm_f_weight", "replicated"),
+    ("gpt_neox.final_layer_norm.bias", "norm_f_bias", "replicated"),
+    ("embed_out.weight", "W_vocab", "vocab"),
+))
+
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "qwen3": QWEN3, "gemma3": GEMMA3, "gpt_neox": GPT_NEOX, "mixtral": MIXTRAL,
             "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE}

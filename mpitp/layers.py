@@ -5,6 +5,8 @@ update), n_embd, n_head_local, n_kv_head_local, d_head. Functions compute in the
 ones work in place on one temporary (each avoided one is a pass less over memory on the hot path).
 """
 
+import math
+
 import numpy as np
 
 _MEAN_VECTORS = {}
@@ -51,6 +53,40 @@ def gelu_tanh(x):
     t *= x  # x + 0.044715 x^3
     t *= np.sqrt(2.0 / np.pi)
     np.tanh(t, out=t)
+    t += 1.0
+    x *= 0.5
+    x *= t
+    return x
+
+
+# erf(z) for |z| <= 2.5 as its Maclaurin series, 2/sqrt(pi) sum (-1)^n z^(2n+1) / (n! (2n+1)), 42 terms in Horner
+# form in z^2 (its terms peak near 16 at z = 2.5: a digit of cancellation, no more); beyond, erfc(z) as the continued
+# fraction e^(-z^2)/sqrt(pi) / (z + (1/2)/(z + 1/(z + (3/2)/(z + ...)))), 20 levels. Within 6e-15 of math.erf
+# everywhere (tests/test_layers.py); NumPy has no erf of its own.
+_ERF_SERIES = [2 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)) for n in range(42)][::-1]
+
+
+def erf(x):
+    # The error function. [...] -> [...] (a new array)
+    z = np.abs(x)
+    out, small = np.empty_like(z), z <= 2.5
+    zs = z[small]
+    t, y = zs * zs, np.full_like(zs, _ERF_SERIES[0])
+    for c in _ERF_SERIES[1:]:
+        y *= t
+        y += c
+    out[small] = y * zs
+    zl = z[~small]
+    f = zl.copy()
+    for k in range(20, 0, -1):
+        f = zl + (k / 2) / f
+    out[~small] = 1 - np.exp(-zl * zl) / (math.sqrt(math.pi) * f)
+    return np.copysign(out, x, out=out)
+
+
+def gelu_erf(x):
+    # GPT-NeoX's "gelu", the exact GELU: x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))). [...] -> [...] (overwrites x)
+    t = erf(x * x.dtype.type(1 / math.sqrt(2)))
     t += 1.0
     x *= 0.5
     x *= t
@@ -119,22 +155,26 @@ def rope_tables(inv_freq, positions, dtype):
 
 
 def apply_rope(x, rope):
-    # Hugging Face's rotate-half convention: dimension i is paired with i + d_head/2; no tables, no rotation.
-    # [n_rows, n_heads, d_head] -> [n_rows, n_heads, d_head]
+    # Hugging Face's rotate-half convention: dimension i is paired with i + r/2 among the first r = 2 len(cos)
+    # dimensions of each head (r = d_head but for GPT-NeoX's partial rotary); the rest pass unturned. No tables,
+    # no rotation. [n_rows, n_heads, d_head] -> [n_rows, n_heads, d_head]
     if rope is None:
         return x
-    (cos, sin), half = rope, x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    (cos, sin), half = rope, rope[0].shape[-1]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
     c, s = cos[..., None, :], sin[..., None, :]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    turned = [x1 * c - x2 * s, x2 * c + x1 * s]
+    return np.concatenate(turned + [x[..., 2 * half:]] if 2 * half < x.shape[-1] else turned, axis=-1)
 
 
-def causal_mask(positions, n_kv, dtype, window=0):
-    """``[n_batch, n_seq, n_kv]``, added to the scores: 0 where the query at ``positions[b, i]`` may see key
-    ``j`` (``j <= positions[b, i]``, and with a sliding ``window`` ``j > positions[b, i] - window``), -inf where it
-    may not (later tokens, cache rows not yet written, keys that slid out of the window)."""
+def causal_mask(positions, keys, dtype, window=0):
+    """``[n_batch, n_seq, n_kv]``, added to the scores: 0 where the query at ``positions[b, i]`` may see the key at
+    position j (``j <= positions[b, i]``, and with a sliding ``window`` ``j > positions[b, i] - window``), -inf where
+    it may not (later tokens, cache rows not yet written, keys that slid out of the window). ``keys``: n_kv, keys at
+    positions 0 to n_kv - 1, or each key's position ``[n_batch, n_kv]`` (a sliding layer's ring of slots)."""
     positions = np.asarray(positions)[..., None]
-    visible = (np.arange(n_kv) <= positions) & (np.arange(n_kv) > positions - window if window else True)
+    keys = np.arange(keys) if np.isscalar(keys) else np.asarray(keys)[:, None, :]
+    visible = (keys <= positions) & (keys > positions - window if window else True)
     return np.where(visible, dtype(0), dtype(-np.inf))
 
 

@@ -15,8 +15,8 @@ from .config import load_config
 from .errors import MpitpError, RequestError
 from .experts import expert_outputs, pack, route, shared_partial
 from .families import FAMILIES
-from .kvcache import KVCache
-from .layers import (apply_rope, attention, causal_mask, geglu, gelu_tanh, layer_norm, linear, rms_norm,
+from .kvcache import KVCache, layer_slots
+from .layers import (apply_rope, attention, causal_mask, geglu, gelu_erf, gelu_tanh, layer_norm, linear, rms_norm,
                      rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
 from .sharding import block_range, shard_for
@@ -42,14 +42,18 @@ class Model:
         family, eps = FAMILIES[config.family], config.norm_eps  # the facts the block reads, not the family's name
         norm = {"layer_norm": layer_norm, "rms_norm": rms_norm}[family.norm]
         self.norm = lambda x, w, b: norm(x, w, b, eps)
-        self.activation = (swiglu if config.activation in ("silu", "swish") else geglu) if family.gated else gelu_tanh
+        self.activation = ((swiglu if config.activation in ("silu", "swish") else geglu) if family.gated else
+                           gelu_erf if config.activation == "gelu" else gelu_tanh)
         rope = family.positions == "rope"
         # Per layer its sliding window (0: none); per window the RoPE's inverse frequencies (None: GPT-2's positions)
         self.windows = config.windows or (0,) * config.n_layer
         self._inv_freq = {w: rope_inv_freq(config.rope_local if w and config.rope_local else config.rope,
-                                           config.d_head) if rope else None for w in set(self.windows)}
-        # The block's data flow: the seed's, or with Qwen3's and Gemma 3's norms, or a mixture of experts'.
+                                           config.rotary_dims or config.d_head) if rope else None
+                          for w in set(self.windows)}
+        # The block's data flow: the seed's, with Qwen3's and Gemma 3's norms, GPT-NeoX's parallel one, or a
+        # mixture of experts'.
         self.block_fn = self.block_normed if config.qk_norm or "post_norm_1_weight" in family.weights() else self.block
+        self.block_fn = self.block_parallel if config.parallel_residual else self.block_fn
         if config.n_expert:
             self._moe_facts(config, shard, family)
         self.head_runs = shard.head_runs  # which local query heads share which local key/value heads
@@ -217,6 +221,25 @@ class Model:
         return ((Qf / rms[:, :1] * w.norm_q_weight).reshape(Q.shape),
                 (Kf / rms[:, 1:] * w.norm_k_weight).reshape(K.shape))
 
+    def block_parallel(self, x, w, layer, cache, rope, mask):
+        """GPT-NeoX's parallel block (use_parallel_residual): attention and MLP both read the block's input x, each
+        through its own norm, so the MLP need not wait for attention's sum: the two partial sums are added on each
+        rank and ONE Allreduce completes both; the two row-parallel biases are added once, after it. E = x +
+        attention(norm_1(x)) + MLP(norm_2(x)). Same locals as ``block``."""
+        A = self.norm(x, w.norm_1_weight, w.norm_1_bias)  # attention's input [n_rows, n_embd], replicated
+        QKV = linear(A, w.W_QKV, w.b_QKV)  # column-parallel: [A W_Q | A W_K | A W_V], this rank's heads only
+        Q, K, V = self.split_heads(QKV)  # [n_rows, n_head_local, d_head] each
+        Q, K = apply_rope(Q, rope), apply_rope(K, rope)  # partial rotary: the first rotary_dims of each head
+        K_all, V_all = cache.update(layer, K, V)  # [n_batch, n_kv_head_local, n_kv, d_head]
+        B = attention(Q, K_all, V_all, mask, self.head_runs)  # [n_rows, n_head_local d_head]
+        C = self.norm(x, w.norm_2_weight, w.norm_2_bias)  # the MLP's input: a norm of x too, not of x + attention
+        D = self.activation(linear(C, w.W_C, w.b_C))  # column-parallel: [n_rows, n_ffn_local]
+        BE_partial = B @ w.W_B  # row-parallel: this rank's heads' share of attention, [n_rows, n_embd] ...
+        BE_partial += D @ w.W_D  # ... plus its MLP columns' share of the MLP
+        mpi.allreduce_sum(self.comm, BE_partial)  # the one Allreduce: attention + MLP, summed over every rank
+        E = x + BE_partial + w.b_B + w.b_D  # [n_rows, n_embd], the block's output; each bias added once
+        return E
+
     def post_norm(self, x, weight):
         # The norm of a reduced output where the family has one (Gemma 3), else x as it is. [n_rows, n_embd]
         return x if weight is None else self.norm(x, weight, None)
@@ -260,7 +283,7 @@ class Model:
         rows = ids.reshape(len(cache.lengths), -1)  # [n_batch, n_seq]
         n_batch, n_seq = rows.shape
         n_kv = int(cache.lengths.max()) + n_seq
-        chunk = self.prefill_chunk(n_batch, n_kv)
+        chunk = min(self.prefill_chunk(n_batch, n_kv), cache.chunk)  # a sliding layer's ring: a window + a chunk
         logits = [self.forward_chunk(rows[:, i:i + chunk], cache, all_logits) for i in range(0, n_seq, chunk)]
         logits = np.concatenate(logits, axis=1) if len(logits) > 1 and all_logits else logits[-1]
         if gather:
@@ -275,19 +298,21 @@ class Model:
         heads = -(-self.config.n_head // self.shard.size)
         return max(1, SCORES_BYTES // (n_batch * heads * n_kv * np.dtype(self.dtype).itemsize))
 
-    def tables(self, positions):
-        """The masks ``[n_batch, n_seq, n_kv]`` and RoPE tables of each kind of layer (full, or sliding by a window),
-        keyed by window, for new tokens at ``positions`` ``[n_batch, n_seq]``."""
-        masks = {w: causal_mask(positions, positions.max() + 1, self.dtype, w) for w in set(self.windows)}
+    def tables(self, positions, cache):
+        """The masks ``[n_batch, n_seq, n_kv]`` and RoPE tables of each kind of layer in ``cache`` (full, or sliding
+        by a window), keyed by window, for new tokens at ``positions`` ``[n_batch, n_seq]``: a mask is of the
+        positions the layer's cache holds (a sliding layer's ring: its window and these tokens)."""
+        n_seq = positions.shape[1]
+        masks = {w: causal_mask(positions, cache.key_positions(w, n_seq), self.dtype, w) for w in cache.ring}
         ropes = {w: None if f is None else rope_tables(f, positions.ravel(), self.dtype)
-                 for w, f in self._inv_freq.items()}
+                 for w, f in self._inv_freq.items() if w in cache.ring}
         return masks, ropes
 
     def forward_chunk(self, ids, cache, all_logits):
         # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq or 1, n_vocab_local]
         n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
-        masks, ropes = self.tables(positions)
+        masks, ropes = self.tables(positions, cache)
         x = self.embed(ids.ravel(), positions.ravel())  # [n_rows, n_embd]
         for layer, (w, window) in enumerate(zip(self.blocks, self.windows)):
             x = self.block_fn(x, w, layer, cache, ropes[window], masks[window])
@@ -305,11 +330,16 @@ class Model:
 
     def cache_bytes(self, capacity, n_batch=1):
         """Bytes of this rank's KV cache (of its stage's layers, with --pp) for ``n_batch`` sequences of up to
-        ``capacity`` positions."""
+        ``capacity`` positions: a sliding layer holds its window and one chunk of new tokens
+        (``mpitp.kvcache.layer_slots``), however long the sequence."""
+        slots = sum(layer_slots(capacity, self.cache_windows()))
+        return 2 * n_batch * self.shard.n_kv_head_local * slots * self.config.d_head * np.dtype(self.dtype).itemsize
+
+    def cache_windows(self):
+        # The sliding window (0: none) of each layer this rank caches: its stage's, with --pp.
         cfg, stage = self.config, getattr(self, "stage", None)  # the bench asks with a stand-in for a model
-        layers = stage.n_layer_local if stage else cfg.n_layer
-        return 2 * n_batch * layers * self.shard.n_kv_head_local * capacity * cfg.d_head * np.dtype(
-            self.dtype).itemsize
+        windows = cfg.windows or (0,) * cfg.n_layer
+        return windows[stage.first_layer:stage.first_layer + stage.n_layer_local] if stage else windows
 
     def new_cache(self, capacity, n_batch=1):
         """A KV cache for ``n_batch`` sequences of up to ``capacity`` positions (at most the model's context)."""
@@ -318,7 +348,8 @@ class Model:
                                f"{self.config.n_ctx} positions.")
         check_fits(self.cache_bytes(capacity, n_batch), f"a KV cache of {n_batch} x {capacity} positions",
                    "ask for fewer tokens or prompts, or use more ranks, on more nodes", self.node_ranks)
-        cache = KVCache(len(self.blocks), n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity, self.dtype)
+        cache = KVCache(len(self.blocks), n_batch, self.shard.n_kv_head_local, self.config.d_head, capacity, self.dtype,
+                        self.cache_windows())
         return cache if self.stage is None else StageCache(cache, self.stage.first_layer)  # its layers only
 
 

@@ -129,7 +129,7 @@ def stage_forward(model, cache, n_seq, x):
     ``[n_rows]`` on the first stage (embedded here), the residual rows ``[n_rows, n_embd]`` received from the
     previous stage on the others; returns the rows after this stage's blocks, ``[n_rows, n_embd]``."""
     positions = cache.positions(n_seq)  # [n_batch, n_seq]
-    masks, ropes = model.tables(positions)
+    masks, ropes = model.tables(positions, cache)
     if model.stage.is_first:
         x = model.embed(np.asarray(x), positions.ravel())
     for layer, w in zip(model.stage.layers, model.blocks):

@@ -18,7 +18,8 @@ from .model import Model
 
 NAMES, MOE_NAMES = "AQKVBCDE", "AQKVBCRME"
 # The block functions and the locals the trace reads of each: the trace's contract
-_BLOCKS = {Model.block.__code__: NAMES, Model.block_normed.__code__: NAMES, Model.block_moe.__code__: MOE_NAMES}
+_BLOCKS = {Model.block.__code__: NAMES, Model.block_normed.__code__: NAMES, Model.block_parallel.__code__: NAMES,
+           Model.block_moe.__code__: MOE_NAMES}
 _LM_HEAD, _EMBED = Model.lm_head.__code__, Model.embed.__code__
 
 

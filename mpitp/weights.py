@@ -3,7 +3,9 @@
 The plan (``mpitp.families``) names each checkpoint tensor's mpitp weight(s) and split; ``mpitp.sharding.rank_slice``
 gives the rank's block of each weight; here that block is found in the stored tensor and read: torch
 ``nn.Linear`` weights are stored ``[out, in]`` and are transposed to mpitp's ``[in, out]`` in this one place, and
-a fused tensor's part (GPT-2's ``c_attn`` = [Q | K | V]) is shifted to its place along the output axis.
+a fused tensor's part (GPT-2's ``c_attn`` = [Q | K | V]) is shifted to its place along the output axis. A tensor
+fused head by head (GPT-NeoX's ``query_key_value``) is read in one block, the rank's heads, and its parts moved
+into their places (``read_per_head``).
 """
 
 import math
@@ -117,7 +119,7 @@ def _row(config, name):
 def _source(config, name, prefix):
     # Where ``name`` is: (tensor name, transposed?, offset of its part along the output axis, stored shape).
     tied = name == "W_vocab" and config.tie_word_embeddings  # the embedding [n_vocab, n_embd], read transposed
-    tensor, weights, _ = _row(config, name)
+    tensor, weights = _row(config, name)[:2]
     full, offset = full_shape(config, name), 0
     if isinstance(weights, tuple):  # fused: the parts side by side along the output axis
         widths = [full_shape(config, part)[-1] for part in weights]
@@ -144,19 +146,42 @@ def n_params(config):
     return sum(math.prod(shape) for shape in checkpoint_shapes(config).values())
 
 
-def read_weight(ckpt, config, shard, name, layer, out, prefix="", expert=None):
-    """Read this rank's slice of the mpitp weight ``name`` (of block ``layer``, of ``expert``) into ``out``."""
+def _checked(ckpt, config, name, layer, prefix, needed_as, expert=None):
+    # (tensor name, transposed?, offset of the part) of mpitp weight ``name`` (of ``expert``), once the checkpoint
+    # is seen to hold the tensor in the shape config.json implies.
     tensor, transposed, offset, stored = _source(config, name, prefix)
     tensor = tensor.format(l=layer, e=expert)
     if tensor not in ckpt:
-        raise CheckpointError(ckpt.model_dir, tensor, f"tensor is missing (needed as {name}).")
+        raise CheckpointError(ckpt.model_dir, tensor, f"tensor is missing (needed as {needed_as}).")
     if tuple(ckpt.shape(tensor)) != stored:
         raise CheckpointError(ckpt.path_of(tensor), tensor, f"shape {list(ckpt.shape(tensor))} does not match "
                                                             f"config.json, which implies {list(stored)}.")
+    return tensor, transposed, offset
+
+
+def read_weight(ckpt, config, shard, name, layer, out, prefix="", expert=None):
+    """Read this rank's slice of the mpitp weight ``name`` (of block ``layer``, of ``expert``) into ``out``."""
+    tensor, transposed, offset = _checked(ckpt, config, name, layer, prefix, name, expert)
     index = list(rank_slice(config, shard, name, _row(config, name)[2]))
     index[-1] = slice(index[-1].start + offset, index[-1].stop + offset)  # its part of a fused tensor
     # torch Linear storage is [out, in]: read the transposed block and transpose it into out.
     ckpt.read_into(tensor, out, tuple(index[::-1] if transposed else index), transpose=transposed)
+
+
+def read_per_head(ckpt, config, shard, parts, layer, out, prefix=""):
+    """Read this rank's heads of a tensor whose parts ``parts`` (q, k, v) interleave head by head, ``[q k v of head
+    0 | q k v of head 1 | ...]`` along the output axis, into ``out`` = ``[..q of its heads | ..k | ..v]``. The rank's
+    heads are one contiguous block of the stored tensor: one read, into a buffer the size of ``out``. (Every head has
+    its own key/value head: GPT-NeoX has no grouped-query attention.)"""
+    tensor, transposed, _ = _checked(ckpt, config, parts[0], layer, prefix, ", ".join(parts))
+    index = list(rank_slice(config, shard, parts[0], _row(config, parts[0])[2]))
+    cols, n = index[-1], len(parts)  # the rank's heads' columns of one part; n parts per head in the tensor
+    index[-1] = slice(n * cols.start, n * cols.stop)
+    block = np.empty(out.shape, out.dtype)
+    ckpt.read_into(tensor, block, tuple(index[::-1] if transposed else index), transpose=transposed)
+    # block's columns are (head, part, dim); out's are (part, head, dim)
+    lead, heads, d = out.shape[:-1], shard.n_head_local, config.d_head
+    out.reshape(lead + (n, heads, d))[...] = block.reshape(lead + (heads, n, d)).swapaxes(-3, -2)
 
 
 def _stored(config, shard, parts):
@@ -195,6 +220,10 @@ def load_weights(ckpt, config, shard, dtype, arena=True, part=None):
     def read(field, parts, layer):
         out = take(_stored(config, shard, parts), dtype, padded=field == "W_vocab")
         col, experts = 0, _row(config, parts[0])[2] == "expert"  # an expert's field: one slab per local expert
+        if _row(config, parts[0])[3:] == ("per_head",):  # fused head by head: all parts in one read
+            if _has(config, parts[0]):
+                read_per_head(ckpt, config, shard, parts, layer, out, prefix)
+            parts = ()
         for name in parts:
             width = local_shape(config, shard, name)[-1]
             for i in range(shard.n_expert_local) if experts else [None]:

@@ -522,16 +522,21 @@ def test_roofline_compares_each_repeat_with_its_own_ceiling():
     assert rf["prefill_percent"] == pytest.approx(100 * 400 * (0.202 + 0.402) / 2 / 100)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "qwen2-0.5b"])
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "qwen2-0.5b", "gemma3-270m", "qwen3-0.6b",
+                                    "pythia-160m"])
 def test_fixed_cost_model_keeps_depth_heads_and_layer_kinds(preset):
     cfg = config_from_dict(models.PRESETS[preset])
     small = models.fixed_cost_config(cfg, 2)
     same = ("family", "n_layer", "n_head", "n_kv_head", "n_ctx", "qkv_bias", "out_bias", "mlp_bias",
-            "tie_word_embeddings", "rope")
+            "tie_word_embeddings", "rope", "windows", "parallel_residual")
     assert [getattr(small, k) for k in same] == [getattr(cfg, k) for k in same]
     assert small.d_head == 4 and small.n_embd == 4 * cfg.n_head
     assert n_params(small) * 4 < 8 << 20  # every weight fits in the last-level cache
     shard_for(small, 0, 2)  # valid wherever the real model is
+    def run(c):  # and it runs
+        m = models.random_model(small, c, np.float32)
+        return m.forward([1, 2, 3], m.new_cache(3))
+    assert all(np.isfinite(logits).all() for logits in run_ranks(2, run))
 
 
 def test_bandwidth_probe_matrix():

@@ -7,7 +7,7 @@ import pytest
 
 import dense_reference
 from mpitp.config import RopeConfig, config_from_dict
-from mpitp.layers import apply_rope, attention, causal_mask, rope_inv_freq, rope_tables, silu
+from mpitp.layers import apply_rope, attention, causal_mask, erf, gelu_erf, rope_inv_freq, rope_tables, silu
 
 
 def test_rope_is_a_complex_rotation_of_half_pairs():
@@ -20,6 +20,29 @@ def test_rope_is_a_complex_rotation_of_half_pairs():
     out = apply_rope(x, rope_tables(inv_freq, positions, np.float64))
     z = (x[..., :d_head // 2] + 1j * x[..., d_head // 2:]) * np.exp(1j * positions[:, None, None] * inv_freq)
     assert np.abs(out - np.concatenate([z.real, z.imag], axis=-1)).max() < 1e-12
+
+
+def test_partial_rope_turns_the_first_dims_and_passes_the_rest():
+    # GPT-NeoX's partial rotary: rotate-half within the first r dims of each head (pairs i, i + r/2); the other
+    # d_head - r dims pass unchanged.
+    rng = np.random.default_rng(1)
+    d_head, r, positions = 16, 4, np.array([0, 3, 77])
+    x = rng.standard_normal((len(positions), 2, d_head))
+    inv_freq = rope_inv_freq(RopeConfig(theta=10000.0), r)
+    out = apply_rope(x, rope_tables(inv_freq, positions, np.float64))
+    z = (x[..., :r // 2] + 1j * x[..., r // 2:r]) * np.exp(1j * positions[:, None, None] * inv_freq)
+    assert np.abs(out[..., :r] - np.concatenate([z.real, z.imag], axis=-1)).max() < 1e-12
+    assert np.array_equal(out[..., r:], x[..., r:])
+
+
+def test_erf_and_the_exact_gelu_against_math_erf():
+    # NumPy has no erf: mpitp's (a series, then a continued fraction past 2.5) against the C library's, over
+    # the whole range, both branches and their seam, signs and the far tails.
+    x = np.concatenate([np.linspace(-12, 12, 48001), [0.0, -0.0, 2.5, -2.5, 2.5000001, 1e-300, 40.0, -40.0]])
+    expected = np.array([math.erf(v) for v in x])
+    assert np.abs(erf(x) - expected).max() < 1e-14
+    assert np.abs(gelu_erf(x.copy()) - x * 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x]))).max() < 1e-13
+    assert gelu_erf(np.array([1.0], np.float32)).dtype == np.float32
 
 
 def test_llama3_scaling_in_all_three_wavelength_bands():

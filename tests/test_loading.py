@@ -46,6 +46,22 @@ def test_llama_config_both_rope_layouts():
         llama(8, 2, rope_scaling={"rope_type": "yarn", "factor": 4.0})
 
 
+NEOX = {"model_type": "gpt_neox", "hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 2,
+        "vocab_size": 10, "max_position_embeddings": 8}
+
+
+def test_gpt_neox_config_both_rotary_layouts():
+    # transformers 4 writes rotary_pct and rotary_emb_base; transformers 5 rope_parameters; the defaults are
+    # Pythia's: a quarter of each head turned, the parallel block, biases, an untied head.
+    c4 = config_from_dict({**NEOX, "rotary_pct": 0.5, "rotary_emb_base": 5000, "rope_scaling": None})
+    c5 = config_from_dict({**NEOX, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0,
+                                                       "partial_rotary_factor": 0.5}})
+    assert c4 == c5 and (c4.rotary_dims, c4.rope.theta) == (4, 5000.0)
+    d = config_from_dict(NEOX)
+    assert (d.rotary_dims, d.parallel_residual, d.qkv_bias, d.tie_word_embeddings, d.activation) == (
+        2, True, True, False, "gelu")
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({"model_type": "bert"}, "model_type 'bert' is not supported"),
     ({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 10}, "'n_positions' is missing"),
@@ -56,6 +72,10 @@ def test_llama_config_both_rope_layouts():
     ({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 10, "n_positions": 8,
       "activation_function": "relu"}, "activation 'relu' is not supported"),
     ([1, 2], "expected a JSON object"),
+    ({**NEOX, "rotary_pct": 0.1}, r"the rotary fraction 0.1 of head_dim=8 must turn an even number"),
+    ({**NEOX, "rope_parameters": {"partial_rotary_factor": 1.5}}, r"rotary fraction 1.5 .* in \(0, 1\]"),
+    ({**NEOX, "use_parallel_residual": 1}, "'use_parallel_residual' must be true or false"),
+    ({**NEOX, "hidden_act": "relu"}, "activation 'relu' is not supported for gpt_neox"),
 ])
 def test_bad_configs_are_refused_by_name(cfg, message):
     with pytest.raises(ConfigError, match=message):

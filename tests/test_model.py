@@ -13,13 +13,12 @@ import pytest
 import dense_reference
 from conftest import MODELS, golden, model_dir
 from mpitp import Sampler, Trace, comm, generate_sequence, load_model
-from mpitp.comm import TimedComm
 from mpitp.config import load_config
 from mpitp.families import FAMILIES
 from mpitp.model import Model
 from st_util import write_safetensors
 from random_models import write_random_model
-from threadcomm import run_ranks
+from threadcomm import allreduce_calls, run_ranks
 
 LENGTHS = (1, 7, 33)
 TOL = {"float64": 1e-9, "float32": 2e-4}
@@ -91,19 +90,9 @@ def test_tensor_parallel_greedy_at_every_rank_count(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_two_allreduce_per_block_per_forward(name):
-    # Two per block (after W_B and after W_D), and one for the vocab-parallel embedding.
-    def count(c):
-        timed = TimedComm(c)
-        model = load_model(model_dir(name), timed, "float32")
-        cache = model.new_cache(8)
-        calls = []
-        for ids in ([1, 2, 3, 4], [5], [6]):  # a prefill, then two decode steps
-            before = timed.calls
-            model.forward(ids, cache, gather=False)
-            calls.append(timed.calls - before)
-        return calls, model.config.n_layer
-
-    for calls, n_layer in run_ranks(3, count):
+    # Two per block (after W_B and after W_D), and one for the vocab-parallel embedding; a prefill, then two decode
+    # steps.
+    for calls, n_layer in allreduce_calls(3, lambda c: load_model(model_dir(name), c, "float32")):
         assert calls == [2 * n_layer + 1] * 3
 
 
@@ -319,7 +308,8 @@ def test_the_trace_contract_is_the_block_locals():
     from mpitp.model import Model
     for code, names in trace._BLOCKS.items():
         assert set(names) | {"layer"} <= set(code.co_varnames), code.co_name
-    assert {Model.block.__code__, Model.block_normed.__code__, Model.block_moe.__code__} == set(trace._BLOCKS)
+    assert {Model.block.__code__, Model.block_normed.__code__, Model.block_parallel.__code__,
+            Model.block_moe.__code__} == set(trace._BLOCKS)
     assert "A, Q, K, V, B, C, D, E" in Model.block.__doc__
 
 

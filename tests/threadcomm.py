@@ -137,6 +137,24 @@ def run_ranks(size, fn):
     return results
 
 
+def allreduce_calls(size, load):
+    """Per rank of ``size`` simulated ranks, ``(calls, n_layer)``: the Allreduce calls of each forward of a prefill
+    and two decode steps of the model ``load(comm)`` loads, and its number of layers."""
+    from mpitp.comm import TimedComm
+
+    def count(c):
+        timed = TimedComm(c)
+        model = load(timed)
+        cache, calls = model.new_cache(8), []
+        for ids in ([1, 2, 3, 4], [5], [6]):
+            before = timed.calls
+            model.forward(ids, cache, gather=False)
+            calls.append(timed.calls - before)
+        return calls, model.config.n_layer
+
+    return run_ranks(size, count)
+
+
 class CountingComm:
     """Wraps a communicator and counts its Allreduce calls."""
 
