@@ -51,45 +51,45 @@ class Family:
         return {w for row in self.plan for w in (row[1] if isinstance(row[1], tuple) else (row[1],))}
 
 
+def _linear(tensor, X, split, *layout):
+    """A linear layer's two rows: its weight W_X, split as ``split``, and its bias b_X, split with a colwise weight
+    and replicated beside a rowwise one (added once, after the reduction). ``X`` may be several letters (a fused
+    tensor's parts, in order); ``layout`` a fourth word for both rows."""
+    names = [tuple(f"{kind}_{x}" for x in X) if isinstance(X, tuple) else f"{kind}_{X}" for kind in "Wb"]
+    return ((tensor + ".weight", names[0], split, *layout),
+            (tensor + ".bias", names[1], "replicated" if split == "rowwise" else split, *layout))
+
+
+def _layer_norm(tensor, name):
+    # A LayerNorm's weight and bias rows, both replicated: norm_1 is (norm_1_weight, norm_1_bias).
+    return (tensor + ".weight", name + "_weight", "replicated"), (tensor + ".bias", name + "_bias", "replicated")
+
+
 GPT2 = Family(linear_storage="in_out", norm="layer_norm", gated=False, positions="learned",
               tensor_prefixes=("", "transformer."), plan=(
     ("wte.weight", "W_embed", "vocab"),  # also the LM head: GPT-2 ties them
     ("wpe.weight", "W_pos", "replicated"),
-    ("h.{l}.ln_1.weight", "norm_1_weight", "replicated"),
-    ("h.{l}.ln_1.bias", "norm_1_bias", "replicated"),
-    ("h.{l}.attn.c_attn.weight", ("W_Q", "W_K", "W_V"), "colwise"),
-    ("h.{l}.attn.c_attn.bias", ("b_Q", "b_K", "b_V"), "colwise"),
-    ("h.{l}.attn.c_proj.weight", "W_B", "rowwise"),
-    ("h.{l}.attn.c_proj.bias", "b_B", "replicated"),
-    ("h.{l}.ln_2.weight", "norm_2_weight", "replicated"),
-    ("h.{l}.ln_2.bias", "norm_2_bias", "replicated"),
-    ("h.{l}.mlp.c_fc.weight", "W_C", "colwise"),
-    ("h.{l}.mlp.c_fc.bias", "b_C", "colwise"),
-    ("h.{l}.mlp.c_proj.weight", "W_D", "rowwise"),
-    ("h.{l}.mlp.c_proj.bias", "b_D", "replicated"),
-    ("ln_f.weight", "norm_f_weight", "replicated"),
-    ("ln_f.bias", "norm_f_bias", "replicated"),
+    *_layer_norm("h.{l}.ln_1", "norm_1"),
+    *_linear("h.{l}.attn.c_attn", ("Q", "K", "V"), "colwise"),  # [Q | K | V] along the output axis
+    *_linear("h.{l}.attn.c_proj", "B", "rowwise"),
+    *_layer_norm("h.{l}.ln_2", "norm_2"),
+    *_linear("h.{l}.mlp.c_fc", "C", "colwise"),
+    *_linear("h.{l}.mlp.c_proj", "D", "rowwise"),
+    *_layer_norm("ln_f", "norm_f"),
 ))
 
 _L = "model.layers.{l}."
 LLAMA = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="rope", plan=(
     ("model.embed_tokens.weight", "W_embed", "vocab"),
     (_L + "input_layernorm.weight", "norm_1_weight", "replicated"),
-    (_L + "self_attn.q_proj.weight", "W_Q", "colwise"),
-    (_L + "self_attn.q_proj.bias", "b_Q", "colwise"),  # Qwen2 has q, k, v biases; Llama only if attention_bias
-    (_L + "self_attn.k_proj.weight", "W_K", "colwise"),
-    (_L + "self_attn.k_proj.bias", "b_K", "colwise"),
-    (_L + "self_attn.v_proj.weight", "W_V", "colwise"),
-    (_L + "self_attn.v_proj.bias", "b_V", "colwise"),
-    (_L + "self_attn.o_proj.weight", "W_B", "rowwise"),
-    (_L + "self_attn.o_proj.bias", "b_B", "replicated"),
+    *_linear(_L + "self_attn.q_proj", "Q", "colwise"),  # Qwen2 has q, k, v biases; Llama only if attention_bias
+    *_linear(_L + "self_attn.k_proj", "K", "colwise"),
+    *_linear(_L + "self_attn.v_proj", "V", "colwise"),
+    *_linear(_L + "self_attn.o_proj", "B", "rowwise"),
     (_L + "post_attention_layernorm.weight", "norm_2_weight", "replicated"),
-    (_L + "mlp.gate_proj.weight", "W_gate", "colwise"),
-    (_L + "mlp.gate_proj.bias", "b_gate", "colwise"),
-    (_L + "mlp.up_proj.weight", "W_up", "colwise"),
-    (_L + "mlp.up_proj.bias", "b_up", "colwise"),
-    (_L + "mlp.down_proj.weight", "W_D", "rowwise"),
-    (_L + "mlp.down_proj.bias", "b_D", "replicated"),
+    *_linear(_L + "mlp.gate_proj", "gate", "colwise"),  # W_C = [W_gate | W_up]
+    *_linear(_L + "mlp.up_proj", "up", "colwise"),
+    *_linear(_L + "mlp.down_proj", "D", "rowwise"),
     ("model.norm.weight", "norm_f_weight", "replicated"),
     ("lm_head.weight", "W_vocab", "vocab"),  # the embedding, transposed, when tie_word_embeddings
 ))
@@ -141,20 +141,13 @@ OLMOE = Family(linear_storage="out_in", norm="rms_norm", gated=True, positions="
 _N = "gpt_neox.layers.{l}."
 GPT_NEOX = Family(linear_storage="out_in", norm="layer_norm", gated=False, positions="rope", plan=(
     ("gpt_neox.embed_in.weight", "W_embed", "vocab"),
-    (_N + "input_layernorm.weight", "norm_1_weight", "replicated"),
-    (_N + "input_layernorm.bias", "norm_1_bias", "replicated"),
-    (_N + "attention.query_key_value.weight", ("W_Q", "W_K", "W_V"), "colwise", "per_head"),
-    (_N + "attention.query_key_value.bias", ("b_Q", "b_K", "b_V"), "colwise", "per_head"),
-    (_N + "attention.dense.weight", "W_B", "rowwise"),
-    (_N + "attention.dense.bias", "b_B", "replicated"),
-    (_N + "post_attention_layernorm.weight", "norm_2_weight", "replicated"),
-    (_N + "post_attention_layernorm.bias", "norm_2_bias", "replicated"),
-    (_N + "mlp.dense_h_to_4h.weight", "W_C", "colwise"),
-    (_N + "mlp.dense_h_to_4h.bias", "b_C", "colwise"),
-    (_N + "mlp.dense_4h_to_h.weight", "W_D", "rowwise"),
-    (_N + "mlp.dense_4h_to_h.bias", "b_D", "replicated"),
-    ("gpt_neox.final_layer_norm.weight", "norm_f_weight", "replicated"),
-    ("gpt_neox.final_layer_norm.bias", "norm_f_bias", "replicated"),
+    *_layer_norm(_N + "input_layernorm", "norm_1"),
+    *_linear(_N + "attention.query_key_value", ("Q", "K", "V"), "colwise", "per_head"),
+    *_linear(_N + "attention.dense", "B", "rowwise"),
+    *_layer_norm(_N + "post_attention_layernorm", "norm_2"),
+    *_linear(_N + "mlp.dense_h_to_4h", "C", "colwise"),
+    *_linear(_N + "mlp.dense_4h_to_h", "D", "rowwise"),
+    *_layer_norm("gpt_neox.final_layer_norm", "norm_f"),
     ("embed_out.weight", "W_vocab", "vocab"),
 ))
 
