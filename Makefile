@@ -103,14 +103,19 @@ perplexity: install $(if $(MODEL),,$(VENV)/.installed-gguf)
 	model=$(if $(MODEL),"$(MODEL)",$$($(REAL))) && timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) \
 		python -m mpitp.perplexity --model "$$model" --file $(PPL_TEXT) $(ARGS)
 
-# The real-model check (CI runs it; it fails if the download fails): converts the GGUF file afresh into a
-# temporary folder and checks mpitp on it at 1, 2 and 4 ranks against transformers' own GGUF loading
-# (tests/data/smollm2-goldens.json): float64 greedy continuations and logits, and tokenization.
+# The real-model check (CI runs it; it fails if a download fails): converts each GGUF file afresh into a
+# temporary folder and checks mpitp on it against transformers: SmolLM2-135M at 1, 2 and 4 ranks
+# (tests/data/smollm2-goldens.json), Gemma-3-270M (Q4_K_M: k-quants, sliding layers, 4 heads over 3 ranks) at 1
+# and 3 (tests/data/gemma3-goldens.json): float64 greedy continuations and logits, and tokenization.
 check-real: install $(VENV)/.installed-gguf
 	gguf=$$($(REAL) --gguf) && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	python -m mpitp.convert --quiet "$$gguf" "$$tmp/smollm2" && for n in 1 2 4; do \
 		MPITP_REAL_MODEL="$$tmp/smollm2" OPENBLAS_NUM_THREADS=1 timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n \
-			pytest -q tests/test_real_model.py || exit 1; done
+			pytest -q tests/test_real_model.py || exit 1; done && \
+	gguf=$$($(REAL) --model gemma3-270m --gguf) && rm -rf "$$tmp/smollm2" && \
+	python -m mpitp.convert --quiet "$$gguf" "$$tmp/gemma3" && for n in 1 3; do \
+		MPITP_REAL_MODEL="$$tmp/gemma3" MPITP_REAL_GOLDENS=gemma3-goldens.json OPENBLAS_NUM_THREADS=1 \
+			timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n pytest -q tests/test_real_model.py || exit 1; done
 
 # The checkpoint-reader fuzz tests with 10,000 generated files and 10,000 generated indexes, and the GGUF
 # converter's with 10,000 mutated and 10,000 assembled files (CI runs 300 of each).
