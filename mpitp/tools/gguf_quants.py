@@ -117,6 +117,7 @@ def dequantize(raw, kind):
     blocks = np.frombuffer(raw, np.uint8).reshape(-1, size)
     out = np.empty((len(blocks), block), np.float32)
     step = _CHUNK // block
-    for start in range(0, len(blocks), step):
-        out[start:start + step] = fn(blocks[start:start + step])
+    with np.errstate(all="ignore"):  # an inf scale makes inf and NaN: the converter refuses them in one line
+        for start in range(0, len(blocks), step):
+            out[start:start + step] = fn(blocks[start:start + step])
     return out.reshape(-1)
