@@ -50,16 +50,18 @@ class Model:
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
     @classmethod
-    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1):
+    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1, comm_dtype=None):
         """This rank's shard of a Hugging Face model folder for the ranks of ``comm`` (``mpitp.comm.serial()``:
         this process alone), cast to ``dtype`` ("float32" or "float64"), in the layout of ``mpitp.arena`` or
         (``arena=False``) plain arrays. ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the
         memory check counts them. Every check that bad input can fail (config, rank count, memory, checkpoint
-        headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare."""
+        headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare.
+        ``comm_dtype``: the wire format of the block's reductions (``Model.sync_in``)."""
         try:
             dtype = DTYPES[np.dtype(dtype).name]
         except (TypeError, KeyError):
             raise MpitpError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}.") from None
+        mpi.wire_comm(comm, comm_dtype, dtype)  # an unknown format: refused before the checkpoint is read
         config = load_config(model_dir)
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())
         ckpt = Checkpoint(model_dir)
@@ -67,7 +69,17 @@ class Model:
         check_fits(shard_bytes(config, shard, dtype), f"this rank's shard of {model_dir}", hint, node_ranks)
         fingerprint = _fingerprint(config, ckpt)
         weights = load_weights(ckpt, config, shard, dtype, arena)
-        return cls(config, shard, *weights, comm, dtype, node_ranks, fingerprint)
+        return cls(config, shard, *weights, comm, dtype, node_ranks, fingerprint).sync_in(comm_dtype)
+
+    def sync_in(self, comm_dtype):
+        """Send the partial sums of every block's two reductions in the wire format ``comm_dtype`` (a name of
+        ``mpitp.wire.FORMATS``; None or the model's dtype: the plain Allreduce, bit for bit), summed in the
+        model's dtype (``mpitp.comm.wire_allreduce``). The embedding's and the scoring's sums stay exact. Once,
+        when the model is built; returns the model."""
+        comm = mpi.wire_comm(self.comm, comm_dtype, self.dtype)
+        if comm is not self.comm:
+            self.comm, self.block_fn = comm, comm.during(self.block_fn)
+        return self
 
     def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.

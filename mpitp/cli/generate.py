@@ -25,6 +25,7 @@ from ..resources import check_fits, set_blas_threads
 from ..tokenizer import Tokenizer
 from ..trace import Trace
 from ..weights import n_params
+from ..wire import FORMATS
 
 # The bundled model: a tiny GPT-2 trained to sort digits (scripts/train_default_model.py), so that a first
 # run shows answers anyone can check. Without --prompt it answers these.
@@ -64,6 +65,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    p.add_argument("--comm-dtype", choices=sorted(FORMATS), default=None,
+                   help="what the block's partial sums cross the wire as, summed in --dtype "
+                        "(docs/sync-precision.md); default: --dtype, the plain Allreduce")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")
@@ -97,7 +101,7 @@ def _prepare(args, comm, node_ranks):
         except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
             raise RequestError(f"a prompt is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at character "
                                f"{e.start}); give text in UTF-8, or --prompt-ids.") from None
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, comm_dtype=args.comm_dtype)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:
@@ -156,7 +160,8 @@ def _agreement(args, model, prompts, max_new):
     ids = hashlib.sha256(b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in prompts)).hexdigest()[:16]
     return [(FINGERPRINTED, model.fingerprint), ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new),
             ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
-            ("--seed", args.seed), ("--dtype", args.dtype), ("--ignore-eos", args.ignore_eos),
+            ("--seed", args.seed), ("--dtype", args.dtype), ("--comm-dtype", args.comm_dtype),
+            ("--ignore-eos", args.ignore_eos),
             ("--trace (given or not)", bool(args.trace))]
 
 
@@ -187,6 +192,7 @@ def _run(args, comm, node_ranks):
         return 2
     model, tokenizer, texts, prompts, max_new, sampler, cache = prepared
     load_seconds = time.perf_counter() - t_load
+    sent_before = comm.sent  # the votes' reductions are not the run's
     threads, warning = set_blas_threads(args.threads, node_ranks)
     if warning:
         _say(args, rank, warning)
@@ -210,15 +216,16 @@ def _run(args, comm, node_ranks):
                            "the checkpoint.") from None
     if trace is not None:
         trace.save(os.path.join(args.trace, f"rank{rank}.npz"))
-    allreduce_s = mpi.max_over_ranks(comm, comm.seconds)
+    allreduce_s, allreduce_bytes = mpi.max_over_ranks(comm, comm.seconds), comm.sent - sent_before
     if rank != 0:
         return 0
     t = results[0].timing
     timing = {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s,
               "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
-              "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
+              "allreduce_seconds": allreduce_s, "allreduce_bytes": allreduce_bytes, "load_seconds": load_seconds}
     _print_results(args, printer, results, texts, tokenizer, {"model": args.model, "model_type": cfg.model_type,
-                                                              "ranks": size, "dtype": args.dtype}, timing)
+                                                              "ranks": size, "dtype": args.dtype,
+                                                              "comm_dtype": args.comm_dtype or args.dtype}, timing)
     rate = lambda x: f"{x:.1f} tok/s" if x is not None else "n/a"  # noqa: E731
     _say(args, rank, f"prefill: {len(results)} prompt(s), {t.prefill_tokens} tokens, {t.prefill_seconds * 1e3:.1f}"
                      f" ms ({rate(t.prefill_tokens_per_s)}); decode: {t.decode_tokens} tokens after each prompt's "

@@ -21,6 +21,7 @@ from ..model import DTYPES, FINGERPRINTED, Model
 from ..resources import check_fits, set_blas_threads
 from ..scoring import chunk_tokens, first_scored, mean_and_stderr, score_chunks
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
+from ..wire import FORMATS
 
 DEFAULT_CTX = 512  # llama.cpp's published perplexities use -c 512: figures at the same ctx compare with theirs
 BATCH_TOKENS = 512  # the default --batch puts about this many tokens in a forward
@@ -41,6 +42,9 @@ def build_parser():
                    help=f"chunks per forward (default: {BATCH_TOKENS} // ctx, at least 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
+    p.add_argument("--comm-dtype", choices=sorted(FORMATS), default=None,
+                   help="what the block's partial sums cross the wire as, summed in --dtype "
+                        "(docs/sync-precision.md); default: --dtype, the plain Allreduce")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="write the log-probabilities of every scored position to FILE, for --kl-divergence")
@@ -74,7 +78,7 @@ def _prepare(args, comm, node_ranks):
     """Everything that bad input can fail, with no communication: load, tokenize, chunk, allocate the KV
     cache, read the base's header."""
     _check_options(args)
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks)
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, comm_dtype=args.comm_dtype)
     cfg, shard = model.config, model.shard
     if not os.path.exists(os.path.join(args.model, TOKENIZER_FILE)):
         raise RequestError(f"{args.model}: there is no {TOKENIZER_FILE}; scoring a text needs the model's tokenizer.")
@@ -107,7 +111,8 @@ def _prepare(args, comm, node_ranks):
 
 def _agreement(args, model, chunks, n_batch):
     return [(FINGERPRINTED, model.fingerprint), ("chunks' token ids (digest)", tokens_digest(chunks)),
-            ("--batch", n_batch), ("--dtype", args.dtype), ("--kl-divergence", args.kl_divergence),
+            ("--batch", n_batch), ("--dtype", args.dtype), ("--comm-dtype", args.comm_dtype),
+            ("--kl-divergence", args.kl_divergence),
             ("--kl-divergence-base", args.kl_divergence_base)]
 
 
@@ -159,7 +164,8 @@ def _score(args, model, chunks, cache, base, writer, rank):
 def _report(args, size, n_tokens, info, n_batch, scores, seconds):
     nll_mean, nll_stderr = mean_and_stderr(scores["nll"])
     ppl = float(np.exp(nll_mean))
-    out = {"model": args.model, "file": args.file, "ranks": size, "dtype": args.dtype, "ctx": info.ctx,
+    out = {"model": args.model, "file": args.file, "ranks": size, "dtype": args.dtype,
+           "comm_dtype": args.comm_dtype or args.dtype, "ctx": info.ctx,
            "batch": n_batch, "n_tokens": n_tokens, "n_chunks": info.n_chunks, "n_scored": int(scores["nll"].size),
            "ppl": ppl, "ppl_stderr": None if nll_stderr is None else ppl * nll_stderr, "nll_mean": nll_mean,
            "nll_stderr": nll_stderr, "seconds": seconds, "tokens_per_s": info.n_chunks * info.ctx / seconds}
