@@ -53,9 +53,10 @@ def _q8_blocks(x):
 
 
 def _q8_quantize(blocks, amax):
+    """The scale ``d = amax / 127`` of each block (float64, before it is stored as float16) and its int8 values."""
     d = amax / 127
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
-    return d, _round_away(blocks * inv[:, None]).astype(np.int8)
+    v = np.divide(blocks, d[:, None], out=np.zeros_like(blocks), where=d[:, None] != 0)
+    return d, _round_away(v).astype(np.int8)
 
 
 def encode_q8_0(x):
