@@ -74,7 +74,8 @@ def format_report(rec):
     memory."""
     out = [format_breakdown("decode, per token", rec["decode_breakdown"]),
            format_breakdown("prefill, per prompt", rec["prefill_breakdown"]), format_weights(rec["weights"]),
-           format_lm_head(rec["lm_head"]), format_allreduce(rec["allreduce"], rec.get("comm_dtype")), format_overhead(rec["decode_overhead"]),
+           format_lm_head(rec["lm_head"]), format_allreduce(rec["allreduce"], rec.get("comm_dtype")),
+           format_overhead(rec["decode_overhead"]),
            format_products(rec["decode_products"]), format_roofline(rec["roofline"])]
     if rec.get("projection"):
         out.append(format_projection(rec["projection"]))
