@@ -17,9 +17,12 @@ FORMATS = ["float32", "float16", "bfloat16", "q8_0", "q8_0o"]
 
 
 def perplexity(np_, args, extra, timeout):
+    """The run's JSON object, or the error line of a run that mpitp refused (e.g. logits that are not finite)."""
     cmd = ["mpirun", "-n", str(np_), sys.executable, "-m", "mpitp.perplexity", "--model", args.model, "--ctx",
            str(args.ctx), "--chunks", str(args.chunks), "--json", "--quiet"] + extra
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode == 2 and "mpitp: error:" in out.stderr:
+        return out.stderr.strip().splitlines()[-1]
     if out.returncode != 0:
         sys.exit(f"sync_drift: {' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-400:]}")
     return json.loads(out.stdout)
@@ -43,12 +46,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.text:
             base = os.path.join(tmp, "base.kld")
-            perplexity(1, args, ["--file", text, "--dtype", "float64", "--kl-divergence-base", base], args.timeout)
+            r = perplexity(1, args, ["--file", text, "--dtype", "float64", "--kl-divergence-base", base], args.timeout)
+            if isinstance(r, str):
+                sys.exit(f"sync_drift: the base run failed: {r}")
             for np_ in [int(r) for r in args.ranks.split(",")]:
                 for fmt in args.comm_dtypes.split(","):
                     r = perplexity(np_, args, ["--file", text, "--dtype", args.dtype, "--comm-dtype", fmt,
                                                "--kl-divergence", base], args.timeout)
                     runs.append(r)
+                    if isinstance(r, str):
+                        print(f"| {os.path.basename(text)} | {np_} | {fmt} | {r} | | | |", flush=True)
+                        continue
                     k = r["kld"]
                     print(f"| {os.path.basename(text)} | {np_} | {fmt} | {k['mean']:.3g} | {100 * k['same_top']:.2f}% "
                           f"| {r['ppl']:.4f} | {k['base_ppl']:.4f} |", flush=True)

@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import HelpFormatter, RankParser, add_run_options, check_writable, prepare_and_agree, run_command, say
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_run_options, check_writable, prepare_and_agree,
+                     run_command, say)
 from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -25,7 +26,6 @@ from ..resources import check_fits, set_blas_threads
 from ..tokenizer import Tokenizer
 from ..trace import Trace
 from ..weights import n_params
-from ..wire import FORMATS
 
 # The bundled model: a tiny GPT-2 trained to sort digits (scripts/train_default_model.py), so that a first
 # run shows answers anyone can check. Without --prompt it answers these.
@@ -65,9 +65,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (rank 0 samples, all ranks follow)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
-    p.add_argument("--comm-dtype", choices=sorted(FORMATS), default=None,
-                   help="what the block's partial sums cross the wire as, summed in --dtype "
-                        "(docs/sync-precision.md); default: --dtype, the plain Allreduce")
+    add_comm_dtype(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .runner import (HelpFormatter, RankParser, add_run_options, check_writable, failed_vote, prepare_and_agree,
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_run_options, check_writable, failed_vote, prepare_and_agree,
                      run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
 from ..kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
@@ -21,7 +21,6 @@ from ..model import DTYPES, FINGERPRINTED, Model
 from ..resources import check_fits, set_blas_threads
 from ..scoring import chunk_tokens, first_scored, mean_and_stderr, score_chunks
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
-from ..wire import FORMATS
 
 DEFAULT_CTX = 512  # llama.cpp's published perplexities use -c 512: figures at the same ctx compare with theirs
 BATCH_TOKENS = 512  # the default --batch puts about this many tokens in a forward
@@ -42,9 +41,7 @@ def build_parser():
                    help=f"chunks per forward (default: {BATCH_TOKENS} // ctx, at least 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
-    p.add_argument("--comm-dtype", choices=sorted(FORMATS), default=None,
-                   help="what the block's partial sums cross the wire as, summed in --dtype "
-                        "(docs/sync-precision.md); default: --dtype, the plain Allreduce")
+    add_comm_dtype(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="write the log-probabilities of every scored position to FILE, for --kl-divergence")
