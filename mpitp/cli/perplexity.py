@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_run_options, check_writable, failed_vote, prepare_and_agree,
-                     run_command, say)
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_run_options, check_writable, failed_vote,
+                     prepare_and_agree, run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
 from ..kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
