@@ -5,12 +5,13 @@ command line's refusals."""
 import json
 import math
 import struct
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import model_dir, run_cli, serial_only
+from conftest import REPO, child_env, model_dir, mpirun, run_cli, serial_only
 from faults_util import one_error_line
 from test_faults_ranks import PROMPT, mpmd
 from threadcomm import run_ranks
@@ -240,6 +241,21 @@ def test_generate_json_counts_the_bytes_it_sent():
     assert out["q8_0o"]["comm_dtype"] == "q8_0o" and out["float32"]["comm_dtype"] == "float32"
     b32, b8 = out["float32"]["timing"]["allreduce_bytes"], out["q8_0o"]["timing"]["allreduce_bytes"]
     assert 0 < b8 < 0.5 * b32
+
+
+def test_perplexity_on_the_wire(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    out = {}
+    for fmt in ("float32", "q8_0o"):
+        r = subprocess.run(mpirun(2) + [sys.executable, "-m", "mpitp.perplexity", "--model", model_dir("llama-gqa"),
+                                        "--file", str(text), "--ctx", "16", "--json", "--comm-dtype", fmt],
+                           capture_output=True, text=True, timeout=120, env=child_env(), cwd=str(REPO))
+        assert r.returncode == 0, r.stderr
+        out[fmt] = json.loads(r.stdout)
+    assert out["q8_0o"]["comm_dtype"] == "q8_0o" and out["float32"]["comm_dtype"] == "float32"
+    assert out["q8_0o"]["ppl"] != out["float32"]["ppl"]
+    assert out["q8_0o"]["ppl"] == pytest.approx(out["float32"]["ppl"], rel=0.05)
 
 
 if __name__ == "__main__":
