@@ -17,6 +17,7 @@ from test_faults_ranks import PROMPT, mpmd
 from threadcomm import run_ranks
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm, sent_bytes, wire_allreduce
+from mpitp.errors import MpitpError
 from mpitp.model import Model
 from mpitp.wire import FORMATS
 
@@ -230,6 +231,11 @@ def test_ranks_given_different_comm_dtypes_refuse_together(module, tmp_path):
     r = mpmd(a + ["--comm-dtype", "q8_0"], a + ["--comm-dtype", "bfloat16"], module)
     one_error_line(r, "rank 1 differs from rank 0 in its --comm-dtype: bfloat16 against q8_0")
     assert r.stdout == ""
+
+
+def test_an_unknown_wire_format_is_refused_before_loading(tmp_path):
+    with pytest.raises(MpitpError, match=r"--comm-dtype 'int4' is not a wire format; use one of: .*q8_0o"):
+        Model.load(str(tmp_path / "no-such-model"), mpi.serial(), comm_dtype="int4")  # before the folder is read
 
 
 def test_generate_json_counts_the_bytes_it_sent():
