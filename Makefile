@@ -26,7 +26,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster bench-pp bench-pp-cluster clean
+.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster bench-pp bench-pp-cluster sync-drift bench-sync clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -105,6 +105,15 @@ perplexity: install $(if $(MODEL),,$(VENV)/.installed-gguf)
 	model=$(if $(MODEL),"$(MODEL)",$$($(REAL))) && $(BOUNDED) $(MPIRUN) $(MPIFLAGS) -n $(NP) \
 		python -m mpitp.perplexity --model "$$model" --file $(PPL_TEXT) $(ARGS)
 
+# The drift table of docs/sync-precision.md: each --comm-dtype at 2, 4 and 8 ranks against a 1-rank float64 KL base
+# (mean KLD, same top, perplexity), on the shipped essay and on mpitp/data/millrace.txt. Exact computations: any
+# machine, busy or not, gives the same table. MODEL defaults to SmolLM2-135M-Instruct (fetched as for perplexity).
+DRIFT_TEXTS ?= $(PPL_TEXT) mpitp/data/millrace.txt
+DRIFT_ARGS ?=
+sync-drift: install $(if $(MODEL),,$(VENV)/.installed-gguf)
+	model=$(if $(MODEL),"$(MODEL)",$$($(REAL))) && python scripts/sync_drift.py --model "$$model" \
+		$(foreach t,$(DRIFT_TEXTS),--text $(t)) $(DRIFT_ARGS)
+
 # The real-model check (CI runs it; it fails if a download fails): converts each GGUF file afresh into a
 # temporary folder and checks mpitp on it against transformers: SmolLM2-135M at 1, 2 and 4 ranks
 # (tests/data/smollm2-goldens.json), Gemma-3-270M (Q4_K_M: k-quants, sliding layers, 4 heads over 3 ranks) at 1
@@ -157,6 +166,18 @@ ci: test
 	$(MAKE) bench-tcp $(SMOKE)
 	$(MAKE) bench-scaling MAX_NP=2 $(SMOKE)
 	$(MAKE) bench-cluster $(SMOKE)
+
+# Decode and prefill with each --comm-dtype in SYNC_DTYPES across 2 emulated nodes at each rate in SYNC_RATES
+# (bench-cluster's, once per wire format), then one table per rate (docs/sync-precision.md). Root; a quiet machine.
+SYNC_DTYPES ?= float32 bfloat16 q8_0 q8_0o
+SYNC_RATES ?= 1gbit 100mbit 10mbit
+bench-sync: install
+	for rate in $(SYNC_RATES); do for wire in $(SYNC_DTYPES); do \
+		timeout $(TIMEOUT) scripts/cluster.sh run 2 1 $$rate -- \
+			python -m bench $(BENCH_MODEL) --threads 1 $(CLUSTER_ARGS) $(BENCH_ARGS) --comm-dtype $$wire \
+			--json-out $(BENCH_OUT)/sync-$(BENCH_NAME)-$$rate-$$wire.json || exit 1; done; done
+	for rate in $(SYNC_RATES); do python -m bench --cluster-table \
+		$(foreach w,$(SYNC_DTYPES),$(BENCH_OUT)/sync-$(BENCH_NAME)-$$rate-$(w).json) || exit 1; done
 
 # The plot extra (matplotlib) for the bench's PNG plots, once.
 $(VENV)/.plot: $(VENV)/.installed

@@ -25,6 +25,7 @@ from mpitp.sharding import shard_for
 from mpitp.stages import check_stage_count, stage_layers
 from mpitp.resources import set_blas_threads
 from mpitp.weights import shard_bytes
+from mpitp.wire import FORMATS
 
 from . import PROG, BenchParser
 from . import ceilings as ce
@@ -52,6 +53,8 @@ def build_parser():
                    help="random-weight model with these real shapes (ignored with --model)")
     p.add_argument("--model", metavar="DIR", help="benchmark a Hugging Face checkpoint folder instead")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    p.add_argument("--comm-dtype", choices=sorted(FORMATS), default=None,
+                   help="what the block's partial sums cross the wire as (docs/sync-precision.md); default: --dtype")
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens for the pp test")
     p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens for the tg test")
     p.add_argument("-r", "--repeats", type=int, default=5, help="timed repetitions of each test (after a warm-up)")
@@ -162,7 +165,7 @@ def _validate(args, comm, tc, node_ranks):
                          "follows the prefill's token).")
     model = None
     if args.model:
-        model = Model.load(args.model, tc, args.dtype, node_ranks=node_ranks)
+        model = Model.load(args.model, tc, args.dtype, node_ranks=node_ranks, comm_dtype=args.comm_dtype)
         config, shard, name = model.config, model.shard, os.path.basename(os.path.normpath(args.model))
     else:
         config, name = config_from_dict(PRESETS[args.preset], f"preset {args.preset}"), f"{args.preset} (random)"
@@ -300,7 +303,7 @@ def _prepare(args, comm, node_ranks):
     if warning and comm.Get_rank() == 0:
         say(f"{PROG}: {warning}")
     if model is None:
-        model = random_model(config, tc, DTYPES[args.dtype])
+        model = random_model(config, tc, DTYPES[args.dtype]).sync_in(args.comm_dtype)
     return model, name, threads
 
 
@@ -321,9 +324,17 @@ def _before_timed(args, comm, model, rss_start, rng, screen):
         (memory["peak_rss_bytes"] - rss_start) / (model.weight_bytes + kv_bytes) if rss_start else None)
     cfg = model.config
     # The link between the ranks: its sustained rate, and a decode token's collectives on it when idle.
-    link = ce.measure_link(comm, model.dtype, cfg.n_embd * np.dtype(model.dtype).itemsize, ce.allreduce_calls(cfg))
+    # (with --comm-dtype: an Allreduce of as many bytes as a block's encoded row: the same bytes on the wire)
+    link = ce.measure_link(comm, model.dtype, round(cfg.n_embd * wire_itemsize(args, model)), ce.allreduce_calls(cfg))
     return {"prefill_bd": prefill_bd, "memory": comm.allgather(memory), "weights": comm.allgather(model.weight_bytes),
-            "link": link, "fixed_s": measure_fixed_cost(cfg, comm, model.dtype, args.n_gen)}
+            "link": link, "fixed_s": measure_fixed_cost(cfg, comm, model.dtype, args.n_gen),
+            "wire_itemsize": wire_itemsize(args, model)}
+
+
+def wire_itemsize(args, model):
+    """Bytes per value of the block's reductions on the wire: the model's itemsize, or --comm-dtype's."""
+    fmt = FORMATS.get(args.comm_dtype or np.dtype(model.dtype).name)
+    return fmt.block_bytes / fmt.block if fmt else np.dtype(model.dtype).itemsize
 
 
 def _timed(args, comm, model, probe, rng, screen):

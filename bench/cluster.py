@@ -9,9 +9,10 @@ from .summary import checked, read_records
 def link_label(rec):
     """The link a record ran over: the rate scripts/cluster.sh set with tc (MPITP_CLUSTER_RATE), else its hosts."""
     env = rec["environment"]
+    wire = f", wire {rec['comm_dtype']}" if rec.get("comm_dtype", rec["dtype"]) != rec["dtype"] else ""
     if env.get("cluster_rate"):
-        return env["cluster_rate"]
-    return f"{len(env['hosts'])} host{'s' if len(env['hosts']) > 1 else ''}"
+        return env["cluster_rate"] + wire
+    return f"{len(env['hosts'])} host{'s' if len(env['hosts']) > 1 else ''}{wire}"
 
 
 def cluster_table(records):

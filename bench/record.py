@@ -25,7 +25,8 @@ def breakdown_entry(records, per):
 def projection(cfg, size, itemsize, link, decode_records, n_gen, tg):
     """The record's "projection": each timed repeat's decode time projected (``ceilings.project_decode``) from
     the compute of the instrumented run right before it and the link measured in this run, against its
-    measurement."""
+    measurement. ``itemsize``: bytes per value on the wire (with --comm-dtype, its encoding's, which the link
+    was measured with; the encoding's own time is not in the projection)."""
     calls = decode_records[0]["calls"] / n_gen
     choices = (decode_records[0]["collectives"] - decode_records[0]["calls"]) / (2 * n_gen)
     wire = ce.ring_wire_bytes(ce.allreduce_payload_bytes(cfg, 1, itemsize), size)
@@ -54,6 +55,7 @@ def projection(cfg, size, itemsize, link, decode_records, n_gen, tg):
 def run_record(args, comm, model, name, threads, m):
     """The JSON record of a pp/tg run from its measurements ``m`` (``_before_timed`` and ``_timed``)."""
     cfg, size, itemsize = model.config, comm.Get_size(), np.dtype(model.dtype).itemsize
+    comm_dtype = args.comm_dtype or np.dtype(model.dtype).name
     pp, tg, decode_bds = m["pp"], m["tg"], m["decode_bds"]
     decode_entry, prefill_entry = breakdown_entry(decode_bds, args.n_gen), breakdown_entry([m["prefill_bd"]], 1)
     breakdown = {k: decode_entry["per_rank_ms"][decode_entry["rank"]][k] for k in CATEGORIES}
@@ -62,7 +64,8 @@ def run_record(args, comm, model, name, threads, m):
     flops_per_token = ce.prefill_product_flops(model, args.n_prompt) / args.n_prompt
     predicted = ce.allreduce_payload_bytes(cfg, 1, itemsize)
     return {
-        "model": name, "params": n_params(cfg), "dtype": np.dtype(model.dtype).name, "ranks": size,
+        "model": name, "params": n_params(cfg), "dtype": np.dtype(model.dtype).name, "comm_dtype": comm_dtype,
+        "ranks": size,
         "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repeats": args.repeats,
         "tests": [dict(zip(("test", "tokens_per_s", "mean", "sd"), (f"pp{args.n_prompt}", pp, *mean_sd(pp)))),
                   dict(zip(("test", "tokens_per_s", "mean", "sd"), (f"tg{args.n_gen}", tg, *mean_sd(tg))))],
@@ -76,11 +79,12 @@ def run_record(args, comm, model, name, threads, m):
                       "measured_calls_per_token": decode_bds[0]["calls"] / args.n_gen,
                       "measured_bytes_per_token": decode_bds[0]["bytes"] / args.n_gen,
                       "predicted_bytes_per_token": predicted,
-                      "ring_wire_bytes_per_token": ce.ring_wire_bytes(predicted, size)},
+                      "ring_wire_bytes_per_token": ce.ring_wire_bytes(predicted, size),
+                      "sent_bytes_per_token": decode_bds[0]["sent"] / args.n_gen},
         **decode_costs(model, m, breakdown),
         "roofline": ce.roofline(tg, m["tg_bw"], ce.decode_read_bytes(model, n_kv=1 + args.n_gen // 2), pp,
                                 m["pp_bw"], args.n_prompt, flops_per_token, m["pp_gemm"], head_bytes),
-        "projection": projection(cfg, size, itemsize, m["link"], decode_bds, args.n_gen, tg),
+        "projection": projection(cfg, size, m["wire_itemsize"], m["link"], decode_bds, args.n_gen, tg),
         "memory_per_rank": m["memory"],
     }
 

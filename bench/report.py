@@ -74,7 +74,8 @@ def format_report(rec):
     memory."""
     out = [format_breakdown("decode, per token", rec["decode_breakdown"]),
            format_breakdown("prefill, per prompt", rec["prefill_breakdown"]), format_weights(rec["weights"]),
-           format_lm_head(rec["lm_head"]), format_allreduce(rec["allreduce"]), format_overhead(rec["decode_overhead"]),
+           format_lm_head(rec["lm_head"]), format_allreduce(rec["allreduce"], rec.get("comm_dtype")),
+           format_overhead(rec["decode_overhead"]),
            format_products(rec["decode_products"]), format_roofline(rec["roofline"])]
     if rec.get("projection"):
         out.append(format_projection(rec["projection"]))
@@ -90,12 +91,14 @@ def format_lm_head(hd):
             f"{hd['bytes_per_rank'] / 1e6:.3g} MB, {hd['ms_per_decode_token']:.3f} ms per decode token")
 
 
-def format_allreduce(ar):
+def format_allreduce(ar, comm_dtype=None):
     """The record's "allreduce" entry: calls and bytes per decode token, measured against predicted."""
     return (f"Allreduce per decode token: {ar['measured_calls_per_token']:g} calls measured, "
             f"{ar['calls_per_token']} predicted (2 x n_layer + 1); {ar['measured_bytes_per_token']:g} B payload "
             f"measured, {ar['predicted_bytes_per_token']} B predicted (calls x n_embd x itemsize); "
-            f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B")
+            f"ring wire bytes per rank {ar['ring_wire_bytes_per_token']:.0f} B"
+            + (f"; sent by this rank {ar['sent_bytes_per_token']:.0f} B (--comm-dtype {comm_dtype})"
+               if "sent_bytes_per_token" in ar else ""))
 
 
 def format_overhead(ov):

@@ -168,8 +168,9 @@ def decode_run(model, n_gen, on_token=None):
 
 def decode_breakdown(model, n_gen):
     """One decode run of ``n_gen`` tokens, instrumented (``Breakdown``): ``combine``'s record of the decode
-    forwards alone (the counters restart when the prompt's token arrives), plus this rank's Allreduce "calls"
-    and "bytes" and its "collectives" (every collective the instrument saw)."""
+    forwards alone (the counters restart when the prompt's token arrives), plus this rank's Allreduce "calls",
+    "bytes" (payload), "sent" (bytes on the wire, ``TimedComm``) and its "collectives" (every one the instrument
+    saw)."""
     with Breakdown(model) as b:
         first = []
 
@@ -179,9 +180,9 @@ def decode_breakdown(model, n_gen):
                 b.reset()
 
         own = decode_run(model, n_gen, on_token)
-        calls, nbytes, collectives = b.tc.calls, b.tc.bytes, len(b.wc.log)
+        calls, nbytes, sent, collectives = b.tc.calls, b.tc.bytes, b.tc.sent, len(b.wc.log)
         rec = combine(model.comm, own, *b.own(own))
-    return dict(rec, calls=calls, bytes=nbytes, collectives=collectives)
+    return dict(rec, calls=calls, bytes=nbytes, sent=sent, collectives=collectives)
 
 
 def prefill_breakdown(model, n_prompt):

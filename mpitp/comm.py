@@ -3,10 +3,13 @@
 Everything below the entry points takes the communicator as an explicit argument. The collectives here are
 buffer-based (upper-case mpi4py methods) on NumPy arrays; ``allreduce_sum`` is the tensor-parallel one, called
 twice per block. ``TimedComm`` wraps a communicator to time and count those calls from outside the math.
+``WireComm`` sends the block's partial sums in a smaller format (``mpitp.wire``, ``--comm-dtype``):
+``wire_allreduce`` is its reduction.
 """
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import time
@@ -14,6 +17,7 @@ import time
 import numpy as np
 
 from .errors import MpitpError
+from .wire import FORMATS
 
 
 class MPIUnavailable(MpitpError):
@@ -181,22 +185,125 @@ def ranks_on_node(comm):
     return comm.allgather(name).count(name)
 
 
+@functools.lru_cache(maxsize=64)  # a model asks for the same few, twice a block
+def segments(n_blocks, size):
+    """The blocks each rank owns in ``wire_allreduce``: ``((start, count), ...)`` per rank, as even as can be."""
+    return tuple((r * (n_blocks // size) + min(r, n_blocks % size), n_blocks // size + (r < n_blocks % size))
+                 for r in range(size))
+
+
+def sent_bytes(n_blocks, block_bytes, size, rank):
+    """Bytes ``rank`` sends in ``wire_allreduce`` of ``n_blocks`` blocks: the other ranks' segments (reduce-
+    scatter), then its own segment's sum to each of the others (all-gather): about 2 (P - 1) / P of the whole."""
+    counts = [c for _, c in segments(n_blocks, size)]
+    return block_bytes * (n_blocks - counts[rank] + (size - 1) * counts[rank])
+
+
+def wire_allreduce(comm, buf, fmt):
+    """Sum ``buf`` over the ranks in place, with the partial sums in the wire format ``fmt`` (``mpitp.wire``):
+    a reduce-scatter, then an all-gather, of encoded blocks. Each rank sends every other rank that rank's
+    segment of its partial sum, encoded; sums its own segment in ``buf``'s dtype, in rank order (its own part
+    as it is: it never crossed the wire); encodes the sum once and sends it to every other rank. Every rank,
+    this one too, then decodes the same bytes: the result is bit-identical on every rank. Returns the bytes
+    this rank sent (``sent_bytes``)."""
+    MPI, size, rank = _mpi(), comm.Get_size(), comm.Get_rank()
+    if not buf.flags.c_contiguous:  # the sum is written back through a flat view
+        raise ValueError("wire_allreduce needs a C-contiguous buffer")
+    flat = buf.reshape(-1)
+    n_blocks = -(-flat.size // fmt.block)
+    segs = segments(n_blocks, size)
+    lo, hi = segs[rank][0] * fmt.block, min(sum(segs[rank]) * fmt.block, flat.size)
+    encoded = fmt.encode(flat)
+    own_count = segs[rank][1]
+    send_counts = [0 if r == rank else c * fmt.block_bytes for r, (_, c) in enumerate(segs)]
+    recv_counts = [0 if r == rank else own_count * fmt.block_bytes for r in range(size)]
+    received = np.empty(sum(recv_counts), np.uint8)
+    comm.Alltoallv([encoded, send_counts, [s * fmt.block_bytes for s, _ in segs], MPI.BYTE],
+                   [received, recv_counts, _offsets(recv_counts), MPI.BYTE])
+    width = own_count * fmt.block  # the others' parts of this segment, one decode for all: [P - 1, hi - lo]
+    others = fmt.decode(received, (size - 1) * width, buf.dtype).reshape(size - 1, width)[:, :hi - lo]
+    total = None
+    for r in range(size):  # in rank order: the same sum whichever rank owns the segment
+        part = flat[lo:hi] if r == rank else others[r - (r > rank)]
+        total = part.copy() if total is None else total + part
+    counts = [c * fmt.block_bytes for _, c in segs]
+    gathered = np.empty(sum(counts), np.uint8)  # the segments in rank order: the whole buffer, encoded
+    comm.Allgatherv(fmt.encode(total), [gathered, counts, _offsets(counts), MPI.BYTE])
+    flat[:] = fmt.decode(gathered, flat.size, buf.dtype)
+    return sent_bytes(n_blocks, fmt.block_bytes, size, rank)
+
+
+def _offsets(counts):
+    return np.cumsum([0] + list(counts[:-1])).tolist()
+
+
+class WireComm:
+    """A communicator whose in-place Allreduce sums go through ``wire_allreduce`` in the wire format ``fmt``
+    while the model runs a block (``during``), and straight through otherwise: the embedding's and the
+    scoring's sums stay exact, and the block's two lines stay the seed's. Every other call passes through."""
+
+    def __init__(self, comm, fmt):
+        self.comm, self.fmt, self.in_block = comm, fmt, False
+
+    def during(self, block_fn):
+        """``block_fn`` with this communicator's wire format on while it runs."""
+        def block(*args, **kwargs):
+            self.in_block = True
+            try:
+                return block_fn(*args, **kwargs)
+            finally:
+                self.in_block = False
+        return block
+
+    def Allreduce(self, sendbuf, recvbuf, op=None):
+        MPI = _mpi()
+        if not (self.in_block and sendbuf is MPI.IN_PLACE and op in (None, MPI.SUM) and self.Get_size() > 1):
+            return self.comm.Allreduce(sendbuf, recvbuf, op=op if op is not None else MPI.SUM)
+        t = time.perf_counter()
+        sent = wire_allreduce(self.comm, recvbuf, self.fmt)
+        count = getattr(self.comm, "count_reduction", None)  # a TimedComm under this one: one Allreduce call
+        if count is not None:
+            count(time.perf_counter() - t, recvbuf.nbytes, sent)
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+
+def wire_comm(comm, comm_dtype, dtype):
+    """``comm`` with the block's reductions in ``comm_dtype`` (a name of ``mpitp.wire.FORMATS``), or ``comm``
+    itself where that is the model's ``dtype`` or None (the plain Allreduce, bit for bit)."""
+    if comm_dtype is None or comm_dtype == np.dtype(dtype).name:
+        return comm
+    if comm_dtype not in FORMATS:
+        raise MpitpError(f"--comm-dtype {comm_dtype!r} is not a wire format; use one of: {', '.join(FORMATS)}.")
+    return WireComm(comm, FORMATS[comm_dtype])
+
+
 class TimedComm:
-    """A communicator that times and counts its Allreduce calls (``seconds``, ``calls``, ``bytes``); every other
-    call passes straight through. Load a model with it: the model's code does not change."""
+    """A communicator that times and counts its Allreduce calls (``seconds``, ``calls``, ``bytes`` of payload,
+    ``sent``: bytes this rank sent); every other call passes straight through. Load a model with it: the model's
+    code does not change. A plain Allreduce's ``sent`` is what a bandwidth-optimal one sends (``sent_bytes`` in
+    its dtype: about 2 (P - 1) / P of the payload); a ``WireComm`` above it reports its own (``count_reduction``)."""
 
     def __init__(self, comm):
-        self.comm, self.seconds, self.calls, self.bytes = comm, 0.0, 0, 0
+        self.comm = comm
+        self.reset()
 
     def Allreduce(self, sendbuf, recvbuf, op=None):
         t = time.perf_counter()
         self.comm.Allreduce(sendbuf, recvbuf, op=op if op is not None else _mpi().SUM)
-        self.seconds += time.perf_counter() - t
+        self.count_reduction(time.perf_counter() - t, recvbuf.nbytes,
+                   sent_bytes(recvbuf.size, recvbuf.itemsize, self.comm.Get_size(), self.comm.Get_rank()))
+
+    def count_reduction(self, seconds, payload, sent):
+        """One reduction of ``payload`` bytes that took ``seconds`` and sent ``sent`` bytes from this rank."""
+        self.seconds += seconds
         self.calls += 1
-        self.bytes += recvbuf.nbytes
+        self.bytes += payload
+        self.sent += sent
 
     def reset(self):
-        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        self.seconds, self.calls, self.bytes, self.sent = 0.0, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.comm, name)

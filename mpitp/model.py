@@ -60,7 +60,8 @@ class Model:
         self.node_ranks, self.fingerprint = node_ranks, fingerprint  # see Model.load
 
     @classmethod
-    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1, pp=1, pp_layers=None, experts=None):
+    def load(cls, model_dir, comm, dtype="float32", arena=True, node_ranks=1, pp=1, pp_layers=None, experts=None,
+             comm_dtype=None):
         """This rank's shard of a Hugging Face model folder for the ranks of ``comm`` (``mpitp.comm.serial()``:
         this process alone), cast to ``dtype`` ("float32" or "float64"), in the layout of ``mpitp.arena`` or
         (``arena=False``) plain arrays. ``node_ranks`` load on this node at once (``mpitp.comm.ranks_on_node``): the
@@ -70,7 +71,9 @@ class Model:
         ``pp`` is the ``StageGroup`` that ``split_stages`` made already, and ``comm`` its stage's communicator), its
         layers ``pp_layers`` per stage or near-equal in bytes; ``model.comm`` is then this stage's ranks.
 
-        ``experts``: a mixture of experts' layout, "tensor" or "expert" (None: ``sharding.default_layout``)."""
+        ``experts``: a mixture of experts' layout, "tensor" or "expert" (None: ``sharding.default_layout``).
+
+        ``comm_dtype``: the wire format of the block's reductions (``Model.sync_in``)."""
         try:
             dtype = DTYPES[np.dtype(dtype).name]
         except (TypeError, KeyError):
@@ -78,6 +81,7 @@ class Model:
         group = pp if isinstance(pp, StageGroup) else None  # split by the caller: comm is then its stage's
         if group is None and (pp != 1 or pp_layers is not None):
             comm, group = split_stages(comm, pp)
+        mpi.wire_comm(comm, comm_dtype, dtype)  # an unknown format: refused before the checkpoint is read
         config = load_config(model_dir)
         if experts is not None and not config.n_expert:
             raise RequestError(f"--experts {experts}: {model_dir} is not a mixture of experts; leave the option out.")
@@ -90,7 +94,17 @@ class Model:
         weights = load_weights(ckpt, config, shard, dtype, arena, stage)
         model = cls(config, shard, *weights, comm, dtype, node_ranks, fingerprint)
         model.stage = stage
-        return model
+        return model.sync_in(comm_dtype)
+
+    def sync_in(self, comm_dtype):
+        """Send the partial sums of every block's two reductions in the wire format ``comm_dtype`` (a name of
+        ``mpitp.wire.FORMATS``; None or the model's dtype: the plain Allreduce, bit for bit), summed in the
+        model's dtype (``mpitp.comm.wire_allreduce``). The embedding's and the scoring's sums stay exact. Once,
+        when the model is built; returns the model."""
+        comm = mpi.wire_comm(self.comm, comm_dtype, self.dtype)
+        if comm is not self.comm:
+            self.comm, self.block_fn = comm, comm.during(self.block_fn)
+        return self
 
     def block(self, x, w, layer, cache, rope, mask):
         """One transformer block on this rank: the seed diagram, one line per arrow.

@@ -617,6 +617,26 @@ def test_bench_end_to_end_on_every_rank(tmp_path):
         assert rec["allreduce_latency_us"][0][0] == 4
 
 
+def test_bench_reports_the_bytes_each_comm_dtype_sends(tmp_path):
+    # The tiny preset (2 blocks of width 64) on every rank of this session; rank 0's record: per decode token, the
+    # embedding's float32 row and 4 block rows of 2 q8_0o blocks (37 bytes each), as wire_allreduce sends them.
+    world = MPI.COMM_WORLD
+    if world.size > TINY.n_head:
+        pytest.skip(f"the tiny preset has fewer heads than {world.size} ranks")
+    sent = {}
+    for fmt in ("float32", "q8_0o"):
+        out = str(tmp_path / f"{fmt}.json")
+        assert world.allreduce(main(TINY_ARGS + ["--comm-dtype", fmt, "--json-out", out]), op=MPI.MAX) == 0
+        if world.rank == 0:
+            with open(out) as f:
+                rec = json.load(f)
+            assert rec["comm_dtype"] == fmt and rec["allreduce"]["measured_calls_per_token"] == 5
+            sent[fmt] = rec["allreduce"]["sent_bytes_per_token"]
+    if world.rank == 0:
+        assert sent["float32"] == 5 * comm.sent_bytes(64, 4, world.size, 0)
+        assert sent["q8_0o"] == comm.sent_bytes(64, 4, world.size, 0) + 4 * comm.sent_bytes(2, 37, world.size, 0)
+
+
 def run_bench(args, n, timeout=300):
     return subprocess.run((mpirun(n) if n > 1 else []) + [sys.executable, "-m", "bench", *args], capture_output=True,
                           text=True, timeout=timeout, env=child_env(), cwd=str(REPO))

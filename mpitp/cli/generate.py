@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import (HelpFormatter, RankParser, ReaderGone, add_experts_option, add_run_options, check_writable,
-                     disagree, failed_vote, prepare_and_agree, removed_if_killed, run_command, say)
+from .runner import (HelpFormatter, RankParser, ReaderGone, add_comm_dtype, add_experts_option, add_run_options,
+                     check_writable, disagree, failed_vote, prepare_and_agree, removed_if_killed, run_command, say)
 from ..errors import FileError, MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -70,6 +70,7 @@ def build_parser():
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
     add_experts_option(p)
+    add_comm_dtype(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the model's end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (ids, text, ranks, dtype, timing) instead of text")
@@ -132,7 +133,8 @@ def _prepare(args, comm, node_ranks, stages=None):
             raise RequestError(f"a prompt is not valid UTF-8 (byte {ord(text[e.start]) & 0xFF:#04x} at character "
                                f"{e.start}); give text in UTF-8, or --prompt-ids.") from None
     model = Model.load(args.model, stages[0] if stages else comm, args.dtype, node_ranks=node_ranks,
-                       pp=stages[1] if stages else 1, pp_layers=args.pp_layers, experts=args.experts)
+                       pp=stages[1] if stages else 1, pp_layers=args.pp_layers, experts=args.experts,
+                       comm_dtype=args.comm_dtype)
     texts = args.prompt
     if not args.prompt_ids and not texts:
         if os.path.abspath(args.model) != DEFAULT_MODEL:
@@ -207,6 +209,7 @@ def _agreement(args, model, prompts, max_new):
     return [(FINGERPRINTED, model.fingerprint), ("prompt token ids (digest)", ids), ("--max-new-tokens", max_new),
             ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
             ("--seed", args.seed), ("--dtype", args.dtype), ("--experts", model.shard.experts),
+            ("--comm-dtype", args.comm_dtype),
             ("--ignore-eos", args.ignore_eos),
             ("--trace (given or not)", bool(args.trace))]
 
@@ -246,6 +249,8 @@ def _run(args, comm, node_ranks):
         return 2
     model, tokenizer, texts, prompts, max_new, sampler, cache = prepared
     load_seconds = time.perf_counter() - t_load
+    timed = stages[0] if stages else comm  # the model's communicator (its stage's, with --pp), timed
+    sent_before = timed.sent  # the votes' reductions are not the run's
     threads, warning = set_blas_threads(args.threads, node_ranks)
     if warning:
         _say(args, rank, warning)
@@ -272,17 +277,17 @@ def _run(args, comm, node_ranks):
         path = os.path.join(args.trace, f"rank{rank}.npz")
         with removed_if_killed(temporary_name(path)) as temporary:  # even if a signal ends the rank mid-write
             trace.save(path, temporary)
-    allreduce_s = mpi.max_over_ranks(comm, model.comm.seconds)
+    allreduce_s, allreduce_bytes = mpi.max_over_ranks(comm, timed.seconds), timed.sent - sent_before
     if rank != 0:
         return 0
     t = results[0].timing
     timing = {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s,
               "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
-              "allreduce_seconds": allreduce_s, "load_seconds": load_seconds}
+              "allreduce_seconds": allreduce_s, "allreduce_bytes": allreduce_bytes, "load_seconds": load_seconds}
     _print_results(args, printer, results, texts, tokenizer, {"model": args.model, "model_type": cfg.model_type,
                                                               "ranks": size, "dtype": args.dtype,
-                                                              "pp": model.stage.count if model.stage else 1},
-                   timing)
+                                                              "pp": model.stage.count if model.stage else 1,
+                                                              "comm_dtype": args.comm_dtype or args.dtype}, timing)
     _say_timing(args, results, allreduce_s, size)
     return 0
 

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .runner import (HelpFormatter, RankParser, add_experts_option, add_run_options, check_writable, failed_vote,
-                     prepare_and_agree, run_command, say)
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_run_options, check_writable,
+                     failed_vote, prepare_and_agree, run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
 from ..tools.kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -42,6 +42,7 @@ def build_parser():
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype; weights are cast to it at load (float64 is the reference mode)")
     add_experts_option(p)
+    add_comm_dtype(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None,
                    help="write the log-probabilities of every scored position to FILE, for --kl-divergence")
@@ -75,7 +76,8 @@ def _prepare(args, comm, node_ranks):
     """Everything that bad input can fail, with no communication: load, tokenize, chunk, allocate the KV
     cache, read the base's header."""
     _check_options(args)
-    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, experts=args.experts)
+    model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, experts=args.experts,
+                       comm_dtype=args.comm_dtype)
     cfg, shard = model.config, model.shard
     if not os.path.exists(os.path.join(args.model, TOKENIZER_FILE)):
         raise RequestError(f"{args.model}: there is no {TOKENIZER_FILE}; scoring a text needs the model's tokenizer.")
@@ -109,6 +111,7 @@ def _prepare(args, comm, node_ranks):
 def _agreement(args, model, chunks, n_batch):
     return [(FINGERPRINTED, model.fingerprint), ("chunks' token ids (digest)", tokens_digest(chunks)),
             ("--batch", n_batch), ("--dtype", args.dtype), ("--experts", model.shard.experts),
+            ("--comm-dtype", args.comm_dtype),
             ("--kl-divergence", args.kl_divergence),
             ("--kl-divergence-base", args.kl_divergence_base)]
 
@@ -161,7 +164,8 @@ def _score(args, model, chunks, cache, base, writer, rank):
 def _report(args, size, n_tokens, info, n_batch, scores, seconds):
     nll_mean, nll_stderr = mean_and_stderr(scores["nll"])
     ppl = float(np.exp(nll_mean))
-    out = {"model": args.model, "file": args.file, "ranks": size, "dtype": args.dtype, "ctx": info.ctx,
+    out = {"model": args.model, "file": args.file, "ranks": size, "dtype": args.dtype,
+           "comm_dtype": args.comm_dtype or args.dtype, "ctx": info.ctx,
            "batch": n_batch, "n_tokens": n_tokens, "n_chunks": info.n_chunks, "n_scored": int(scores["nll"].size),
            "ppl": ppl, "ppl_stderr": None if nll_stderr is None else ppl * nll_stderr, "nll_mean": nll_mean,
            "nll_stderr": nll_stderr, "seconds": seconds, "tokens_per_s": info.n_chunks * info.ctx / seconds}

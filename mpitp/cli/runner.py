@@ -23,6 +23,7 @@ import traceback
 from .. import comm as mpi
 from ..errors import MpitpError
 from ..sharding import EXPERT_LAYOUTS
+from ..wire import FORMATS
 
 
 def say(line):
@@ -57,6 +58,14 @@ def add_run_options(p):
                    "node's cores / its ranks, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS is set)")
     p.add_argument("--quiet", action="store_true", help="print nothing on stderr except errors")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
+    return p
+
+
+def add_comm_dtype(p):
+    """``--comm-dtype``: the wire format of the block's reductions (``Model.sync_in``). Returns ``p``."""
+    p.add_argument("--comm-dtype", choices=sorted(FORMATS), default=None,
+                   help="what the block's partial sums cross the wire as, summed in --dtype "
+                        "(docs/sync-precision.md); default: --dtype, the plain Allreduce")
     return p
 
 
