@@ -106,15 +106,6 @@ class ThreadComm:
         assert got.shape == buf.shape and got.dtype == buf.dtype, (got.shape, buf.shape, got.dtype, buf.dtype)
         buf[...] = got
 
-    def Alltoallv(self, sendspec, recvspec):
-        sendbuf, send_counts, send_offsets, _ = sendspec
-        recvbuf, recv_counts, recv_offsets, _ = recvspec
-        parts = self._exchange([np.array(sendbuf[o:o + c]) for c, o in zip(send_counts, send_offsets)])
-        for r, (count, offset) in enumerate(zip(recv_counts, recv_offsets)):
-            piece = parts[r][self.rank]  # what rank r sent to this one
-            assert piece.size == count
-            recvbuf[offset:offset + count] = piece
-
     def allgather(self, obj):
         return self._exchange(obj)
 
