@@ -17,7 +17,8 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.cli.runner import HelpFormatter, check_writable, disagree, failed_vote, replace_file, run_command, say
+from mpitp.cli.runner import (HelpFormatter, check_stdout, check_writable, disagree, failed_vote, out, replace_file,
+                              run_command, say)
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
@@ -131,14 +132,16 @@ def _run_stages(args, comm, node_ranks):
 
 def _tables(args):
     """``--summarize`` and ``--cluster-table``: no benchmark, on rank 0; the plots' files checked first."""
+    check_outputs((("--plot", args.plot), ("--batch-plot", args.batch_plot)))
     if args.cluster_table:
         return print_cluster_table(args.cluster_table)
-    check_outputs((("--plot", args.plot), ("--batch-plot", args.batch_plot)))
     return summarize(args.summarize, args.plot, args.batch_plot)
 
 
 def check_outputs(options):
-    """``check_writable`` for each ``(option, path)`` given."""
+    """On rank 0, before any work: stdout is open (the report goes there), and ``check_writable`` for each
+    ``(option, path)`` given."""
+    check_stdout()
     for option, path in options:
         if path is not None:
             check_writable(path, f"{option} {path}".strip())
@@ -241,7 +244,7 @@ class Screen:
     def show(self, *sections):
         text = "\n\n".join(s for s in sections if s)
         if self.rank == 0 and text:
-            print(self.blank + text, flush=True)
+            out(self.blank + text)
             self.blank = "\n"  # sections apart by one empty line
 
     def progress(self, line):

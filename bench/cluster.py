@@ -2,6 +2,8 @@
 ``make bench-cluster``), with each record's warnings.
 """
 
+from mpitp.cli.runner import out
+
 from .report import markdown
 from .summary import checked, read_records
 
@@ -37,7 +39,7 @@ def cluster_table(records):
 def print_cluster_table(paths):
     """``--cluster-table``: the table of several JSON records (one per link rate) and their warnings."""
     records = read_records(paths)
-    print(checked(paths, cluster_text, records))
+    out(checked(paths, cluster_text, records))
     return 0
 
 

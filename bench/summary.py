@@ -4,6 +4,7 @@ their plots; and reading the records, which ``--cluster-table`` shares.
 
 import json
 
+from mpitp.cli.runner import out
 from mpitp.errors import MpitpError, read_regular
 
 from .plots import SKIPPED, plot_scaling, save_batch_plot
@@ -99,7 +100,7 @@ def summarize(paths, plot=None, batch_plot=None):
     records = read_records(paths)
     text = checked(paths, summary_text, records)
     plots = checked(paths, lambda recs: plot_lines(recs, plot, batch_plot), records)
-    print("\n".join([text] + plots))
+    out("\n".join([text] + plots))
     return 0
 
 

@@ -57,5 +57,25 @@ def run_cli(args, n=1, timeout=120, inject=None, **env):
                           env=child_env(**env), cwd=str(REPO))
 
 
+def unwritable_stdout(cmd, timeout=300):
+    """``cmd`` (a serial command line) run three times where its result cannot be written: with stdout closed
+    (``>&-``), on /dev/full, and into a pipe whose reader is gone; the three ``CompletedProcess``es."""
+    opts = dict(stderr=subprocess.PIPE, text=True, timeout=timeout, env=child_env(), cwd=str(REPO))
+    closed = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *cmd], **opts)
+    with open("/dev/full", "w") as full:
+        on_full = subprocess.run(cmd, stdout=full, **opts)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte, as with `| head -c 0`
+    try:
+        gone = subprocess.run(cmd, stdout=write, **opts)
+    finally:
+        os.close(write)
+    return closed, on_full, gone
+
+
+CLOSED = "error: stdout is closed, so the result would be lost; send it to a file (> out.txt) instead.\n"
+FULL = "error: stdout: cannot write the result (No space left on device); it is lost.\n"
+
+
 serial_only = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1,
                                  reason="launches its own mpirun; runs in the serial pytest pass")

@@ -16,12 +16,14 @@ test's. Then, with ``MPITP_PYTEST_DONE`` set, rank 0 writes that file: the Makef
 what no hook can see (a rank ended by C code calling exit(0) or MPI_Abort with 0, which MPICH reports as 0).
 """
 
+import functools
 import hashlib
 import os
 import posix
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -30,11 +32,34 @@ from mpi4py import MPI
 
 __all__ = ["pytest_configure", "pytest_keyboard_interrupt", "pytest_runtest_logreport", "pytest_sessionfinish"]
 
+THREADS_S, DAEMONS_S = 60.0, 2.0  # how long the session's end waits for threads, then for daemon threads
 FINAL_S = float(os.environ.get("MPITP_PYTEST_FINAL_S", 300))  # how far apart the ranks may end (> any one test)
 SHOWN = 10  # tests named when the ranks' runs differ
 # this rank's progress: the test under way, each finished test's outcome in order, why the run stopped early
 _run = {"test": None, "outcomes": {}, "stopped": None, "ended": False}
 _exit, _world = os._exit, MPI.COMM_WORLD
+_raised = []  # "thread name: exception" of every thread that raised outside pytest's own per-test catch
+
+
+def _record_thread_exception(args, previous):
+    """threading.excepthook, chained before the previous one (pytest's, which fails a test that is under way):
+    a thread that raised at any time, after its test ended too, fails the run at its end."""
+    _raised.append(f"{args.thread.name if args.thread else 'a thread'}: {args.exc_type.__name__}: {args.exc_value}")
+    previous(args)
+
+
+def _late_threads():
+    """Wait for the threads still running (``THREADS_S`` at most, then ``DAEMONS_S`` for daemon threads); a line
+    naming those that raised after their test (or that never end), or None."""
+    for daemon, limit in ((False, THREADS_S), (True, DAEMONS_S)):
+        deadline = time.monotonic() + limit
+        for t in threading.enumerate():
+            if t is not threading.current_thread() and t.daemon == daemon:
+                t.join(max(0.0, deadline - time.monotonic()))
+    hung = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon
+            and t is not threading.current_thread()]
+    problems = [f"raised: {r}" for r in _raised] + [f"still running: {n}" for n in hung]
+    return "; ".join(problems) or None
 
 
 def _say(line):
@@ -66,6 +91,7 @@ class _GuardedWorld(MPI.Intracomm):
 def pytest_configure(config):
     # An exception left in a worker thread is a failure of the test that started it, not a warning.
     config.addinivalue_line("filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning")
+    threading.excepthook = functools.partial(_record_thread_exception, previous=threading.excepthook)
     # pytest-mpi prints a 17-line "MPI Information" section at the end of every run with --with-mpi, and has no
     # option against it: its flag for the section is off here; its markers and skips are unchanged.
     for plugin in config.pluginmanager.get_plugins():
@@ -155,8 +181,14 @@ def _agree(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    threads = _late_threads()
     if _world.Get_size() == 1:
+        if threads:
+            _say(f"a thread failed the run: {threads}")
+            session.exitstatus = 1
         return
+    if threads:
+        _abort(f"a thread failed the run: {threads}")
     if session.testsfailed:
         _abort(f"{session.testsfailed} test(s) failed")
     if _run["stopped"]:

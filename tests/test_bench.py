@@ -22,7 +22,7 @@ from mpi4py import MPI
 from bench import ceilings, cluster, environment, models, plots, report, summary, timing
 from bench.__main__ import batch_test, main, parse_batches
 from bench.record import table_rows
-from conftest import REPO, child_env, model_dir, mpirun, serial_only
+from conftest import CLOSED, FULL, REPO, child_env, model_dir, mpirun, serial_only, unwritable_stdout
 from mpitp.weights import n_params
 from mpitp import comm, load_model
 from mpitp.comm import TimedComm
@@ -833,3 +833,15 @@ def test_memory_script_errors_read_like_the_benchs(tmp_path):
         r = subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), *args], capture_output=True,
                            text=True, timeout=60, env=child_env(), cwd=str(REPO))
         assert r.returncode == 2 and r.stderr.count("bench: error:") == 1 and message in r.stderr
+
+
+@serial_only
+@pytest.mark.parametrize("table", ["--summarize", "--cluster-table"])
+def test_a_table_that_cannot_be_written_is_an_error(tmp_path, table):
+    # Before: with stdout closed (>&-) the table was lost and the status was 0; on /dev/full "unexpected error",
+    # status 1. A closed stdout is refused before any work.
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(fake_record(None, 80.0, 78.0, 1.5, [0.4, 0.1])))
+    closed, full, gone = unwritable_stdout([sys.executable, "-m", "bench", table, str(path)])
+    assert [(r.returncode, r.stderr) for r in (closed, full, gone)] == [(2, "bench: " + CLOSED), (2, "bench: " + FULL),
+                                                                       (141, "")]

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import child_env, golden, model_dir, run_cli, serial_only, REPO
+from conftest import CLOSED, FULL, child_env, golden, model_dir, run_cli, serial_only, unwritable_stdout, REPO
 from mpitp import Trace, compare, generate_batch, load_model
 from random_models import write_random_model
 from threadcomm import run_ranks
@@ -539,3 +539,12 @@ def test_the_writer_example_in_the_docs_makes_a_trace_compare_accepts(traces, tm
     code, out, err = run_compare(traces["gpt2-tiny", 3], tmp_path / "mine", "--rtol", "1e-11", "--atol", "1e-11")
     assert code == 0 and f"1 rank, float64, 3 steps, 2 layers, config.json {str(src['meta/config_sha256'])[:12]}" \
         in out, out + err
+
+
+def test_a_report_that_cannot_be_written_is_an_error_never_a_divergence(traces):
+    # Before: on /dev/full, traces that agree exited 1 (a divergence's status) with "unexpected error: OSError";
+    # with stdout closed (>&-), 0 with the report lost. A closed stdout is refused before any work.
+    cmd = [sys.executable, "-m", "mpitp.compare", str(traces["gpt2-tiny", 1]), str(traces["gpt2-tiny", 2])]
+    closed, full, gone = unwritable_stdout(cmd)
+    assert [(r.returncode, r.stderr) for r in (closed, full, gone)] == [(2, "mpitp.compare: " + CLOSED),
+                                                                       (2, "mpitp.compare: " + FULL), (141, "")]

@@ -102,6 +102,23 @@ SUITES = {
         def test_xfailed_everywhere():
             assert False
     ''',
+    # A thread that raises after its test has ended, on rank 1: once passed, since pytest's catch is per test.
+    "thread_after_the_test": '''
+        def test_starts_a_thread():
+            def late():
+                threading.Event().wait(1)  # after the test's end: the session's end joins it
+                if MPI.COMM_WORLD.rank == 1:
+                    raise RuntimeError("late thread failure")
+            threading.Thread(target=late, name="late").start()
+    ''',
+    "daemon_after_the_test": '''
+        def test_starts_a_daemon_thread():
+            def late():
+                threading.Event().wait(0.3)  # within the session end's wait for daemon threads
+                if MPI.COMM_WORLD.rank == 1:
+                    raise RuntimeError("late daemon failure")
+            threading.Thread(target=late, name="late-daemon", daemon=True).start()
+    ''',
 }
 
 
@@ -135,6 +152,10 @@ def run_suite(tmp_path, name, n=2):
                        "  test_suite.py::test_a: rank 0 passed, rank 1 skipped\n"),
     ("xfail_on_rank_1", "  test_suite.py::test_a: rank 0 passed, rank 1 xfailed\n"),
     ("thread_raises_on_rank_1", "[rank 1] FAILED test_suite.py::test_worker (call)"),
+    ("thread_after_the_test", "[rank 1] a thread failed the run: raised: late: RuntimeError: "
+                              "late thread failure: aborting the MPI job."),
+    ("daemon_after_the_test", "[rank 1] a thread failed the run: raised: late-daemon: "
+                              "RuntimeError: late daemon failure: aborting the MPI job."),
 ])
 def test_a_run_that_differs_on_one_rank_fails_by_hand(tmp_path, name, said):
     r, took, done = run_suite(tmp_path, name)

@@ -7,16 +7,19 @@ the command-line tests launch their own mpirun and run in the serial pass.
 """
 
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from conftest import child_env, model_dir, mpirun, serial_only, REPO
+from conftest import CLOSED, FULL, child_env, model_dir, mpirun, serial_only, unwritable_stdout, REPO
 from dense_reference import dense_logits
 from random_models import write_random_model
 from mpitp import comm as mpi
@@ -213,3 +216,59 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, n, bos_model
             (needle, r.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.kld", "empty.txt", "m", "short.txt",
                                                           "truncated.kld"]
+
+
+STOP_IN_BASE = """
+import os, signal, sys
+from mpitp.cli import perplexity
+from mpitp.tools.kldbase import BaseWriter
+how, write = sys.argv.pop(1), BaseWriter.write
+
+def write_then_stop(self, chunks, log_probs):
+    write(self, chunks, log_probs)  # the partial file is there, a chunk in it
+    if how != "stall":  # the signal the launcher forwards, handled by the main thread
+        os.kill(os.getpid(), getattr(signal, how))
+    open(f"{self.partial}.ready-{os.getpid()}", "w").close()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # stalled where no handler runs,
+    os.read(os.pipe()[0], 1)  # as in a hung read: only the watchdog can end the rank
+
+BaseWriter.write = write_then_stop
+sys.exit(perplexity.main())
+"""
+
+
+@serial_only
+@pytest.mark.parametrize("how, code", [("SIGINT", 130), ("SIGTERM", 143), ("stall", 143)])
+def test_a_signal_while_the_base_is_written_leaves_no_partial_file(tmp_path, how, code):
+    # Before: SIGINT or SIGTERM to mpirun ended the job with 130 or 143 and left base.kld.partial (hundreds of MB
+    # for a real model). "stall": the main threads never run their handlers, SIGTERM to mpirun is the watchdog's.
+    base = tmp_path / "base.kld"
+    proc = subprocess.Popen([*mpirun(2), sys.executable, "-c", STOP_IN_BASE, how, "--model", model_dir("gpt2-tiny"),
+                             "--file", str(TEXT), "--ctx", "32", "--batch", "1", "--kl-divergence-base", str(base)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            cwd=str(REPO), start_new_session=True)
+    try:
+        if how == "stall":
+            for _ in range(1200):  # both ranks stalled after a write (at most 120 s on a busy machine)
+                if len(list(tmp_path.glob("*.ready-*"))) == 2 or proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code and stdout == "", (proc.returncode, stderr)
+    assert [p.name for p in tmp_path.iterdir() if ".ready-" not in p.name] == []
+
+
+@serial_only
+@pytest.mark.parametrize("args", [[], ["--json"]])
+def test_a_result_that_cannot_be_written_is_an_error(args):
+    # Before: with stdout closed (>&-) the result was lost and the status was 0; on /dev/full "unexpected error",
+    # status 1. A closed stdout is refused before any work.
+    cmd = [sys.executable, "-m", "mpitp.perplexity", "--model", model_dir("gpt2-tiny"), "--file", str(TEXT),
+           "--ctx", "32", "--chunks", "2", "--quiet", *args]
+    closed, full, gone = unwritable_stdout(cmd)
+    assert [(r.returncode, r.stderr) for r in (closed, full, gone)] == [(2, "mpitp: " + CLOSED), (2, "mpitp: " + FULL),
+                                                                       (141, "")]

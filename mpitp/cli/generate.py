@@ -6,8 +6,6 @@ Every rank parses its arguments, loads its shard and validates the request, then
 """
 
 import argparse
-import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -18,9 +16,10 @@ import time
 import numpy as np
 
 from .. import comm as mpi
-from .runner import (HelpFormatter, RankParser, ReaderGone, add_comm_dtype, add_experts_option, add_run_options,
-                     check_writable, disagree, failed_vote, prepare_and_agree, removed_if_killed, run_command, say)
-from ..errors import FileError, MpitpError, RequestError
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_run_options, check_stdout,
+                     check_writable, disagree, failed_vote, out, prepare_and_agree, removed_if_killed, run_command,
+                     say)
+from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
 from ..pipeline import generate_stages
@@ -122,8 +121,8 @@ def _prepare(args, comm, node_ranks, stages=None):
         raise RequestError("give the prompts either as text (--prompt) or as token ids (--prompt-ids), not both.")
     if args.trace == "":
         raise RequestError("--trace needs a folder name; leave the option out for no trace.")
-    if comm.Get_rank() == 0 and sys.stdout is None:  # `>&-`: print() would drop the result without a word
-        raise RequestError("stdout is closed, so the result would be lost; send it to a file (> out.txt) instead.")
+    if comm.Get_rank() == 0:
+        check_stdout()
     for text in args.prompt or ():
         if not text:
             raise RequestError("a prompt is empty; give some text to continue.")
@@ -186,20 +185,6 @@ class _Printer:
     def finish(self, text):
         # whatever the stream held back, then the end of the line (never expected: the whole text again)
         out(text[len(self.printed):] if text.startswith(self.printed) else "\n" + text)
-
-
-def out(text, end="\n"):
-    """Rank 0's result on stdout, flushed. A result that cannot be written is an error, never a silent 0: one
-    line and status 2 (a full disk, an I/O error), or quietly 141 when the reader closed the pipe (``| head``)."""
-    try:
-        sys.stdout.write(text + end)
-        sys.stdout.flush()
-    except OSError as e:
-        with contextlib.suppress(OSError):  # what is still buffered goes to /dev/null: Python's own flush at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # would fail again
-        if e.errno == errno.EPIPE:
-            raise ReaderGone("") from None
-        raise FileError("stdout", f"cannot write the result ({e.strerror or e}); it is lost.") from None
 
 
 def _agreement(args, model, prompts, max_new):

@@ -6,6 +6,7 @@ row of logits. ``--kl-divergence-base`` writes every scored position's log-proba
 compares this run with them. Running figures go to stderr; the result to stdout (text, or one JSON object).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -13,8 +14,8 @@ import time
 
 import numpy as np
 
-from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_run_options, check_writable,
-                     failed_vote, prepare_and_agree, run_command, say)
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_run_options, check_stdout,
+                     check_writable, failed_vote, out, prepare_and_agree, removed_on_failure, run_command, say)
 from ..errors import MpitpError, RequestError, read_regular
 from ..tools.kldbase import BaseInfo, BaseReader, BaseWriter, read_info, tokens_digest
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -76,6 +77,8 @@ def _prepare(args, comm, node_ranks):
     """Everything that bad input can fail, with no communication: load, tokenize, chunk, allocate the KV
     cache, read the base's header."""
     _check_options(args)
+    if comm.Get_rank() == 0:
+        check_stdout()
     model = Model.load(args.model, comm, args.dtype, node_ranks=node_ranks, experts=args.experts,
                        comm_dtype=args.comm_dtype)
     cfg, shard = model.config, model.shard
@@ -164,31 +167,55 @@ def _score(args, model, chunks, cache, base, writer, rank):
 def _report(args, size, n_tokens, info, n_batch, scores, seconds):
     nll_mean, nll_stderr = mean_and_stderr(scores["nll"])
     ppl = float(np.exp(nll_mean))
-    out = {"model": args.model, "file": args.file, "ranks": size, "dtype": args.dtype,
-           "comm_dtype": args.comm_dtype or args.dtype, "ctx": info.ctx,
-           "batch": n_batch, "n_tokens": n_tokens, "n_chunks": info.n_chunks, "n_scored": int(scores["nll"].size),
-           "ppl": ppl, "ppl_stderr": None if nll_stderr is None else ppl * nll_stderr, "nll_mean": nll_mean,
-           "nll_stderr": nll_stderr, "seconds": seconds, "tokens_per_s": info.n_chunks * info.ctx / seconds}
+    result = {"model": args.model, "file": args.file, "ranks": size, "dtype": args.dtype,
+              "comm_dtype": args.comm_dtype or args.dtype, "ctx": info.ctx,
+              "batch": n_batch, "n_tokens": n_tokens, "n_chunks": info.n_chunks, "n_scored": int(scores["nll"].size),
+              "ppl": ppl, "ppl_stderr": None if nll_stderr is None else ppl * nll_stderr, "nll_mean": nll_mean,
+              "nll_stderr": nll_stderr, "seconds": seconds, "tokens_per_s": info.n_chunks * info.ctx / seconds}
     if scores["kld"] is not None:
         kld_mean, kld_stderr = mean_and_stderr(scores["kld"])
         top, _ = mean_and_stderr(scores["same_top"])
         base_mean, base_stderr = mean_and_stderr(scores["base_nll"])
         base_ppl = float(np.exp(base_mean))
-        out["kld"] = {"mean": kld_mean, "stderr": kld_stderr, "max": float(scores["kld"].max()), "same_top": top,
+        result["kld"] = {"mean": kld_mean, "stderr": kld_stderr, "max": float(scores["kld"].max()), "same_top": top,
                       "base_ppl": base_ppl, "base_ppl_stderr": None if base_stderr is None else base_ppl * base_stderr,
                       "base_nll_mean": base_mean, "file": args.kl_divergence}
     if args.kl_divergence_base is not None:
-        out["kl_divergence_base"] = args.kl_divergence_base
+        result["kl_divergence_base"] = args.kl_divergence_base
     if args.json:
-        print(json.dumps(out), flush=True)
-        return
+        return out(json.dumps(result))
     pm = lambda x, spec: "n/a" if x is None else f"{x:{spec}}"  # noqa: E731
-    print(f"PPL = {ppl:.4f} +/- {pm(out['ppl_stderr'], '.5f')}", flush=True)
-    if "kld" in out:
-        k = out["kld"]
-        print(f"base PPL = {k['base_ppl']:.4f} +/- {pm(k['base_ppl_stderr'], '.5f')}\n"
+    out(f"PPL = {ppl:.4f} +/- {pm(result['ppl_stderr'], '.5f')}")
+    if "kld" in result:
+        k = result["kld"]
+        out(f"base PPL = {k['base_ppl']:.4f} +/- {pm(k['base_ppl_stderr'], '.5f')}\n"
               f"KLD = {k['mean']:.6g} +/- {pm(k['stderr'], '.3g')} (max {k['max']:.6g})\n"
-              f"same top = {100 * k['same_top']:.3f} %", flush=True)
+              f"same top = {100 * k['same_top']:.3f} %")
+
+
+def _score_into_base(args, comm, model, chunks, cache, base, info):
+    """The scores and the seconds they took, every scored position written to the base file with
+    ``--kl-divergence-base`` (renamed to its name once whole); None once told of an error (status 2)."""
+    rank = comm.Get_rank()
+    writer = _open_writer(args, comm, info, model.shard.vocab_cols) if args.kl_divergence_base else None
+    if args.kl_divergence_base and writer is None:
+        return None
+    t = time.perf_counter()
+    try:
+        scores = _score(args, model, chunks, cache, base, writer, rank)
+    except RequestError as e:  # found alike on every rank (the scores are)
+        if rank == 0:
+            say(f"mpitp: error: {e}")
+            if writer is not None:
+                BaseWriter.discard(args.kl_divergence_base)
+        return None
+    seconds = time.perf_counter() - t
+    if writer is not None:
+        writer.close()
+        comm.Barrier()  # every rank's columns are on disk before the file takes its name
+        if rank == 0:
+            writer.finish()
+    return scores, seconds
 
 
 def _run(args, comm, node_ranks):
@@ -206,26 +233,15 @@ def _run(args, comm, node_ranks):
         say(f"mpitp: loaded {args.model} on {size} rank{'s' if size > 1 else ''}"
             f" in {time.perf_counter() - t_load:.2f} s; dtype {args.dtype}; {n_tokens} tokens, {info.n_chunks} "
             f"chunks of {info.ctx}, {n_batch} per forward; BLAS threads per rank: {threads or 'unknown'}")
-    writer = _open_writer(args, comm, info, model.shard.vocab_cols) if args.kl_divergence_base else None
-    if args.kl_divergence_base and writer is None:
+    # The base's .partial file (hundreds of MB) goes whoever ends the rank: an error or a signal here (every rank
+    # removes it: the folder is one that every rank sees), or the watchdog when the main thread cannot act.
+    partial = args.kl_divergence_base + ".partial" if args.kl_divergence_base else None
+    with removed_on_failure(partial) if partial else contextlib.nullcontext():
+        scored = _score_into_base(args, comm, model, chunks, cache, base, info)
+    if scored is None:
         return 2
-    t = time.perf_counter()
-    try:
-        scores = _score(args, model, chunks, cache, base, writer, rank)
-    except RequestError as e:  # found alike on every rank (the scores are)
-        if rank == 0:
-            say(f"mpitp: error: {e}")
-            if writer is not None:
-                BaseWriter.discard(args.kl_divergence_base)
-        return 2
-    seconds = time.perf_counter() - t
-    if writer is not None:
-        writer.close()
-        comm.Barrier()  # every rank's columns are on disk before the file takes its name
-        if rank == 0:
-            writer.finish()
     if rank == 0:
-        _report(args, size, n_tokens, info, n_batch, scores, seconds)
+        _report(args, size, n_tokens, info, n_batch, *scored)
     return 0
 
 

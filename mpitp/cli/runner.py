@@ -9,6 +9,7 @@ have a watchdog: a serial tool has no collective to hang in and no launcher to r
 
 import argparse
 import contextlib
+import errno
 import os
 import select
 import shutil
@@ -21,7 +22,7 @@ import time
 import traceback
 
 from .. import comm as mpi
-from ..errors import MpitpError
+from ..errors import FileError, MpitpError, RequestError
 from ..sharding import EXPERT_LAYOUTS
 from ..wire import FORMATS
 
@@ -189,6 +190,27 @@ class Ending:
             raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
+def check_stdout():
+    """Raise ``RequestError`` if stdout is closed (``>&-``), where print() would drop the result without a word:
+    checked before any work, on the process that prints the result."""
+    if sys.stdout is None:
+        raise RequestError("stdout is closed, so the result would be lost; send it to a file (> out.txt) instead.")
+
+
+def out(text, end="\n"):
+    """The result on stdout, flushed. A result that cannot be written is an error, never a silent 0: one line and
+    status 2 (a full disk, an I/O error), or quietly 141 when the reader closed the pipe (``| head``)."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):  # what is still buffered goes to /dev/null: Python's own flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # would fail again
+        if e.errno == errno.EPIPE:
+            raise ReaderGone("") from None
+        raise FileError("stdout", f"cannot write the result ({e.strerror or e}); it is lost.") from None
+
+
 LEFT = set()  # files and folders to remove if the watchdog ends the process: see ``removed_if_killed``
 
 
@@ -201,6 +223,18 @@ def removed_if_killed(path):
         yield path
     finally:
         LEFT.discard(path)
+
+
+@contextlib.contextmanager
+def removed_on_failure(path):
+    """``removed_if_killed``, and the file ``path`` is also removed when the block raises (Ctrl-C, SIGTERM, an
+    error): a half-written output never outlives the run that failed to finish it."""
+    with removed_if_killed(path):
+        try:
+            yield path
+        except BaseException:
+            remove(path)
+            raise
 
 
 class Watchdog:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cli.runner import HelpFormatter, run_guarded
+from ..cli.runner import HelpFormatter, check_stdout, out, run_guarded
 from ..errors import MpitpError, open_regular
 
 PROG = "mpitp.compare"
@@ -564,7 +564,8 @@ def _cell(found):
     return text + ("*" if found.n_bad else "")
 
 
-def run(args, out=None):
+def run(args):
+    check_stdout()  # before the work: its report would be lost, and a lost report must not read as agreement
     ref, other = TraceDir(args.ref, "REF"), TraceDir(args.other, "OTHER")
     try:
         steps, names = _check_pair(ref, other, args)
@@ -600,7 +601,7 @@ def run(args, out=None):
             lines.append(f"within tolerance: all {len(results)} tensors of {steps} step(s); the largest difference "
                          f"is {found.max_abs:.3g} ({key_name(s, l, n)}); the closest to the tolerance is "
                          f"{key_name(s2, l2, n2)}, at {closest.max_ratio:.2g} of it")
-        print("\n".join(lines), file=out or sys.stdout, flush=True)
+        out("\n".join(lines))  # an unwritable report is status 2, never 1 (a divergence) or 0
         return 1 if failed or fed else 0
     finally:
         ref.close()
