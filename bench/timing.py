@@ -1,6 +1,6 @@
 """Timing the model itself: prefill and decode runs between barriers, and where a token's time goes.
 
-The breakdown is measured from outside the model: whole calls of ``Model.block`` and ``Model.lm_head`` are
+The breakdown is measured from outside the model: whole calls of the block function (``Model.block_fn``) and ``Model.lm_head`` are
 timed by wrapping the instance's bound methods, and the collectives by a ``WaitComm`` put around the
 communicator for the instrumented runs only, which separates the wait for the slowest rank from the
 collective itself.
@@ -79,7 +79,7 @@ class WaitComm:
 
 class Breakdown:
     """While active (``with``), the model runs on a ``WaitComm`` around its communicator (a ``TimedComm``,
-    which still counts the Allreduce calls and bytes), and every call of ``model.block`` and ``model.lm_head``
+    which still counts the Allreduce calls and bytes), and every call of ``model.block_fn`` and ``model.lm_head``
     is timed. ``own(total)`` splits this rank's ``total`` seconds (from the last ``reset``) into "blocks" (the
     blocks' time less their collectives), "lm_head", "allreduce", "gather_bcast", "barrier" (the Barriers'
     time: wait and the Barrier's own latency) and "other" (embedding, mask, choosing the token, the Python
@@ -96,8 +96,8 @@ class Breakdown:
         self.wc.reset()
 
     def __enter__(self):
-        self.saved = {k: vars(self.model)[k] for k in ("block", "lm_head") if k in vars(self.model)}
-        block, head = self.model.block, self.model.lm_head
+        self.saved = {k: vars(self.model)[k] for k in ("block_fn", "lm_head") if k in vars(self.model)}
+        block, head = self.model.block_fn, self.model.lm_head  # the block function the forward calls
 
         def timed_block(*args, **kwargs):
             t, comm_s = time.perf_counter(), self.wc.seconds
@@ -112,12 +112,13 @@ class Breakdown:
             self.head_s += time.perf_counter() - t
             return out
 
-        self.model.block, self.model.lm_head, self.model.comm = timed_block, timed_head, self.wc
+        self.model.block_fn, self.model.lm_head, self.model.comm = timed_block, timed_head, self.wc
         self.reset()
         return self
 
     def __exit__(self, *exc):
-        del self.model.block, self.model.lm_head  # the class's methods again, or what was there before
+        for k in ("block_fn", "lm_head"):  # the class's methods again, or what was there before
+            vars(self.model).pop(k, None)
         vars(self.model).update(self.saved)
         self.model.comm = self.tc
 
