@@ -548,3 +548,13 @@ def test_a_report_that_cannot_be_written_is_an_error_never_a_divergence(traces):
     closed, full, gone = unwritable_stdout(cmd)
     assert [(r.returncode, r.stderr) for r in (closed, full, gone)] == [(2, "mpitp.compare: " + CLOSED),
                                                                        (2, "mpitp.compare: " + FULL), (141, "")]
+
+
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_bad_input_is_status_2_even_when_stderr_cannot_be_written(tmp_path, stderr):
+    # Exit 1 means a divergence: a missing trace folder must be 2 even when its one line cannot be written.
+    redirect = "2>&-" if stderr == "closed" else "2>/dev/full"
+    r = subprocess.run(["sh", "-c", f'"$@" {redirect}', "sh", sys.executable, "-m", "mpitp.compare",
+                        str(tmp_path / "a"), str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60,
+                       env=child_env(), cwd=str(REPO))
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout)

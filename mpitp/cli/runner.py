@@ -29,9 +29,13 @@ from ..wire import FORMATS
 
 def say(line):
     """One line on stderr in a single write: the launcher merges every rank's stderr, and a line written in
-    pieces (print writes the text and the newline separately) can be cut by another rank's line."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    pieces (print writes the text and the newline separately) can be cut by another rank's line. A stderr that is
+    closed (``2>&-``) or full loses the line, never the exit status: the status says what happened."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):  # None, full, or closed: nothing more to write, nor at exit
+        sys.stderr = open(os.devnull, "w")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
