@@ -39,7 +39,7 @@ def case_unknown_model_type(tmp):
     path = base_model(tmp / "m")
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
-    return path, "model_type 'bert' is not supported; supported: gemma3_text, gpt2, llama, mistral, qwen2, qwen3"
+    return path, "model_type 'bert' is not supported; supported: gemma3_text, gpt2, gpt_neox, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"
 
 
 def case_tensor_missing(tmp):

@@ -90,7 +90,7 @@ def case_inf_in_float16_checkpoint(tmp):
 
 def case_model_type_list(tmp):
     return edit_config(base_model(tmp / "m"), model_type=["gpt2"]), \
-        "config.json: model_type ['gpt2'] is not supported; supported: gemma3_text, gpt2, llama, mistral, qwen2, qwen3", ARGS
+        "config.json: model_type ['gpt2'] is not supported; supported: gemma3_text, gpt2, gpt_neox, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe", ARGS
 
 
 def case_rope_scaling_string(tmp):
