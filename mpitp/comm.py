@@ -24,8 +24,13 @@ class MPIUnavailable(MpitpError):
     """mpi4py (or the MPI library under it) cannot be imported: one line naming what to install."""
 
 
+_MPI = []  # mpi4py's MPI module, once initialised: the hot path's collectives ask for it every call
+
+
 def _mpi():
     """mpi4py's MPI module, MPI initialised (at the first use, not at `import mpitp`)."""
+    if _MPI:
+        return _MPI[0]
     try:
         if "mpi4py.MPI" not in sys.modules:
             import mpi4py
@@ -36,6 +41,7 @@ def _mpi():
                              f"`make install` in the clone and its .venv; on a cluster, see docs/install.md.") from None
     if not MPI.Is_initialized():
         _init(MPI)
+    _MPI.append(MPI)
     return MPI
 
 
