@@ -293,3 +293,16 @@ def test_the_launcher_check_is_only_made_under_a_launcher(monkeypatch):
     watchdog = entry.Watchdog("test")
     watchdog.close()
     assert watchdog.parent == os.getppid()
+
+
+def test_a_hangup_ends_a_command_like_sigterm_with_129(tmp_path):
+    # A terminal or ssh session that hangs up sends SIGHUP: the command ends itself (its clean-ups run), one line,
+    # status 129 (128 + SIGHUP), never Python's default death without a word.
+    script = ("import sys, time\nfrom mpitp.cli.runner import run_guarded\n"
+              "sys.exit(run_guarded(None, lambda: (print('ready', flush=True), time.sleep(60)), False, 'tool'))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=child_env(), cwd=str(REPO))
+    assert proc.stdout.readline() == "ready\n"  # inside the guard: its handlers are in place, however busy
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (129, "tool: hung up\n")

@@ -161,7 +161,7 @@ def prepare_and_agree(comm, prepare, agreement, prog):
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived."""
+    """SIGTERM (or SIGHUP: a terminal or ssh session that hung up) arrived; ``args[0]`` is the signal."""
 
 
 class ReaderGone(MpitpError):
@@ -171,7 +171,7 @@ class ReaderGone(MpitpError):
     status = 141
 
 
-STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143), signal.SIGHUP: ("hung up", 129)}
 LAUNCHER_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")  # MPICH's Hydra (and Slurm's PMI), PMIx, Open MPI
 
 
@@ -191,7 +191,7 @@ class Ending:
     def __call__(self, signum, frame):
         if not self.begun:
             self.begun = True
-            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def check_stdout():
@@ -357,7 +357,8 @@ def _report(e, said_by, who, verbose):
         if str(e):
             say(f"{said_by}: error: {e}")
         return getattr(e, "status", 2)
-    stopped = {KeyboardInterrupt: STOPS[signal.SIGINT], Terminated: STOPS[signal.SIGTERM]}.get(type(e))
+    stopped = STOPS[signal.SIGINT] if isinstance(e, KeyboardInterrupt) else STOPS[e.args[0]] if isinstance(
+        e, Terminated) else None
     say(f"{who}: {stopped[0] if stopped else f'unexpected error: {type(e).__name__}: {e}'}")
     if verbose:
         traceback.print_exc()
