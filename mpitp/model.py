@@ -1,8 +1,11 @@
 """The model: one rank's shard of the weights and the forward pass of the seed diagram.
 
-``Model.block`` is the diagram, with its two Allreduce calls; ``embed``, ``lm_head`` and ``forward`` sit beside
-it. One rank runs this very same code on a 1-rank communicator (there is no separate serial model), and the
-vocabulary is always split over the ranks (on one rank, the split is the whole vocabulary).
+``Model.block`` is the diagram, with its two Allreduce calls. Beside it, each other data flow is a short function of
+its own: ``block_normed`` (QK-norm, and norms after each reduction: Qwen3, Gemma 3), ``block_parallel`` (one
+reduction for attention and MLP: GPT-NeoX) and ``block_moe`` (a mixture of experts, sharded or dispatched); then
+``embed``, ``lm_head`` and ``forward``. One rank runs this very same code on a 1-rank communicator (there is no
+separate serial model), and the vocabulary is always split over the ranks (on one rank, the split is the whole
+vocabulary).
 """
 
 import hashlib
