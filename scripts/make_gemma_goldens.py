@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import real_model
-from make_real_goldens import TEXTS, greedy, top_logits
+from make_real_goldens import TEXTS, as_it_runs
 
 PROMPTS = ["The water cycle works as follows:", "def fibonacci(n):", "Gravity is the force that"]
 N_NEW = 20
@@ -32,13 +32,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "mpitp.convert", "--quiet", gguf_path, tmp], check=True)
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float64, attn_implementation="eager").eval()
-        prompts = []
         with torch.no_grad():
-            for text in PROMPTS:
-                ids = tok(text)["input_ids"]
-                pr = {"text": text, "ids": ids, "greedy": greedy(model, ids, N_NEW)}
-                pr["top_ids"], pr["top_logits"] = top_logits(model, ids)
-                prompts.append(pr)
+            prompts = [as_it_runs(model, tok, text, N_NEW) for text in PROMPTS]
     texts = {k: {"text": t, "ids": tok(t)["input_ids"]} for k, t in TEXTS.items() if k != "special"}
     out = {"about": "Gemma-3-270M Q4_K_M: transformers 5 float64 (its norms run in float32), scripts/make_gemma_goldens.py",
            "bos_token_id": tok.bos_token_id, "n_new": N_NEW, "prompts": prompts, "texts": texts}

@@ -105,6 +105,14 @@ def greedy(model, ids, n_new):
     return out[0, len(ids):].tolist()
 
 
+def as_it_runs(model, tok, text, n_new):
+    """A prompt's goldens as transformers runs the model: its ids, greedy continuation and top logits."""
+    ids = tok(text)["input_ids"]
+    pr = {"text": text, "ids": ids, "greedy": greedy(model, ids, n_new)}
+    pr["top_ids"], pr["top_logits"] = top_logits(model, ids)
+    return pr
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", default=real_model.default_cache(), help="where the GGUF file is (or goes)")
@@ -117,9 +125,8 @@ def main(argv=None):
     prompts = []
     with torch.no_grad():
         for text in PROMPTS:
-            ids = tok(text)["input_ids"]
-            pr = {"text": text, "ids": ids, "greedy": greedy(model, ids, N_NEW)}
-            pr["top_ids"], pr["top_logits"] = top_logits(model, ids)
+            pr = as_it_runs(model, tok, text, N_NEW)
+            ids = pr["ids"]
             with exact_float64():
                 pr["greedy_x64"] = greedy(model, ids, N_NEW)
                 pr["top_ids_x64"], pr["top_logits_x64"] = top_logits(model, ids)
