@@ -87,11 +87,13 @@ def test_an_error_in_a_stage_aborts_every_stage(n, rank, phase):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_stage_that_dies_ends_every_stage(rank):
     # Killed (SIGKILL: nothing of mpitp can speak): MPICH's launcher ends the other stages, which wait in a Recv,
-    # and says so itself (on stdout, its block of lines, as for a tensor-parallel rank killed), with status 9.
+    # and says so itself, with its own status: on one node 9 and its block of lines on stdout (as for a
+    # tensor-parallel rank killed); across nodes (make test-cluster) its proxy's error lines and 255.
     t = time.monotonic()
     r = run_cli(FAULT + ["--pp", "2"], n=2, timeout=LIMIT + 5, inject=f"{rank}:die")
-    assert time.monotonic() - t < LIMIT and r.returncode == 9, r.stderr
-    assert "Killed (signal 9)" in r.stdout and "generated ids" not in r.stdout and "Traceback" not in r.stderr
+    assert time.monotonic() - t < LIMIT and r.returncode in (9, 255), r.stderr
+    said = "Killed (signal 9)" in r.stdout or "terminated badly" in r.stderr
+    assert said and "generated ids" not in r.stdout and "Traceback" not in r.stderr
 
 
 def test_sigterm_ends_a_pipeline_with_a_stalled_stage(tmp_path):
