@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from .errors import MpitpError
+from .sharding import block_range
 from .wire import FORMATS
 
 
@@ -194,8 +195,7 @@ def ranks_on_node(comm):
 @functools.lru_cache(maxsize=64)  # a model asks for the same few, twice a block
 def segments(n_blocks, size):
     """The blocks each rank owns in ``wire_allreduce``: ``((start, count), ...)`` per rank, as even as can be."""
-    return tuple((r * (n_blocks // size) + min(r, n_blocks % size), n_blocks // size + (r < n_blocks % size))
-                 for r in range(size))
+    return tuple(block_range(n_blocks, size, r) for r in range(size))
 
 
 def sent_bytes(n_blocks, block_bytes, size, rank):
