@@ -106,11 +106,12 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
     # there (mpi4py calls MPI_Init holding the GIL, so no Python thread could act, and the watchdog was not yet
     # started): `timeout 20` of a job hung in MPI_Init left it running for 10 minutes.
     proc, marker, ranks = start_job(tmp_path, phase)
-    t = time.monotonic()
+    t, pressed = time.monotonic(), []  # pressed: when each Ctrl-C found the job still running
     try:
         for _ in range(count):
             if proc.poll() is None:
                 (os.killpg if to == "group" else os.kill)(proc.pid, signal.SIGINT)
+                pressed.append(round(time.monotonic() - t, 3))
             try:
                 proc.wait(timeout=gap)
             except subprocess.TimeoutExpired:
@@ -120,10 +121,13 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
         pass
     took = time.monotonic() - t
     _, err = stop_job(proc)
-    # initstop: Hydra SIGKILLs the rank that never reached MPI_Init and, now and then, ORs that status (9) into
-    # rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way.
-    assert took < LIMIT and proc.returncode in ((130, 9) if phase == "initstop" else (130,)), (took, proc.returncode,
-                                                                                               err)
+    # A stopped rank (stop, startstop, initstop) cannot act on any signal: Hydra SIGKILLs it, and now and then
+    # reports that status (9) instead of rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way. A later Ctrl-C that still finds the job
+    # running (a busy machine: CI once saw the job alive 2 s after the first) can interrupt mpiexec's own wait
+    # for its ranks, which it then reports as "process manager error waiting for completion", 255: also MPICH's.
+    mpich = len(pressed) > 1 and proc.returncode == 255 and "process manager error" in err
+    assert took < LIMIT and (proc.returncode in ((130,) if phase in ("stall", "healthy") else (130, 9)) or mpich), (
+        took, pressed, proc.returncode, err[-3000:])
     assert "] mpitp: interrupted" in err and "Traceback" not in err and "BAD TERMINATION" not in err, err
     assert_all_gone(marker, ranks)
 

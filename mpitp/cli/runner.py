@@ -181,16 +181,19 @@ def launcher_rank():
 
 
 class Ending:
-    """The main thread's handler of SIGINT and SIGTERM: the first raises KeyboardInterrupt or ``Terminated`` and
-    marks the ending as begun (for the watchdog); a repeated signal (a second Ctrl-C, or the same signal from the
-    launcher and the terminal) is ignored, so that it cannot cut short the clean-ups the first one started."""
+    """The main thread's handler of SIGINT and SIGTERM: the first raises KeyboardInterrupt or ``Terminated``; a
+    repeated signal (a second Ctrl-C, or the same signal from the launcher and the terminal) is ignored, so that
+    it cannot cut short the clean-ups the first one started. ``begun`` is set by the guard once the exception
+    reached it (``run_guarded``): only then does the watchdog give the main thread ``FINISH`` seconds, since an
+    exception raised where Python ignores it (a finaliser) or a ``finally`` that waits in a collective would
+    otherwise keep the rank alive that long."""
 
     def __init__(self):
-        self.begun = False
+        self.raised = self.begun = False
 
     def __call__(self, signum, frame):
-        if not self.begun:
-            self.begun = True
+        if not (self.raised or self.begun):
+            self.raised = True
             raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
