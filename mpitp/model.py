@@ -287,12 +287,13 @@ class Model:
         g = self.weights
         return self.norm(x, g.norm_f_weight, g.norm_f_bias) @ g.W_vocab
 
-    def forward(self, token_ids, cache, all_logits=False, gather=True):
+    def forward(self, token_ids, cache, all_logits=False, gather=True, logits_from=0):
         """Run new tokens through the model, writing their keys and values into ``cache``; return the logits.
 
         ``token_ids`` ``[n_seq]`` (a one-sequence cache) or ``[n_batch, n_seq]``, trusted (generation validates
-        requests). Logits ``[(n_batch,) n_seq or 1, n_vocab]``: of every new position with ``all_logits``, else of
-        the last; with ``gather=False`` only this rank's vocabulary range ``[.., n_vocab_local]``. A long prompt
+        requests). Logits ``[(n_batch,) n_seq or 1, n_vocab]``: of every new position with ``all_logits`` (from
+        the new position ``logits_from`` on: scoring needs no LM head rows for its context), else of the last;
+        with ``gather=False`` only this rank's vocabulary range ``[.., n_vocab_local]``. A long prompt
         goes through in chunks of positions against the cache so far: a chunk's attention scores are ``[n_batch,
         n_head_local, chunk, n_kv]``, so memory grows with the prompt, not its square.
         """
@@ -301,7 +302,8 @@ class Model:
         n_batch, n_seq = rows.shape
         n_kv = int(cache.lengths.max()) + n_seq
         chunk = min(self.prefill_chunk(n_batch, n_kv), cache.chunk)  # a sliding layer's ring: a window + a chunk
-        logits = [self.forward_chunk(rows[:, i:i + chunk], cache, all_logits) for i in range(0, n_seq, chunk)]
+        logits = [self.forward_chunk(rows[:, i:i + chunk], cache, max(0, logits_from - i) if all_logits else None)
+                  for i in range(0, n_seq, chunk)]
         logits = np.concatenate(logits, axis=1) if len(logits) > 1 and all_logits else logits[-1]
         if gather:
             counts = [block_range(self.config.n_vocab, self.shard.size, r)[1] for r in range(self.shard.size)]
@@ -325,8 +327,9 @@ class Model:
                  for w, f in self._inv_freq.items() if w in cache.ring}
         return masks, ropes
 
-    def forward_chunk(self, ids, cache, all_logits):
-        # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq or 1, n_vocab_local]
+    def forward_chunk(self, ids, cache, first=None):
+        # ``forward`` of new tokens [n_batch, n_seq] -> this rank's logits [n_batch, n_seq - first or 1, n_vocab_local]
+        # (of the positions first.. of each sequence, or with None of its last)
         n_batch, n_seq = ids.shape
         positions = cache.positions(n_seq)  # [n_batch, n_seq]
         masks, ropes = self.tables(positions, cache)
@@ -334,8 +337,10 @@ class Model:
         for layer, (w, window) in enumerate(zip(self.blocks, self.windows)):
             x = self.block_fn(x, w, layer, cache, ropes[window], masks[window])
         cache.advance(n_seq)
-        logits = self.lm_head(x if all_logits else x[n_seq - 1::n_seq])  # every row, or each sequence's last
-        return logits.reshape(n_batch, -1, logits.shape[-1])
+        n_out = 1 if first is None else max(n_seq - first, 0)
+        x = x[n_seq - 1::n_seq] if first is None else x.reshape(n_batch, n_seq, -1)[:, first:].reshape(-1, x.shape[-1])
+        logits = self.lm_head(x)  # each sequence's last row, or its rows from ``first`` on
+        return logits.reshape(n_batch, n_out, logits.shape[-1])
 
     @property
     def weight_bytes(self):

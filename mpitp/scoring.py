@@ -13,20 +13,22 @@ import numpy as np
 
 from . import comm as mpi
 
+ROWS = 8  # rows of logits at a time in the sum of exponentials: 8 x 10^5 float64 values stay in cache
+
 
 def vocab_parallel_cross_entropy(comm, logits, targets, vocab_start):
     """``(nll, log_z)``, each ``[n_rows]`` float64 and the same on every rank: the negative log-likelihood of
     the global token ids ``targets`` ``[n_rows]`` under this rank's columns ``logits`` ``[n_rows,
     n_vocab_local]`` (ids ``vocab_start`` onwards) and the others', and the log of the softmax's denominator."""
-    logits = logits.astype(np.float64)  # whatever the compute dtype: a float32 sum of 10^5 exponentials loses digits
-    row_max = logits.max(axis=-1)
+    row_max = logits.max(axis=-1).astype(np.float64)  # exact in any dtype
     mpi.allreduce_max(comm, row_max)  # reduction 1: the row maximum, for a sum of exponentials that cannot overflow
-    shifted = logits - row_max[:, None]
     local = targets - vocab_start
     mine = np.flatnonzero((local >= 0) & (local < logits.shape[-1]))  # the rows whose target is in our columns
     sums = np.zeros((2, len(logits)))
-    np.exp(shifted).sum(axis=-1, out=sums[0])
-    sums[1, mine] = shifted[mine, local[mine]]
+    for r in range(0, len(logits), ROWS):  # in float64 whatever the compute dtype (a float32 sum of 10^5
+        shifted = logits[r:r + ROWS] - row_max[r:r + ROWS, None]  # exponentials loses digits), a few rows at a
+        sums[0, r:r + ROWS] = np.exp(shifted, out=shifted).sum(axis=-1)  # time: they stay in cache
+    sums[1, mine] = logits[mine, local[mine]] - row_max[mine]
     mpi.allreduce_sum(comm, sums)  # reductions 2 and 3: the sum of exponentials, the target's (shifted) logit
     log_sum = np.log(sums[0])
     return log_sum - sums[1], row_max + log_sum
@@ -68,16 +70,22 @@ def first_scored(n_ctx):
 
 @dataclass
 class Scores:
-    """The scores of a batch of chunks, the same on every rank but ``log_probs``: ``chunks`` (a range of chunk
+    """The scores of a batch of chunks, the same on every rank but the logits: ``chunks`` (a range of chunk
     indices), ``nll`` ``[n_chunks, n_scored]``, and with a base ``kld``, ``same_top``, ``base_nll`` alike;
-    ``log_probs`` ``[n_chunks, n_scored, n_vocab_local]`` this rank's columns of the log-softmax, float64."""
+    ``logits`` ``[n_chunks, n_scored, n_vocab_local]`` this rank's columns and ``log_z`` ``[n_chunks, n_scored]``
+    the log of each row's softmax denominator."""
 
     chunks: range
     nll: np.ndarray
-    log_probs: np.ndarray
+    logits: np.ndarray
+    log_z: np.ndarray
     kld: np.ndarray = None
     same_top: np.ndarray = None
     base_nll: np.ndarray = None
+
+    def log_probs(self):
+        """This rank's columns of the log-softmax ``[n_chunks, n_scored, n_vocab_local]``, float64."""
+        return self.logits - self.log_z[..., None]
 
 
 def score_chunks(model, chunks, cache, base=None):
@@ -90,16 +98,18 @@ def score_chunks(model, chunks, cache, base=None):
         if len(ids) < len(cache.lengths):
             cache.keep(list(range(len(ids))))
         cache.reset()
-        model.forward(ids[:, :first], cache, all_logits=False, gather=False)  # the context half: no LM head rows
-        logits = model.forward(ids[:, first:], cache, all_logits=True, gather=False)[:, :-1]  # predicts first+1..
+        # Positions first..n_ctx-2 predict first+1..n_ctx-1; the first half is context only (no LM head rows), and
+        # the last token predicts nothing: it need not go through.
+        logits = model.forward(ids[:, :-1], cache, all_logits=True, gather=False, logits_from=first)
         targets, shape = ids[:, first + 1:], logits.shape
         nll, log_z = vocab_parallel_cross_entropy(model.comm, logits.reshape(-1, shape[-1]), targets.ravel(),
                                                   s.vocab_start)
-        log_probs = logits.reshape(-1, shape[-1]) - log_z[:, None]  # float64 (log_z is)
-        scores = Scores(range(c0, c0 + len(ids)), nll.reshape(shape[:2]), log_probs.reshape(shape))
+        scores = Scores(range(c0, c0 + len(ids)), nll.reshape(shape[:2]), logits, log_z.reshape(shape[:2]))
         if base is not None:
+            log_probs = scores.log_probs()
             kld, same_top, base_nll = vocab_parallel_kl_divergence(
-                model.comm, log_probs, base(scores.chunks).reshape(log_probs.shape), targets.ravel(), s.vocab_start)
+                model.comm, log_probs.reshape(-1, shape[-1]), base(scores.chunks).reshape(-1, shape[-1]),
+                targets.ravel(), s.vocab_start)
             scores.kld, scores.same_top, scores.base_nll = (a.reshape(shape[:2]) for a in (kld, same_top, base_nll))
         yield scores
 

@@ -122,9 +122,10 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
     took = time.monotonic() - t
     _, err = stop_job(proc)
     # A stopped rank (stop, startstop, initstop) cannot act on any signal: Hydra SIGKILLs it, and now and then
-    # reports that status (9) instead of rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way. A later Ctrl-C that still finds the job
-    # running (a busy machine: CI once saw the job alive 2 s after the first) can interrupt mpiexec's own wait
-    # for its ranks, which it then reports as "process manager error waiting for completion", 255: also MPICH's.
+    # reports that status (9) instead of rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way. A
+    # later Ctrl-C that still finds the job running (a busy machine: CI once saw it alive 2 s after the first) can
+    # interrupt mpiexec's own wait for its ranks, which it then reports as "process manager error waiting for
+    # completion", 255: also MPICH's.
     mpich = len(pressed) > 1 and proc.returncode == 255 and "process manager error" in err
     assert took < LIMIT and (proc.returncode in ((130,) if phase in ("stall", "healthy") else (130, 9)) or mpich), (
         took, pressed, proc.returncode, err[-3000:])

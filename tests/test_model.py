@@ -290,6 +290,20 @@ def test_a_long_prompt_in_chunks_equals_one_pass(name, dtype, monkeypatch):
     assert np.abs(chunked - g["logits_x64_L33"]).max() <= TOL[dtype]
 
 
+@pytest.mark.parametrize("positions_per_chunk", [None, 1, 5])
+def test_logits_from_a_position_are_those_rows_of_all_logits(positions_per_chunk, monkeypatch):
+    # Scoring's forward: the LM head only from ``logits_from`` on, in a batch, whole or in chunks of positions
+    # (before, inside and across the first scored one), against the HF goldens' all-position logits.
+    g, model = golden("llama-gqa"), load_model(model_dir("llama-gqa"), comm.serial(), "float64")
+    ids = np.asarray(g["prompt_L33"])
+    if positions_per_chunk is not None:
+        monkeypatch.setattr(Model, "prefill_chunk", lambda self, n_batch, n_kv: positions_per_chunk)
+    for start in (0, 7, len(ids) - 1, len(ids)):
+        logits = model.forward([ids, ids], model.new_cache(len(ids), 2), all_logits=True, logits_from=start)
+        assert logits.shape == (2, len(ids) - start, model.config.n_vocab)
+        assert np.abs(logits - g["logits_x64_L33"][start:]).max(initial=0) <= TOL["float64"]
+
+
 def test_the_trace_does_not_mask_an_error_inside_a_block(monkeypatch):
     # A frame that an exception unwinds "returns" too, with B unset: the hook said KeyError: 'B' instead.
     model = load_model(model_dir("gpt2-tiny"), comm.serial())

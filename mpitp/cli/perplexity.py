@@ -95,9 +95,10 @@ def _prepare(args, comm, node_ranks):
     chunks = chunk_tokens(ids, ctx, args.chunks or len(ids), cfg.bos_token_id if tokenizer.add_bos else None)
     n_batch = min(args.batch or max(1, BATCH_TOKENS // ctx), len(chunks))
     cache = model.new_cache(ctx, n_batch)
-    rows = n_batch * (ctx - first_scored(ctx))  # the scored half's logits, their float64 copies (and the base's)
-    check_fits((7 if args.kl_divergence else 4) * rows * shard.n_vocab_local * 8, f"the logits of {n_batch} chunks of {ctx} tokens",
-               "give a smaller --batch, or use more ranks", node_ranks)
+    rows = n_batch * (ctx - first_scored(ctx))  # the scored half's logits, their log-softmax (and the base's, ...)
+    check_fits((6 if args.kl_divergence else 2) * rows * shard.n_vocab_local * 8,
+               f"the logits of {n_batch} chunks of {ctx} tokens", "give a smaller --batch, or use more ranks",
+               node_ranks)
     info = BaseInfo(model.fingerprint, tokens_digest(chunks), ctx, len(chunks), cfg.n_vocab, args.dtype)
     base = None
     if args.kl_divergence is not None:
@@ -150,8 +151,8 @@ def _score(args, model, chunks, cache, base, writer, rank):
             raise RequestError(f"the model's logits are not finite in {args.dtype} (chunk {scores.chunks.start + 1}"
                                "); try --dtype float64, or check the checkpoint.")
         if writer is not None:
-            writer.write(scores.chunks, scores.log_probs)
-        scores.log_probs = None  # the large part: not kept
+            writer.write(scores.chunks, scores.log_probs())
+        scores.logits = None  # the large part: not kept
         parts.append(scores)
         for i, chunk_nll in zip(scores.chunks, scores.nll):
             nll_sum, count = nll_sum + chunk_nll.sum(), count + chunk_nll.size
