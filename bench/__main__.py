@@ -39,8 +39,8 @@ from .stages import format_stages, run_stages, stage_model
 from .report import (find_warnings, format_batch, format_long, format_osu, format_report, format_table,
                      format_warnings)
 from .summary import summarize
-from .timing import (batch_run, decode_breakdown, decode_run, long_run, measure_fixed_cost, prefill_breakdown,
-                     rss_bytes, run_prefill)
+from .timing import (batch_breakdown, batch_run, decode_breakdown, decode_run, long_run, measure_fixed_cost,
+                     prefill_breakdown, rss_bytes, run_prefill)
 
 
 def build_parser():
@@ -209,11 +209,13 @@ def parse_batches(text):
     return sorted(set(sizes))
 
 
-def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng, progress=None):
+def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng, progress=None, itemsize=None):
     """The batched generation test: per batch size, ``repeats`` runs of ``generate_batch`` on that many random
     prompts, each right after ``read_rate()`` (the DRAM read rate, bytes/s) was measured, against the ceiling
-    at that rate and at the GEMM rate of that batch's products. One warm-up run at the smallest size first.
-    Returns the record's "batch" list (``ceilings.batch_record`` per size); ``progress(line)`` names each size."""
+    at that rate and at the GEMM rate of that batch's products, and against its projection from an instrumented
+    run and the link (``ceilings.project_batch``; ``itemsize``: bytes per value on the wire). One warm-up run at
+    the smallest size first. Returns the record's "batch" list (``ceilings.batch_record`` per size);
+    ``progress(line)`` names each size."""
     n_kv = n_prompt + n_gen // 2  # positions each sequence's attention sees, on average over the decode steps
     flops = ce.decode_flops(model, n_kv)
     out = []
@@ -224,12 +226,17 @@ def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng, progress=
         if not out:
             batch_run(model, prompts, n_gen)
         gemm = ce.measure_gemm_rate(model, b)
+        bd = batch_breakdown(model, prompts, n_gen)
+        link = ce.measure_link(model.comm, model.dtype, round(b * model.config.n_embd * (
+            itemsize or np.dtype(model.dtype).itemsize)), round(bd["calls"] / bd["steps"]))
         rates, runs = [], []
         for _ in range(repeats):
             rates.append(read_rate())
             runs.append(batch_run(model, prompts, n_gen))
         out.append(ce.batch_record(b, n_prompt, n_gen, runs, rates, ce.decode_read_bytes(model, n_kv, b), flops,
                                    gemm))
+        projection = out[-1]["projection"] = ce.project_batch(bd, link, b)
+        projection["error_percent"] = 100 * (projection["tokens_per_s"] / out[-1]["decode_tokens_per_s"] - 1)
     return out
 
 
@@ -273,7 +280,7 @@ def _run(args, comm, node_ranks):
     rec = run_record(args, comm, model, name, threads, dict(before, **_timed(args, comm, model, probe, rng, screen)))
     screen.show(format_table(table_rows(rec)), format_report(rec))
     rec["batch"] = batch_test(model, args.batches, args.batch_prompt, args.batch_gen, args.batch_repeats,
-                              probe.measure, rng, screen.progress)
+                              probe.measure, rng, screen.progress, wire_itemsize(args, model))
     probe = None  # its matrix is freed before the rest is measured
     screen.show(format_batch(rec) if rec["batch"] else "")
     if args.osu:

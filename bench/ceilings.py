@@ -261,11 +261,11 @@ def measure_link(comm, dtype, message_bytes, n_calls, bulk_bytes=1_000_000, burs
             if elapsed >= min_seconds:
                 return elapsed / n
 
-    bulk = np.ones(max(1, bulk_bytes // itemsize), dtype)
+    bulk = np.zeros(max(1, bulk_bytes // itemsize), dtype)  # zeros: sums of sums stay finite
     mpi.allreduce_sum(comm, bulk)
     wire = ring_wire_bytes(bulk.nbytes, size)
     sustained = wire / back_to_back(bulk, 3) if wire else None
-    msg = np.ones(max(1, message_bytes // itemsize), dtype)
+    msg = np.zeros(max(1, message_bytes // itemsize), dtype)
     msg_wire = ring_wire_bytes(msg.nbytes, size)
     busy = back_to_back(msg, n_calls, after=int(-(-burst_bytes // msg_wire)) if msg_wire else 0)
     pause = max(2e-3, 2 * ring_wire_bytes(n_calls * msg.nbytes, size) / sustained) if sustained else 0.0
@@ -299,3 +299,19 @@ def project_decode(compute_s, n_allreduce, allreduce_s, n_choice, choice_s, back
     latency = compute_s + n_allreduce * allreduce_s + n_choice * choice_s
     link = n_allreduce * back_to_back_s + n_choice * choice_s
     return (link, "link rate") if link > latency else (latency, "compute + latency")
+
+
+def project_batch(breakdown, link, n_batch):
+    """A batch's decode projected as a sequence's is (``project_decode``), from its instrumented run
+    (``timing.batch_breakdown``) and the link measured with one step's Allreduce message: the record's
+    "projection" entry of a batch size (tokens/s, what binds, and the pieces)."""
+    steps = breakdown["steps"]
+    calls, compute = breakdown["calls"] / steps, breakdown["critical_s"] / steps
+    choices = (breakdown["collectives"] - breakdown["calls"]) / (2 * steps)  # a Gather per sequence, a Bcast
+    step_s, bound = project_decode(compute, calls, link["allreduce_s"], choices, link["gather_bcast_s"],
+                                   link["back_to_back_s"])
+    return {"tokens_per_s": n_batch / step_s, "bound": bound, "compute_ms_per_step": 1e3 * compute,
+            "allreduce_calls_per_step": calls, "choices_per_step": choices,
+            "link_ms_per_step": 1e3 * (calls * link["back_to_back_s"] + choices * link["gather_bcast_s"]),
+            "link": link}
+

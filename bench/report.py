@@ -236,6 +236,16 @@ def batch_ceiling_table(batch):
     return markdown(head, rows, left={9})
 
 
+def batch_projection_table(batch):
+    """Each batch size's decode measured against its projection (``ceilings.project_batch``)."""
+    head = ["batch", "decode t/s", "projected t/s", "error", "compute ms/step", "Allreduce calls/step",
+            "link ms/step", "bound"]
+    rows = [[str(r["batch"]), f"{r['decode_tokens_per_s']:.2f}", f"{p['tokens_per_s']:.2f}",
+             f"{p['error_percent']:+.1f}%", f"{p['compute_ms_per_step']:.3f}", f"{p['allreduce_calls_per_step']:.0f}",
+             f"{p['link_ms_per_step']:.3f}", p["bound"]] for r, p in ((r, r["projection"]) for r in batch)]
+    return markdown(head, rows, left={7})
+
+
 def format_batch(rec):
     """The batched decode test's two tables with their headings."""
     b = rec["batch"]
@@ -248,7 +258,12 @@ def format_batch(rec):
         "# batched decode against its ceiling, per rank: a step reads every weight once plus the KV cache of all B "
         "sequences (DRAM rate measured right before each run) and computes B tokens (GEMM rate of [B, n_embd] "
         "products with this model's block matrices); the slower binds",
-        batch_ceiling_table(b)])
+        batch_ceiling_table(b)] + ([] if "projection" not in b[0] else [  # records before 2026-12-07 have none
+        "",
+        "# batched decode projected (as tg is: the compute of an instrumented run's decode steps on the critical path, "
+        "plus its collectives at the cost the link showed for a step's Allreduce message, or back to back when the "
+        "link's rate binds)",
+        batch_projection_table(b)]))
 
 
 def format_long(rec):

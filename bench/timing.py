@@ -186,6 +186,26 @@ def decode_breakdown(model, n_gen):
     return dict(rec, calls=calls, bytes=nbytes, sent=sent, collectives=collectives)
 
 
+def batch_breakdown(model, prompts, n_gen):
+    """``decode_breakdown`` of one ``generate_batch`` of ``prompts``: ``combine``'s record of its decode steps
+    (the counters restart once every prompt's first token is known), with the Allreduce "calls" and the
+    "collectives" of those steps, and their number, "steps"."""
+    cache = new_batch_cache(model, prompts, n_gen)
+    with Breakdown(model) as b:
+        known = []
+
+        def on_token(i, token):
+            known.append(i)
+            if len(known) == len(prompts):  # the prefill's tokens: count the decode steps only
+                b.reset()
+
+        model.comm.Barrier()
+        own = generate_batch(model, prompts, n_gen, Sampler(), on_token=on_token, cache=cache)[0].timing.decode_seconds
+        calls, collectives = b.tc.calls, len(b.wc.log)
+        rec = combine(model.comm, own, *b.own(own))
+    return dict(rec, calls=calls, collectives=collectives, steps=n_gen - 1)
+
+
 def prefill_breakdown(model, n_prompt):
     """One prefill of ``n_prompt`` tokens, instrumented: ``combine``'s record."""
     prompt = np.arange(n_prompt) % model.config.n_vocab

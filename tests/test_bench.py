@@ -186,7 +186,7 @@ class WithBarrier:
 
 def test_batch_test_on_simulated_ranks():
     def run(c):
-        model = models.random_model(TINY, WithBarrier(c), np.float32)
+        model = models.random_model(TINY, TimedComm(WithBarrier(c)), np.float32)
         return batch_test(model, [1, 2, 5], 6, 4, 2, lambda: 10e9, np.random.default_rng(0))
 
     recs = run_ranks(2, run)
@@ -201,6 +201,12 @@ def test_batch_test_on_simulated_ranks():
         # as in the hand count above, at the mean position a decode step sees, 6 + 4 // 2 = 8
         assert r["n_kv"] == b * 9 and r["flops_per_step"] == b * (2 * (49152 + 2 * 2 * 16 * 2 * 8) + 16384)
         assert r["read_bytes_per_step"] == 234752 + b * 2 * 2 * 2 * 8 * 16 * 4
+        # the projection's counts, from its instrumented run: the embedding's Allreduce and the seed's 2 in each of
+        # the 2 layers, a Gather per sequence and one Bcast (each half a choice); its link measured with a step's
+        # message
+        p = r["projection"]
+        assert (p["allreduce_calls_per_step"], p["choices_per_step"]) == (5, (b + 1) / 2)
+        assert p["link"]["message_bytes"] == b * 64 * 4 and p["tokens_per_s"] > 0 and p["compute_ms_per_step"] > 0
 
 
 def test_imbalance_of_the_weights_over_ranks():
@@ -371,6 +377,15 @@ def test_batch_tables():
                                                              "26.0", "80.0", "1000.00", "GEMM", "71%"]
     text = report.format_batch({"batch": batch})
     assert text.count("| S_TG t/s |") == 1 and text.count("% of ceiling") == 1 and "mean of 2 run(s)" in text
+    assert "projected" not in text  # a record from before the projection
+    for r, t in zip(batch, (80.0, 600.0)):
+        r["projection"] = {"tokens_per_s": t, "error_percent": 100 * (t / r["decode_tokens_per_s"] - 1),
+                           "compute_ms_per_step": 9.5, "allreduce_calls_per_step": 25.0, "link_ms_per_step": 2.25,
+                           "bound": "compute + latency"}
+    lines = report.batch_projection_table(batch).splitlines()
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["16", "708.60", "600.00", "-15.3%", "9.500", "25",
+                                                             "2.250", "compute + latency"]
+    assert report.format_batch({"batch": batch}).count("| projected t/s |") == 1
 
 
 def test_random_model_has_the_shapes_of_a_loaded_checkpoint():
@@ -847,3 +862,25 @@ def test_a_table_that_cannot_be_written_is_an_error(tmp_path, table):
     closed, full, gone = unwritable_stdout([sys.executable, "-m", "bench", table, str(path)])
     assert [(r.returncode, r.stderr) for r in (closed, full, gone)] == [(2, "bench: " + CLOSED), (2, "bench: " + FULL),
                                                                        (141, "")]
+
+
+def test_the_pipeline_projection_takes_the_longest_of_its_three_bounds():
+    from bench.stages import format_stages, project_stages
+    hop = {"idle_s": 0.005, "stream_s": 0.004, "tokens_s": 0.001, "message_bytes": 6208}
+    # 2 stages of 3 and 4 ms per micro-batch: a micro-batch's cycle 3 + 5 + 4 + 1 = 13 ms; the busiest stage's
+    # 2 micro-batches 8 ms; the link's 2 messages back to back 8 ms: the cycle binds, 4 sequences in 13 ms
+    p = project_stages([0.003, 0.004], hop, 2, 4)
+    assert p["bound"] == "cycle" and p["tokens_per_s"] == pytest.approx(4 / 0.013)
+    assert p["step_ms"] == pytest.approx({"cycle": 13.0, "busiest stage": 8.0, "link rate": 8.0})
+    assert project_stages([0.003, 0.010], hop, 4, 8)["bound"] == "busiest stage"  # 40 ms against 19
+    assert project_stages([0.001, 0.001], dict(hop, stream_s=0.02), 2, 4)["bound"] == "link rate"
+    entry = {"n_batch": 4, "prefill_tokens_per_s": 900.0, "decode_tokens_per_s": 300.0, "bubble": 0.25,
+             "stage_wait_share": [0.2, 0.3]}
+    rec = {"model": "m", "dtype": "float32", "pp": 2, "tp": 1, "layers": [6, 6], "n_prompt": 8, "n_gen": 8,
+           "pipeline": [dict(entry)]}
+    row = format_stages(rec).splitlines()[-1]  # a record from before the projection
+    assert [c.strip() for c in row.split("|")[1:-1]] == ["4", "900.0", "300.00"] + ["-"] * 5 + ["25%", "20% 30%"]
+    rec["pipeline"][0]["projection"] = dict(p, error_percent=100 * (p["tokens_per_s"] / 300 - 1))
+    row = format_stages(rec).splitlines()[-1]
+    assert [c.strip() for c in row.split("|")[1:-1]] == ["4", "900.0", "300.00", "307.69", "+2.6%", "cycle",
+                                                        "3.00 4.00", "5.00", "25%", "20% 30%"]
