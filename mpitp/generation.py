@@ -65,6 +65,20 @@ def new_batch_cache(model, prompts, max_new_tokens):
     return model.new_cache(max(len(p) for p in prompts) + max(max_new_tokens - 1, 0), len(prompts))
 
 
+def equal_runs(prompts, stack=True):
+    """``(first, count)`` of each run of consecutive prompts of one length (each prompt alone unless ``stack``):
+    a run goes through as one forward ``[count, length]``: each row's attention sees only its own sequence, so
+    its logits are those of its prompt alone up to the rounding of products with more rows (as in a batch's
+    decode steps)."""
+    runs = []
+    for b, p in enumerate(prompts):
+        if stack and runs and len(prompts[runs[-1][0]]) == len(p):
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return runs
+
+
 def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), trace=None, root=0,
                    on_token=None, cache=None):
     """Generate up to ``max_new_tokens`` tokens after each of ``prompts`` (lists of ids), as one batch, on every
@@ -93,9 +107,9 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
         trace.record_shard(model.shard)
     is_root = model.comm.Get_rank() == root
     t0 = time.perf_counter()
-    with recording:  # the prefill: each prompt alone into its row of the cache, logits of its last position
-        logits = [model.forward(p, cache.row(b), all_logits=trace is not None, gather=False)[-1]
-                  for b, p in enumerate(prompts)]
+    with recording:  # the prefill: prompts into their rows of the cache, logits of each one's last position
+        logits = [row for b, n in equal_runs(prompts, trace is None) for row in model.forward(
+            np.stack(prompts[b:b + n]), cache.row(b, n), all_logits=trace is not None, gather=False)[:, -1]]
     if max_new_tokens == 0:
         timing.prefill_seconds = time.perf_counter() - t0
         return results
