@@ -236,7 +236,7 @@ def run_prefill(model, n_prompt, repeats, rng, before=None):
 def batch_run(model, prompts, n_gen):
     """One ``generate_batch`` of ``prompts`` (greedy, no stop ids, ``n_gen`` new tokens each), between barriers,
     its KV cache allocated before. Its token counts and, the slowest rank's each, the seconds of its prefill
-    (every prompt alone, and choosing the first tokens), of its decode steps (one forward for the whole batch
+    (the prompts, and choosing the first tokens), of its decode steps (one forward for the whole batch
     each, and choosing the tokens) and of the whole call."""
     cache = new_batch_cache(model, prompts, n_gen)
     model.comm.Barrier()
