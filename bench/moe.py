@@ -6,10 +6,11 @@ greedy decode in each layout (``--experts tensor`` and ``expert``) and reports, 
 - the bytes each rank sent per token and per layer for the MLP part, counted at every collective the mixture
   makes (``Counting``: what a textbook algorithm sends, for an Allreduce of n bytes 2 (P - 1) / P n, an
   Allgatherv (P - 1) / P of the whole, an Alltoallv the rows addressed to other ranks), next to the arithmetic of
-  ``mpitp.experts.bytes_per_token`` (which assumes an even spread over the experts);
+  ``mpitp.experts.bytes_per_token`` for an even spread over the experts, and at the routing the run made
+  (``routed_pairs``: the pairs that left their rank), which the counts equal;
 - the expert-load imbalance of the prefill (tokens per expert of each layer, max over mean);
-- prefill and decode tokens/s, the slowest rank's, with the machine's load average: figures taken on a busy
-  machine are no result (the JSON keeps the load beside them).
+- prefill and decode tokens/s, the slowest rank's, the mean of ``-r`` runs, with the machine's load average:
+  figures taken on a busy machine are no result (the JSON keeps the load beside them).
 
 Attention's Allreduce #1 is the same in both layouts and left out of the bytes.
 """
@@ -25,7 +26,7 @@ from mpitp import comm as mpi
 from mpitp.cli.runner import check_writable, replace_file, say
 from mpitp.config import config_from_dict
 from mpitp.errors import MpitpError
-from mpitp.experts import bytes_per_token, load_imbalance
+from mpitp.experts import bytes_per_token, load_imbalance, routed_pairs
 from mpitp.generation import generate_sequence
 from mpitp.model import Model
 from mpitp.sampling import Sampler
@@ -111,39 +112,55 @@ def moe_model(config, comm, layout, dtype=np.float32):
     return model
 
 
-def measure(model, n_prompt, n_gen):
-    """One layout's figures: bytes per token and layer of a prefill and of a decode, the prefill's load
-    imbalance, prefill and decode tokens/s (the slowest rank's)."""
+def measure(model, n_prompt, n_gen, repeats=1):
+    """One layout's figures: bytes per token and layer of a prefill and of a decode (counted, and by the
+    arithmetic at the routing they ran), the prefill's load imbalance, and prefill and decode tokens/s (the
+    slowest rank's) of each of ``repeats`` runs."""
     comm, cfg = model.comm, model.config
     prompt = np.random.default_rng(0).integers(0, cfg.n_vocab, n_prompt)
-    comm.sent, model.routes = 0.0, []
-    comm.Barrier()
-    t = time.perf_counter()
-    model.forward(prompt, model.new_cache(n_prompt), gather=False)
-    prefill_s = mpi.max_over_ranks(comm, time.perf_counter() - t)
-    prefill_bytes = mpi.allreduce_scalar(comm, comm.sent, "sum", np.float64) / comm.Get_size()
-    counts = np.sum([load_imbalance(R)[0] for R in model.routes], axis=0)
-    imbalance = [load_imbalance(R)[1] for R in model.routes]
-    comm.sent = 0.0
-    decode_s = mpi.max_over_ranks(comm, generate_sequence(model, [0], n_gen + 1, Sampler()).timing.decode_seconds)
-    decode_bytes = mpi.allreduce_scalar(comm, comm.sent, "sum", np.float64) / comm.Get_size()
-    per = cfg.n_layer
-    return {"mlp_bytes_per_token_per_layer": {"prefill": prefill_bytes / (n_prompt * per),
-                                              "decode": decode_bytes / ((n_gen + 1) * per)},
-            "tokens_per_expert": counts.tolist(), "imbalance_per_layer": imbalance,
-            "imbalance_max_over_mean": float(max(imbalance)),
-            "prefill_tokens_per_s": n_prompt / prefill_s, "decode_tokens_per_s": n_gen / decode_s}
+    figures = {"prefill_tokens_per_s_per_repeat": [], "decode_tokens_per_s_per_repeat": []}
+    for repeat in range(repeats):
+        comm.sent, model.routes = 0.0, []
+        comm.Barrier()
+        t = time.perf_counter()
+        model.forward(prompt, model.new_cache(n_prompt), gather=False)
+        figures["prefill_tokens_per_s_per_repeat"].append(n_prompt / mpi.max_over_ranks(comm, time.perf_counter() - t))
+        prefill = (mpi.allreduce_scalar(comm, comm.sent, "sum", np.float64) / comm.Get_size(), model.routes)
+        comm.sent, model.routes = 0.0, []
+        decode_s = generate_sequence(model, [0], n_gen + 1, Sampler()).timing.decode_seconds
+        figures["decode_tokens_per_s_per_repeat"].append(n_gen / mpi.max_over_ranks(comm, decode_s))
+        decode = (mpi.allreduce_scalar(comm, comm.sent, "sum", np.float64) / comm.Get_size(), model.routes)
+        if repeat == 0:  # the same routing, and so the same bytes, every repeat
+            figures.update(_bytes_and_load(model, prefill, decode, n_prompt, n_gen))
+    for phase in ("prefill", "decode"):
+        figures[f"{phase}_tokens_per_s"] = float(np.mean(figures[f"{phase}_tokens_per_s_per_repeat"]))
+    return figures
+
+
+def _bytes_and_load(model, prefill, decode, n_prompt, n_gen):
+    # (sent, routes) of a prefill and of a decode: bytes per token and layer, counted and by the arithmetic at
+    # those routes (the expert layout's pairs that left their rank), and the prefill's expert load
+    cfg, P, layout = model.config, model.shard.size, model.shard.experts
+    per, itemsize = cfg.n_layer, np.dtype(model.dtype).itemsize
+    counts = np.sum([load_imbalance(R)[0] for R in prefill[1]], axis=0)
+    imbalance = [load_imbalance(R)[1] for R in prefill[1]]
+    routed = {phase: bytes_per_token(cfg, P, layout, itemsize, routed_pairs(routes, model.expert_owner, P))
+              for phase, (_, routes) in (("prefill", prefill), ("decode", decode))}
+    return {"mlp_bytes_per_token_per_layer": {"prefill": prefill[0] / (n_prompt * per),
+                                              "decode": decode[0] / ((n_gen + 1) * per)},
+            "mlp_bytes_at_the_routing": routed, "tokens_per_expert": counts.tolist(), "imbalance_per_layer": imbalance,
+            "imbalance_max_over_mean": float(max(imbalance))}
 
 
 def run(args, comm):
     cfg = config_from_dict(PRESETS[args.preset])
     itemsize, size = np.dtype(np.float32).itemsize, comm.Get_size()
     rec = {"preset": args.preset, "ranks": size, "dtype": "float32", "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-           "load_average_1min_before": os.getloadavg()[0], "layouts": {}}
+           "repeats": getattr(args, "repeats", 1), "load_average_1min_before": os.getloadavg()[0], "layouts": {}}
     for layout in EXPERT_LAYOUTS:
         if layout == "tensor" and cfg.n_ffn_expert < size:
             continue
-        figures = measure(moe_model(cfg, comm, layout), args.n_prompt, args.n_gen)
+        figures = measure(moe_model(cfg, comm, layout), args.n_prompt, args.n_gen, rec["repeats"])
         figures["mlp_bytes_per_token_per_layer"]["arithmetic"] = bytes_per_token(cfg, size, layout, itemsize)
         rec["layouts"][layout] = figures
     rec["load_average_1min_after"] = os.getloadavg()[0]
@@ -152,13 +169,18 @@ def run(args, comm):
 
 def report(rec):
     """The record as a few lines of text."""
-    lines = [f"bench.moe: {rec['preset']} on {rec['ranks']} ranks, float32; load average {rec['load_average_1min_before']:.2f} "
-             f"before, {rec['load_average_1min_after']:.2f} after (above 1.5: the tok/s are no result)",
-             f"{'layout':8} {'MLP bytes/token/layer: arithmetic':>34} {'prefill':>9} {'decode':>9} "
+    lines = [f"bench.moe: {rec['preset']} on {rec['ranks']} ranks, float32; load average "
+             f"{rec['load_average_1min_before']:.2f} before, {rec['load_average_1min_after']:.2f} after (above 1.5: "
+             f"the tok/s are no result)",
+             "MLP bytes per token and layer: the arithmetic of an even spread, counted at the collectives of a prefill "
+             "and a decode, and the arithmetic at the routing they ran (prefill / decode); tokens/s: the mean of "
+             f"{rec.get('repeats', 1)} run(s)",
+             f"{'layout':8} {'even spread':>11} {'prefill':>9} {'decode':>9} {'at routing':>17} "
              f"{'imbalance':>10} {'pp tok/s':>9} {'tg tok/s':>9}"]
     for layout, f in rec["layouts"].items():
-        b = f["mlp_bytes_per_token_per_layer"]
-        lines.append(f"{layout:8} {b['arithmetic']:34.0f} {b['prefill']:9.0f} {b['decode']:9.0f} "
+        b, r = f["mlp_bytes_per_token_per_layer"], f.get("mlp_bytes_at_the_routing")
+        at = f"{r['prefill']:.0f} / {r['decode']:.0f}" if r else "-"
+        lines.append(f"{layout:8} {b['arithmetic']:11.0f} {b['prefill']:9.0f} {b['decode']:9.0f} {at:>17} "
                      f"{f['imbalance_max_over_mean']:10.2f} {f['prefill_tokens_per_s']:9.1f} "
                      f"{f['decode_tokens_per_s']:9.1f}")
     return "\n".join(lines)
@@ -169,12 +191,15 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="mixtral-small")
     p.add_argument("-p", "--n-prompt", type=int, default=128)
     p.add_argument("-n", "--n-gen", type=int, default=16)
+    p.add_argument("-r", "--repeats", type=int, default=3, help="timed runs of each layout (default 3)")
     p.add_argument("--json-out", metavar="PATH")
     args = p.parse_args(argv)
     comm = mpi.world()
     try:  # every rank checks the same things, before any collective: all fail alike
         if not (1 <= args.n_prompt and 1 <= args.n_gen and args.n_prompt + args.n_gen + 1 <= 4096):
             raise MpitpError(f"-p {args.n_prompt} and -n {args.n_gen} must be at least 1, with at most 4095 together.")
+        if args.repeats < 1:
+            raise MpitpError(f"-r {args.repeats}: give at least 1 run.")
         if args.json_out:
             check_writable(args.json_out, f"--json-out {args.json_out}")
     except MpitpError as e:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .families import FAMILIES
 from .layers import softmax, swiglu
+from .sharding import block_range
 
 
 def route(C, W_router, k, renormalize):
@@ -76,7 +77,7 @@ def pack(C, R, first, count, owner, size):
     return message, rows, np.bincount(owner[experts], minlength=size)
 
 
-def bytes_per_token(config, size, layout, itemsize):
+def bytes_per_token(config, size, layout, itemsize, remote_pairs=None):
     """Bytes one rank sends, on average, per token and per layer for the MLP part of a mixture (attention's
     Allreduce #1 is the same in both layouts), by the textbook algorithms (ring Allreduce and Allgather), with
     the router spreading the tokens evenly over the experts, and so over the ranks:
@@ -90,12 +91,27 @@ def bytes_per_token(config, size, layout, itemsize):
 
     So the expert layout sends less where k (2 n_embd + 2) < P n_embd, P > 2k (1 + 1/n_embd), and never with a
     shared expert: at 2 ranks and top-2 it sends more; its messages are also four collectives, not one.
+    ``remote_pairs``: the pairs per token that left their rank under a real routing, in place of the even
+    spread's k (P - 1) / P (``routed_pairs``).
     """
     P, d, k = size, config.n_embd, config.n_expert_used
     if layout == "tensor":
         return 2 * (P - 1) / P * d * itemsize
     gather = (2 if "W_shared_gate" in FAMILIES[config.family].weights() else 1) * (P - 1) / P * d
-    return (k * (2 * d + 2) * (P - 1) / P ** 2 + gather) * itemsize
+    remote = k * (P - 1) / P if remote_pairs is None else remote_pairs
+    return (remote * (2 * d + 2) / P + gather) * itemsize
+
+
+def routed_pairs(routes, owner, size):
+    """Pairs per token (row) of the routings ``routes`` (each ``[n_rows, n_expert]``, one per layer and forward)
+    whose expert's owner (``owner[expert]``: its rank of ``size``) is not the rank whose share of the rows holds
+    the row (near-equal blocks, as ``Model.experts_dispatched`` splits them)."""
+    remote, rows = 0, 0
+    for R in routes:
+        holder = np.repeat(np.arange(size), [block_range(len(R), size, r)[1] for r in range(size)])
+        row, expert = np.nonzero(R)
+        remote, rows = remote + np.count_nonzero(owner[expert] != holder[row]), rows + len(R)
+    return remote / rows
 
 
 def load_imbalance(R):

@@ -4,13 +4,14 @@ mpitp.experts.bytes_per_token, and the expert-load figures of the JSON record (s
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from bench.moe import PRESETS, report, run
 from threadcomm import run_ranks
 
 
 def test_counted_bytes_follow_the_arithmetic_and_the_load_adds_up():
-    args = SimpleNamespace(preset="mixtral-tiny", n_prompt=24, n_gen=3)
+    args = SimpleNamespace(preset="mixtral-tiny", n_prompt=24, n_gen=3, repeats=2)
     for size in (2, 3):
         rec = run_ranks(size, lambda c: run(args, c))[0]
         d, k, b = PRESETS["mixtral-tiny"]["hidden_size"], 2, 4
@@ -22,7 +23,12 @@ def test_counted_bytes_follow_the_arithmetic_and_the_load_adds_up():
         gather, pairs = (size - 1) / size * d * b, k * (2 * d + 2) * b / size
         for phase in ("prefill", "decode"):
             assert gather <= expert["mlp_bytes_per_token_per_layer"][phase] <= gather + pairs
-        assert expert["mlp_bytes_per_token_per_layer"]["arithmetic"] == gather + pairs * (size - 1) / size
+        assert expert["mlp_bytes_per_token_per_layer"]["arithmetic"] == pytest.approx(gather + pairs * (size - 1) / size)
+        for layout in (tensor, expert):  # at the routing the run made, the arithmetic is what was counted
+            for phase in ("prefill", "decode"):
+                assert layout["mlp_bytes_at_the_routing"][phase] == pytest.approx(
+                    layout["mlp_bytes_per_token_per_layer"][phase], rel=1e-12)
+            assert len(layout["decode_tokens_per_s_per_repeat"]) == 2 and layout["decode_tokens_per_s"] > 0
         for layout in (tensor, expert):  # every token went to k experts in every layer (2 layers)
             assert sum(layout["tokens_per_expert"]) == 2 * k * args.n_prompt
             counts = np.array(layout["tokens_per_expert"])  # over the layers; the imbalance is the worst layer's
