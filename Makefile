@@ -26,7 +26,7 @@ TCP_ENV ?= MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster bench-pp bench-pp-cluster sync-drift bench-sync clean
+.PHONY: install run test test-mpi test-tcp test-cluster check-hf check-real demo perplexity fuzz ci bench bench-scaling bench-tcp bench-cluster bench-pp bench-pp-cluster bench-moe-cluster sync-drift bench-sync clean
 
 # Create $(VENV) and install mpitp into it, with an MPI from PyPI (MPICH) and the test tools.
 # On a cluster use the site MPI instead: make install EXTRAS=test (after building mpi4py, see README).
@@ -155,6 +155,15 @@ bench-pp-cluster: install
 		$(BOUNDED) scripts/cluster.sh run 2 $(NODE_RANKS) $$(test $$rate = unlimited || echo $$rate) -- \
 			python -m bench --preset $(PRESET) --threads 1 $(PP_ARGS) --pp $$pp $(BENCH_ARGS) \
 			--json-out $(BENCH_OUT)/pp-cluster-$(PRESET)-$$rate-pp$$pp.json || exit 1; done; done
+
+# The expert layouts' crossover (docs/moe.md): bench.moe across 2 emulated nodes joined by MOE_RATE, with 1, 2
+# and 4 ranks per node (2, 4 and 8 ranks), a JSON record each. Root; a quiet machine.
+MOE_PRESET ?= mixtral-small
+MOE_RATE ?= 10mbit
+bench-moe-cluster: install
+	for ppn in 1 2 4; do \
+		$(BOUNDED) scripts/cluster.sh run 2 $$ppn $(MOE_RATE) -- python -m bench.moe --preset $(MOE_PRESET) -p 64 -n 32 \
+			$(BENCH_ARGS) --json-out $(BENCH_OUT)/moe-cluster-$(MOE_PRESET)-$(MOE_RATE)-np$$((2 * ppn)).json || exit 1; done
 
 ci: test
 	$(MAKE) test-mpi NP=3 MPI_TESTS="-m mpi"
