@@ -160,10 +160,12 @@ bench-pp-cluster: install
 # and 4 ranks per node (2, 4 and 8 ranks), a JSON record each. Root; a quiet machine.
 MOE_PRESET ?= mixtral-small
 MOE_RATE ?= 10mbit
+MOE_ARGS ?=
 bench-moe-cluster: install
 	for ppn in 1 2 4; do \
-		$(BOUNDED) scripts/cluster.sh run 2 $$ppn $(MOE_RATE) -- python -m bench.moe --preset $(MOE_PRESET) -p 64 -n 32 \
-			$(BENCH_ARGS) --json-out $(BENCH_OUT)/moe-cluster-$(MOE_PRESET)-$(MOE_RATE)-np$$((2 * ppn)).json || exit 1; done
+		$(BOUNDED) scripts/cluster.sh run 2 $$ppn $(MOE_RATE) -- env OPENBLAS_NUM_THREADS=1 python -m bench.moe \
+			--preset $(MOE_PRESET) -p 64 -n 32 $(MOE_ARGS) \
+			--json-out $(BENCH_OUT)/moe-cluster-$(MOE_PRESET)-$(MOE_RATE)-np$$((2 * ppn)).json || exit 1; done
 
 ci: test
 	$(MAKE) test-mpi NP=3 MPI_TESTS="-m mpi"

@@ -314,4 +314,3 @@ def project_batch(breakdown, link, n_batch):
             "allreduce_calls_per_step": calls, "choices_per_step": choices,
             "link_ms_per_step": 1e3 * (calls * link["back_to_back_s"] + choices * link["gather_bcast_s"]),
             "link": link}
-

@@ -69,7 +69,9 @@ TAG_PROBE = 300  # the link probe's messages (no pipeline runs meanwhile)
 def stage_costs(model, rows, n_kv, iters=8):
     """Seconds of each stage's part of one decode step of a micro-batch of ``rows`` sequences against ``n_kv``
     cached positions, the last stage's LM head and greedy choice included: every stage timed at once (as they
-    run in the pipeline), the median of ``iters``, the slowest rank of each stage; the list, on every rank."""
+    run in the pipeline), the median of ``iters``, the slowest rank of each stage; the list, on every rank. Left
+    out: with several ranks a stage, the gathering of a received message's columns and the tokens' broadcast
+    inside the first stage (a few small collectives within a node), so the projection comes out a little high."""
     stage, cfg = model.stage, model.config
     cache = model.new_cache(n_kv + 1, rows)
     x = (np.zeros(rows, np.int64) if stage.is_first else
@@ -168,7 +170,8 @@ def project_stages(costs, hop, n_micro, n_batch):
     bound = max(bounds, key=bounds.get)
     return {"tokens_per_s": n_batch / bounds[bound], "bound": bound, "stage_ms": [1e3 * c for c in costs],
             "step_ms": {k: 1e3 * v for k, v in bounds.items()},
-            "hop": {k: 1e3 * v if k.endswith("_s") else v for k, v in hop.items()}}
+            "hop_ms": {k[:-2] + "_ms": 1e3 * v for k, v in hop.items() if k.endswith("_s")},
+            "hop_message_bytes": hop["message_bytes"]}
 
 
 def run_stages(args, comm, model, name, threads, sizes, progress):
@@ -203,7 +206,7 @@ def format_stages(rec):
             "wait per stage"]
     rows = [[str(e["n_batch"]), f"{e['prefill_tokens_per_s']:.1f}", f"{e['decode_tokens_per_s']:.2f}"]
             + ([f"{p['tokens_per_s']:.2f}", f"{p['error_percent']:+.1f}%", p["bound"],
-                " ".join(f"{c:.2f}" for c in p["stage_ms"]), f"{p['hop']['idle_s']:.2f}"]
+                " ".join(f"{c:.2f}" for c in p["stage_ms"]), f"{p['hop_ms']['idle_ms']:.2f}"]
                if (p := e.get("projection")) else ["-"] * 5)  # records before 2026-12-07 have none
             + [f"{100 * e['bubble']:.0f}%", " ".join(f"{100 * w:.0f}%" for w in e["stage_wait_share"])]
             for e in rec["pipeline"]]

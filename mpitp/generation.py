@@ -1,9 +1,10 @@
 """Generation: prefill the prompts, then decode one token per sequence per step against the KV cache.
 
 The prompts of a batch are prefilled into their rows of the cache, each run of prompts of one length as one
-forward (``equal_runs``); then each step decodes one token of every unfinished sequence in one forward, reading the weights once for all. Rank 0 chooses every token from the
-ranks' slices of the logits (``mpitp.sampling``) and broadcasts them with their stop flags: every rank runs
-the same forwards and leaves the loop together. A finished sequence leaves the batch (and the cache)."""
+forward (``equal_runs``); then each step decodes one token of every unfinished sequence in one forward,
+reading the weights once for all. Rank 0 chooses every token from the ranks' slices of the logits
+(``mpitp.sampling``) and broadcasts them with their stop flags: every rank runs the same forwards and leaves the
+loop together. A finished sequence leaves the batch (and the cache)."""
 
 import contextlib
 import time

@@ -880,6 +880,7 @@ def test_the_pipeline_projection_takes_the_longest_of_its_three_bounds():
            "pipeline": [dict(entry)]}
     row = format_stages(rec).splitlines()[-1]  # a record from before the projection
     assert [c.strip() for c in row.split("|")[1:-1]] == ["4", "900.0", "300.00"] + ["-"] * 5 + ["25%", "20% 30%"]
+    assert p["hop_ms"] == pytest.approx({"idle_ms": 5.0, "stream_ms": 4.0, "tokens_ms": 1.0})
     rec["pipeline"][0]["projection"] = dict(p, error_percent=100 * (p["tokens_per_s"] / 300 - 1))
     row = format_stages(rec).splitlines()[-1]
     assert [c.strip() for c in row.split("|")[1:-1]] == ["4", "900.0", "300.00", "307.69", "+2.6%", "cycle",

@@ -23,7 +23,8 @@ def test_counted_bytes_follow_the_arithmetic_and_the_load_adds_up():
         gather, pairs = (size - 1) / size * d * b, k * (2 * d + 2) * b / size
         for phase in ("prefill", "decode"):
             assert gather <= expert["mlp_bytes_per_token_per_layer"][phase] <= gather + pairs
-        assert expert["mlp_bytes_per_token_per_layer"]["arithmetic"] == pytest.approx(gather + pairs * (size - 1) / size)
+        even = gather + pairs * (size - 1) / size
+        assert expert["mlp_bytes_per_token_per_layer"]["arithmetic"] == pytest.approx(even)
         for layout in (tensor, expert):  # at the routing the run made, the arithmetic is what was counted
             for phase in ("prefill", "decode"):
                 assert layout["mlp_bytes_at_the_routing"][phase] == pytest.approx(

@@ -125,7 +125,7 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
     # reports that status (9) instead of rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way. A
     # later Ctrl-C that still finds the job running (a busy machine: CI once saw it alive 2 s after the first) can
     # interrupt mpiexec's own wait for its ranks, which it then reports as "process manager error waiting for
-    # completion", 255: also MPICH's.
+    # completion", 255: also MPICH's. (A first Ctrl-C that did nothing still fails: no rank would say it.)
     mpich = len(pressed) > 1 and proc.returncode == 255 and "process manager error" in err
     assert took < LIMIT and (proc.returncode in ((130,) if phase in ("stall", "healthy") else (130, 9)) or mpich), (
         took, pressed, proc.returncode, err[-3000:])
@@ -227,6 +227,35 @@ def test_the_watchdog_removes_the_registered_temporaries_when_it_ends_a_rank(tmp
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=LIMIT)
     assert (proc.returncode, err) == (130, "[rank 0] test: interrupted\n") and not left.exists()
+
+
+def test_a_ctrl_c_that_python_ignored_is_still_ended_by_the_watchdog():
+    # The handler's KeyboardInterrupt raised inside a finaliser, where Python prints it and goes on, then the main
+    # thread blocked in C: before, the handler had marked the ending begun, so the watchdog waited FINISH (5 s) for
+    # a clean-up that never came and ended the rank without a word; now only the guard marks it, and the watchdog
+    # ends the rank as interrupted, saying so.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from mpitp.cli import runner
+        class Finalised:
+            def __del__(self):  # the handler runs here, at the next bytecode: its exception is ignored
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(1000))
+        def stuck():
+            Finalised()
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            os.read(os.pipe()[0], 1)  # in C, until the watchdog ends the process
+        class OneRank:
+            def Get_rank(self):
+                return 0
+            def Get_size(self):
+                return 1
+        sys.exit(runner.run_guarded(OneRank(), stuck, False, "test"))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(),
+                          cwd=str(REPO), timeout=LIMIT)
+    assert "Exception ignored" in proc.stderr and "KeyboardInterrupt" in proc.stderr  # the scenario happened
+    assert proc.returncode == 130 and proc.stderr.endswith("[rank 0] test: interrupted\n"), proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -95,8 +95,8 @@ def _prepare(args, comm, node_ranks):
     chunks = chunk_tokens(ids, ctx, args.chunks or len(ids), cfg.bos_token_id if tokenizer.add_bos else None)
     n_batch = min(args.batch or max(1, BATCH_TOKENS // ctx), len(chunks))
     cache = model.new_cache(ctx, n_batch)
-    rows = n_batch * (ctx - first_scored(ctx))  # the scored half's logits, their log-softmax (and the base's, ...)
-    check_fits((6 if args.kl_divergence else 2) * rows * shard.n_vocab_local * 8,
+    rows = n_batch * (ctx - first_scored(ctx))  # the scored half's logits: two batches' while one is scored
+    check_fits((6 if args.kl_divergence else 3) * rows * shard.n_vocab_local * 8,
                f"the logits of {n_batch} chunks of {ctx} tokens", "give a smaller --batch, or use more ranks",
                node_ranks)
     info = BaseInfo(model.fingerprint, tokens_digest(chunks), ctx, len(chunks), cfg.n_vocab, args.dtype)

@@ -183,10 +183,10 @@ def launcher_rank():
 class Ending:
     """The main thread's handler of SIGINT and SIGTERM: the first raises KeyboardInterrupt or ``Terminated``; a
     repeated signal (a second Ctrl-C, or the same signal from the launcher and the terminal) is ignored, so that
-    it cannot cut short the clean-ups the first one started. ``begun`` is set by the guard once the exception
-    reached it (``run_guarded``): only then does the watchdog give the main thread ``FINISH`` seconds, since an
-    exception raised where Python ignores it (a finaliser) or a ``finally`` that waits in a collective would
-    otherwise keep the rank alive that long."""
+    it cannot cut short the clean-ups the first one started. ``raised`` gives the unwinding ``Watchdog.RAISED``
+    seconds to reach the guard, which then sets ``begun`` (``run_guarded``) for ``FINISH`` seconds more: an
+    exception raised where Python ignores it (a finaliser) or a ``finally`` that waits in a collective no longer
+    keeps the rank alive for ``FINISH``."""
 
     def __init__(self):
         self.raised = self.begun = False
@@ -250,13 +250,14 @@ class Watchdog:
     Python runs a signal handler only between bytecodes of the main thread, so a rank blocked in a C call (in
     MPI_Init, a collective, or a read that never returns) never reaches it, and a second Ctrl-C then makes MPICH's
     mpiexec exit 0 or 255 by a race. The signal's number still reaches a pipe (``signal.set_wakeup_fd``) that this
-    thread watches: when the main thread has not begun to handle it within ``GRACE`` seconds (or not finished
-    within ``FINISH``), it removes the registered temporaries (``removed_if_killed``), says the main thread's line
-    and exits with 130 (143 for SIGTERM). Under an MPI launcher it also exits when its parent (Hydra's proxy) is
-    gone, which would leave the rank spinning in a collective.
+    thread watches: when the main thread has not begun to handle it within ``GRACE`` seconds (``RAISED`` once
+    its handler raised, for the unwinding to reach the guard; ``FINISH`` once it did), it removes the registered
+    temporaries (``removed_if_killed``), says the main thread's line and exits with 130 (143 for SIGTERM). Under
+    an MPI launcher it also exits when its parent (Hydra's proxy) is gone, which would leave the rank spinning in
+    a collective.
     """
 
-    GRACE, FINISH, TICK = 0.05, 5.0, 0.25  # seconds
+    GRACE, RAISED, FINISH, TICK = 0.05, 1.0, 5.0, 0.25  # seconds
 
     def __init__(self, who, ending=None):
         self.who, self.ending = who, ending if ending is not None else Ending()
@@ -269,8 +270,9 @@ class Watchdog:
     def _watch(self):
         stop = since = None
         while True:
-            begun = self.ending.begun
-            due = since + (self.FINISH if begun else self.GRACE) - time.monotonic() if stop else self.TICK
+            begun = self.ending.begun  # the main thread's exception reached the guard; raised: its handler ran
+            limit = self.FINISH if begun else self.RAISED if self.ending.raised else self.GRACE
+            due = since + limit - time.monotonic() if stop else self.TICK
             if due <= 0:
                 self._exit(None if begun else f"{self.who}: {stop[0]}", stop[1])
             if select.select([self.reader], [], [], min(due, self.TICK))[0]:
@@ -407,8 +409,8 @@ def replace_file(path, write, what):
     tmp = f"{os.path.abspath(path)}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        with open(tmp, "xb") as f:  # x: never through a file or link of that name left by someone else
-            write(f)
+        with open(tmp, "xb") as f, removed_if_killed(tmp):  # x: never through a file or link of that name
+            write(f)                                         # left by someone else
         os.replace(tmp, path)
     except BaseException as e:
         if not isinstance(e, FileExistsError):  # the temporary file is ours: never outlives a failure
