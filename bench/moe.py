@@ -29,6 +29,7 @@ from mpitp.errors import MpitpError
 from mpitp.experts import bytes_per_token, load_imbalance, routed_pairs
 from mpitp.generation import generate_sequence
 from mpitp.model import Model
+from mpitp.resources import set_blas_threads
 from mpitp.sampling import Sampler
 from mpitp.sharding import EXPERT_LAYOUTS, shard_for
 from mpitp.weights import load_weights
@@ -205,6 +206,7 @@ def main(argv=None):
     except MpitpError as e:
         say(f"{PROG}: error: {e}")
         return 2
+    set_blas_threads(None, mpi.ranks_on_node(comm))  # the node's cores over its ranks, unless the environment says
     rec = run(args, comm)
     if comm.Get_rank() == 0:
         print(report(rec))
