@@ -301,13 +301,19 @@ def project_decode(compute_s, n_allreduce, allreduce_s, n_choice, choice_s, back
     return (link, "link rate") if link > latency else (latency, "compute + latency")
 
 
+def per_step(breakdown):
+    """``(compute seconds, Allreduce calls, token choices)`` per decode step of an instrumented run
+    (``timing.batch_breakdown``): a choice is a Gather per sequence and a Bcast, counted as half each."""
+    steps = breakdown["steps"]
+    return (breakdown["critical_s"] / steps, breakdown["calls"] / steps,
+            (breakdown["collectives"] - breakdown["calls"]) / (2 * steps))
+
+
 def project_batch(breakdown, link, n_batch):
     """A batch's decode projected as a sequence's is (``project_decode``), from its instrumented run
     (``timing.batch_breakdown``) and the link measured with one step's Allreduce message: the record's
     "projection" entry of a batch size (tokens/s, what binds, and the pieces)."""
-    steps = breakdown["steps"]
-    calls, compute = breakdown["calls"] / steps, breakdown["critical_s"] / steps
-    choices = (breakdown["collectives"] - breakdown["calls"]) / (2 * steps)  # a Gather per sequence, a Bcast
+    compute, calls, choices = per_step(breakdown)
     step_s, bound = project_decode(compute, calls, link["allreduce_s"], choices, link["gather_bcast_s"],
                                    link["back_to_back_s"])
     return {"tokens_per_s": n_batch / step_s, "bound": bound, "compute_ms_per_step": 1e3 * compute,

@@ -27,10 +27,9 @@ def projection(cfg, size, itemsize, link, decode_records, n_gen, tg):
     the compute of the instrumented run right before it and the link measured in this run, against its
     measurement. ``itemsize``: bytes per value on the wire (with --comm-dtype, its encoding's, which the link
     was measured with; the encoding's own time is not in the projection)."""
-    calls = decode_records[0]["calls"] / n_gen
-    choices = (decode_records[0]["collectives"] - decode_records[0]["calls"]) / (2 * n_gen)
+    _, calls, choices = ce.per_step(decode_records[0])
     wire = ce.ring_wire_bytes(ce.allreduce_payload_bytes(cfg, 1, itemsize), size)
-    compute = [r["critical_s"] / n_gen for r in decode_records]
+    compute = [ce.per_step(r)[0] for r in decode_records]
     costs = (calls, link["allreduce_s"], choices, link["gather_bcast_s"], link["back_to_back_s"])
     projected = [ce.project_decode(c, *costs) for c in compute]
     tokens_per_s = float(np.mean([1 / s for s, _ in projected]))

@@ -168,28 +168,15 @@ def decode_run(model, n_gen, on_token=None):
 
 
 def decode_breakdown(model, n_gen):
-    """One decode run of ``n_gen`` tokens, instrumented (``Breakdown``): ``combine``'s record of the decode
-    forwards alone (the counters restart when the prompt's token arrives), plus this rank's Allreduce "calls",
-    "bytes" (payload), "sent" (bytes on the wire, ``TimedComm``) and its "collectives" (every one the instrument
-    saw)."""
-    with Breakdown(model) as b:
-        first = []
-
-        def on_token(token):
-            if not first:  # the prompt's forward is done: count the decode forwards only
-                first.append(token)
-                b.reset()
-
-        own = decode_run(model, n_gen, on_token)
-        calls, nbytes, sent, collectives = b.tc.calls, b.tc.bytes, b.tc.sent, len(b.wc.log)
-        rec = combine(model.comm, own, *b.own(own))
-    return dict(rec, calls=calls, bytes=nbytes, sent=sent, collectives=collectives)
+    """One decode run of ``n_gen`` tokens after a one-token prompt, instrumented: ``batch_breakdown``."""
+    return batch_breakdown(model, [[0]], n_gen + 1)
 
 
 def batch_breakdown(model, prompts, n_gen):
-    """``decode_breakdown`` of one ``generate_batch`` of ``prompts``: ``combine``'s record of its decode steps
-    (the counters restart once every prompt's first token is known), with the Allreduce "calls" and the
-    "collectives" of those steps, and their number, "steps"."""
+    """One ``generate_batch`` of ``prompts`` (``n_gen`` new tokens each), instrumented (``Breakdown``):
+    ``combine``'s record of its decode steps alone (the counters restart once every prompt's first token is
+    known), plus this rank's Allreduce "calls", "bytes" (payload), "sent" (bytes on the wire, ``TimedComm``) and
+    "collectives" (every one the instrument saw) in those steps, and their number, "steps"."""
     cache = new_batch_cache(model, prompts, n_gen)
     with Breakdown(model) as b:
         known = []
@@ -201,9 +188,9 @@ def batch_breakdown(model, prompts, n_gen):
 
         model.comm.Barrier()
         own = generate_batch(model, prompts, n_gen, Sampler(), on_token=on_token, cache=cache)[0].timing.decode_seconds
-        calls, collectives = b.tc.calls, len(b.wc.log)
+        calls, nbytes, sent, collectives = b.tc.calls, b.tc.bytes, b.tc.sent, len(b.wc.log)
         rec = combine(model.comm, own, *b.own(own))
-    return dict(rec, calls=calls, collectives=collectives, steps=n_gen - 1)
+    return dict(rec, calls=calls, bytes=nbytes, sent=sent, collectives=collectives, steps=n_gen - 1)
 
 
 def prefill_breakdown(model, n_prompt):
