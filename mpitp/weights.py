@@ -16,7 +16,10 @@ import numpy as np
 from .arena import Arena, padded_shape
 from .errors import CheckpointError
 from .families import FAMILIES
+from .matrix import matrix
 from .sharding import full_shape, rank_slice
+
+MATRICES = {"W_QKV", "W_B", "W_C", "W_D", "W_vocab"}  # multiplied as ``mpitp.matrix.Matrix`` (a few rows: row by row)
 
 
 @dataclass(kw_only=True)
@@ -233,7 +236,7 @@ def load_weights(ckpt, config, shard, dtype, arena=True, part=None):
             col += width
         if "norm" in field and field.endswith("_weight"):
             out += config.norm_offset  # Gemma's norms scale by (1 + weight)
-        return out
+        return matrix(out) if field in MATRICES else out
 
     try:
         blocks = [BlockWeights(**{f: read(f, p, layer) for f, p in block.items()}) for layer in layers]
@@ -242,5 +245,5 @@ def load_weights(ckpt, config, shard, dtype, arena=True, part=None):
     finally:
         getattr(ckpt, "close", lambda: None)()  # a stand-in for a checkpoint (the bench's) may hold no files
     if config.tie_word_embeddings and arrays["W_vocab"] is not None:  # a middle stage has neither
-        arrays["W_embed"] = arrays["W_vocab"].T  # [n_vocab_local, n_embd]: a view
+        arrays["W_embed"] = arrays["W_vocab"].T.view(np.ndarray)  # [n_vocab_local, n_embd]: a view
     return blocks, GlobalWeights(**arrays)

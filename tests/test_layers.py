@@ -8,6 +8,7 @@ import pytest
 import dense_reference
 from mpitp.config import RopeConfig, config_from_dict
 from mpitp.layers import apply_rope, attention, causal_mask, erf, gelu_erf, rope_inv_freq, rope_tables, silu
+from mpitp.matrix import ROW_BY_ROW, Matrix, matrix, rows_product
 
 
 def test_rope_is_a_complex_rotation_of_half_pairs():
@@ -106,3 +107,23 @@ def test_silu_of_large_negative_values_is_exact_and_raises_nothing():
         got = silu(x.copy())
     expected = x.astype(np.float64) / (1.0 + np.exp(-x.astype(np.float64)))
     assert np.allclose(got, expected, rtol=1e-6, atol=1e-30)
+
+
+def test_a_weight_multiplies_a_few_rows_one_by_one_and_more_as_one_product():
+    # mpitp.matrix: 2 to ROW_BY_ROW rows, each row's product is exactly its product alone (a GEMV), a panel of
+    # columns at a time (4001 columns of 96 rows: two panels, the second ending off the alignment); more rows are
+    # one GEMM, exactly NumPy's; either way the result is a plain array.
+    rng = np.random.default_rng(2)
+    for shape in ((96, 40), (96, 4001)):
+        W = rng.standard_normal(shape).astype(np.float32)
+        M = matrix(W)
+        assert isinstance(M, Matrix) and np.shares_memory(M, W) and matrix(None) is None
+        for n in range(1, ROW_BY_ROW + 3):
+            x = rng.standard_normal((n, 96)).astype(np.float32)
+            y = x @ M
+            assert type(y) is np.ndarray and y.shape == (n, shape[1])
+            assert np.array_equal(y, np.stack([row @ W for row in x]) if n <= ROW_BY_ROW else x @ W)
+            assert np.array_equal(rows_product(x, W), np.stack([row @ W for row in x]))
+            assert np.abs(y - x.astype(np.float64) @ W.astype(np.float64)).max() < 1e-4
+        v = rng.standard_normal(96).astype(np.float32)
+        assert type(v @ M) is np.ndarray and np.array_equal(v @ M, v @ W)
