@@ -117,7 +117,7 @@ def generate_batch(model, prompts, max_new_tokens, sampler=None, stop_ids=(), tr
     rows = list(range(len(prompts)))  # the sequence in each row of the cache: a finished one leaves the batch
     for step in range(max_new_tokens):
         # Every rank takes part in each choice; root decides, then tells every rank the tokens and stops.
-        tokens = [sampler.choose(model.comm, logits[k], model.shard.vocab_start, step, root) for k in range(len(rows))]
+        tokens = sampler.choose_rows(model.comm, logits, model.shard.vocab_start, step, root)
         dones = [is_root and (t in stop_ids or step + 1 >= max_new_tokens) for t in tokens]
         sent = mpi.bcast_ints(model.comm, [t if is_root else 0 for t in tokens] + dones, root=root)
         tokens, dones = sent[:len(rows)], sent[len(rows):]

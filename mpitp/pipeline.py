@@ -204,7 +204,7 @@ def _choose(model, link, sampler, logits, step, stop_ids, max_new):
     """On the last stage: the next token of each row of ``logits`` ``[n, n_vocab_local]`` at ``step``, chosen by
     its rank 0 as ``generate_batch`` chooses it, told to the stage's ranks and sent to their first-stage peers."""
     is_root = model.comm.Get_rank() == 0
-    tokens = [sampler.choose(model.comm, row, model.shard.vocab_start, step, 0) for row in logits]
+    tokens = sampler.choose_rows(model.comm, logits, model.shard.vocab_start, step, 0)
     dones = [is_root and (t in stop_ids or step + 1 >= max_new) for t in tokens]
     link.send_tokens(mpi.bcast_ints(model.comm, [t if is_root else 0 for t in tokens] + dones, root=0))
 

@@ -83,12 +83,25 @@ class Sampler:
     def choose(self, comm, logits, vocab_start, step, root=0):
         """The next token (an int on ``root``, None elsewhere) from every rank's ``logits`` ``[n_vocab_local]``
         of one position, for ids ``vocab_start ..``; ``step`` keys the noise. Collective over ``comm``."""
+        return self.choose_rows(comm, np.asarray(logits)[None], vocab_start, step, root)[0]
+
+    def choose_rows(self, comm, logits, vocab_start, step, root=0):
+        """``choose`` for each row of ``logits`` ``[n_rows, n_vocab_local]`` (a batch's sequences at one step):
+        a list of ``n_rows`` tokens on ``root`` (None elsewhere), each the token its row alone gets. Greedy and
+        plain temperature send one (value, id) pair per row and rank in one Gather; top-k and top-p choose row
+        by row."""
         if self.temperature == 0:  # greedy: no copy of the logits, no array of ids (this runs every token)
             return self._argmax_over_ranks(comm, np.asarray(logits), vocab_start, root)
+        if self.top_k or self.top_p < 1:
+            return [self._choose_candidates(comm, row, vocab_start, step, root) for row in logits]
+        scaled = np.asarray(logits, dtype=np.float64) / self.temperature
+        ids = vocab_start + np.arange(scaled.shape[-1])
+        return self._argmax_over_ranks(comm, scaled + gumbel_noise(self.seed, step, ids), vocab_start, root)
+
+    def _choose_candidates(self, comm, logits, vocab_start, step, root):
+        # One row's token with top-k or top-p: the kept candidates on root, then their Gumbel-max.
         scaled = np.asarray(logits, dtype=np.float64) / self.temperature
         ids = vocab_start + np.arange(len(scaled))
-        if not self.top_k and self.top_p == 1:  # plain temperature: Gumbel-max over every id
-            return self._argmax_over_ranks(comm, scaled + gumbel_noise(self.seed, step, ids), vocab_start, root)
         cand_scaled, cand_ids = self._candidates(comm, scaled, ids, root)
         if comm.Get_rank() != root:
             return None
@@ -97,14 +110,16 @@ class Sampler:
 
     @staticmethod
     def _argmax_over_ranks(comm, values, vocab_start, root):
-        """The id of the largest value over all ranks (lowest id among equal ones), on root: one pair each.
-        ``values[j]`` belongs to id ``vocab_start + j``."""
-        i = int(np.argmax(values))  # the first of equal maxima: the lowest id of this rank
-        pairs = mpi.gather_to_root(comm, np.array([values[i], vocab_start + i], dtype=np.float64), root)
+        """Per row of ``values`` ``[n_rows, n]`` the id of its largest value over all ranks (lowest id among equal
+        ones), on root (None elsewhere): one pair per row and rank. ``values[:, j]`` belongs to id
+        ``vocab_start + j``."""
+        i = np.argmax(values, axis=-1)  # the first of equal maxima: the lowest id of this rank
+        mine = np.stack([values[np.arange(len(i)), i], vocab_start + i], axis=-1).astype(np.float64)
+        pairs = mpi.gather_to_root(comm, mine, root)  # [size, n_rows, 2]
         if pairs is None:
-            return None
-        _check_finite(pairs[:, 0])  # NaN is the largest to argmax, +inf is the largest: either shows here
-        return int(pairs[_best(pairs[:, 0], pairs[:, 1]), 1])
+            return [None] * len(i)
+        _check_finite(pairs[..., 0])  # NaN is the largest to argmax, +inf is the largest: either shows here
+        return [int(p[_best(p[:, 0], p[:, 1]), 1]) for p in pairs.swapaxes(0, 1)]
 
     def _candidates(self, comm, scaled, ids, root):
         """The kept (scaled logit, id) pairs, on root: the top k, then the top-p share of them."""

@@ -36,6 +36,25 @@ def test_split_choice_equals_whole_choice(sampler):
             assert split_choose(sampler, logits, size, step) == whole
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: f"T{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_a_batch_of_rows_gets_each_row_alone_s_token(sampler):
+    # choose_rows (a batch's step: one Gather for every row, or row by row with top-k/top-p) against choose of
+    # each row alone on the whole vocabulary, at 1 to 4 ranks; a list on the root, None for each row elsewhere.
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, 211)) * np.array([0.1, 1.0, 5.0, 1.0, 2.0])[:, None]
+    logits[3, [7, 150]] = logits[3].max() + 1  # a tie across ranks: the lowest id
+    for step in (0, 5):
+        alone = [whole_choose(sampler, row, step) for row in logits]
+        if sampler.temperature == 0:  # and independently of mpitp: NumPy's argmax, the first of equal maxima
+            assert alone == np.argmax(logits, axis=1).tolist() and alone[3] == 7
+        for size in (1, 2, 3, 4):
+            def body(c):
+                start, n = block_range(logits.shape[1], size, c.Get_rank())
+                return sampler.choose_rows(c, logits[:, start:start + n], start, step)
+            chosen = run_ranks(size, body)
+            assert chosen[0] == alone and all(c == [None] * 5 for c in chosen[1:])
+
+
 def test_ties_go_to_the_lowest_id_in_every_split():
     logits = np.zeros(101)
     logits[[17, 45, 80]] = 3.0  # equal maxima on different ranks

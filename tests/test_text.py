@@ -63,10 +63,11 @@ def test_bos_is_added_when_the_tokenizer_config_says_so(tmp_path):
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-gqa"])
 def test_batch_equals_one_by_one(name):
-    # Prompts of lengths 1, 7 and 33 in one batch: each exactly as alone (and as HF, greedy).
+    # Prompts of lengths 1, 7 and 33 in one batch: each exactly as alone (and as HF, greedy), whether the batch's
+    # choices are one Gather (greedy, plain temperature) or one row at a time (top-k, top-p).
     g = golden(name)
     prompts = [g[f"prompt_L{L}"].tolist() for L in (33, 1, 7)]
-    for sampler in (Sampler(0), Sampler(0.9, top_k=20, seed=4), Sampler(1.1, top_p=0.8, seed=5)):
+    for sampler in (Sampler(0), Sampler(0.8, seed=3), Sampler(0.9, top_k=20, seed=4), Sampler(1.1, top_p=0.8, seed=5)):
         def run(c):
             model = load_model(model_dir(name), c, "float64")
             fresh = lambda: Sampler(sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)  # noqa: E731
