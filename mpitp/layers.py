@@ -149,22 +149,33 @@ def rope_inv_freq(rope, d_head):
 
 
 def rope_tables(inv_freq, positions, dtype):
-    """``(cos, sin)``, each ``[n_rows, d_head // 2]``, for integer positions ``[n_rows]``."""
+    """``(cos, sin)``, each ``[n_rows, 1, r]`` (r = 2 len(inv_freq), the rotary dimensions), for integer positions
+    ``[n_rows]``: per dimension the cosine of its angle, and its sine with the sign the turn gives it (``apply_rope``):
+    -sin on the first half, +sin on the second."""
     angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    cos, sin = np.cos(angles), np.sin(angles)
+    return (np.concatenate([cos, cos], -1)[:, None].astype(dtype),
+            np.concatenate([-sin, sin], -1)[:, None].astype(dtype))
+
+
+_HALVES_SWAPPED = {}
 
 
 def apply_rope(x, rope):
-    # Hugging Face's rotate-half convention: dimension i is paired with i + r/2 among the first r = 2 len(cos)
-    # dimensions of each head (r = d_head but for GPT-NeoX's partial rotary); the rest pass unturned. No tables,
-    # no rotation. [n_rows, n_heads, d_head] -> [n_rows, n_heads, d_head]
+    # Hugging Face's rotate-half convention: dimension i is paired with i + r/2 among the first r dimensions of each
+    # head (r = d_head but for GPT-NeoX's partial rotary); the rest pass unturned. With the tables' signed sine, the
+    # pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin) = x cos + [x2, x1] sin, rounded exactly as that
+    # textbook formula is (a - b s = a + b (-s)). No tables, no rotation.
+    # [n_rows, n_heads, d_head] -> [n_rows, n_heads, d_head]
     if rope is None:
         return x
-    (cos, sin), half = rope, rope[0].shape[-1]
-    x1, x2 = x[..., :half], x[..., half:2 * half]
-    c, s = cos[..., None, :], sin[..., None, :]
-    turned = [x1 * c - x2 * s, x2 * c + x1 * s]
-    return np.concatenate(turned + [x[..., 2 * half:]] if 2 * half < x.shape[-1] else turned, axis=-1)
+    cos, sin = rope
+    r = cos.shape[-1]
+    if r not in _HALVES_SWAPPED:
+        _HALVES_SWAPPED[r] = np.r_[r // 2:r, 0:r // 2]
+    y = x[..., :r] * cos
+    y += x[..., _HALVES_SWAPPED[r]] * sin
+    return y if r == x.shape[-1] else np.concatenate([y, x[..., r:]], axis=-1)
 
 
 def causal_mask(positions, keys, dtype, window=0):
