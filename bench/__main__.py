@@ -233,8 +233,9 @@ def batch_test(model, sizes, n_prompt, n_gen, repeats, read_rate, rng, progress=
         for _ in range(repeats):
             rates.append(read_rate())
             runs.append(batch_run(model, prompts, n_gen))
+        products = {way: ce.measure_decode_products(model, n_rows=b, way=way) for way in ce.product_ways(b)}
         out.append(ce.batch_record(b, n_prompt, n_gen, runs, rates, ce.decode_read_bytes(model, n_kv, b), flops,
-                                   gemm))
+                                   gemm, products, model.cache_bytes(n_kv, b)))
         projection = out[-1]["projection"] = ce.project_batch(bd, link, b)
         projection["error_percent"] = 100 * (projection["tokens_per_s"] / out[-1]["decode_tokens_per_s"] - 1)
     return out

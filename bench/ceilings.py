@@ -11,6 +11,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.arena import Arena
 from mpitp.families import FAMILIES
+from mpitp.matrix import ROW_BY_ROW, rows_product
 
 from .timing import timed_runs
 
@@ -87,10 +88,16 @@ def batch_ceiling(n_batch, read_bytes, flops_per_token, read_rate, gemm_rate):
     return n_batch / max(read_s, compute_s), "DRAM" if read_s >= compute_s else "GEMM"
 
 
-def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_per_token, gemm_rate):
+def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_per_token, gemm_rate, products=None,
+                 cache_bytes=0):
     """One batch size's entry of the record's "batch" list: its runs (``timing.batch_run``, raw), the means
     of llama-batched-bench's figures over them, aggregate and per-sequence decode tokens/s, and each run
-    against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it)."""
+    against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it).
+
+    ``products``: seconds of one step's matrix products alone each way (``measure_decode_products``), e.g.
+    ``{"GEMM": s, "row by row": s}``. With them, each run also against the measured ceiling: the fastest way's
+    products plus reading the ``cache_bytes`` of the batch's KV cache at the run's DRAM rate (attention's
+    reads, which the products leave out); and the way the model chose (``product_chosen``)."""
     agg = [r["decode_tokens"] / r["decode_seconds"] for r in runs]
     ceilings = [batch_ceiling(n_batch, read_bytes, flops_per_token, bw, gemm_rate)[0] for bw in read_rates]
     n_kv = n_batch * (n_prompt + n_gen - 1)  # positions cached at the end: the last token is never fed back
@@ -98,18 +105,25 @@ def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_p
     def mean(values):
         return float(np.mean(values))
 
-    return {"batch": n_batch, "n_prompt": n_prompt, "n_gen": n_gen, "n_kv": n_kv, "runs": runs,
-            "prefill_seconds": mean([r["prefill_seconds"] for r in runs]),
-            "prefill_tokens_per_s": mean([r["prefill_tokens"] / r["prefill_seconds"] for r in runs]),
-            "decode_seconds": mean([r["decode_seconds"] for r in runs]),
-            "decode_tokens_per_s": mean(agg), "decode_tokens_per_s_per_sequence": mean(agg) / n_batch,
-            "total_seconds": mean([r["seconds"] for r in runs]),
-            "total_tokens_per_s": mean([n_kv / r["seconds"] for r in runs]),
-            "read_bytes_per_step": read_bytes, "flops_per_step": n_batch * flops_per_token,
-            "read_bandwidth_GBps": [bw / 1e9 for bw in read_rates], "gemm_GFps": gemm_rate / 1e9,
-            "ceiling_tokens_per_s": mean(ceilings),
-            "bound": batch_ceiling(n_batch, read_bytes, flops_per_token, mean(read_rates), gemm_rate)[1],
-            "percent_of_ceiling": 100 * mean(np.divide(agg, ceilings))}
+    rec = {"batch": n_batch, "n_prompt": n_prompt, "n_gen": n_gen, "n_kv": n_kv, "runs": runs,
+           "prefill_seconds": mean([r["prefill_seconds"] for r in runs]),
+           "prefill_tokens_per_s": mean([r["prefill_tokens"] / r["prefill_seconds"] for r in runs]),
+           "decode_seconds": mean([r["decode_seconds"] for r in runs]),
+           "decode_tokens_per_s": mean(agg), "decode_tokens_per_s_per_sequence": mean(agg) / n_batch,
+           "total_seconds": mean([r["seconds"] for r in runs]),
+           "total_tokens_per_s": mean([n_kv / r["seconds"] for r in runs]),
+           "read_bytes_per_step": read_bytes, "flops_per_step": n_batch * flops_per_token,
+           "read_bandwidth_GBps": [bw / 1e9 for bw in read_rates], "gemm_GFps": gemm_rate / 1e9,
+           "ceiling_tokens_per_s": mean(ceilings),
+           "bound": batch_ceiling(n_batch, read_bytes, flops_per_token, mean(read_rates), gemm_rate)[1],
+           "percent_of_ceiling": 100 * mean(np.divide(agg, ceilings)), "product": product_chosen(n_batch)}
+    if products:
+        fastest = min(products, key=products.get)
+        measured = [n_batch / (products[fastest] + cache_bytes / bw) for bw in read_rates]
+        rec.update({"products_seconds": dict(products), "fastest_product": fastest, "cache_bytes_per_step": cache_bytes,
+                    "products_ceiling_tokens_per_s": mean(measured),
+                    "percent_of_products_ceiling": 100 * mean(np.divide(agg, measured))})
+    return rec
 
 
 def imbalance(values):
@@ -172,18 +186,32 @@ def decode_matrices(model):
     return [m for w in model.blocks for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)] + [model.weights.W_vocab]
 
 
-def measure_decode_products(model, repeats=3):
-    """Seconds for decode's matrix products alone: one token through every block's W_QKV, W_B, W_C, W_D and
-    the LM head of this rank's own weights, back to back, with nothing else (all ranks at once; the slowest
-    rank's best). What NumPy and the BLAS reach at this model's shapes: the forward's floor."""
-    pairs = [(np.ones(m.shape[0], model.dtype), m) for m in decode_matrices(model)]
+def measure_decode_products(model, repeats=3, n_rows=1, way="GEMM"):
+    """Seconds for decode's matrix products alone: one token (``n_rows``: a batch's step of that many) through
+    every block's W_QKV, W_B, W_C, W_D and the LM head of this rank's own weights, back to back, with nothing
+    else (all ranks at once; the slowest rank's best). Several rows go ``way``: "GEMM" (one product of
+    ``n_rows`` rows) or "row by row" (``mpitp.matrix.rows_product``: ``n_rows`` vector-matrix products, a
+    panel of columns at a time). What NumPy and the BLAS reach at this
+    model's shapes, its weights read from memory as decoding reads them: the forward's floor."""
+    mats = [m.view(np.ndarray) for m in decode_matrices(model)]  # not the model's own choice (mpitp.matrix)
+    pairs = [(np.ones((n_rows, m.shape[0]) if n_rows > 1 else m.shape[0], model.dtype), m) for m in mats]
 
     def run():
         for x, m in pairs:
-            x @ m
+            rows_product(x, m) if way == "row by row" else x @ m
 
     run()
     return min(timed_runs(model.comm, run, repeats))
+
+
+def product_ways(n_rows):
+    """The ways the BLAS can multiply ``n_rows`` rows by a matrix: "GEMV" for one, else "GEMM" and "row by row"."""
+    return ["GEMV"] if n_rows == 1 else ["GEMM", "row by row"]
+
+
+def product_chosen(n_rows):
+    """How the model's weights (``mpitp.matrix.Matrix``) multiply ``n_rows`` rows."""
+    return "GEMV" if n_rows == 1 else "row by row" if n_rows <= ROW_BY_ROW else "GEMM"
 
 
 def measure_gemm_rate(model, n_seq, n_kv=None, repeats=5):
@@ -192,7 +220,7 @@ def measure_gemm_rate(model, n_seq, n_kv=None, repeats=5):
     the model multiplies (per group of query heads sharing a key/value head, [group n_seq, d_head] times
     Kᵀ [d_head, n_kv], then [group n_seq, n_kv] times V [n_kv, d_head], for every group at once)."""
     w, cfg = model.blocks[0], model.config
-    mats = [w.W_QKV, w.W_B, w.W_C, w.W_D]
+    mats = [w.W_QKV, w.W_B, w.W_C, w.W_D]  # multiplied as the model multiplies them (mpitp.matrix)
     pairs = [(np.ones((n_seq, m.shape[0]), model.dtype), m) for m in mats]
     flops = sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats)
     if n_kv is not None:
@@ -303,7 +331,8 @@ def project_decode(compute_s, n_allreduce, allreduce_s, n_choice, choice_s, back
 
 def per_step(breakdown):
     """``(compute seconds, Allreduce calls, token choices)`` per decode step of an instrumented run
-    (``timing.batch_breakdown``): a choice is a Gather per sequence and a Bcast, counted as half each."""
+    (``timing.batch_breakdown``): a choice is a Gather (of every sequence's candidates) and a Bcast, counted as
+    half each."""
     steps = breakdown["steps"]
     return (breakdown["critical_s"] / steps, breakdown["calls"] / steps,
             (breakdown["collectives"] - breakdown["calls"]) / (2 * steps))

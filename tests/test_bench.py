@@ -201,11 +201,20 @@ def test_batch_test_on_simulated_ranks():
         # as in the hand count above, at the mean position a decode step sees, 6 + 4 // 2 = 8
         assert r["n_kv"] == b * 9 and r["flops_per_step"] == b * (2 * (49152 + 2 * 2 * 16 * 2 * 8) + 16384)
         assert r["read_bytes_per_step"] == 234752 + b * 2 * 2 * 2 * 8 * 16 * 4
+        # the products both ways (one way for one row), the model's choice, and the measured ceiling: the fastest
+        # products plus the KV cache at 10 GB/s
+        ways = {1: ["GEMV"], 2: ["GEMM", "row by row"], 5: ["GEMM", "row by row"]}[b]
+        assert sorted(r["products_seconds"]) == ways and r["fastest_product"] in ways
+        assert r["product"] == {1: "GEMV", 2: "row by row", 5: "GEMM"}[b]
+        assert r["cache_bytes_per_step"] == b * 2 * 2 * 2 * 8 * 16 * 4
+        step = min(r["products_seconds"].values()) + r["cache_bytes_per_step"] / 10e9
+        assert r["products_ceiling_tokens_per_s"] == pytest.approx(b / step, rel=1e-12)
+        assert r["percent_of_products_ceiling"] == pytest.approx(100 * r["decode_tokens_per_s"] * step / b, rel=1e-9)
         # the projection's counts, from its instrumented run: the embedding's Allreduce and the seed's 2 in each of
-        # the 2 layers, a Gather per sequence and one Bcast (each half a choice); its link measured with a step's
-        # message
+        # the 2 layers, one Gather for every sequence's choice and one Bcast (each half a choice); its link
+        # measured with a step's message
         p = r["projection"]
-        assert (p["allreduce_calls_per_step"], p["choices_per_step"]) == (5, (b + 1) / 2)
+        assert (p["allreduce_calls_per_step"], p["choices_per_step"]) == (5, 1)
         assert p["link"]["message_bytes"] == b * 64 * 4 and p["tokens_per_s"] > 0 and p["compute_ms_per_step"] > 0
 
 
@@ -372,9 +381,15 @@ def test_batch_tables():
     assert lines[2] == "| 64 | 32 |  1 |   95 |  0.070 |   914.30 |  0.350 |    88.57 | 0.420 |  226.19 |"
     lines = report.batch_ceiling_table(batch).splitlines()
     assert lines[0].startswith("| batch | aggregate t/s | per sequence t/s | x batch 1 | MB read/step |")
-    assert lines[1].endswith("| ----- | -----------: |")  # the bound left-aligned, numbers right
+    assert "| ----- | -----------: | ------- | ------- | -------------------: | ------: |" in lines[1]  # words left
+    # a record from before the products were timed: no product, no measured ceiling
     assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["16", "708.60", "44.29", "8.00x", "266.00", "1984.0",
-                                                             "26.0", "80.0", "1000.00", "GEMM", "71%"]
+                                                             "26.0", "80.0", "1000.00", "GEMM", "71%", "-", "-", "-",
+                                                             "-"]
+    timed = dict(batch[1], product="GEMM", fastest_product="row by row", products_ceiling_tokens_per_s=800.0,
+                 percent_of_products_ceiling=100 * 708.6 / 800)
+    assert [c.strip() for c in report.batch_ceiling_table([batch[0], timed]).splitlines()[3].split("|")[12:-1]] == [
+        "GEMM", "row by row", "800.00", "89%"]
     text = report.format_batch({"batch": batch})
     assert text.count("| S_TG t/s |") == 1 and text.count("% of ceiling") == 1 and "mean of 2 run(s)" in text
     assert "projected" not in text  # a record from before the projection
@@ -681,7 +696,8 @@ def test_cli_runs_reports_and_summarizes(tmp_path):
     assert re.search(r"^projection, decode: compute .* measured \([+-]\d+\.\d%\)", r.stdout, re.M)
     assert re.search(r"^\|  8 \|  4 \| 3 \|   33 \| ", r.stdout, re.M)  # the batched-bench table, batch 3
     share = re.escape(report.percent(rec["batch"][1]["percent_of_ceiling"]))  # the warning beside it if above 100%
-    assert re.search(rf"^\|     3 \| .* \| (DRAM|GEMM)  \| +{share} \|$", r.stdout, re.M)
+    assert re.search(rf"^\|     3 \| .* \| (DRAM|GEMM)  \| +{share} \| row by row \| (GEMM|row by row) +\| +[\d.]+ \| .+ \|$",
+                     r.stdout, re.M)  # 3 rows: the model multiplies them row by row (mpitp.matrix)
     assert r.stderr.count("bench: ") == r.stderr.count(" ...\n") >= 3  # progress lines only: no error
     s = run_bench(["--summarize", str(out), str(out), "--plot", str(tmp_path / "s.png"),
                    "--batch-plot", str(tmp_path / "b.png")], 1)
