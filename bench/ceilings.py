@@ -94,10 +94,11 @@ def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_p
     of llama-batched-bench's figures over them, aggregate and per-sequence decode tokens/s, and each run
     against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it).
 
-    ``products``: seconds of one step's matrix products alone each way (``measure_decode_products``), e.g.
-    ``{"GEMM": s, "row by row": s}``. With them, each run also against the measured ceiling: the fastest way's
-    products plus reading the ``cache_bytes`` of the batch's KV cache at the run's DRAM rate (attention's
-    reads, which the products leave out); and the way the model chose (``product_chosen``)."""
+    "product" is how the model multiplies ``n_batch`` rows (``product_chosen``); at 2 to 4 rows it does not use
+    GEMM, and the ceiling above does not bound it. ``products``: seconds of one step's matrix products alone each
+    way (``measure_decode_products``), e.g. ``{"GEMM": s, "row by row": s}``; with them, each run also against
+    the products ceiling: the fastest way's products plus reading the ``cache_bytes`` of the batch's KV cache at
+    the run's DRAM rate (attention's reads, which the products leave out)."""
     agg = [r["decode_tokens"] / r["decode_seconds"] for r in runs]
     ceilings = [batch_ceiling(n_batch, read_bytes, flops_per_token, bw, gemm_rate)[0] for bw in read_rates]
     n_kv = n_batch * (n_prompt + n_gen - 1)  # positions cached at the end: the last token is never fed back
@@ -220,7 +221,7 @@ def measure_gemm_rate(model, n_seq, n_kv=None, repeats=5):
     the model multiplies (per group of query heads sharing a key/value head, [group n_seq, d_head] times
     Kᵀ [d_head, n_kv], then [group n_seq, n_kv] times V [n_kv, d_head], for every group at once)."""
     w, cfg = model.blocks[0], model.config
-    mats = [w.W_QKV, w.W_B, w.W_C, w.W_D]  # multiplied as the model multiplies them (mpitp.matrix)
+    mats = [m.view(np.ndarray) for m in (w.W_QKV, w.W_B, w.W_C, w.W_D)]  # one GEMM, however the model multiplies
     pairs = [(np.ones((n_seq, m.shape[0]), model.dtype), m) for m in mats]
     flops = sum(2 * n_seq * m.shape[0] * m.shape[1] for m in mats)
     if n_kv is not None:
@@ -331,8 +332,8 @@ def project_decode(compute_s, n_allreduce, allreduce_s, n_choice, choice_s, back
 
 def per_step(breakdown):
     """``(compute seconds, Allreduce calls, token choices)`` per decode step of an instrumented run
-    (``timing.batch_breakdown``): a choice is a Gather (of every sequence's candidates) and a Bcast, counted as
-    half each."""
+    (``timing.batch_breakdown``): a choice is a Gather and a Bcast, counted as half each (greedy, as the bench
+    runs, gathers every sequence's candidate in one)."""
     steps = breakdown["steps"]
     return (breakdown["critical_s"] / steps, breakdown["calls"] / steps,
             (breakdown["collectives"] - breakdown["calls"]) / (2 * steps))

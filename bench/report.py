@@ -164,7 +164,8 @@ def ceiling_percents(rec):
                 ("prefill (pp) against its roofline", rf["prefill_percent"]),
                 ("decode's products alone against the DRAM read rate", dp["percent_of_read_bandwidth"]),
                 ("the generation step against its products alone", dp["forward_percent_of_products"])]
-    out += [(f"batch {r['batch']}'s decode against its ceiling", r["percent_of_ceiling"]) for r in rec.get("batch", [])]
+    out += [(f"batch {r['batch']}'s decode against its ceiling", r["percent_of_ceiling"]) for r in rec.get("batch", [])
+            if r.get("product") != "row by row"]  # at 2 to 4 rows no GEMM: the products ceiling bounds them
     out += [(f"batch {r['batch']}'s decode against its products ceiling", r["percent_of_products_ceiling"])
             for r in rec.get("batch", []) if "percent_of_products_ceiling" in r]
     return out
@@ -229,7 +230,8 @@ def batch_ceiling_table(batch):
     """Aggregate and per-sequence decode tokens/s per batch size, the speedup over the smallest batch, what a
     step reads and computes per rank, the rates measured, the ceiling, what binds and the share reached; then
     the product the model chose, the fastest one measured, and the measured ceiling and the share of it
-    (records before 2026-12-08 have neither: "-")."""
+    (older records have neither: "-"). At 2 to 4 rows the model does not multiply by GEMM and the first
+    ceiling does not bound it: its share stands without a warning there."""
     base = batch[0]
     head = ["batch", "aggregate t/s", "per sequence t/s", f"x batch {base['batch']}", "MB read/step",
             "MFLOP/step", "DRAM GB/s", "GEMM GFLOP/s", "ceiling t/s", "bound", "% of ceiling", "product",
@@ -237,11 +239,16 @@ def batch_ceiling_table(batch):
     rows = [[str(r["batch"]), f"{r['decode_tokens_per_s']:.2f}", f"{r['decode_tokens_per_s_per_sequence']:.2f}",
              f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", f"{r['read_bytes_per_step'] / 1e6:.2f}",
              f"{r['flops_per_step'] / 1e6:.1f}", f"{np.mean(r['read_bandwidth_GBps']):.1f}", f"{r['gemm_GFps']:.1f}",
-             f"{r['ceiling_tokens_per_s']:.2f}", r["bound"], percent(r["percent_of_ceiling"]), r.get("product", "-"),
+             f"{r['ceiling_tokens_per_s']:.2f}", r["bound"], gemm_share(r), r.get("product", "-"),
              r.get("fastest_product", "-")] + ([f"{r['products_ceiling_tokens_per_s']:.2f}",
                                                percent(r["percent_of_products_ceiling"])]
                                               if "fastest_product" in r else ["-", "-"]) for r in batch]
     return markdown(head, rows, left={9, 11, 12})
+
+
+def gemm_share(r):
+    """A batch's share of its DRAM-or-GEMM ceiling; no warning above 100% where the model multiplied row by row."""
+    return f"{r['percent_of_ceiling']:.0f}%" if r.get("product") == "row by row" else percent(r["percent_of_ceiling"])
 
 
 def batch_projection_table(batch):
@@ -265,10 +272,10 @@ def format_batch(rec):
         batched_bench_table(b), "",
         "# batched decode against its ceiling, per rank: a step reads every weight once plus the KV cache of all B "
         "sequences (DRAM rate measured right before each run) and computes B tokens (GEMM rate of [B, n_embd] "
-        "products with this model's block matrices, as the model multiplies them); the slower binds. Product: how the model multiplies B rows "
-        "(mpitp.matrix); fastest: the faster of one B-row GEMM and B GEMVs, timed on every weight matrix of the "
-        "model as a step reads them; products ceiling: those products the fastest way, plus reading the KV cache "
-        "at the DRAM rate",
+        "products with this model's block matrices); the slower binds. Product: how the model multiplies B rows "
+        "(mpitp.matrix: row by row at 2 to 4, where that ceiling does not bound it); fastest: the faster of one "
+        "B-row GEMM and B GEMVs, timed on every weight matrix of the model as a step reads them; products "
+        "ceiling: those products the fastest way, plus reading the KV cache at the DRAM rate",
         batch_ceiling_table(b)] + ([] if "projection" not in b[0] else [  # records before 2026-12-07 have none
         "",
         "# batched decode projected (as tg is: the compute of an instrumented run's decode steps on the critical path, "

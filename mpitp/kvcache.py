@@ -82,7 +82,7 @@ class KVCache:
         n_seq, slots = len(K_new) // len(self.lengths), self.slots[layer]
         K, V = self.K[layer], self.V[layer]
         batch_step = n_seq == 1 and len(self.lengths) > 1
-        if batch_step:  # a batch's decode step: every sequence's new key and value into its next slot, at once
+        if batch_step:  # a batch's decode step: every sequence's new key and value into its next slot, in one go
             b, at = np.arange(len(self.lengths)), self.lengths % slots
             K[b, :, at], V[b, :, at] = K_new, V_new
         for b, start in enumerate(() if batch_step else self.lengths.tolist()):

@@ -4,31 +4,38 @@
 which reads W once, straight through. With a few rows, as in decoding a batch of a few sequences, the product is
 still bound by reading W, and OpenBLAS's GEMM packs W before it multiplies: two rows took about twice as long as
 one. ``rows_product`` instead reads W once, a panel of columns at a time, and multiplies every row by a panel
-while it is in the core's cache. Measured on 2026-12-07 on all of a rank's weight matrices, 2 ranks x 1 thread
-(docs/benchmark.md, "batched decode"): on GPT-2-124M's shapes, two rows took 1.8x as long as one row this way
-and 2.2x as one GEMM; at four rows 1.8x against 2.0x; at eight rows GEMM is faster (2.3x against 3.2x).
+while it is in the core's cache. Measured on 2026-12-07 on all of a rank's weight matrices, 2 ranks x 1 thread,
+GPT-2-124M's shapes, three runs (docs/benchmark.md), as multiples of one row's time: two rows 1.2-2.2x this way
+against 1.9-2.7x as one GEMM, three rows 1.5-2.2x against 2.8-3.3x, four rows 1.6-2.5x against 2.0-2.3x (two
+runs of three this way), eight rows 3.2-3.7x against 2.3-2.9x (GEMM).
 
 So the weight matrices (``mpitp.weights``) are ``Matrix``: a NumPy array in every respect, whose product with
-2 to ``ROW_BY_ROW`` rows is ``rows_product``, each row's result bit for bit its product alone. The block still
-reads ``B @ W_B``: the choice lives in the weights' type, not in the block.
+2 to ``ROW_BY_ROW`` rows is ``rows_product``: at one BLAS thread each row's result is bit for bit its product
+alone (a threaded GEMV splits the columns its own way). The block still reads ``B @ W_B``: the choice lives in
+the weights' type, not in the block. Anything else computed from a weight (``W * 2``, ``np.matmul(x, W)``, a sum)
+is a plain array or number; a view of one (``W.T``, a slice) is still a weight.
 """
 
 import numpy as np
 
 ROW_BY_ROW = 4  # products of 2..4 rows go row by row; the bench times both ways at each batch size
 PANEL_BYTES = 768 << 10  # a panel of W's columns, kept in the core's cache while each row multiplies it
-PANEL_ALIGN = 64  # panels start on multiples of 64 columns: each column meets the BLAS kernel as in the whole product
+PANEL_ALIGN = 64  # panels start on multiples of 64 columns: at one thread, each column meets the same BLAS kernel
 
 
 def rows_product(x, W):
     """``x @ W`` for x ``[M, in]``, W ``[in, out]``, as M vector-matrix products, a panel of W's columns at a time
-    (``PANEL_BYTES``): W is read from memory once. Each row's result is exactly ``x[i] @ W``. ``[M, out]``"""
-    out = np.empty((len(x), W.shape[-1]), np.result_type(x, W))
+    (``PANEL_BYTES``): W is read from memory once. At one BLAS thread each row's result is exactly ``x[i] @ W``.
+    ``[M, out]``"""
+    n = W.shape[-1]
+    out = np.empty((len(x), n), np.result_type(x, W))
     width = max(PANEL_ALIGN, PANEL_BYTES // (W.shape[0] * W.itemsize) // PANEL_ALIGN * PANEL_ALIGN)
-    for c in range(0, W.shape[-1], width):
-        panel = W[:, c:c + width]
+    cuts = list(range(0, n, width)) + [n]
+    if len(cuts) > 2 and n - cuts[-2] < PANEL_ALIGN:  # a short last panel joins the one before: NumPy would take
+        del cuts[-2]  # a single column for a dot product, not the BLAS's GEMV
+    for c0, c1 in zip(cuts, cuts[1:]):
         for row, y in zip(x, out):
-            np.matmul(row, panel, out=y[c:c + width])
+            np.matmul(row, W[:, c0:c1], out=y[c0:c1])
     return out
 
 
@@ -39,6 +46,11 @@ class Matrix(np.ndarray):
     def __rmatmul__(self, x):
         x, W = np.asarray(x), self.view(np.ndarray)
         return rows_product(x, W) if x.ndim == 2 and 1 < len(x) <= ROW_BY_ROW else x @ W
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        # What a ufunc computes from a weight (a product, a sum, a comparison) is a plain array, or a number.
+        arr = arr.view(np.ndarray)
+        return arr[()] if return_scalar else arr
 
 
 def matrix(a):

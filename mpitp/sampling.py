@@ -90,7 +90,7 @@ class Sampler:
         a list of ``n_rows`` tokens on ``root`` (None elsewhere), each the token its row alone gets. Greedy and
         plain temperature send one (value, id) pair per row and rank in one Gather; top-k and top-p choose row
         by row."""
-        if self.temperature == 0:  # greedy: no copy of the logits, no array of ids (this runs every token)
+        if self.temperature == 0:  # greedy: no array of ids, no copy of an array of logits (this runs every token)
             return self._argmax_over_ranks(comm, np.asarray(logits), vocab_start, root)
         if self.top_k or self.top_p < 1:
             return [self._choose_candidates(comm, row, vocab_start, step, root) for row in logits]

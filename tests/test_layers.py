@@ -111,19 +111,31 @@ def test_silu_of_large_negative_values_is_exact_and_raises_nothing():
 
 def test_a_weight_multiplies_a_few_rows_one_by_one_and_more_as_one_product():
     # mpitp.matrix: 2 to ROW_BY_ROW rows, each row's product is exactly its product alone (a GEMV), a panel of
-    # columns at a time (4001 columns of 96 rows: two panels, the second ending off the alignment); more rows are
-    # one GEMM, exactly NumPy's; either way the result is a plain array.
+    # columns at a time (4001 columns of 96 rows: two panels, the second ending off the alignment; a last panel of
+    # one column or of 66), more rows are
+    # one GEMM, exactly NumPy's; either way the result is a plain array. At one BLAS thread, as a rank of two on
+    # two cores runs (a threaded GEMV splits the columns its own way).
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        _few_rows_one_by_one_more_as_one_product()
+
+
+def _few_rows_one_by_one_more_as_one_product():
     rng = np.random.default_rng(2)
-    for shape in ((96, 40), (96, 4001)):
+    for shape in ((96, 40), (96, 4001), (768, 2305), (768, 2370), (576, 24577)):
         W = rng.standard_normal(shape).astype(np.float32)
         M = matrix(W)
         assert isinstance(M, Matrix) and np.shares_memory(M, W) and matrix(None) is None
         for n in range(1, ROW_BY_ROW + 3):
-            x = rng.standard_normal((n, 96)).astype(np.float32)
+            x = rng.standard_normal((n, shape[0])).astype(np.float32)
             y = x @ M
             assert type(y) is np.ndarray and y.shape == (n, shape[1])
             assert np.array_equal(y, np.stack([row @ W for row in x]) if n <= ROW_BY_ROW else x @ W)
             assert np.array_equal(rows_product(x, W), np.stack([row @ W for row in x]))
             assert np.abs(y - x.astype(np.float64) @ W.astype(np.float64)).max() < 1e-4
-        v = rng.standard_normal(96).astype(np.float32)
+        v = rng.standard_normal(shape[0]).astype(np.float32)
         assert type(v @ M) is np.ndarray and np.array_equal(v @ M, v @ W)
+        # what is computed from a weight is a plain array or number; a view of it is still a weight
+        assert all(type(a) is np.ndarray for a in (np.matmul(v, M), M * 2, M == W, M @ np.ones(shape[1], np.float32)))
+        assert type(M.sum()) is np.float32 and M.sum() == W.sum()
+        assert type(M.T) is Matrix and type(M[:, :8]) is Matrix
