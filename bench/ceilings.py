@@ -11,7 +11,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.arena import Arena
 from mpitp.families import FAMILIES
-from mpitp.matrix import ROW_BY_ROW, rows_product
+from mpitp.matrix import row_by_row, rows_product
 
 from .timing import timed_runs
 
@@ -212,7 +212,7 @@ def product_ways(n_rows):
 
 def product_chosen(n_rows):
     """How the model's weights (``mpitp.matrix.Matrix``) multiply ``n_rows`` rows."""
-    return "GEMV" if n_rows == 1 else "row by row" if n_rows <= ROW_BY_ROW else "GEMM"
+    return "GEMV" if n_rows == 1 else "row by row" if row_by_row(n_rows) else "GEMM"
 
 
 def measure_gemm_rate(model, n_seq, n_kv=None, repeats=5):

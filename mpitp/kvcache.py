@@ -81,15 +81,15 @@ class KVCache:
         ``[n_batch, n_kv_head_local, n_kv, d_head]``. ``advance`` commits the new positions after the forward."""
         n_seq, slots = len(K_new) // len(self.lengths), self.slots[layer]
         K, V = self.K[layer], self.V[layer]
-        batch_step = n_seq == 1 and len(self.lengths) > 1
-        if batch_step:  # a batch's decode step: every sequence's new key and value into its next slot, in one go
+        if n_seq == 1 and len(self.lengths) > 1:  # a batch's decode step: every sequence's key and value at once
             b, at = np.arange(len(self.lengths)), self.lengths % slots
             K[b, :, at], V[b, :, at] = K_new, V_new
-        for b, start in enumerate(() if batch_step else self.lengths.tolist()):
-            s = start % slots
-            at = slice(s, s + n_seq) if s + n_seq <= slots else (start + np.arange(n_seq)) % slots
-            K[b][:, at] = K_new[b * n_seq:(b + 1) * n_seq].swapaxes(0, 1)
-            V[b][:, at] = V_new[b * n_seq:(b + 1) * n_seq].swapaxes(0, 1)
+        else:
+            for b, start in enumerate(self.lengths.tolist()):
+                s = start % slots
+                at = slice(s, s + n_seq) if s + n_seq <= slots else (start + np.arange(n_seq)) % slots
+                K[b][:, at] = K_new[b * n_seq:(b + 1) * n_seq].swapaxes(0, 1)
+                V[b][:, at] = V_new[b * n_seq:(b + 1) * n_seq].swapaxes(0, 1)
         n_kv = min(slots, int(self.lengths.max()) + n_seq)
         return K[:, :, :n_kv], V[:, :, :n_kv]
 

@@ -23,6 +23,11 @@ PANEL_BYTES = 768 << 10  # a panel of W's columns, kept in the core's cache whil
 PANEL_ALIGN = 64  # panels start on multiples of 64 columns: at one thread, each column meets the same BLAS kernel
 
 
+def row_by_row(n_rows):
+    """Whether ``Matrix`` multiplies ``n_rows`` rows one at a time (``rows_product``)."""
+    return 1 < n_rows <= ROW_BY_ROW
+
+
 def rows_product(x, W):
     """``x @ W`` for x ``[M, in]``, W ``[in, out]``, as M vector-matrix products, a panel of W's columns at a time
     (``PANEL_BYTES``): W is read from memory once. At one BLAS thread each row's result is exactly ``x[i] @ W``.
@@ -45,7 +50,7 @@ class Matrix(np.ndarray):
 
     def __rmatmul__(self, x):
         x, W = np.asarray(x), self.view(np.ndarray)
-        return rows_product(x, W) if x.ndim == 2 and 1 < len(x) <= ROW_BY_ROW else x @ W
+        return rows_product(x, W) if x.ndim == 2 and row_by_row(len(x)) else x @ W
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         # What a ufunc computes from a weight (a product, a sum, a comparison) is a plain array, or a number.
