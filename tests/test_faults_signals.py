@@ -148,9 +148,32 @@ def test_sigterm_ends_a_job_with_a_stuck_rank(tmp_path, phase, to):
         pass
     took = time.monotonic() - t
     _, err = stop_job(proc)
-    assert took < LIMIT and proc.returncode == 143 and "] mpitp: terminated" in err, (took, proc.returncode, err)
+    # A stopped rank cannot act on the signal: Hydra SIGKILLs it (or, when Hydra does not, the ending rank's
+    # kill_stopped_peers_later does, 0.25 s later), and then may report that status, 9: MPICH's own, never 0.
+    codes = (143,) if phase == "stall" else (143, 9)
+    assert took < LIMIT and proc.returncode in codes and "] mpitp: terminated" in err, (took, proc.returncode, err)
     assert "Traceback" not in err
     assert_all_gone(marker, ranks)
+
+
+def test_a_rank_ending_on_a_signal_kills_its_stopped_siblings_if_the_launcher_does_not(tmp_path):
+    # What MPICH's Hydra now and then fails to do (a job that then waits for ever for a stopped rank): a launcher
+    # stand-in starts a rank that stops itself and one that calls kill_stopped_peers_later and exits; the stopped
+    # one is SIGKILLed, and a running sibling is left alone.
+    launcher = textwrap.dedent(f"""
+        import os, signal, subprocess, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        stopped = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"])
+        running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        while open(f"/proc/{{stopped.pid}}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.05)
+        ending = subprocess.Popen([sys.executable, "-c",
+                                   "from mpitp.cli.runner import kill_stopped_peers_later as k; k(0.2)"])
+        print(ending.wait(), stopped.wait(timeout=20), running.poll())
+        running.kill()
+    """)
+    r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["0", str(-signal.SIGKILL), "None"], r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("count", [2, 3])

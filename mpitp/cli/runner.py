@@ -286,6 +286,8 @@ class Watchdog:
 
     def _exit(self, line, code):
         threading.Timer(self.FINISH, os._exit, (code,)).start()  # even if a removal or stderr is what blocks
+        if self.parent is not None and code != 1:  # a stop signal under a launcher
+            kill_stopped_peers_later()
         for path in list(LEFT):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -336,6 +338,8 @@ def run_guarded(comm, fn, verbose, prog):
             # Its clean-ups done, the process ends now: every rank got the signal from the launcher and ends at once,
             # so that a second Ctrl-C finds the job gone (MPICH may exit 0); and a repeated signal must not find it
             # in Python's finalisation, which restores the default action (killed by the signal, not 130).
+            if any(v in os.environ for v in LAUNCHER_VARS):
+                kill_stopped_peers_later()
             _end(code)
         if size is not None and size > 1:
             mpi.abort(comm, code)
@@ -346,6 +350,28 @@ def run_guarded(comm, fn, verbose, prog):
         for s, handler in saved.items():
             if handler is not None:
                 signal.signal(s, handler)
+
+
+def kill_stopped_peers_later(delay=0.25):
+    """In a forked process of no files, ``delay`` seconds after this rank ends on a signal: SIGKILL the launcher's
+    other children on this node that are still stopped (ranks of this job that cannot act on any signal). MPICH's
+    Hydra kills such a rank itself once another has exited, and now and then does not: seen here on 2026-12-07,
+    rank 0 gone, rank 1 stopped with SIGTERM pending, the job waiting for ever. Then the job ends as when Hydra
+    kills it (status 9 or the signal's). Linux only (/proc); anything it cannot do is skipped."""
+    parent = os.getppid()
+    if not os.path.isdir("/proc") or os.fork() != 0:
+        return
+    try:  # the child: no file of the rank's (the launcher waits for its pipes to close), then one look
+        os.closerange(0, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
+        time.sleep(delay)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+                if int(ppid) == parent and state == "T":
+                    os.kill(int(pid), signal.SIGKILL)
+    finally:
+        os._exit(0)
 
 
 def _end(code):
