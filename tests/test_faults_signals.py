@@ -120,7 +120,7 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
     except subprocess.TimeoutExpired:
         pass
     took = time.monotonic() - t
-    _, err = stop_job(proc)
+    out, err = stop_job(proc)
     # A stopped rank (stop, startstop, initstop) cannot act on any signal: Hydra SIGKILLs it, and now and then
     # reports that status (9) instead of rank 0's 130 (docs/generate.md): MPICH's own, non-zero either way. A
     # later Ctrl-C that still finds the job running (a busy machine: CI once saw it alive 2 s after the first) can
@@ -128,7 +128,7 @@ def test_ctrl_c_ends_the_job_with_130_however_often_pressed(tmp_path, phase, cou
     # completion", 255: also MPICH's. (A first Ctrl-C that did nothing still fails: no rank would say it.)
     mpich = len(pressed) > 1 and proc.returncode == 255 and "process manager error" in err
     assert took < LIMIT and (proc.returncode in ((130,) if phase in ("stall", "healthy") else (130, 9)) or mpich), (
-        took, pressed, proc.returncode, err[-3000:])
+        took, pressed, proc.returncode, out[-1000:], err[-3000:])
     assert "] mpitp: interrupted" in err and "Traceback" not in err and "BAD TERMINATION" not in err, err
     assert_all_gone(marker, ranks)
 

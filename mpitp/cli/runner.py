@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from .. import comm as mpi
 from ..errors import FileError, MpitpError, RequestError
@@ -286,8 +287,6 @@ class Watchdog:
 
     def _exit(self, line, code):
         threading.Timer(self.FINISH, os._exit, (code,)).start()  # even if a removal or stderr is what blocks
-        if self.parent is not None and code != 1:  # a stop signal under a launcher
-            kill_stopped_peers_later()
         for path in list(LEFT):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -296,6 +295,8 @@ class Watchdog:
         with contextlib.suppress(OSError, ValueError):  # the launcher's end of the pipe may be gone
             if line:
                 say(line)
+        if self.parent is not None and code != 1:  # a stop signal under a launcher
+            kill_stopped_peers_later()
         os._exit(code)
 
     def close(self):
@@ -352,26 +353,40 @@ def run_guarded(comm, fn, verbose, prog):
                 signal.signal(s, handler)
 
 
-def kill_stopped_peers_later(delay=0.25):
-    """In a forked process of no files, ``delay`` seconds after this rank ends on a signal: SIGKILL the launcher's
-    other children on this node that are still stopped (ranks of this job that cannot act on any signal). MPICH's
-    Hydra kills such a rank itself once another has exited, and now and then does not: seen here on 2026-12-07,
-    rank 0 gone, rank 1 stopped with SIGTERM pending, the job waiting for ever. Then the job ends as when Hydra
-    kills it (status 9 or the signal's). Linux only (/proc); anything it cannot do is skipped."""
+def kill_stopped_peers_later(delay=0.1):
+    """If the launcher has a child on this node that is stopped (a rank of this job that cannot act on any signal)
+    as this rank ends on a signal: in a forked process of no files, ``delay`` seconds later, SIGKILL those still
+    stopped. MPICH's Hydra kills such a rank itself once another has exited, and now and then does not: seen here
+    on 2026-12-07, rank 0 gone, rank 1 stopped with SIGTERM pending, the job waiting for ever. Then the job ends as
+    when Hydra kills it (status 9 or the signal's). With no rank stopped there is no fork, which would widen the
+    moment in which Hydra kills a rank still ending itself (status 9). Linux only (/proc)."""
     parent = os.getppid()
-    if not os.path.isdir("/proc") or os.fork() != 0:
+    if not os.path.isdir("/proc") or not stopped_children(parent) or os.fork() != 0:
         return
     try:  # the child: no file of the rank's (the launcher waits for its pipes to close), then one look
         os.closerange(0, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
         time.sleep(delay)
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/stat") as f:
-                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-                if int(ppid) == parent and state == "T":
-                    os.kill(int(pid), signal.SIGKILL)
+        for pid in stopped_children(parent):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         os._exit(0)
+
+
+def stopped_children(parent):
+    """The pids of process ``parent``'s children that are stopped (state T), from /proc."""
+    try:  # the kernel's list of each of its threads' children, or else every process
+        tasks = os.listdir(f"/proc/{parent}/task")
+        pids = [p for t in tasks for p in Path(f"/proc/{parent}/task/{t}/children").read_text().split()]
+    except OSError:
+        pids = list(filter(str.isdigit, os.listdir("/proc")))
+    stopped = []
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == parent and state == "T":
+                stopped.append(int(pid))
+    return stopped
 
 
 def _end(code):
