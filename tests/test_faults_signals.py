@@ -149,7 +149,7 @@ def test_sigterm_ends_a_job_with_a_stuck_rank(tmp_path, phase, to):
     took = time.monotonic() - t
     _, err = stop_job(proc)
     # A stopped rank cannot act on the signal: Hydra SIGKILLs it (or, when Hydra does not, the ending rank's
-    # kill_stopped_peers_later does, 0.25 s later), and then may report that status, 9: MPICH's own, never 0.
+    # kill_stopped_peers_later does, 0.1 s later), and then may report that status, 9: MPICH's own, never 0.
     codes = (143,) if phase == "stall" else (143, 9)
     assert took < LIMIT and proc.returncode in codes and "] mpitp: terminated" in err, (took, proc.returncode, err)
     assert "Traceback" not in err
