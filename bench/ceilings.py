@@ -11,7 +11,7 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.arena import Arena
 from mpitp.families import FAMILIES
-from mpitp.matrix import row_by_row, rows_product
+from mpitp.matrix import padded_product, padded_rows, row_by_row, rows_product
 
 from .timing import timed_runs
 
@@ -95,7 +95,8 @@ def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_p
     against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it).
 
     "product" is how the model multiplies ``n_batch`` rows (``product_chosen``); at 2 to 4 rows it does not use
-    GEMM, and the ceiling above does not bound it. ``products``: seconds of one step's matrix products alone each
+    GEMM, and at a row count that is not a multiple of 4 it pads the rows: there the ceiling above does not bound
+    it. ``products``: seconds of one step's matrix products alone each
     way (``measure_decode_products``), e.g. ``{"GEMM": s, "row by row": s}``; with them, each run also against
     the products ceiling: the fastest way's products plus reading the ``cache_bytes`` of the batch's KV cache at
     the run's DRAM rate (attention's reads, which the products leave out)."""
@@ -191,28 +192,39 @@ def measure_decode_products(model, repeats=3, n_rows=1, way="GEMM"):
     """Seconds for decode's matrix products alone: one token (``n_rows``: a batch's step of that many) through
     every block's W_QKV, W_B, W_C, W_D and the LM head of this rank's own weights, back to back, with nothing
     else (all ranks at once; the slowest rank's best). Several rows go ``way``: "GEMM" (one product of
-    ``n_rows`` rows) or "row by row" (``mpitp.matrix.rows_product``: ``n_rows`` vector-matrix products, a
-    panel of columns at a time). What NumPy and the BLAS reach at this
+    ``n_rows`` rows), "padded GEMM" (``mpitp.matrix.padded_product``: one product of ``n_rows`` rows and zero
+    rows up to a multiple of 4) or "row by row" (``mpitp.matrix.rows_product``: ``n_rows`` vector-matrix
+    products, a panel of columns at a time). What NumPy and the BLAS reach at this
     model's shapes, its weights read from memory as decoding reads them: the forward's floor."""
     mats = [m.view(np.ndarray) for m in decode_matrices(model)]  # not the model's own choice (mpitp.matrix)
     pairs = [(np.ones((n_rows, m.shape[0]) if n_rows > 1 else m.shape[0], model.dtype), m) for m in mats]
 
     def run():
         for x, m in pairs:
-            rows_product(x, m) if way == "row by row" else x @ m
+            WAYS[way](x, m)
 
     run()
     return min(timed_runs(model.comm, run, repeats))
 
 
+WAYS = {"GEMV": np.matmul, "GEMM": np.matmul, "padded GEMM": padded_product, "row by row": rows_product}
+
+
 def product_ways(n_rows):
-    """The ways the BLAS can multiply ``n_rows`` rows by a matrix: "GEMV" for one, else "GEMM" and "row by row"."""
-    return ["GEMV"] if n_rows == 1 else ["GEMM", "row by row"]
+    """The ways the BLAS can multiply ``n_rows`` rows by a matrix: "GEMV" for one, else "GEMM" and "row by row",
+    and "padded GEMM" where ``n_rows`` is not a multiple of 4."""
+    if n_rows == 1:
+        return ["GEMV"]
+    return ["GEMM", "row by row"] + (["padded GEMM"] if padded_rows(n_rows) != n_rows else [])
 
 
 def product_chosen(n_rows):
     """How the model's weights (``mpitp.matrix.Matrix``) multiply ``n_rows`` rows."""
-    return "GEMV" if n_rows == 1 else "row by row" if row_by_row(n_rows) else "GEMM"
+    if n_rows == 1:
+        return "GEMV"
+    if row_by_row(n_rows):
+        return "row by row"
+    return "GEMM" if padded_rows(n_rows) == n_rows else "padded GEMM"
 
 
 def measure_gemm_rate(model, n_seq, n_kv=None, repeats=5):

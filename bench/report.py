@@ -5,6 +5,9 @@ in decimal units (kB, MB, GB/s), like the rates. The tables of several records a
 
 import numpy as np
 
+NOT_GEMM = ("row by row", "padded GEMM")  # how the model multiplies a batch where the DRAM-or-GEMM ceiling, one
+# GEMM of B rows, does not bound it: at 2 to 4 rows, or a row count that is not a multiple of 4 (mpitp.matrix)
+
 
 def format_table(rows):
     """llama-bench style markdown table from dicts with model, params, dtype, ranks, threads, test, mean, sd."""
@@ -165,7 +168,7 @@ def ceiling_percents(rec):
                 ("decode's products alone against the DRAM read rate", dp["percent_of_read_bandwidth"]),
                 ("the generation step against its products alone", dp["forward_percent_of_products"])]
     out += [(f"batch {r['batch']}'s decode against its ceiling", r["percent_of_ceiling"]) for r in rec.get("batch", [])
-            if r.get("product") != "row by row"]  # at 2 to 4 rows no GEMM: the products ceiling bounds them
+            if r.get("product") not in NOT_GEMM]
     out += [(f"batch {r['batch']}'s decode against its products ceiling", r["percent_of_products_ceiling"])
             for r in rec.get("batch", []) if "percent_of_products_ceiling" in r]
     return out
@@ -247,8 +250,9 @@ def batch_ceiling_table(batch):
 
 
 def gemm_share(r):
-    """A batch's share of its DRAM-or-GEMM ceiling; no warning above 100% where the model multiplied row by row."""
-    return f"{r['percent_of_ceiling']:.0f}%" if r.get("product") == "row by row" else percent(r["percent_of_ceiling"])
+    """A batch's share of its DRAM-or-GEMM ceiling; no warning above 100% where the model did not multiply its rows
+    as that ceiling's GEMM does."""
+    return f"{r['percent_of_ceiling']:.0f}%" if r.get("product") in NOT_GEMM else percent(r["percent_of_ceiling"])
 
 
 def batch_projection_table(batch):
@@ -273,8 +277,9 @@ def format_batch(rec):
         "# batched decode against its ceiling, per rank: a step reads every weight once plus the KV cache of all B "
         "sequences (DRAM rate measured right before each run) and computes B tokens (GEMM rate of [B, n_embd] "
         "products with this model's block matrices); the slower binds. Product: how the model multiplies B rows "
-        "(mpitp.matrix: row by row at 2 to 4, where that ceiling does not bound it); fastest: the faster of one "
-        "B-row GEMM and B GEMVs, timed on every weight matrix of the model as a step reads them; products "
+        "(mpitp.matrix: row by row at 2 to 4; beyond, one GEMM, padded with zero rows to a multiple of 4; where the "
+        "rows go row by row or are padded, that ceiling does not bound them); fastest: the fastest of one B-row "
+        "GEMM, one padded so, and B GEMVs, timed on every weight matrix of the model as a step reads them; products "
         "ceiling: those products the fastest way, plus reading the KV cache at the DRAM rate",
         batch_ceiling_table(b)] + ([] if "projection" not in b[0] else [  # records before 2026-12-07 have none
         "",

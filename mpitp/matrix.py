@@ -9,16 +9,24 @@ GPT-2-124M's shapes, three runs (docs/benchmark.md), as multiples of one row's t
 against 1.9-2.7x as one GEMM, three rows 1.5-2.2x against 2.8-3.3x, four rows 1.6-2.5x against 2.0-2.3x (two
 runs of three this way), eight rows 3.2-3.7x against 2.3-2.9x (GEMM).
 
+With more rows, GEMM's time depends on the row count's remainder by 4: OpenBLAS's kernels take rows 4 at a
+time, and a remainder goes through slower ones. Measured on 2026-12-07 (the same matrices, float32, one
+process): 5, 6 and 7 rows took 1.11, 1.41 and 1.36x as long as 8; 9-11 rows 1.10-1.40x as long as 12; 13-15
+rows 1.06-1.29x as long as 16; 61 and 63 rows 1.10 and 1.21x as long as 64. ``padded_product`` multiplies them
+with zero rows up to the next multiple of 4 and drops the extra rows of the result.
+
 So the weight matrices (``mpitp.weights``) are ``Matrix``: a NumPy array in every respect, whose product with
-2 to ``ROW_BY_ROW`` rows is ``rows_product``: at one BLAS thread each row's result is bit for bit its product
-alone (a threaded GEMV splits the columns its own way). The block still reads ``B @ W_B``: the choice lives in
-the weights' type, not in the block. Anything else computed from a weight (``W * 2``, ``np.matmul(x, W)``, a sum)
-is a plain array or number; a view of one (``W.T``, a slice) is still a weight.
+2 to ``ROW_BY_ROW`` rows is ``rows_product`` (at one BLAS thread each row's result is bit for bit its product
+alone; a threaded GEMV splits the columns its own way) and with more ``padded_product``. The block still reads
+``B @ W_B``: the choice lives in the weights' type, not in the block. Anything else computed from a weight
+(``W * 2``, ``np.matmul(x, W)``, a sum) is a plain array or number; a view of one (``W.T``, a slice) is still a
+weight.
 """
 
 import numpy as np
 
-ROW_BY_ROW = 4  # products of 2..4 rows go row by row; the bench times both ways at each batch size
+ROW_BY_ROW = 4  # products of 2..4 rows go row by row; the bench times every way at each batch size
+ROWS_STEP = 4  # more rows are multiplied in a multiple of 4 (padded_product)
 PANEL_BYTES = 768 << 10  # a panel of W's columns, kept in the core's cache while each row multiplies it
 PANEL_ALIGN = 64  # panels start on multiples of 64 columns: at one thread, each column meets the same BLAS kernel
 
@@ -44,13 +52,30 @@ def rows_product(x, W):
     return out
 
 
+def padded_rows(n_rows):
+    """The rows one GEMM of ``n_rows`` rows multiplies: ``n_rows`` rounded up to a multiple of ``ROWS_STEP``."""
+    return -(-n_rows // ROWS_STEP) * ROWS_STEP
+
+
+def padded_product(x, W):
+    """``x @ W`` for x ``[M, in]`` as one GEMM of ``padded_rows(M)`` rows, x's and zero rows. ``[M, out]``"""
+    if len(x) == padded_rows(len(x)):
+        return x @ W
+    padded = np.zeros((padded_rows(len(x)), x.shape[1]), x.dtype)
+    padded[:len(x)] = x
+    return (padded @ W)[:len(x)]
+
+
 class Matrix(np.ndarray):
-    """A weight matrix ``[in, out]``: ``x @ W`` of 2 to ``ROW_BY_ROW`` rows is ``rows_product``, anything else
-    NumPy's product. Results are plain arrays. ``matrix(a)`` makes one (a view, no copy)."""
+    """A weight matrix ``[in, out]``: ``x @ W`` of 2 to ``ROW_BY_ROW`` rows is ``rows_product``, of more
+    ``padded_product``, anything else NumPy's product. Results are plain arrays. ``matrix(a)`` makes one (a view,
+    no copy)."""
 
     def __rmatmul__(self, x):
         x, W = np.asarray(x), self.view(np.ndarray)
-        return rows_product(x, W) if x.ndim == 2 and row_by_row(len(x)) else x @ W
+        if x.ndim != 2 or len(x) == 1:
+            return x @ W
+        return rows_product(x, W) if row_by_row(len(x)) else padded_product(x, W)
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         # What a ufunc computes from a weight (a product, a sum, a comparison) is a plain array, or a number.

@@ -203,9 +203,9 @@ def test_batch_test_on_simulated_ranks():
         assert r["read_bytes_per_step"] == 234752 + b * 2 * 2 * 2 * 8 * 16 * 4
         # the products both ways (one way for one row), the model's choice, and the measured ceiling: the fastest
         # products plus the KV cache at 10 GB/s
-        ways = {1: ["GEMV"], 2: ["GEMM", "row by row"], 5: ["GEMM", "row by row"]}[b]
+        ways = {1: ["GEMV"], 2: ["GEMM", "padded GEMM", "row by row"], 5: ["GEMM", "padded GEMM", "row by row"]}[b]
         assert sorted(r["products_seconds"]) == ways and r["fastest_product"] in ways
-        assert r["product"] == {1: "GEMV", 2: "row by row", 5: "GEMM"}[b]
+        assert r["product"] == {1: "GEMV", 2: "row by row", 5: "padded GEMM"}[b]
         assert r["cache_bytes_per_step"] == b * 2 * 2 * 2 * 8 * 16 * 4
         step = min(r["products_seconds"].values()) + r["cache_bytes_per_step"] / 10e9
         assert r["products_ceiling_tokens_per_s"] == pytest.approx(b / step, rel=1e-12)

@@ -8,7 +8,7 @@ import pytest
 import dense_reference
 from mpitp.config import RopeConfig, config_from_dict
 from mpitp.layers import apply_rope, attention, causal_mask, erf, gelu_erf, rope_inv_freq, rope_tables, silu
-from mpitp.matrix import ROW_BY_ROW, Matrix, matrix, rows_product
+from mpitp.matrix import ROW_BY_ROW, Matrix, matrix, padded_product, padded_rows, rows_product
 
 
 def test_rope_is_a_complex_rotation_of_half_pairs():
@@ -112,9 +112,9 @@ def test_silu_of_large_negative_values_is_exact_and_raises_nothing():
 def test_a_weight_multiplies_a_few_rows_one_by_one_and_more_as_one_product():
     # mpitp.matrix: 2 to ROW_BY_ROW rows, each row's product is exactly its product alone (a GEMV), a panel of
     # columns at a time (4001 columns of 96 rows: two panels, the second ending off the alignment; a last panel of
-    # one column or of 66), more rows are
-    # one GEMM, exactly NumPy's; either way the result is a plain array. At one BLAS thread, as a rank of two on
-    # two cores runs (a threaded GEMV splits the columns its own way).
+    # one column or of 66), more rows are one GEMM, with zero rows up to a multiple of 4 (padded_product: 5 and 6
+    # rows here); either way the result is a plain array, within float32's rounding of the product. At one BLAS
+    # thread, as a rank of two on two cores runs (a threaded GEMV splits the columns its own way).
     threadpoolctl = pytest.importorskip("threadpoolctl")
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         _few_rows_one_by_one_more_as_one_product()
@@ -130,9 +130,11 @@ def _few_rows_one_by_one_more_as_one_product():
             x = rng.standard_normal((n, shape[0])).astype(np.float32)
             y = x @ M
             assert type(y) is np.ndarray and y.shape == (n, shape[1])
-            assert np.array_equal(y, np.stack([row @ W for row in x]) if n <= ROW_BY_ROW else x @ W)
+            assert np.array_equal(y, np.stack([row @ W for row in x]) if n <= ROW_BY_ROW else padded_product(x, W))
             assert np.array_equal(rows_product(x, W), np.stack([row @ W for row in x]))
             assert np.abs(y - x.astype(np.float64) @ W.astype(np.float64)).max() < 1e-4
+            assert np.abs(padded_product(x, W) - x.astype(np.float64) @ W.astype(np.float64)).max() < 1e-4
+            assert padded_rows(n) % 4 == 0 and n <= padded_rows(n) < n + 4
         v = rng.standard_normal(shape[0]).astype(np.float32)
         assert type(v @ M) is np.ndarray and np.array_equal(v @ M, v @ W)
         # what is computed from a weight is a plain array or number; a view of it is still a weight
