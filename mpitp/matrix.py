@@ -12,8 +12,10 @@ runs of three this way), eight rows 3.2-3.7x against 2.3-2.9x (GEMM).
 With more rows, GEMM's time depends on the row count's remainder by 4: OpenBLAS's kernels take rows 4 at a
 time, and a remainder goes through slower ones. Measured on 2026-12-07 (the same matrices, float32, one
 process): 5, 6 and 7 rows took 1.11, 1.41 and 1.36x as long as 8; 9-11 rows 1.10-1.40x as long as 12; 13-15
-rows 1.06-1.29x as long as 16; 61 and 63 rows 1.10 and 1.21x as long as 64. ``padded_product`` multiplies them
-with zero rows up to the next multiple of 4 and drops the extra rows of the result.
+rows 1.06-1.29x as long as 16; 61 and 63 rows 1.10 and 1.21x as long as 64; 125-127 rows 1.01-1.07x as long as
+128, 255 rows 1.04x as long as 256. ``padded_product`` multiplies fewer than ``PADDED_BELOW`` rows with zero rows
+up to the next multiple of 4, and drops the extra rows of the result; more rows gain little, and their copy
+would be a prompt's worth of memory.
 
 So the weight matrices (``mpitp.weights``) are ``Matrix``: a NumPy array in every respect, whose product with
 2 to ``ROW_BY_ROW`` rows is ``rows_product`` (at one BLAS thread each row's result is bit for bit its product
@@ -26,7 +28,7 @@ weight.
 import numpy as np
 
 ROW_BY_ROW = 4  # products of 2..4 rows go row by row; the bench times every way at each batch size
-ROWS_STEP = 4  # more rows are multiplied in a multiple of 4 (padded_product)
+ROWS_STEP, PADDED_BELOW = 4, 256  # 5 to 255 rows are multiplied in a multiple of 4 (padded_product)
 PANEL_BYTES = 768 << 10  # a panel of W's columns, kept in the core's cache while each row multiplies it
 PANEL_ALIGN = 64  # panels start on multiples of 64 columns: at one thread, each column meets the same BLAS kernel
 
@@ -53,8 +55,9 @@ def rows_product(x, W):
 
 
 def padded_rows(n_rows):
-    """The rows one GEMM of ``n_rows`` rows multiplies: ``n_rows`` rounded up to a multiple of ``ROWS_STEP``."""
-    return -(-n_rows // ROWS_STEP) * ROWS_STEP
+    """The rows one GEMM of ``n_rows`` rows multiplies: below ``PADDED_BELOW``, ``n_rows`` rounded up to a multiple
+    of ``ROWS_STEP``."""
+    return -(-n_rows // ROWS_STEP) * ROWS_STEP if n_rows < PADDED_BELOW else n_rows
 
 
 def padded_product(x, W):

@@ -141,3 +141,5 @@ def _few_rows_one_by_one_more_as_one_product():
         assert all(type(a) is np.ndarray for a in (np.matmul(v, M), M * 2, M == W, M @ np.ones(shape[1], np.float32)))
         assert type(M.sum()) is np.float32 and M.sum() == W.sum()
         assert type(M.T) is Matrix and type(M[:, :8]) is Matrix
+    # from 256 rows on (a long prompt), the rows are multiplied as they are
+    assert [padded_rows(n) for n in (253, 255, 256, 257, 1001)] == [256, 256, 256, 257, 1001]
