@@ -298,6 +298,9 @@ def test_warnings_name_a_busy_machine_disagreeing_repeats_and_shares_above_a_cei
     assert w[6].startswith("decode's products alone against the DRAM read rate is 101%")
     assert w[7].startswith("batch 4's decode against its ceiling is 120%")
     assert report.format_warnings(w[:2]).count("\nwarning: ") == 1
+    # where the model did not multiply its rows as the ceiling's GEMM does, that ceiling does not bound it
+    ways = dict(busy, batch=[dict(busy["batch"][0], product=p) for p in ("row by row", "padded GEMM", "GEMM")])
+    assert [x for x in report.find_warnings(ways) if "against its ceiling" in x] == [w[7]]
 
 
 def test_machine_state_and_environment():
