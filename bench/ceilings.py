@@ -95,7 +95,7 @@ def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_p
     against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it).
 
     "product" is how the model multiplies ``n_batch`` rows (``product_chosen``); at 2 to 4 rows it does not use
-    GEMM, and at a row count that is not a multiple of 4 it pads the rows: there the ceiling above does not bound
+    GEMM, and at 5 to 255 rows that are not a multiple of 4 it pads them: there the ceiling above does not bound
     it. ``products``: seconds of one step's matrix products alone each
     way (``measure_decode_products``), e.g. ``{"GEMM": s, "row by row": s}``; with them, each run also against
     the products ceiling: the fastest way's products plus reading the ``cache_bytes`` of the batch's KV cache at
@@ -212,7 +212,7 @@ WAYS = {"GEMV": np.matmul, "GEMM": np.matmul, "padded GEMM": padded_product, "ro
 
 def product_ways(n_rows):
     """The ways the BLAS can multiply ``n_rows`` rows by a matrix: "GEMV" for one, else "GEMM" and "row by row",
-    and "padded GEMM" where ``n_rows`` is not a multiple of 4."""
+    and "padded GEMM" below 256 rows where ``n_rows`` is not a multiple of 4 (``mpitp.matrix.padded_rows``)."""
     if n_rows == 1:
         return ["GEMV"]
     return ["GEMM", "row by row"] + (["padded GEMM"] if padded_rows(n_rows) != n_rows else [])

@@ -233,8 +233,9 @@ def batch_ceiling_table(batch):
     """Aggregate and per-sequence decode tokens/s per batch size, the speedup over the smallest batch, what a
     step reads and computes per rank, the rates measured, the ceiling, what binds and the share reached; then
     the product the model chose, the fastest one measured, and the measured ceiling and the share of it
-    (older records have neither: "-"). At 2 to 4 rows the model does not multiply by GEMM and the first
-    ceiling does not bound it: its share stands without a warning there."""
+    (older records have neither: "-"). At 2 to 4 rows the model does not multiply by GEMM, nor by a GEMM of
+    B rows where it pads them, and the first ceiling does not bound it: its share stands without a warning
+    there."""
     base = batch[0]
     head = ["batch", "aggregate t/s", "per sequence t/s", f"x batch {base['batch']}", "MB read/step",
             "MFLOP/step", "DRAM GB/s", "GEMM GFLOP/s", "ceiling t/s", "bound", "% of ceiling", "product",

@@ -76,7 +76,7 @@ class Matrix(np.ndarray):
 
     def __rmatmul__(self, x):
         x, W = np.asarray(x), self.view(np.ndarray)
-        if x.ndim != 2 or len(x) == 1:
+        if x.ndim != 2 or W.ndim != 2 or len(x) == 1:
             return x @ W
         return rows_product(x, W) if row_by_row(len(x)) else padded_product(x, W)
 

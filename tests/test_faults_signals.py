@@ -168,12 +168,52 @@ def test_a_rank_ending_on_a_signal_kills_its_stopped_siblings_if_the_launcher_do
         while open(f"/proc/{{stopped.pid}}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
             time.sleep(0.05)
         ending = subprocess.Popen([sys.executable, "-c",
-                                   "from mpitp.cli.runner import kill_stopped_peers_later as k; k(0.2)"])
+                                   "import os; from mpitp.cli.runner import kill_stopped_peers_later as k; "
+                                   "k(os.getppid(), 0.2)"])
         print(ending.wait(), stopped.wait(timeout=20), running.poll())
         running.kill()
     """)
     r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split() == ["0", str(-signal.SIGKILL), "None"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("children_file", [True, False])
+def test_a_launcher_s_stopped_children_are_found_and_only_they_fork_a_killer(monkeypatch, children_file):
+    # stopped_children reads the kernel's list of a process's children, or scans /proc where that list is missing;
+    # kill_stopped_peers_later forks its killer only when one is stopped, and never once the launcher is gone.
+    stopped = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        while process_state(stopped.pid) != "T":
+            time.sleep(0.05)
+        if not children_file:
+            def no_children_list(path, read=entry.Path.read_text):
+                if path.name == "children":
+                    raise FileNotFoundError(path)
+                return read(path)
+            monkeypatch.setattr(entry.Path, "read_text", no_children_list)
+        assert entry.stopped_children(os.getpid()) == [stopped.pid]
+        forks = []
+        monkeypatch.setattr(os, "fork", lambda: forks.append(1) or 1)  # the rank's side of a fork: it returns
+        monkeypatch.setattr(os, "getppid", lambda: 1)  # this process, the launcher, is no longer the rank's parent
+        entry.kill_stopped_peers_later(os.getpid())
+        assert forks == []
+        monkeypatch.setattr(os, "getppid", os.getpid)  # this process stands in for the rank's launcher
+        entry.kill_stopped_peers_later(os.getpid())
+        assert forks == [1]
+        stopped.kill()
+        stopped.wait()
+        entry.kill_stopped_peers_later(os.getpid())  # none stopped: no fork
+        assert forks == [1]
+    finally:
+        for p in (stopped, running):
+            p.kill()
+            p.wait()
+
+
+def process_state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 @pytest.mark.parametrize("count", [2, 3])

@@ -8,6 +8,7 @@ import pytest
 import dense_reference
 from mpitp.config import RopeConfig, config_from_dict
 from mpitp.layers import apply_rope, attention, causal_mask, erf, gelu_erf, rope_inv_freq, rope_tables, silu
+from mpitp import matrix as mx
 from mpitp.matrix import ROW_BY_ROW, Matrix, matrix, padded_product, padded_rows, rows_product
 
 
@@ -130,7 +131,8 @@ def _few_rows_one_by_one_more_as_one_product():
             x = rng.standard_normal((n, shape[0])).astype(np.float32)
             y = x @ M
             assert type(y) is np.ndarray and y.shape == (n, shape[1])
-            assert np.array_equal(y, np.stack([row @ W for row in x]) if n <= ROW_BY_ROW else padded_product(x, W))
+            if n <= ROW_BY_ROW:
+                assert np.array_equal(y, np.stack([row @ W for row in x]))
             assert np.array_equal(rows_product(x, W), np.stack([row @ W for row in x]))
             assert np.abs(y - x.astype(np.float64) @ W.astype(np.float64)).max() < 1e-4
             assert np.abs(padded_product(x, W) - x.astype(np.float64) @ W.astype(np.float64)).max() < 1e-4
@@ -143,3 +145,23 @@ def _few_rows_one_by_one_more_as_one_product():
         assert type(M.T) is Matrix and type(M[:, :8]) is Matrix
     # from 256 rows on (a long prompt), the rows are multiplied as they are
     assert [padded_rows(n) for n in (253, 255, 256, 257, 1001)] == [256, 256, 256, 257, 1001]
+
+
+def test_a_weight_chooses_its_product_by_the_rows_and_leaves_other_shapes_to_numpy(monkeypatch):
+    calls = []
+    for name in ("rows_product", "padded_product"):
+        monkeypatch.setattr(mx, name, lambda x, W, name=name, f=getattr(mx, name): calls.append(name) or f(x, W))
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((8, 6))
+    M = matrix(W)
+    for n, way in ((1, None), (2, "rows_product"), (4, "rows_product"), (5, "padded_product"), (8, "padded_product"),
+                   (257, "padded_product")):  # which pads only where padded_rows says (above)
+        calls.clear()
+        x = rng.standard_normal((n, 8))
+        assert np.allclose(x @ M, x @ W, rtol=1e-13, atol=1e-13) and calls == ([way] if way else []), (n, calls)
+    # a view of another shape is NumPy's product, rows and all: a column of W, a stack of its halves
+    x = rng.standard_normal((5, 8))
+    calls.clear()
+    assert np.allclose(x @ M[:, 0], x @ W[:, 0]) and calls == []
+    assert (x[:, :4] @ M.reshape(2, 4, 6)).shape == (2, 5, 6) and calls == []
+    assert np.allclose(x[:, :4] @ M.reshape(2, 4, 6), x[:, :4] @ W.reshape(2, 4, 6))

@@ -296,7 +296,7 @@ class Watchdog:
             if line:
                 say(line)
         if self.parent is not None and code != 1:  # a stop signal under a launcher
-            kill_stopped_peers_later()
+            kill_stopped_peers_later(self.parent)
         os._exit(code)
 
     def close(self):
@@ -339,8 +339,8 @@ def run_guarded(comm, fn, verbose, prog):
             # Its clean-ups done, the process ends now: every rank got the signal from the launcher and ends at once,
             # so that a second Ctrl-C finds the job gone (MPICH may exit 0); and a repeated signal must not find it
             # in Python's finalisation, which restores the default action (killed by the signal, not 130).
-            if any(v in os.environ for v in LAUNCHER_VARS):
-                kill_stopped_peers_later()
+            if watchdog is not None and watchdog.parent is not None:  # under a launcher
+                kill_stopped_peers_later(watchdog.parent)
             _end(code)
         if size is not None and size > 1:
             mpi.abort(comm, code)
@@ -353,20 +353,23 @@ def run_guarded(comm, fn, verbose, prog):
                 signal.signal(s, handler)
 
 
-def kill_stopped_peers_later(delay=0.1):
-    """If the launcher has a child on this node that is stopped (a rank of this job that cannot act on any signal)
-    as this rank ends on a signal: in a forked process of no files, ``delay`` seconds later, SIGKILL those still
-    stopped. MPICH's Hydra kills such a rank itself once another has exited, and now and then does not: seen here
-    on 2026-12-07, rank 0 gone, rank 1 stopped with SIGTERM pending, the job waiting for ever. Then the job ends as
-    when Hydra kills it (status 9 or the signal's). With no rank stopped there is no fork, which would widen the
-    moment in which Hydra kills a rank still ending itself (status 9). Linux only (/proc)."""
-    parent = os.getppid()
-    if not os.path.isdir("/proc") or not stopped_children(parent) or os.fork() != 0:
+def kill_stopped_peers_later(launcher, delay=0.1):
+    """If the ``launcher`` (this rank's parent when it started) has a child on this node that is stopped (a rank of
+    this job that cannot act on any signal) as this rank ends on a signal: in a forked process of no files,
+    ``delay`` seconds later, SIGKILL those still stopped. MPICH's Hydra kills such a rank itself once another has
+    exited, and now and then does not: seen here on 2026-12-07, rank 0 gone, rank 1 stopped with SIGTERM pending,
+    the job waiting for ever. Then the job ends as when Hydra kills it (status 9 or the signal's). With no rank
+    stopped there is no fork, which would widen the moment in which Hydra kills a rank still ending itself
+    (status 9); with the launcher gone (this rank is another process's child now), nothing. Linux only (/proc)."""
+    try:
+        if os.getppid() != launcher or not stopped_children(launcher) or os.fork() != 0:
+            return
+    except OSError:  # no /proc, or no fork: Hydra's own kill is all there is
         return
     try:  # the child: no file of the rank's (the launcher waits for its pipes to close), then one look
         os.closerange(0, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
         time.sleep(delay)
-        for pid in stopped_children(parent):
+        for pid in stopped_children(launcher):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     finally:
