@@ -94,8 +94,8 @@ def batch_record(n_batch, n_prompt, n_gen, runs, read_rates, read_bytes, flops_p
     of llama-batched-bench's figures over them, aggregate and per-sequence decode tokens/s, and each run
     against its own ceiling (``batch_ceiling`` at the DRAM read rate measured right before it).
 
-    "product" is how the model multiplies ``n_batch`` rows (``product_chosen``); at 2 to 4 rows it does not use
-    GEMM, and at 5 to 255 rows that are not a multiple of 4 it pads them: there the ceiling above does not bound
+    "product" is how the model multiplies ``n_batch`` rows (``product_chosen``); at 2 to 5 rows it does not use
+    GEMM, and at 6 to 255 rows that are not a multiple of 4 it pads them: there the ceiling above does not bound
     it. ``products``: seconds of one step's matrix products alone each
     way (``measure_decode_products``), e.g. ``{"GEMM": s, "row by row": s}``; with them, each run also against
     the products ceiling: the fastest way's products plus reading the ``cache_bytes`` of the batch's KV cache at

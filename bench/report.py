@@ -6,7 +6,7 @@ in decimal units (kB, MB, GB/s), like the rates. The tables of several records a
 import numpy as np
 
 NOT_GEMM = ("row by row", "padded GEMM")  # how the model multiplies a batch where the DRAM-or-GEMM ceiling, one
-# GEMM of B rows, does not bound it: at 2 to 4 rows, or a row count that is not a multiple of 4 (mpitp.matrix)
+# GEMM of B rows, does not bound it: at 2 to 5 rows, or a row count that is not a multiple of 4 (mpitp.matrix)
 
 
 def format_table(rows):
@@ -233,7 +233,7 @@ def batch_ceiling_table(batch):
     """Aggregate and per-sequence decode tokens/s per batch size, the speedup over the smallest batch, what a
     step reads and computes per rank, the rates measured, the ceiling, what binds and the share reached; then
     the product the model chose, the fastest one measured, and the measured ceiling and the share of it
-    (older records have neither: "-"). At 2 to 4 rows the model does not multiply by GEMM, nor by a GEMM of
+    (older records have neither: "-"). At 2 to 5 rows the model does not multiply by GEMM, nor by a GEMM of
     B rows where it pads them, and the first ceiling does not bound it: its share stands without a warning
     there."""
     base = batch[0]
@@ -278,7 +278,7 @@ def format_batch(rec):
         "# batched decode against its ceiling, per rank: a step reads every weight once plus the KV cache of all B "
         "sequences (DRAM rate measured right before each run) and computes B tokens (GEMM rate of [B, n_embd] "
         "products with this model's block matrices); the slower binds. Product: how the model multiplies B rows "
-        "(mpitp.matrix: row by row at 2 to 4; beyond, one GEMM, padded with zero rows to a multiple of 4; where the "
+        "(mpitp.matrix: row by row at 2 to 5; beyond, one GEMM, padded with zero rows to a multiple of 4; where the "
         "rows go row by row or are padded, that ceiling does not bound them); fastest: the fastest of one B-row "
         "GEMM, one padded so, and B GEMVs, timed on every weight matrix of the model as a step reads them; products "
         "ceiling: those products the fastest way, plus reading the KV cache at the DRAM rate",

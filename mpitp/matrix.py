@@ -7,7 +7,9 @@ one. ``rows_product`` instead reads W once, a panel of columns at a time, and mu
 while it is in the core's cache. Measured on 2026-12-07 on all of a rank's weight matrices, 2 ranks x 1 thread,
 GPT-2-124M's shapes, three runs (docs/benchmark.md), as multiples of one row's time: two rows 1.2-2.2x this way
 against 1.9-2.7x as one GEMM, three rows 1.5-2.2x against 2.8-3.3x, four rows 1.6-2.5x against 2.0-2.3x (two
-runs of three this way), eight rows 3.2-3.7x against 2.3-2.9x (GEMM).
+runs of three this way), eight rows 3.2-3.7x against 2.3-2.9x (GEMM). Five rows, again at 2 ranks, every weight
+matrix of GPT-2-124M's and SmolLM2-135M's shapes, four rounds each: 23.0-31.7 ms row by row against 27.7-35.4 as
+one GEMM padded to 8 rows, row by row faster in all eight; at six rows each way won about half.
 
 With more rows, GEMM's time depends on the row count's remainder by 4: OpenBLAS's kernels take rows 4 at a
 time, and a remainder goes through slower ones. Measured on 2026-12-07 (the same matrices, float32, one
@@ -27,8 +29,8 @@ weight.
 
 import numpy as np
 
-ROW_BY_ROW = 4  # products of 2..4 rows go row by row; the bench times every way at each batch size
-ROWS_STEP, PADDED_BELOW = 4, 256  # 5 to 255 rows are multiplied in a multiple of 4 (padded_product)
+ROW_BY_ROW = 5  # products of 2..5 rows go row by row; the bench times every way at each batch size
+ROWS_STEP, PADDED_BELOW = 4, 256  # 6 to 255 rows are multiplied in a multiple of 4 (padded_product)
 PANEL_BYTES = 768 << 10  # a panel of W's columns, kept in the core's cache while each row multiplies it
 PANEL_ALIGN = 64  # panels start on multiples of 64 columns: at one thread, each column meets the same BLAS kernel
 

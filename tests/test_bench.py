@@ -187,11 +187,11 @@ class WithBarrier:
 def test_batch_test_on_simulated_ranks():
     def run(c):
         model = models.random_model(TINY, TimedComm(WithBarrier(c)), np.float32)
-        return batch_test(model, [1, 2, 5], 6, 4, 2, lambda: 10e9, np.random.default_rng(0))
+        return batch_test(model, [1, 2, 6], 6, 4, 2, lambda: 10e9, np.random.default_rng(0))
 
     recs = run_ranks(2, run)
     assert recs[0] == recs[1]  # the slowest rank's times, the same record on every rank
-    assert [r["batch"] for r in recs[0]] == [1, 2, 5]
+    assert [r["batch"] for r in recs[0]] == [1, 2, 6]
     for r in recs[0]:
         b = r["batch"]
         assert len(r["runs"]) == 2 and r["read_bandwidth_GBps"] == [10, 10]
@@ -203,9 +203,9 @@ def test_batch_test_on_simulated_ranks():
         assert r["read_bytes_per_step"] == 234752 + b * 2 * 2 * 2 * 8 * 16 * 4
         # the products both ways (one way for one row), the model's choice, and the measured ceiling: the fastest
         # products plus the KV cache at 10 GB/s
-        ways = {1: ["GEMV"], 2: ["GEMM", "padded GEMM", "row by row"], 5: ["GEMM", "padded GEMM", "row by row"]}[b]
+        ways = {1: ["GEMV"], 2: ["GEMM", "padded GEMM", "row by row"], 6: ["GEMM", "padded GEMM", "row by row"]}[b]
         assert sorted(r["products_seconds"]) == ways and r["fastest_product"] in ways
-        assert r["product"] == {1: "GEMV", 2: "row by row", 5: "padded GEMM"}[b]
+        assert r["product"] == {1: "GEMV", 2: "row by row", 6: "padded GEMM"}[b]
         assert r["cache_bytes_per_step"] == b * 2 * 2 * 2 * 8 * 16 * 4
         step = min(r["products_seconds"].values()) + r["cache_bytes_per_step"] / 10e9
         assert r["products_ceiling_tokens_per_s"] == pytest.approx(b / step, rel=1e-12)
