@@ -64,9 +64,10 @@ def padded_rows(n_rows):
 
 def padded_product(x, W):
     """``x @ W`` for x ``[M, in]`` as one GEMM of ``padded_rows(M)`` rows, x's and zero rows. ``[M, out]``"""
-    if len(x) == padded_rows(len(x)):
+    n = padded_rows(len(x))
+    if n == len(x):
         return x @ W
-    padded = np.zeros((padded_rows(len(x)), x.shape[1]), x.dtype)
+    padded = np.zeros((n, x.shape[1]), x.dtype)
     padded[:len(x)] = x
     return (padded @ W)[:len(x)]
 
