@@ -520,7 +520,9 @@ def test_breakdown_on_ranks_that_wait_for_a_slow_one_adds_up():
     for r, own in zip(ranks, compute):
         assert sum(r[k] for k in timing.CATEGORIES) == pytest.approx(r["total"], rel=1e-9)
         assert own + r["wait"] == pytest.approx(recs[0]["critical_s"], rel=1e-9) and r["wait"] >= -1e-12
-        assert min(r["allreduce"], r["gather_bcast"], r["barrier"]) >= 0
+        # the Barriers' measured time is wait plus their own cost; the split between them is an estimate that a
+        # rank leaving one collective later than another can push below 0 (CI saw -0.22 ms on a busy machine)
+        assert min(r["allreduce"], r["gather_bcast"], r["barrier"] + r["wait"]) >= 0
 
 
 def test_projection_adds_each_collective_or_lets_the_link_bind():
