@@ -84,7 +84,10 @@ class _GuardedWorld(MPI.Intracomm):
     """COMM_WORLD, whose ``Abort(0)`` before the end aborts with 1: MPICH reports 0 for the whole job."""
 
     def Abort(self, errorcode=0):  # noqa: N802 -- mpi4py's name
-        super().Abort(_early("MPI.COMM_WORLD.Abort", errorcode))
+        code = _early("MPI.COMM_WORLD.Abort", errorcode)
+        if code != errorcode:
+            time.sleep(0.5)  # as in _abort: the line said must be forwarded before the job is torn down
+        super().Abort(code)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own terminal reporter and pytest-mpi's plugin exist
