@@ -72,7 +72,8 @@ class Model:
         headers and shapes) runs here, with no communication; ``model.fingerprint`` is for the ranks to compare.
         ``pp`` > 1: this rank's pipeline stage of ``pp`` (``mpitp.stages``; a collective ``Split`` first, unless
         ``pp`` is the ``StageGroup`` that ``split_stages`` made already, and ``comm`` its stage's communicator), its
-        layers ``pp_layers`` per stage or near-equal in bytes; ``model.comm`` is then this stage's ranks.
+        layers ``pp_layers`` per stage or near-equal in bytes; ``model.comm`` is then this stage's ranks. One stage
+        (``pp_layers`` of one count, the model's layers) is no pipeline: ``model.stage`` is None.
 
         ``experts``: a mixture of experts' layout, "tensor" or "expert" (None: ``sharding.default_layout``).
 
@@ -89,7 +90,8 @@ class Model:
         if experts is not None and not config.n_expert:
             raise RequestError(f"--experts {experts}: {model_dir} is not a mixture of experts; leave the option out.")
         shard = shard_for(config, comm.Get_rank(), comm.Get_size(), experts)
-        stage = None if group is None else place(group, layer_counts(config, group, pp_layers))
+        counts = None if group is None else layer_counts(config, group, pp_layers)  # checks --pp-layers
+        stage = place(group, counts) if counts and len(counts) > 1 else None  # one stage is no pipeline
         ckpt = Checkpoint(model_dir)
         hint = "use more ranks, on more nodes" + (", or --dtype float32" if dtype == np.float64 else "")
         check_fits(shard_bytes(config, shard, dtype, stage), f"this rank's shard of {model_dir}", hint, node_ranks)

@@ -77,8 +77,8 @@ def stage_layers(n_layer, pp, layer_bytes, first_bytes, last_bytes, given=None):
                            f"{n_layer}.")
     if given is not None:
         if len(given) != pp or min(given) < 1 or sum(given) != n_layer:
-            raise RequestError(f"--pp-layers {','.join(map(str, given))}: give {pp} counts of at least 1 layer "
-                               f"each (one per stage), summing to the model's {n_layer} layers.")
+            raise RequestError(f"--pp-layers {','.join(map(str, given))}: give {pp} count{'s' * (pp > 1)} of at least "
+                               f"1 layer each (one per stage), summing to the model's {n_layer} layers.")
         return tuple(given)
     counts = [1] * pp
     extra = [0] * pp

@@ -75,6 +75,20 @@ def test_stages_match_the_dense_reference(tmp_path, preset, size, pp, pp_layers)
     assert counts == (pp_layers or counts) and sum(counts) == 5
 
 
+@pytest.mark.parametrize("size", [1, 2])
+def test_one_stage_of_every_layer_is_no_pipeline(size):
+    # --pp-layers 2 on a 2-layer model: one stage, so no pipeline at all, and the goldens' tokens. Before, the
+    # model held a stage that was both first and last, and its rows went to a next stage that does not exist.
+    g = golden("gpt2-tiny")
+
+    def run(c):
+        model = Model.load(model_dir("gpt2-tiny"), c, "float64", pp_layers=[2])
+        return model.stage, generate_batch(model, [g["prompt_L7"].tolist()], 20)[0].token_ids
+
+    for stage, tokens in run_ranks(size, run):
+        assert stage is None and tokens == g["greedy_x64_L7"].tolist()
+
+
 def test_sampling_gives_the_same_tokens_as_without_stages(tmp_path):
     path = write_random_model(tmp_path / "m", "llama-9h", num_hidden_layers=3)
     prompts = [[3, 1, 4], [1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]
@@ -151,6 +165,8 @@ def test_layer_ranges_are_near_equal_in_bytes():
     (2, 2, [1, 2], "--pp-layers 1,2: give 2 counts of at least 1 layer each (one per stage), summing to the "
                    "model's 2 layers."),
     (2, 2, [2, 0], "--pp-layers 2,0: give 2 counts"),
+    (2, 1, [3], "--pp-layers 3: give 1 count of at least 1 layer each (one per stage), summing to the model's 2 "
+                "layers."),
 ])
 def test_layouts_that_cannot_work_are_refused(size, pp, given, expected):
     def load(c):
