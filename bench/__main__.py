@@ -17,8 +17,8 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.cli.runner import (HelpFormatter, check_stdout, check_writable, disagree, failed_vote, out, replace_file,
-                              run_command, say)
+from mpitp.cli.runner import (HelpFormatter, add_pp_layers, check_stdout, check_writable, disagree, failed_vote, out,
+                              replace_file, run_command, say)
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
@@ -87,6 +87,7 @@ def build_parser():
     p.add_argument("--pp", type=int, default=1, metavar="S",
                    help="instead of the tensor-parallel tests: the batch test (--batch, --batch-prompt, --batch-gen, "
                         "--batch-repeats) through S pipeline stages of (ranks / S) ranks each, with the bubble")
+    add_pp_layers(p)
     p.add_argument("--verbose", action="store_true", help="print full tracebacks for errors")
     return p
 
@@ -99,6 +100,8 @@ def main(argv=None):
 def _dispatch(args, comm, node_ranks):
     if args.summarize or args.cluster_table:
         return _tables(args) if comm.Get_rank() == 0 else 0
+    if args.pp_layers and args.pp == 1:  # as in generate: --pp-layers alone gives the stage count
+        args.pp = len(args.pp_layers)
     return _run(args, comm, node_ranks) if args.pp == 1 else _run_stages(args, comm, node_ranks)
 
 
@@ -111,7 +114,7 @@ def _run_stages(args, comm, node_ranks):
                              "--batch-plot.")
         config = config_from_dict(PRESETS[args.preset], f"preset {args.preset}")
         check_stage_count(comm.Get_size(), args.pp)
-        stage_layers(config.n_layer, args.pp, 1, 0, 0)  # refuses more stages than layers
+        stage_layers(config.n_layer, args.pp, 1, 0, 0, args.pp_layers)  # more stages than layers, counts that lie
         args.batches = parse_batches(args.batch) or [1]
         if comm.Get_rank() == 0:
             check_outputs((("--json-out", args.json_out),))
@@ -124,7 +127,7 @@ def _run_stages(args, comm, node_ranks):
     screen = Screen(comm.Get_rank())
     if warning:
         screen.progress(warning)
-    model = stage_model(config, comm, DTYPES[args.dtype], args.pp)
+    model = stage_model(config, comm, DTYPES[args.dtype], args.pp, args.pp_layers)
     rec = run_stages(args, comm, model, f"{args.preset} (random)", threads, args.batches, screen.progress)
     screen.show(format_stages(rec))
     return _output(args, comm, rec, screen)
@@ -175,6 +178,8 @@ def _validate(args, comm, tc, node_ranks):
         shard = shard_for(config, comm.Get_rank(), comm.Get_size())  # refuses a bad rank count
         check_fits(shard_bytes(config, shard, DTYPES[args.dtype]), f"this rank's shard of {name}",
                    "use more ranks, on more nodes", node_ranks)
+    if args.pp_layers:  # one stage (--pp-layers N): the usual bench, once N is the model's layers
+        stage_layers(config.n_layer, 1, 1, 0, 0, args.pp_layers)
     # a decode test is a 1-token prompt and n_gen + 1 generated tokens (the first comes from the prompt's forward)
     if max(args.n_prompt, args.n_gen + 2, (args.long or 0) + 2) > config.n_ctx:
         raise MpitpError(f"--n-prompt must be at most {config.n_ctx} and --n-gen/--long at most {config.n_ctx - 2}: "

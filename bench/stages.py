@@ -38,12 +38,13 @@ class RecvTimer:
         return getattr(self.comm, name)
 
 
-def stage_model(config, comm, dtype, pp, seed=0):
-    """A random-weight model of ``config``'s shapes on ``pp`` stages of ``comm``'s ranks, each rank drawing only its
-    stage's layers and its shard of them (``RandomCheckpoint``), its pipe communicator a ``RecvTimer``."""
+def stage_model(config, comm, dtype, pp, given=None, seed=0):
+    """A random-weight model of ``config``'s shapes on ``pp`` stages of ``comm``'s ranks (``given`` layers each, or
+    ``layer_counts``' split), each rank drawing only its stage's layers and its shard of them
+    (``RandomCheckpoint``), its pipe communicator a ``RecvTimer``."""
     tp, group = split_stages(RecvTimer(comm), pp)
     shard = shard_for(config, tp.Get_rank(), tp.Get_size())
-    stage = place(group, layer_counts(config, group))
+    stage = place(group, layer_counts(config, group, given))
     ckpt = RandomCheckpoint(config, seed, comm.Get_rank())
     model = Model(config, shard, *load_weights(ckpt, config, shard, dtype, part=stage), tp, dtype)
     model.stage = stage

@@ -907,3 +907,11 @@ def test_the_pipeline_projection_takes_the_longest_of_its_three_bounds():
     row = format_stages(rec).splitlines()[-1]
     assert [c.strip() for c in row.split("|")[1:-1]] == ["4", "900.0", "300.00", "307.69", "+2.6%", "cycle",
                                                         "3.00 4.00", "5.00", "25%", "20% 30%"]
+
+
+def test_the_pipeline_bench_holds_the_layers_given():
+    # --pp-layers: each stage draws the layers given, in both orders (one of them is not the default split).
+    from bench.stages import stage_model
+    config = config_from_dict(dict(models.PRESETS["tiny"], n_layer=3), "preset tiny, 3 layers")
+    split = lambda c, given: stage_model(config, c, np.float32, 2, given).stage.counts  # noqa: E731
+    assert run_ranks(2, lambda c: (split(c, [1, 2]), split(c, [2, 1]))) == [((1, 2), (2, 1))] * 2

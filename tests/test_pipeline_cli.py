@@ -29,14 +29,17 @@ def five_layers(tmp_path_factory):
 
 
 @pytest.mark.parametrize("n, extra", [(2, ["--pp", "2"]), (3, ["--pp", "3"]), (4, ["--pp", "2"]),
-                                      (3, ["--pp-layers", "1,3,1"])], ids=["1x2", "1x3", "2x2", "1x3-given"])
+                                      (3, ["--pp-layers", "1,3,1"]), (2, ["--pp-layers", "5"])],
+                         ids=["1x2", "1x3", "2x2", "1x3-given", "one-stage"])
 def test_stages_generate_what_one_rank_generates(five_layers, n, extra):
+    # one stage of every layer is no pipeline: before, it ended in MPI's "Invalid rank" abort
     args = ["--model", five_layers, "--dtype", "float64", *ARGS]
     alone, staged = run_cli(args), run_cli(args + extra, n=n)
     assert alone.returncode == staged.returncode == 0, staged.stderr
     a, s = json.loads(alone.stdout), json.loads(staged.stdout)
     assert a["sequences"] == s["sequences"] and len(s["sequences"]) == 3
-    assert (a["pp"], s["pp"], s["ranks"]) == (1, 3 if n == 3 else 2, n)
+    pp = len(extra[1].split(",")) if extra[0] == "--pp-layers" else int(extra[1])
+    assert (a["pp"], s["pp"], s["ranks"]) == (1, pp, n)
 
 
 def test_the_layout_is_said(five_layers):
@@ -169,6 +172,9 @@ def test_bench_pipeline_reports_rates_and_the_bubble(tmp_path):
     (["--pp", "3"], "bench: error: --pp 3: 2 ranks (mpirun -n 2) cannot form 3 pipeline stages"),
     (["--pp", "2", "--osu"], "bench: error: --pp runs the batch test of a preset: leave out --model, --long, --osu "
                              "and --batch-plot."),
+    (["--pp-layers", "2,1"], "bench: error: --pp-layers 2,1: give 2 counts of at least 1 layer each (one per "
+                             "stage), summing to the model's 2 layers."),
+    (["--pp-layers", "3"], "bench: error: --pp-layers 3: give 1 count of at least 1 layer each"),
 ])
 def test_bench_pipeline_refusals(extra, expected):
     r = subprocess.run([*mpirun(2), sys.executable, "-m", "bench", "--preset", "tiny", *extra], capture_output=True,

@@ -5,19 +5,17 @@ Every rank parses its arguments, loads its shard and validates the request, then
 ``--json`` one JSON object. Diagnostics and timings go to stderr.
 """
 
-import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 
 import numpy as np
 
 from .. import comm as mpi
-from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_run_options, check_stdout,
-                     check_writable, disagree, failed_vote, out, prepare_and_agree, removed_if_killed, run_command,
+from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_pp_layers, add_run_options,
+                     check_stdout, check_writable, comma_ints, disagree, failed_vote, out, prepare_and_agree, removed_if_killed, run_command,
                      say)
 from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
@@ -37,13 +35,6 @@ DEFAULT_PROMPTS = ["sort:4721=", "sort:90210=", "sort:31415926=", "sort:8675309=
 MAX_NEW_TOKENS_CAP = 256  # without --max-new-tokens: the rest of the context, at most this many
 
 
-def _ids(text):
-    if not re.fullmatch(r"[0-9]{1,18}(,[0-9]{1,18})*", text.replace(" ", "")):  # not "1,,2", "1_0", "١", 10**5000
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (of up to 18 digits) like 15,7,201, "
-                                         f"got {text if len(text) < 60 else text[:60] + '...'!r}")
-    return [int(t) for t in text.replace(" ", "").split(",")]
-
-
 def build_parser():
     p = RankParser(prog="mpitp-generate" if sys.argv[0].endswith("mpitp-generate") else "python -m mpitp.generate",
                 description="Generate tokens with a tensor-parallel transformer split over the MPI ranks (run "
@@ -55,7 +46,7 @@ def build_parser():
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a text prompt, encoded with the model's tokenizer.json (needs the 'text' extra); repeat "
                         "it for a batch. Default for the bundled model: " + ", ".join(DEFAULT_PROMPTS))
-    p.add_argument("--prompt-ids", type=_ids, action="append", metavar="IDS",
+    p.add_argument("--prompt-ids", type=comma_ints, action="append", metavar="IDS",
                    help="a prompt as comma-separated token ids, e.g. 15,7,201; repeat it for a batch")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"tokens to generate at most per prompt (default: what the context leaves, at most "
@@ -81,9 +72,7 @@ def build_parser():
     p.add_argument("--pp", type=int, default=1, metavar="S",
                    help="pipeline stages: the ranks form S stages of (ranks / S) tensor-parallel ranks each, stage s "
                         "holding a contiguous range of layers (on a cluster: S = the number of nodes)")
-    p.add_argument("--pp-layers", type=_ids, default=None, metavar="N,N,..",
-                   help="layers per pipeline stage, e.g. 5,7 (default: near-equal in bytes, the first stage's "
-                        "embedding and the last stage's LM head counted); implies --pp of as many stages")
+    add_pp_layers(p)
     return add_run_options(p)
 
 

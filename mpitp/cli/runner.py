@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import select
 import shutil
 import signal
@@ -55,6 +56,22 @@ def add_experts_option(p):
                    help="a mixture of experts' layout: 'tensor' (every rank a slice of every expert) or 'expert' "
                         "(whole experts per rank, rows dispatched to them); default: expert where it divides the "
                         "experts at least as evenly (docs/moe.md)")
+    return p
+
+
+def comma_ints(text):
+    """argparse's type for a comma-separated list of non-negative integers (``--prompt-ids``, ``--pp-layers``)."""
+    if not re.fullmatch(r"[0-9]{1,18}(,[0-9]{1,18})*", text.replace(" ", "")):  # not "1,,2", "1_0", "١", 10**5000
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (of up to 18 digits) like 15,7,201, "
+                                         f"got {text if len(text) < 60 else text[:60] + '...'!r}")
+    return [int(t) for t in text.replace(" ", "").split(",")]
+
+
+def add_pp_layers(p):
+    """``--pp-layers``: layers per pipeline stage (``mpitp.stages.stage_layers``). Returns ``p``."""
+    p.add_argument("--pp-layers", type=comma_ints, default=None, metavar="N,N,..",
+                   help="layers per pipeline stage, e.g. 5,7 (default: near-equal in bytes, the first stage's "
+                        "embedding and the last stage's LM head counted); implies --pp of as many stages")
     return p
 
 
