@@ -15,8 +15,8 @@ import numpy as np
 
 from .. import comm as mpi
 from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_pp_layers, add_run_options,
-                     check_stdout, check_writable, comma_ints, disagree, failed_vote, out, prepare_and_agree, removed_if_killed, run_command,
-                     say)
+                     check_stdout, check_writable, comma_ints, disagree, failed_vote, out, prepare_and_agree,
+                     removed_if_killed, run_command, say)
 from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
