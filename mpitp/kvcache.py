@@ -24,6 +24,13 @@ def layer_slots(capacity, windows, chunk=None):
     return [min(capacity, w - 1 + chunk) if w else capacity for w in windows]
 
 
+def most_new(capacity, windows, chunk=None):
+    """The most new tokens one forward may write into a cache of these layers: ``capacity`` (no limit) when no
+    layer is a ring, else its chunk (default ``RING_CHUNK``)."""
+    ring = min(layer_slots(capacity, windows, chunk), default=capacity) < capacity
+    return (RING_CHUNK if chunk is None else chunk) if ring else capacity
+
+
 class KVCache:
     """Keys and values of ``n_batch`` sequences of up to ``capacity`` positions (prompt and new tokens); per layer
     its sliding window (``windows``, 0 or () for none) and slots as ``layer_slots`` says."""
@@ -34,8 +41,7 @@ class KVCache:
         windows = tuple(windows) or (0,) * n_layer
         self.slots = layer_slots(capacity, windows, chunk)
         self.ring = {w: s for w, s in zip(windows, self.slots)}  # slots per window (0: full attention)
-        # the most new tokens per forward: unlimited when no layer is a ring (slots < capacity)
-        self.chunk = capacity if min(self.slots) == capacity else (RING_CHUNK if chunk is None else chunk)
+        self.chunk = most_new(capacity, windows, chunk)  # the most new tokens per forward
         # Written once now (not np.zeros): every page is resident from the start, so a cache too large fails
         # here, not mid-run.
         self.K, self.V = ([np.full((n_batch, n_kv_head_local, s, d_head), 0, dtype) for s in self.slots]

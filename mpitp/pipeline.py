@@ -22,6 +22,7 @@ import numpy as np
 from . import comm as mpi
 from .errors import RequestError
 from .generation import Generation, Timing, check_request, new_batch_cache
+from .kvcache import most_new
 from .sampling import Sampler
 from .sharding import block_range
 from .stages import stage_forward
@@ -133,7 +134,8 @@ def _first_stage(run, prompts, results, stop_ids, on_token):
     for m, (start, n) in enumerate(groups):
         for j in range(n):
             prompt, row = prompts[start + j], caches[m].row(j)
-            size = model.prefill_chunk(1, len(prompt))
+            # every stage's sliding layers must take the chunk: the whole model's rings, not only this stage's
+            size = min(model.prefill_chunk(1, len(prompt)), most_new(row.capacity, model.config.windows))
             for i in range(0, len(prompt), size):
                 ids = prompt[i:i + size]
                 with _recording(run["trace"], 0):

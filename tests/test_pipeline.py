@@ -75,6 +75,26 @@ def test_stages_match_the_dense_reference(tmp_path, preset, size, pp, pp_layers)
     assert counts == (pp_layers or counts) and sum(counts) == 5
 
 
+@pytest.mark.parametrize("sliding, pp_layers", [([0, 2], None), ([2], [2, 2])], ids=["both-stages", "later-stage"])
+def test_a_prompt_longer_than_a_window_and_a_chunk_gives_the_same_logits_as_without_stages(tmp_path, sliding,
+                                                                                        pp_layers):
+    # Window 4: a sliding layer's ring holds 4 - 1 + 128 positions, so a 150-token prompt must go through every
+    # stage in chunks of at most 128. Before, the first stage cut it by memory alone (one piece of 150): the ring
+    # overwrote keys that earlier positions still needed, and the full-attention layer after it read their
+    # garbage (NaN: an "overflow" error; or other tokens with status 0). In "later-stage" the first stage holds
+    # no sliding layer, so its own cache sets no limit: the whole model's layers must.
+    kinds = ["sliding_attention" if i in sliding else "full_attention" for i in range(4)]
+    path = write_random_model(tmp_path / "m", "llama-9h", model_type="mistral", sliding_window=4, layer_types=kinds,
+                              max_position_embeddings=256, num_hidden_layers=4)
+    prompt = [(i * 7) % 97 for i in range(150)]
+    model = Model.load(path, comm.serial(), "float64")
+    expected = model.forward(prompt, model.new_cache(160))
+    alone = generate_batch(model, [prompt], 8)[0].token_ids
+    per_rank = staged(path, 2, 2, lambda m: traced(m, [prompt], 8), pp_layers)
+    assert all(tokens == [alone] for tokens, *_ in per_rank)
+    assert np.abs(stage_logits(per_rank, 0)[-1] - expected).max() <= 1e-9
+
+
 @pytest.mark.parametrize("size", [1, 2])
 def test_one_stage_of_every_layer_is_no_pipeline(size):
     # --pp-layers 2 on a 2-layer model: one stage, so no pipeline at all, and the goldens' tokens. Before, the
