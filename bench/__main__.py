@@ -22,8 +22,8 @@ from mpitp.cli.runner import (HelpFormatter, add_pp_layers, check_stdout, check_
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
-from mpitp.sharding import shard_for
-from mpitp.stages import check_stage_count, stage_layers
+from mpitp.sharding import check_rank_count, shard_for
+from mpitp.stages import StageGroup, check_stage_count, layer_counts, place, stage_layers
 from mpitp.resources import set_blas_threads
 from mpitp.weights import shard_bytes
 from mpitp.wire import FORMATS
@@ -112,12 +112,20 @@ def _run_stages(args, comm, node_ranks):
         if args.model or args.long or args.osu or args.batch_plot:
             raise MpitpError("--pp runs the batch test of a preset: leave out --model, --long, --osu and "
                              "--batch-plot.")
+        if args.threads is not None and args.threads < 1:
+            raise MpitpError(f"--threads must be >= 1, got {args.threads}.")
         config = config_from_dict(PRESETS[args.preset], f"preset {args.preset}")
         check_stage_count(comm.Get_size(), args.pp)
-        stage_layers(config.n_layer, args.pp, 1, 0, 0, args.pp_layers)  # more stages than layers, counts that lie
-        args.batches = parse_batches(args.batch) or [1]
+        tp = comm.Get_size() // args.pp
+        check_rank_count(config, tp, args.pp)
+        group = StageGroup(index=comm.Get_rank() // tp, count=args.pp, tp=tp, pipe=None)  # before the Split
+        stage = place(group, layer_counts(config, group, args.pp_layers))  # more stages than layers, counts that lie
         if comm.Get_rank() == 0:
             check_outputs((("--json-out", args.json_out),))
+        args.batches = parse_batches(args.batch) or [1]
+        _check_batch_sizes(args)
+        dtype, shard = DTYPES[args.dtype], shard_for(config, comm.Get_rank() % tp, tp)
+        _check_batch_memory(args, config, shard, dtype, shard_bytes(config, shard, dtype, stage), node_ranks, stage)
     except MpitpError as e:
         error = e
     facts = [(f"--{k.replace('_', '-')}", v) for k, v in sorted(vars(args).items()) if k not in PER_RANK]
@@ -127,7 +135,7 @@ def _run_stages(args, comm, node_ranks):
     screen = Screen(comm.Get_rank())
     if warning:
         screen.progress(warning)
-    model = stage_model(config, comm, DTYPES[args.dtype], args.pp, args.pp_layers)
+    model = stage_model(config, comm, DTYPES[args.dtype], args.pp, args.pp_layers, args.comm_dtype)
     rec = run_stages(args, comm, model, f"{args.preset} (random)", threads, args.batches, screen.progress)
     screen.show(format_stages(rec))
     return _output(args, comm, rec, screen)
@@ -166,9 +174,8 @@ def _validate(args, comm, tc, node_ranks):
     if comm.Get_rank() == 0:  # rank 0 writes them
         check_outputs((("--json-out", args.json_out), ("--batch-plot", args.batch_plot)))
     args.batches = parse_batches(args.batch) if args.long is None else []
-    if args.batches and (args.batch_prompt < 1 or args.batch_gen < 2 or args.batch_repeats < 1):
-        raise MpitpError("--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2 (a decode step "
-                         "follows the prefill's token).")
+    if args.batches:
+        _check_batch_sizes(args)
     model = None
     if args.model:
         model = Model.load(args.model, tc, args.dtype, node_ranks=node_ranks, comm_dtype=args.comm_dtype)
@@ -185,20 +192,32 @@ def _validate(args, comm, tc, node_ranks):
         raise MpitpError(f"--n-prompt must be at most {config.n_ctx} and --n-gen/--long at most {config.n_ctx - 2}: "
                          f"the model's context is {config.n_ctx} positions.")
     if args.batches:
-        if args.batch_prompt + args.batch_gen > config.n_ctx:
-            raise MpitpError(f"--batch-prompt plus --batch-gen must be at most the model's context of "
-                             f"{config.n_ctx} positions, got {args.batch_prompt} + {args.batch_gen}.")
-        # The largest batch's cache, counted by the model's own method before the model exists (the bench
-        # allocates it with new_batch_cache, which checks it again), next to the weights if not loaded yet.
-        n, capacity = max(args.batches), args.batch_prompt + args.batch_gen - 1
         dtype = model.dtype if model is not None else DTYPES[args.dtype]
-        kv = Model.cache_bytes(SimpleNamespace(config=config, shard=shard, dtype=dtype), capacity, n)
-        check_fits(kv + (0 if model is not None else shard_bytes(config, shard, dtype)),
-                   f"this rank's {'' if model is not None else 'shard of the model and its '}KV cache for "
-                   f"--batch {n} ({n} x {capacity} positions)",
-                   "use smaller --batch sizes, a shorter --batch-prompt or --batch-gen, or more ranks or nodes",
-                   node_ranks)
+        _check_batch_memory(args, config, shard, dtype, 0 if model is not None else shard_bytes(config, shard, dtype),
+                            node_ranks)
     return model, config, name
+
+
+def _check_batch_sizes(args):
+    if args.batch_prompt < 1 or args.batch_gen < 2 or args.batch_repeats < 1:
+        raise MpitpError("--batch-prompt and --batch-repeats must be >= 1 and --batch-gen >= 2 (a decode step "
+                         "follows the prefill's token).")
+
+
+def _check_batch_memory(args, config, shard, dtype, weight_bytes, node_ranks, stage=None):
+    """The batch test's prompts and new tokens against the context, and this rank's KV cache for the largest batch
+    (of its ``stage``'s layers, with --pp) next to ``weight_bytes`` of weights not loaded yet."""
+    if args.batch_prompt + args.batch_gen > config.n_ctx:
+        raise MpitpError(f"--batch-prompt plus --batch-gen must be at most the model's context of "
+                         f"{config.n_ctx} positions, got {args.batch_prompt} + {args.batch_gen}.")
+    # The largest batch's cache, counted by the model's own method before the model exists (the bench
+    # allocates it with new_batch_cache, which checks it again).
+    n, capacity = max(args.batches), args.batch_prompt + args.batch_gen - 1
+    kv = Model.cache_bytes(SimpleNamespace(config=config, shard=shard, dtype=dtype, stage=stage), capacity, n)
+    check_fits(kv + weight_bytes, f"this rank's {'shard of the model and its ' if weight_bytes else ''}KV cache for "
+               f"--batch {n} ({n} x {capacity} positions)",
+               "use smaller --batch sizes, a shorter --batch-prompt or --batch-gen, or more ranks or nodes",
+               node_ranks)
 
 
 def parse_batches(text):

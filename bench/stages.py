@@ -38,17 +38,18 @@ class RecvTimer:
         return getattr(self.comm, name)
 
 
-def stage_model(config, comm, dtype, pp, given=None, seed=0):
+def stage_model(config, comm, dtype, pp, given=None, comm_dtype=None, seed=0):
     """A random-weight model of ``config``'s shapes on ``pp`` stages of ``comm``'s ranks (``given`` layers each, or
     ``layer_counts``' split), each rank drawing only its stage's layers and its shard of them
-    (``RandomCheckpoint``), its pipe communicator a ``RecvTimer``."""
+    (``RandomCheckpoint``), its pipe communicator a ``RecvTimer``, its reductions in ``comm_dtype``
+    (``Model.sync_in``)."""
     tp, group = split_stages(RecvTimer(comm), pp)
     shard = shard_for(config, tp.Get_rank(), tp.Get_size())
     stage = place(group, layer_counts(config, group, given))
     ckpt = RandomCheckpoint(config, seed, comm.Get_rank())
     model = Model(config, shard, *load_weights(ckpt, config, shard, dtype, part=stage), tp, dtype)
     model.stage = stage
-    return model
+    return model.sync_in(comm_dtype)
 
 
 def stage_run(model, prompts, n_gen):
@@ -196,7 +197,8 @@ def run_stages(args, comm, model, name, threads, sizes, progress):
         projection["error_percent"] = 100 * (projection["tokens_per_s"] / out[-1]["decode_tokens_per_s"] - 1)
     s = model.stage
     return {"model": name, "ranks": comm.Get_size(), "pp": s.count, "tp": s.tp, "layers": list(s.counts),
-            "threads": threads, "dtype": np.dtype(model.dtype).name, "n_prompt": args.batch_prompt,
+            "threads": threads, "dtype": np.dtype(model.dtype).name,
+            "comm_dtype": args.comm_dtype or np.dtype(model.dtype).name, "n_prompt": args.batch_prompt,
             "n_gen": args.batch_gen, "pipeline": out, "environment": environment(comm, threads, start)}
 
 

@@ -22,7 +22,7 @@ from .kvcache import KVCache, layer_slots
 from .layers import (apply_rope, attention, causal_mask, geglu, gelu_erf, gelu_tanh, layer_norm, linear, rms_norm,
                      rope_inv_freq, rope_tables, swiglu)
 from .resources import check_fits
-from .sharding import block_range, shard_for
+from .sharding import block_range, check_rank_count, shard_for
 from .stages import StageCache, StageGroup, layer_counts, place, split_stages
 from .weights import load_weights, shard_bytes
 
@@ -89,6 +89,7 @@ class Model:
         config = load_config(model_dir)
         if experts is not None and not config.n_expert:
             raise RequestError(f"--experts {experts}: {model_dir} is not a mixture of experts; leave the option out.")
+        check_rank_count(config, comm.Get_size(), group.count if group else 1)  # with --pp: a stage's ranks
         shard = shard_for(config, comm.Get_rank(), comm.Get_size(), experts)
         counts = None if group is None else layer_counts(config, group, pp_layers)  # checks --pp-layers
         stage = place(group, counts) if counts and len(counts) > 1 else None  # one stage is no pipeline

@@ -30,12 +30,17 @@ def block_range(n, size, rank):
     return rank * base + min(rank, extra), base + (rank < extra)
 
 
-def check_rank_count(config, size):
-    """Raise ``ShardingError`` if ``size`` ranks cannot split the model: each rank needs a query head."""
-    limit = min(config.n_head, config.n_ffn, config.n_vocab)
+def check_rank_count(config, size, stages=1):
+    """Raise ``ShardingError`` if ``size`` ranks (of each of ``stages`` pipeline stages) cannot split the model:
+    each rank needs a query head, an MLP column and a vocabulary id."""
+    limit, what = min((config.n_head, "attention heads"), (config.n_ffn, "MLP columns"),
+                      (config.n_vocab, "vocabulary ids"), key=lambda t: t[0])  # the heads on a tie
     if not 1 <= size <= limit:
-        raise ShardingError(f"cannot run this model on {size} ranks (mpirun -n {size}): each rank needs at least "
-                            f"one of its {config.n_head} attention heads; use -n 1 to {limit}.")
+        where = f"{size} ranks (mpirun -n {size})" if stages == 1 else \
+            f"stages of {size} ranks (mpirun -n {size * stages} --pp {stages})"
+        fix = f"use -n 1 to {limit}" if stages == 1 else f"use a --pp that leaves 1 to {limit} ranks a stage"
+        raise ShardingError(f"cannot run this model on {where}: each rank needs at least one of its {limit} {what}; "
+                            f"{fix}.")
 
 
 @dataclass(frozen=True)

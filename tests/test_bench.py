@@ -915,3 +915,6 @@ def test_the_pipeline_bench_holds_the_layers_given():
     config = config_from_dict(dict(models.PRESETS["tiny"], n_layer=3), "preset tiny, 3 layers")
     split = lambda c, given: stage_model(config, c, np.float32, 2, given).stage.counts  # noqa: E731
     assert run_ranks(2, lambda c: (split(c, [1, 2]), split(c, [2, 1]))) == [((1, 2), (2, 1))] * 2
+    # --comm-dtype: each stage's reductions in that format (before, the option was silently left out)
+    wire = lambda c: type(stage_model(config, c, np.float32, 2, comm_dtype="bfloat16").comm).__name__  # noqa: E731
+    assert run_ranks(4, wire) == ["WireComm"] * 4

@@ -1,5 +1,6 @@
 """Config parsing, the rank-count rule and shard ranges, and the strict safetensors reader."""
 
+import dataclasses
 import json
 import shutil
 
@@ -124,6 +125,14 @@ def test_rank_count_limit_is_the_query_heads():
     with pytest.raises(ShardingError, match=r"13 ranks \(mpirun -n 13\): each rank needs at least one of its 12 "
                                             r"attention heads; use -n 1 to 12\."):
         check_rank_count(gpt2_124m(), 13)
+    # a narrower MLP than the heads: the message names what binds (before: the heads, with "use -n 1 to 2")
+    narrow = dataclasses.replace(gpt2_124m(), n_ffn=2)
+    with pytest.raises(ShardingError, match=r"3 ranks \(mpirun -n 3\): each rank needs at least one of its 2 MLP "
+                                            r"columns; use -n 1 to 2\."):
+        check_rank_count(narrow, 3)
+    with pytest.raises(ShardingError, match=r"stages of 13 ranks \(mpirun -n 26 --pp 2\): each rank needs at least "
+                                            r"one of its 12 attention heads; use a --pp that leaves 1 to 12 ranks"):
+        check_rank_count(gpt2_124m(), 13, stages=2)
 
 
 @pytest.mark.parametrize("heads, kv", [(8, 8), (8, 2), (8, 1), (12, 4), (9, 3), (15, 5), (32, 8)])

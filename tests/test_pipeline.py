@@ -187,6 +187,8 @@ def test_layer_ranges_are_near_equal_in_bytes():
     (2, 2, [2, 0], "--pp-layers 2,0: give 2 counts"),
     (2, 1, [3], "--pp-layers 3: give 1 count of at least 1 layer each (one per stage), summing to the model's 2 "
                 "layers."),
+    (10, 2, None, "cannot run this model on stages of 5 ranks (mpirun -n 10 --pp 2): each rank needs at least one "
+                  "of its 4 attention heads; use a --pp that leaves 1 to 4 ranks a stage."),
 ])
 def test_layouts_that_cannot_work_are_refused(size, pp, given, expected):
     def load(c):

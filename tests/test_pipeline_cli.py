@@ -175,6 +175,15 @@ def test_bench_pipeline_reports_rates_and_the_bubble(tmp_path):
     (["--pp-layers", "2,1"], "bench: error: --pp-layers 2,1: give 2 counts of at least 1 layer each (one per "
                              "stage), summing to the model's 2 layers."),
     (["--pp-layers", "3"], "bench: error: --pp-layers 3: give 1 count of at least 1 layer each"),
+    # the batch test's checks, as without --pp (before: a TypeError, an IndexError, the kernel's OOM killer)
+    (["--pp", "2", "--batch-gen", "1"], "bench: error: --batch-prompt and --batch-repeats must be >= 1 and "
+                                        "--batch-gen >= 2 (a decode step follows the prefill's token)."),
+    (["--pp", "2", "--batch-repeats", "0"], "bench: error: --batch-prompt and --batch-repeats must be >= 1"),
+    (["--pp", "2", "--threads", "0"], "bench: error: --threads must be >= 1, got 0."),
+    (["--pp", "2", "--batch-prompt", "1000"], "bench: error: --batch-prompt plus --batch-gen must be at most the "
+                                              "model's context of 128 positions, got 1000 + 32."),
+    (["--pp", "2", "--batch", "2000000000"], "bench: error: this rank's shard of the model and its KV cache for "
+                                             "--batch 2000000000 (2000000000 x 95 positions) needs"),
 ])
 def test_bench_pipeline_refusals(extra, expected):
     r = subprocess.run([*mpirun(2), sys.executable, "-m", "bench", "--preset", "tiny", *extra], capture_output=True,
