@@ -77,6 +77,9 @@ def read_records(paths):
             record = json.loads(read_regular(p))
         except (ValueError, RecursionError) as e:
             raise MpitpError(f"{p}: not a JSON record of the bench ({type(e).__name__}).") from None
+        if isinstance(record, dict) and "pipeline" in record and "tests" not in record:
+            raise MpitpError(f"{p}: a record of python -m bench --pp (pipeline stages), which its run printed as a "
+                             f"table; --summarize and --cluster-table read the tensor-parallel bench's records.")
         why = lacks(record)
         if why:
             raise MpitpError(f"{p}: not a JSON record of the bench ({why}; written by python -m bench --json-out).")

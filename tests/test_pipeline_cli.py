@@ -166,6 +166,14 @@ def test_bench_pipeline_reports_rates_and_the_bubble(tmp_path):
     for e in rec["pipeline"]:
         assert e["decode_tokens_per_s"] > 0 and e["prefill_tokens_per_s"] > 0 and len(e["stage_wait_share"]) == 2
         assert all(0 <= w <= 1 for w in e["stage_wait_share"])
+    # the tables of several records take the tensor-parallel bench's; this one is told apart (before: "not a JSON
+    # record of the bench ... written by python -m bench --json-out", which it was)
+    for option in ("--summarize", "--cluster-table"):
+        s = subprocess.run([sys.executable, "-m", "bench", option, str(out)], capture_output=True, text=True,
+                           timeout=60, env=child_env(), cwd=str(REPO))
+        one_error_line(s, f"bench: error: {out}: a record of python -m bench --pp (pipeline stages), which its run "
+                          f"printed as a table; --summarize and --cluster-table read the tensor-parallel bench's "
+                          f"records.")
 
 
 @pytest.mark.parametrize("extra, expected", [
