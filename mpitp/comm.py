@@ -198,11 +198,12 @@ def segments(n_blocks, size):
     return tuple(block_range(n_blocks, size, r) for r in range(size))
 
 
-def sent_bytes(n_blocks, block_bytes, size, rank):
-    """Bytes ``rank`` sends in ``wire_allreduce`` of ``n_blocks`` blocks: the other ranks' segments (reduce-
-    scatter), then its own segment's sum to each of the others (all-gather): about 2 (P - 1) / P of the whole."""
+def sent_bytes(n_blocks, block_bytes, size, rank, rows=1):
+    """Bytes ``rank`` sends in ``wire_allreduce`` of ``rows`` rows of ``n_blocks`` blocks: the other ranks'
+    segments (reduce-scatter), then its own segment's sum to each of the others (all-gather): about 2 (P - 1) / P
+    of the whole."""
     counts = [c for _, c in segments(n_blocks, size)]
-    return block_bytes * (n_blocks - counts[rank] + (size - 1) * counts[rank])
+    return rows * block_bytes * (n_blocks - counts[rank] + (size - 1) * counts[rank])
 
 
 def wire_allreduce(comm, buf, fmt):
@@ -211,23 +212,28 @@ def wire_allreduce(comm, buf, fmt):
     segment of its partial sum, encoded; sums its own segment in ``buf``'s dtype, in rank order (its own part
     as it is: it never crossed the wire); encodes the sum once and sends it to every other rank. Every rank,
     this one too, then decodes the same bytes: the result is bit-identical on every rank. Returns the bytes
-    this rank sent (``sent_bytes``)."""
+    this rank sent (``sent_bytes``).
+
+    A row (the last axis) is padded with zeros to whole blocks, as GGML's rows are, and a rank's segment is the
+    same blocks of every row: so a row's sum depends on that row alone, never on the rows beside it (a batch's
+    other sequences, a micro-batch)."""
     MPI, size, rank = _mpi(), comm.Get_size(), comm.Get_rank()
     if not buf.flags.c_contiguous:  # the sum is written back through a flat view
         raise ValueError("wire_allreduce needs a C-contiguous buffer")
-    flat = buf.reshape(-1)
-    n_blocks = -(-flat.size // fmt.block)
-    segs = segments(n_blocks, size)
-    lo, hi = segs[rank][0] * fmt.block, min(sum(segs[rank]) * fmt.block, flat.size)
+    width = buf.shape[-1] if buf.ndim > 1 else buf.size
+    rows, n_col, block = buf.size // max(width, 1), -(-width // fmt.block), fmt.block
+    padded = np.zeros((rows, n_col * block), buf.dtype)
+    padded[:, :width] = buf.reshape(rows, width)
+    flat = padded.reshape(rows, n_col, block).transpose(1, 0, 2).reshape(-1)  # block column after block column
+    segs = [(start * rows, count * rows) for start, count in segments(n_col, size)]  # in blocks of flat
+    lo, hi = segs[rank][0] * block, sum(segs[rank]) * block
     encoded = fmt.encode(flat)
-    own_count = segs[rank][1]
     send_counts = [0 if r == rank else c * fmt.block_bytes for r, (_, c) in enumerate(segs)]
-    recv_counts = [0 if r == rank else own_count * fmt.block_bytes for r in range(size)]
+    recv_counts = [0 if r == rank else segs[rank][1] * fmt.block_bytes for r in range(size)]
     received = np.empty(sum(recv_counts), np.uint8)
     comm.Alltoallv([encoded, send_counts, [s * fmt.block_bytes for s, _ in segs], MPI.BYTE],
                    [received, recv_counts, _offsets(recv_counts), MPI.BYTE])
-    width = own_count * fmt.block  # the others' parts of this segment, one decode for all: [P - 1, hi - lo]
-    others = fmt.decode(received, (size - 1) * width, buf.dtype).reshape(size - 1, width)[:, :hi - lo]
+    others = fmt.decode(received, (size - 1) * (hi - lo), buf.dtype).reshape(size - 1, hi - lo)  # one decode
     total = None
     for r in range(size):  # in rank order: the same sum whichever rank owns the segment
         part = flat[lo:hi] if r == rank else others[r - (r > rank)]
@@ -235,8 +241,9 @@ def wire_allreduce(comm, buf, fmt):
     counts = [c * fmt.block_bytes for _, c in segs]
     gathered = np.empty(sum(counts), np.uint8)  # the segments in rank order: the whole buffer, encoded
     comm.Allgatherv(fmt.encode(total), [gathered, counts, _offsets(counts), MPI.BYTE])
-    flat[:] = fmt.decode(gathered, flat.size, buf.dtype)
-    return sent_bytes(n_blocks, fmt.block_bytes, size, rank)
+    summed = fmt.decode(gathered, flat.size, buf.dtype).reshape(n_col, rows, block).transpose(1, 0, 2)
+    buf.reshape(rows, width)[:] = summed.reshape(rows, n_col * block)[:, :width]
+    return sent_bytes(n_col, fmt.block_bytes, size, rank, rows)
 
 
 def _offsets(counts):

@@ -14,10 +14,12 @@ import pytest
 from conftest import REPO, child_env, model_dir, mpirun, run_cli, serial_only
 from faults_util import one_error_line
 from test_faults_ranks import PROMPT, mpmd
+from random_models import write_random_model
 from threadcomm import run_ranks
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm, sent_bytes, wire_allreduce
 from mpitp.errors import MpitpError
+from mpitp.generation import generate_batch
 from mpitp.model import Model
 from mpitp.wire import FORMATS
 
@@ -141,26 +143,28 @@ def test_wire_allreduce_on_simulated_ranks(name, size):
     results = run_ranks(size, rank)
     for buf, _ in results:  # bit-identical on every rank
         assert buf.tobytes() == results[0][0].tobytes()
-    # The oracle: block b belongs to the rank whose segment holds it; it sums, in rank order, its own part as it is
-    # and the others' as decoded by the oracle; the sum is encoded once and decoded by everyone.
-    flat = [p.ravel() for p in parts]
-    n_blocks = -(-flat[0].size // fmt.block)
-    expected = np.empty(flat[0].size, np.float32)
-    for owner, (start, count) in enumerate(mpi.segments(n_blocks, size)):
-        lo, hi = start * fmt.block, min((start + count) * fmt.block, flat[0].size)
-        total = None
-        for r in range(size):
-            part = flat[r][lo:hi] if r == owner else np.array(
-                oracle_decode(name, oracle_encode(name, flat[r][lo:hi]), hi - lo), np.float32)
-            total = part.copy() if total is None else total + part
-        expected[lo:hi] = oracle_decode(name, oracle_encode(name, total), hi - lo)
-    assert results[0][0].ravel().tolist() == expected.tolist()
+    # The oracle, row by row: the row padded with zeros to whole blocks; block b of it belongs to the rank whose
+    # segment of the row's blocks holds it; that rank sums, in rank order, its own part as it is and the others'
+    # as decoded by the oracle; the sum is encoded once and decoded by everyone.
+    n_col = -(-70 // fmt.block)
+    expected = np.empty((3, n_col * fmt.block), np.float32)
+    for i in range(3):
+        row = [np.pad(p[i], (0, n_col * fmt.block - 70)) for p in parts]
+        for owner, (start, count) in enumerate(mpi.segments(n_col, size)):
+            lo, hi = start * fmt.block, (start + count) * fmt.block
+            total = None
+            for r in range(size):
+                part = row[r][lo:hi] if r == owner else np.array(
+                    oracle_decode(name, oracle_encode(name, row[r][lo:hi]), hi - lo), np.float32)
+                total = part.copy() if total is None else total + part
+            expected[i, lo:hi] = oracle_decode(name, oracle_encode(name, total), hi - lo)
+    assert results[0][0].tolist() == expected[:, :70].tolist()
     exact = np.sum(np.array(parts, np.float64), axis=0)
     assert np.abs(results[0][0] - exact).max() <= {"float64": 1e-5, "float32": 1e-5}.get(name, 1.0)
     sent = [s for _, s in results]
-    assert sent == [sent_bytes(n_blocks, fmt.block_bytes, size, r) for r in range(size)]
-    whole = fmt.n_bytes(flat[0].size)  # about 2 (P - 1) / P of the encoded buffer, the owner's share aside
-    assert all(abs(s - 2 * (size - 1) / size * whole) <= (size - 1) * fmt.block_bytes for s in sent)
+    assert sent == [sent_bytes(n_col, fmt.block_bytes, size, r, 3) for r in range(size)]
+    whole = 3 * fmt.n_bytes(70)  # about 2 (P - 1) / P of the encoded buffer: per row at most P - 2 blocks off
+    assert all(abs(s - 2 * (size - 1) / size * whole) <= 3 * (size - 2) * fmt.block_bytes for s in sent)
 
 
 def forward_on(size, name, comm_dtype, dtype="float32", timed=False):
@@ -194,6 +198,45 @@ def test_model_with_its_block_reductions_on_the_wire(name):
     assert errors["q8_0o"] < 0.1 and errors["q8_0"] < 0.3
     # a one-rank model sends nothing: the wire format changes nothing there
     assert forward_on(1, name, "q8_0")[0][0].tobytes() == forward_on(1, name, None)[0][0].tobytes()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("name", ["q8_0", "q8_0o"])
+def test_a_row_s_sum_on_an_8_bit_wire_does_not_depend_on_the_rows_beside_it(name, size):
+    # Rows 72 wide (llama-9h's), not whole blocks of 32. Before, the blocks ran on across rows, so a row's rounding
+    # depended on the rows beside it, and a batch's sequence could get other tokens than alone (found by a
+    # fresh-eyes attack). Each row is padded to whole blocks now, as GGML's rows are.
+    fmt = FORMATS[name]
+    parts = [sample(3 * 72, np.float32, seed=r).reshape(3, 72) for r in range(size)]
+
+    def rank(comm):
+        rows = parts[comm.Get_rank()].copy()
+        wire_allreduce(comm, rows, fmt)
+        alone = [parts[comm.Get_rank()][i:i + 1].copy() for i in range(3)]
+        for row in alone:
+            wire_allreduce(comm, row, fmt)
+        return rows, np.concatenate(alone)
+
+    for rows, alone in run_ranks(size, rank):
+        assert rows.tobytes() == alone.tobytes()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_sequence_in_a_batch_gets_its_alone_tokens_on_every_wire(tmp_path, size):
+    # The attack's case: the third prompt, in a batch of three, got other tokens than alone on q8_0 (from its 4th)
+    path = write_random_model(tmp_path / "m", "llama-9h", num_hidden_layers=4)
+    prompts = [[12], [1, 2], [3]]
+
+    def rank(comm):
+        out = {}
+        for name in ("bfloat16", "q8_0", "q8_0o"):
+            model = Model.load(path, comm, "float64", comm_dtype=name)
+            out[name] = ([r.token_ids for r in generate_batch(model, prompts, 12)],
+                         [generate_batch(model, [p], 12)[0].token_ids for p in prompts])
+        return out
+
+    for out in run_ranks(size, rank):
+        assert all(batch == alone for batch, alone in out.values()), out
 
 
 def test_bytes_sent_per_wire_format():
