@@ -35,7 +35,7 @@ import numpy as np
 
 from ..cli.runner import HelpFormatter, run_guarded, say
 from ..errors import MpitpError, read_regular
-from ..cli.generate import _ids
+from ..cli.runner import comma_ints
 
 PROG = "mpitp.hftrace"
 # model_type -> (where the layers are, module names inside a layer); Mistral and Qwen2 are Llama's names.
@@ -54,7 +54,7 @@ def build_parser():
     p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model folder (config.json and weights) of a "
                                                       f"GPT-2 or Llama-family model ({', '.join(FAMILIES)})")
     p.add_argument("out", metavar="OUT", help="the trace folder to write; OUT/rank0.npz is created")
-    p.add_argument("--prompt-ids", type=_ids, action="append", required=True, metavar="IDS",
+    p.add_argument("--prompt-ids", type=comma_ints, action="append", required=True, metavar="IDS",
                    help="a prompt as comma-separated token ids, e.g. 15,7,201; repeat it for several prompts "
                         "(each runs alone; their rows are stacked in order, as in mpitp's trace)")
     p.add_argument("--max-new-tokens", type=int, default=1, metavar="N",
