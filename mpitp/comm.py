@@ -218,7 +218,7 @@ def wire_allreduce(comm, buf, fmt):
     same blocks of every row: so a row's sum depends on that row alone, never on the rows beside it (a batch's
     other sequences, a micro-batch)."""
     MPI, size, rank = _mpi(), comm.Get_size(), comm.Get_rank()
-    if not buf.flags.c_contiguous:  # the sum is written back through a flat view
+    if not buf.flags.c_contiguous:  # the sum is written back through a [rows, width] view
         raise ValueError("wire_allreduce needs a C-contiguous buffer")
     width = buf.shape[-1] if buf.ndim > 1 else buf.size
     rows, n_col, block = buf.size // max(width, 1), -(-width // fmt.block), fmt.block
@@ -270,7 +270,8 @@ class WireComm:
 
     def Allreduce(self, sendbuf, recvbuf, op=None):
         MPI = _mpi()
-        if not (self.in_block and sendbuf is MPI.IN_PLACE and op in (None, MPI.SUM) and self.Get_size() > 1):
+        if not (self.in_block and sendbuf is MPI.IN_PLACE and op in (None, MPI.SUM) and self.Get_size() > 1) \
+                or recvbuf.shape[-1] < self.fmt.block:  # rows narrower than a block (a QK-norm's two sums): exact
             return self.comm.Allreduce(sendbuf, recvbuf, op=op if op is not None else MPI.SUM)
         t = time.perf_counter()
         sent = wire_allreduce(self.comm, recvbuf, self.fmt)
