@@ -86,6 +86,8 @@ class KVCache:
         after each sequence's (a ring: into slot position mod slots); return views of every slot written so far,
         ``[n_batch, n_kv_head_local, n_kv, d_head]``. ``advance`` commits the new positions after the forward."""
         n_seq, slots = len(K_new) // len(self.lengths), self.slots[layer]
+        if n_seq > self.chunk:  # a ring would overwrite keys that its own new tokens still need: never silently
+            raise RuntimeError(f"{n_seq} new tokens in one forward; a sliding layer's ring takes {self.chunk}")
         K, V = self.K[layer], self.V[layer]
         if n_seq == 1 and len(self.lengths) > 1:  # a batch's decode step: every sequence's key and value at once
             b, at = np.arange(len(self.lengths)), self.lengths % slots

@@ -15,6 +15,7 @@ from mpitp import Sampler, Trace, comm, load_model
 from mpitp.checkpoint import Checkpoint
 from mpitp.errors import MpitpError
 from mpitp.generation import generate_batch
+from mpitp.kvcache import KVCache
 from mpitp.model import Model
 from mpitp.pipeline import generate_stages, micro_batches
 from mpitp.stages import stage_layers
@@ -93,6 +94,16 @@ def test_a_prompt_longer_than_a_window_and_a_chunk_gives_the_same_logits_as_with
     per_rank = staged(path, 2, 2, lambda m: traced(m, [prompt], 8), pp_layers)
     assert all(tokens == [alone] for tokens, *_ in per_rank)
     assert np.abs(stage_logits(per_rank, 0)[-1] - expected).max() <= 1e-9
+
+
+def test_a_ring_refuses_more_new_tokens_than_its_chunk():
+    # The guard behind the test above: a forward that gave a sliding layer's ring more new tokens than it takes
+    # raises, where it used to overwrite keys still needed and go on with wrong values.
+    cache = KVCache(1, 1, 1, 2, 200, np.float64, windows=(4,))
+    assert cache.chunk == 128
+    cache.update(0, np.ones((128, 1, 2)), np.ones((128, 1, 2)))
+    with pytest.raises(RuntimeError, match="129 new tokens in one forward; a sliding layer's ring takes 128"):
+        cache.update(0, np.ones((129, 1, 2)), np.ones((129, 1, 2)))
 
 
 @pytest.mark.parametrize("size", [1, 2])
