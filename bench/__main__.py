@@ -17,8 +17,8 @@ import numpy as np
 from mpitp import comm as mpi
 from mpitp.comm import TimedComm
 from mpitp.config import config_from_dict
-from mpitp.cli.runner import (HelpFormatter, add_pp_layers, check_stdout, check_writable, disagree, failed_vote, out,
-                              replace_file, run_command, say)
+from mpitp.cli.runner import (HelpFormatter, add_pp_layers, check_stdout, check_threads, check_writable, disagree,
+                              failed_vote, out, replace_file, run_command, say, stage_count)
 from mpitp.errors import MpitpError
 from mpitp.resources import check_fits
 from mpitp.model import DTYPES, FINGERPRINTED, Model
@@ -100,8 +100,7 @@ def main(argv=None):
 def _dispatch(args, comm, node_ranks):
     if args.summarize or args.cluster_table:
         return _tables(args) if comm.Get_rank() == 0 else 0
-    if args.pp_layers and args.pp == 1:  # as in generate: --pp-layers alone gives the stage count
-        args.pp = len(args.pp_layers)
+    args.pp = stage_count(args)  # as in generate
     return _run(args, comm, node_ranks) if args.pp == 1 else _run_stages(args, comm, node_ranks)
 
 
@@ -112,8 +111,7 @@ def _run_stages(args, comm, node_ranks):
         if args.model or args.long or args.osu or args.batch_plot:
             raise MpitpError("--pp runs the batch test of a preset: leave out --model, --long, --osu and "
                              "--batch-plot.")
-        if args.threads is not None and args.threads < 1:
-            raise MpitpError(f"--threads must be >= 1, got {args.threads}.")
+        check_threads(args.threads)
         config = config_from_dict(PRESETS[args.preset], f"preset {args.preset}")
         check_stage_count(comm.Get_size(), args.pp)
         tp = comm.Get_size() // args.pp
@@ -163,8 +161,7 @@ PER_RANK = {"threads", "json_out", "batch_plot", "verbose", "plot", "model"}  # 
 
 def _validate(args, comm, tc, node_ranks):
     """Every check bad input can fail, on every rank, without communicating: ``(model or None, config, name)``."""
-    if args.threads is not None and args.threads < 1:
-        raise MpitpError(f"--threads must be >= 1, got {args.threads}.")
+    check_threads(args.threads)
     if min(args.n_prompt, args.n_gen, args.repeats, args.roofline_mib) < 1:
         raise MpitpError("--n-prompt, --n-gen, --repeats and --roofline-mib must be >= 1.")
     check_fits(2 * args.roofline_mib << 20, f"--roofline-mib {args.roofline_mib} (the probe's matrix, twice)",

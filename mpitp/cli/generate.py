@@ -15,8 +15,8 @@ import numpy as np
 
 from .. import comm as mpi
 from .runner import (HelpFormatter, RankParser, add_comm_dtype, add_experts_option, add_pp_layers, add_run_options,
-                     check_stdout, check_writable, comma_ints, disagree, failed_vote, out, prepare_and_agree,
-                     removed_if_killed, run_command, say)
+                     check_stdout, check_threads, check_writable, comma_ints, disagree, failed_vote, out,
+                     prepare_and_agree, removed_if_killed, run_command, say, stage_count)
 from ..errors import MpitpError, RequestError
 from ..generation import check_request, generate_batch, new_batch_cache
 from ..model import DTYPES, FINGERPRINTED, Model
@@ -87,7 +87,7 @@ def _stages(args, comm):
     exit status 2 when a rank differs or the rank count cannot form the stages (told once)."""
     if disagree(comm, [("--pp", args.pp), ("--pp-layers", args.pp_layers)], "mpitp"):
         return 2
-    pp = len(args.pp_layers) if args.pp_layers and args.pp == 1 else args.pp
+    pp = stage_count(args)
     if pp == 1 and not args.pp_layers:
         return None
     error = None
@@ -104,8 +104,7 @@ def _stages(args, comm):
 def _prepare(args, comm, node_ranks, stages=None):
     """Everything that bad input can fail, with no communication: load, validate, allocate the KV cache,
     ready the trace folder."""
-    if args.threads is not None and args.threads < 1:
-        raise RequestError(f"--threads must be >= 1, got {args.threads}.")
+    check_threads(args.threads)
     if args.prompt and args.prompt_ids:
         raise RequestError("give the prompts either as text (--prompt) or as token ids (--prompt-ids), not both.")
     if args.trace == "":

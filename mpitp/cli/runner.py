@@ -75,6 +75,17 @@ def add_pp_layers(p):
     return p
 
 
+def stage_count(args):
+    """The pipeline stages ``--pp`` and ``--pp-layers`` ask for: ``--pp-layers`` alone gives its count."""
+    return len(args.pp_layers) if args.pp_layers and args.pp == 1 else args.pp
+
+
+def check_threads(threads):
+    """``--threads``: None (the default) or at least 1."""
+    if threads is not None and threads < 1:
+        raise RequestError(f"--threads must be >= 1, got {threads}.")
+
+
 def add_run_options(p):
     """The options every command that runs a model shares: BLAS threads, quiet, verbose. Returns ``p``."""
     p.add_argument("--threads", type=int, default=None, metavar="N", help="BLAS threads per rank (default: the "
